@@ -1,0 +1,61 @@
+"""Runtimes behind the :class:`~fpedit.engine.backends.base.Backend` interface."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import InvalidInputError
+from .base import Backend
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise InvalidInputError("dtype", f"must be one of {list(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def create_backend(
+    model: str | Path,
+    backend: str,
+    *,
+    device: str = "cpu",
+    dtype: str | torch.dtype = "float32",
+    allow_pickle: bool = False,
+    providers: Sequence[str] | None = None,
+) -> tuple[Backend, Any, str]:
+    """Build ``backend`` for ``model``; returns (backend, tokenizer, model source description)."""
+    if backend == "torch":
+        from ..loading import load_components
+        from .torch_backend import TorchBackend
+
+        torch_dtype = parse_dtype(dtype)
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise InvalidInputError("device", "CUDA was requested but torch sees no GPU")
+        parts = load_components(model, allow_pickle=allow_pickle)
+        created = TorchBackend(
+            unet=parts.unet,
+            vae=parts.vae,
+            text_encoder=parts.text_encoder,
+            spec=parts.spec,
+            device=device,
+            dtype=torch_dtype,
+        )
+        return created, parts.tokenizer, parts.source
+    if backend == "onnxruntime":
+        from .onnx_backend import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend.load(model, device=device, providers=providers)
+    if backend == "tensorrt":
+        from .tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend.load(model, device=device)
+    raise InvalidInputError("backend", f"must be one of {list(BACKENDS)}, got {backend!r}")

@@ -1,0 +1,102 @@
+"""The small interface every runtime implements; the FPE algorithms in ``engine.pipeline`` sit above it.
+
+A backend runs graphs on batches of torch tensors on its device. It does not know about prompts, schedules,
+branches or windows: it only evaluates the UNet (optionally capturing or injecting self-attention maps, per
+the contract in ``engine.contract``), the text encoder and the VAE.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..contract import ModelSpec
+from ..maps import AttentionMaps, Injection
+
+
+class Backend(ABC):
+    """Runs SD 1.x graphs. Inputs and outputs are torch tensors on :attr:`device`."""
+
+    name: str = "abstract"
+    spec: ModelSpec
+    device: torch.device
+    #: dtype of UNet and text-encoder inputs and outputs (maps too).
+    dtype: torch.dtype
+    #: Layers this backend can capture and inject; ``None`` means any of 1..16.
+    map_layers: tuple[int, ...] | None = None
+    #: Map formats this backend can capture and inject.
+    map_formats: tuple[str, ...] = ("qk", "probs")
+    #: Largest UNet batch (rows) one call may take.
+    max_batch: int = 8
+
+    @abstractmethod
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids → (B, L, D) last hidden states."""
+
+    @abstractmethod
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] → (B, 4, H/8, W/8) VAE posterior mean, before the scaling factor."""
+
+    @abstractmethod
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, 4, h, w) latents, already divided by the scaling factor → (B, 3, 8h, 8w) in about [-1, 1]."""
+
+    @abstractmethod
+    def unet(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        context: torch.Tensor,
+        *,
+        capture: Sequence[int] | None = None,
+        map_format: str = "qk",
+        inject: Injection | None = None,
+        need_noise_pred: bool = True,
+    ) -> tuple[torch.Tensor | None, AttentionMaps | None]:
+        """One UNet evaluation on a batch: ``timestep`` is (B,) so rows may sit at different steps.
+
+        ``capture`` names layers whose maps (in ``map_format``) are returned for every row; ``inject`` gives
+        maps and a per-row, per-layer gate. Returns the noise prediction and the captured maps (or ``None``).
+        With ``need_noise_pred=False`` a backend may stop after the last captured layer and return ``None``
+        for the noise (source rows of a real edit run only for their maps).
+        """
+
+    def capture_layers(self, requested: Sequence[int]) -> tuple[int, ...]:
+        """Layers to capture for a request: fixed-graph backends capture their whole set, so a cached
+        source can serve any later subset."""
+        return tuple(requested) if self.map_layers is None else self.map_layers
+
+    def check_map_request(self, layers: Sequence[int], map_format: str) -> None:
+        """Refuse layers or formats this backend's graphs do not carry, with a message that names them."""
+        from ..errors import InvalidInputError
+
+        if map_format not in self.map_formats:
+            raise InvalidInputError(
+                "map_format", f"this {self.name} model serves {list(self.map_formats)}, not {map_format!r}"
+            )
+        if self.map_layers is not None:
+            missing = sorted(set(layers) - set(self.map_layers))
+            if missing:
+                raise InvalidInputError(
+                    "layers",
+                    f"layers {missing} are not in this {self.name} model's exported layers "
+                    f"{list(self.map_layers)}; re-export with --layers to include them",
+                )
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (stage timings)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": self.name,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "map_layers": list(self.map_layers) if self.map_layers is not None else list(range(1, 17)),
+            "map_formats": list(self.map_formats),
+            "max_batch": self.max_batch,
+        }

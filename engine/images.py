@@ -1,0 +1,143 @@
+"""Image decoding, the resize policy, and conversions between PIL images and model tensors.
+
+Resize policy (documented in the README): an image whose sides are multiples of 64 and whose longer side is
+at most ``max_side`` is used at its own size. Otherwise it is first scaled down, keeping its aspect ratio,
+until the longer side is ``max_side``, then each side is rounded to the nearest multiple of 64 (at least 64)
+with a Lanczos resample. Results come back at that working size.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import InvalidInputError
+
+SIDE_MULTIPLE = 64
+DEFAULT_MAX_SIDE = 1024
+#: Refuse to even decode more pixels than this (decompression bombs): 64 MP.
+DEFAULT_MAX_INPUT_PIXELS = 64 * 1024 * 1024
+MIN_INPUT_SIDE = 8
+
+ImageInput = Image.Image | np.ndarray | bytes | bytearray | str | os.PathLike
+
+
+def load_image(
+    image: ImageInput, *, field: str = "image", max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS
+) -> Image.Image:
+    """Decode ``image`` (PIL image, HxWx3 uint8 array, encoded bytes or a path) into an RGB PIL image."""
+    if isinstance(image, np.ndarray):
+        if (
+            image.dtype != np.uint8
+            or image.ndim not in (2, 3)
+            or (image.ndim == 3 and image.shape[2] not in (3, 4))
+        ):
+            raise InvalidInputError(
+                field, f"arrays must be HxW, HxWx3 or HxWx4 uint8, got {image.dtype} {image.shape}"
+            )
+        image = Image.fromarray(image)
+    elif isinstance(image, (bytes, bytearray, str, os.PathLike)):
+        image = _decode(image, field, max_input_pixels)
+    elif not isinstance(image, Image.Image):
+        raise InvalidInputError(field, f"expected an image, bytes or a path, got {type(image).__name__}")
+    w, h = image.size
+    if w * h > max_input_pixels:
+        raise InvalidInputError(field, f"{w}x{h} exceeds the limit of {max_input_pixels} pixels")
+    if min(w, h) < MIN_INPUT_SIDE:
+        raise InvalidInputError(field, f"{w}x{h} is too small (sides must be at least {MIN_INPUT_SIDE} px)")
+    return to_rgb(image, field)
+
+
+def _decode(source: bytes | bytearray | str | os.PathLike, field: str, max_pixels: int) -> Image.Image:
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise InvalidInputError(field, f"no such file: {path}")
+        data = path.read_bytes()
+    else:
+        data = bytes(source)
+    if not data:
+        raise InvalidInputError(field, "is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise InvalidInputError(field, f"{w}x{h} exceeds the limit of {max_pixels} pixels")
+            img.load()
+    except InvalidInputError:
+        raise
+    except (
+        UnidentifiedImageError,
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as exc:
+        raise InvalidInputError(field, f"cannot be decoded as an image ({exc})") from exc
+    # Honour EXIF orientation so phone photos are edited the way they are displayed.
+    return ImageOps.exif_transpose(img)
+
+
+def to_rgb(image: Image.Image, field: str = "image") -> Image.Image:
+    """Convert any common mode to RGB; transparent pixels are composited over white."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        gray = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    if mode == "F":
+        raise InvalidInputError(field, "floating-point images are not supported; save as 8-bit RGB")
+    try:
+        return image.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise InvalidInputError(field, f"mode {mode} cannot be converted to RGB ({exc})") from exc
+
+
+def working_size(width: int, height: int, max_side: int = DEFAULT_MAX_SIDE) -> tuple[int, int]:
+    """The (width, height) an image is edited at, per the resize policy above."""
+    if width % SIDE_MULTIPLE == 0 and height % SIDE_MULTIPLE == 0 and max(width, height) <= max_side:
+        return width, height
+    scale = min(1.0, max_side / max(width, height))
+    w, h = width * scale, height * scale
+
+    def snap(x: float) -> int:
+        return max(SIDE_MULTIPLE, round(x / SIDE_MULTIPLE) * SIDE_MULTIPLE)
+
+    return min(snap(w), max_side // SIDE_MULTIPLE * SIDE_MULTIPLE), min(
+        snap(h), max_side // SIDE_MULTIPLE * SIDE_MULTIPLE
+    )
+
+
+def prepare_image(image: Image.Image, max_side: int = DEFAULT_MAX_SIDE) -> Image.Image:
+    size = working_size(*image.size, max_side=max_side)
+    if size != image.size:
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    return image
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB [0, 255] → ``x / 127.5 - 1``, shape (1, 3, H, W), float32."""
+    arr = np.asarray(image, dtype=np.float32)
+    return torch.from_numpy(arr / 127.5 - 1.0).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def tensor_to_images(decoded: torch.Tensor) -> list[Image.Image]:
+    """VAE output in [-1, 1], (B, 3, H, W) → PIL images (rounded to the nearest 8-bit value)."""
+    arr = ((decoded.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in arr]

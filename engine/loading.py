@@ -1,0 +1,154 @@
+"""Loading SD 1.x checkpoints from a local diffusers-layout folder (or the embedded ``tiny`` model).
+
+Only safetensors weights load by default: pickled checkpoints (``.bin``, ``.ckpt``, ``.pt``) can run code when
+unpickled, so they are refused unless the caller explicitly allows them. Nothing is fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .contract import ModelSpec
+from .errors import ModelLoadError, UnsupportedModelError
+from .schedule import SD1_BETAS
+
+log = logging.getLogger(__name__)
+
+WEIGHT_FOLDERS = ("unet", "vae", "text_encoder")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+
+
+@dataclass
+class Components:
+    """The torch modules, tokenizer and spec of one checkpoint."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: Any
+    spec: ModelSpec
+    source: str
+
+
+def load_tokenizer(folder: Path) -> Any:
+    from transformers import CLIPTokenizer
+
+    if not folder.is_dir():
+        raise ModelLoadError(f"missing tokenizer folder: {folder}")
+    try:
+        return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:  # transformers raises many types for a broken folder
+        raise ModelLoadError(f"cannot load the CLIP tokenizer from {folder}: {exc}") from exc
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ModelLoadError(f"missing {path}") from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"malformed {path}: {exc}") from exc
+
+
+def _check_weights(folder: Path, allow_pickle: bool) -> bool:
+    """Return whether safetensors weights are present; refuse pickles unless allowed."""
+    if not folder.is_dir():
+        raise ModelLoadError(f"missing model folder: {folder}")
+    files = [p.name for p in folder.iterdir() if p.is_file()]
+    if "config.json" not in files:
+        raise ModelLoadError(f"missing {folder / 'config.json'}")
+    if any(name.endswith(".safetensors") for name in files):
+        return True
+    if any(name.endswith(PICKLE_SUFFIXES) for name in files):
+        if allow_pickle:
+            log.warning("loading pickled weights from %s (allow_pickle=True)", folder)
+            return False
+        raise ModelLoadError(
+            f"{folder} holds only pickled weights, which can run code when loaded; convert them to "
+            "safetensors, or pass allow_pickle=True (CLI: --allow-pickle) if you trust the files"
+        )
+    raise ModelLoadError(f"no weights (*.safetensors) in {folder}")
+
+
+def read_spec(folder: Path) -> ModelSpec:
+    """Build the :class:`ModelSpec` from a diffusers folder's configs, without loading weights."""
+    scheduler_cfg_path = folder / "scheduler" / "scheduler_config.json"
+    if scheduler_cfg_path.exists():
+        scheduler = _read_json(scheduler_cfg_path)
+    else:
+        log.warning("%s has no scheduler/scheduler_config.json; using SD 1.x betas", folder)
+        scheduler = dict(SD1_BETAS)
+    return ModelSpec.from_configs(
+        _read_json(folder / "unet" / "config.json"),
+        _read_json(folder / "vae" / "config.json"),
+        _read_json(folder / "text_encoder" / "config.json"),
+        scheduler,
+    )
+
+
+def load_components(model: str | Path, *, allow_pickle: bool = False) -> Components:
+    """Load ``model`` (a diffusers SD 1.x folder, or ``"tiny"``) as float32 CPU modules."""
+    if str(model) == "tiny":
+        return tiny_components()
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        raise ModelLoadError(
+            f"model {str(model)!r} is neither 'tiny' nor a folder; point it at a local diffusers-layout "
+            "SD 1.x folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/)"
+        )
+    spec = read_spec(folder)
+    safetensors = {name: _check_weights(folder / name, allow_pickle) for name in WEIGHT_FOLDERS}
+    tokenizer = load_tokenizer(folder / "tokenizer")
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    loaders = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
+    modules = {}
+    for name, cls in loaders.items():
+        try:
+            modules[name] = cls.from_pretrained(
+                str(folder / name), use_safetensors=safetensors[name], local_files_only=True
+            )
+        except (UnsupportedModelError, ModelLoadError):
+            raise
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load {folder / name}: {exc}") from exc
+    return Components(
+        unet=modules["unet"],
+        vae=modules["vae"],
+        text_encoder=modules["text_encoder"],
+        tokenizer=tokenizer,
+        spec=spec,
+        source=str(folder.resolve()),
+    )
+
+
+def tiny_components() -> Components:
+    from . import tiny
+
+    modules = tiny.build_tiny_modules()
+    configs = modules["configs"]
+    spec = ModelSpec.from_configs(
+        dict(modules["unet"].config),
+        dict(modules["vae"].config),
+        configs["text_encoder"],
+        configs["scheduler"],
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = load_tokenizer(tiny.write_tiny_tokenizer(Path(tmp) / "tokenizer"))
+    return Components(
+        unet=modules["unet"],
+        vae=modules["vae"],
+        text_encoder=modules["text_encoder"],
+        tokenizer=tokenizer,
+        spec=spec,
+        source="tiny",
+    )

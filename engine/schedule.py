@@ -1,0 +1,78 @@
+"""DDIM sampling and inversion with the reference settings of DESIGN §1, on diffusers' schedulers.
+
+Only the checkpoint's betas are taken (SD 1.5 ships a PNDM config); the rest is fixed: eta 0,
+``set_alpha_to_one=False``, ``steps_offset=0``, no clipping, "leading" spacing, so that with N steps the
+timesteps are ``r*(N-1), ..., r, 0`` with ``r = 1000 // N``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from functools import cached_property
+from typing import Any
+
+import torch
+from diffusers import DDIMInverseScheduler, DDIMScheduler
+
+from .errors import InvalidInputError
+
+_FIXED = {
+    "set_alpha_to_one": False,
+    "steps_offset": 0,
+    "clip_sample": False,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+}
+SD1_BETAS = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+}
+
+
+class DDIMSchedule:
+    """The timesteps of one step count, with the denoising step and the inversion step."""
+
+    def __init__(self, betas: Mapping[str, Any], steps: int) -> None:
+        config = {**SD1_BETAS, **betas, **_FIXED}
+        if steps > config["num_train_timesteps"]:
+            raise InvalidInputError(
+                "steps", f"must be at most the model's {config['num_train_timesteps']} training timesteps"
+            )
+        self.steps = steps
+        self._sampler = DDIMScheduler(**config)
+        self._sampler.set_timesteps(steps)
+        self._inverter = DDIMInverseScheduler(**config)
+        self._inverter.set_timesteps(steps)
+        #: Denoising order: index 0 is the noisiest step.
+        self.timesteps: list[int] = [int(t) for t in self._sampler.timesteps]
+
+    @cached_property
+    def inversion_timesteps(self) -> list[int]:
+        return [int(t) for t in self._inverter.timesteps]
+
+    def step(self, noise_pred: torch.Tensor, index: int, sample: torch.Tensor) -> torch.Tensor:
+        """One DDIM (eta 0) step from denoising step ``index``'s timestep to the next lower one."""
+        return self._sampler.step(noise_pred, self.timesteps[index], sample, eta=0.0).prev_sample
+
+    def invert_step(self, noise_pred: torch.Tensor, index: int, sample: torch.Tensor) -> torch.Tensor:
+        """One DDIM inversion step; ``index`` counts over ``reversed(timesteps)`` (0 is t = 0)."""
+        return self._inverter.step(noise_pred, self.inversion_timesteps[index], sample).prev_sample
+
+
+class ScheduleCache:
+    """Schedules are immutable once built; keep one per step count (a server sees few distinct counts)."""
+
+    def __init__(self, betas: Mapping[str, Any]) -> None:
+        self._betas = dict(betas)
+        self._by_steps: dict[int, DDIMSchedule] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, steps: int) -> DDIMSchedule:
+        with self._lock:
+            schedule = self._by_steps.get(steps)
+            if schedule is None:
+                schedule = self._by_steps[steps] = DDIMSchedule(self._betas, steps)
+            return schedule

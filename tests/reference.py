@@ -1,0 +1,187 @@
+"""An independent, unshortened implementation of DESIGN §1, used as ground truth by the tests.
+
+It shares no code with ``fpedit.engine``: its own attention processor (explicit softmax probabilities), its
+own DDIM arithmetic (alphas in float64), and the reference schedule of UNet rows:
+
+* generated edit: rows [src_u, src_c, tgt_u, tgt_c] every step, all 4 in one call; in replaced layers and
+  steps row 3 takes row 1's self-attention probabilities;
+* inversion: rows [uncond, cond] with prompt "" and guidance g, every step including t = 0;
+* real edit: rows [src_u, src_c, tgt_u, tgt_c] every step with the source pinned to the trajectory
+  (prompt ""), the source's noise prediction computed and thrown away.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class _Control:
+    layers: set[int] = field(default_factory=set)
+    replace: bool = False
+    unet_rows: int = 0
+
+
+class _RefAttn:
+    """Explicit attention; in self-attention layer ``layer`` row 3 may take row 1's probabilities."""
+
+    def __init__(self, control: _Control, layer: int | None) -> None:
+        self.control, self.layer = control, layer
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **_):
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        b, n, _ = hidden_states.shape
+        h = attn.heads
+        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        d = q.shape[-1] // h
+        q = q.reshape(b, n, h, d).permute(0, 2, 1, 3)
+        k = k.reshape(b, -1, h, d).permute(0, 2, 1, 3)
+        v = v.reshape(b, -1, h, d).permute(0, 2, 1, 3)
+        probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)
+        if self.layer is not None and self.control.replace and self.layer in self.control.layers:
+            probs = probs.clone()
+            probs[3] = probs[1]
+        out = (probs @ v).permute(0, 2, 1, 3).reshape(b, n, h * d)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def self_attention_paths(unet) -> list[str]:
+    """attn1 module paths in execution order: down blocks, then mid, then up blocks."""
+    paths = []
+    for prefix, blocks in (("down_blocks", unet.down_blocks), ("up_blocks", unet.up_blocks)):
+        part = []
+        for bi, block in enumerate(blocks):
+            for ai, _ in enumerate(getattr(block, "attentions", None) or []):
+                part.append(f"{prefix}.{bi}.attentions.{ai}.transformer_blocks.0.attn1")
+        paths.append(part)
+    mid = ["mid_block.attentions.0.transformer_blocks.0.attn1"]
+    return paths[0] + mid + paths[1]
+
+
+class ReferenceFPE:
+    """Reference FPE over raw diffusers/transformers modules (float32, CPU)."""
+
+    def __init__(
+        self,
+        unet,
+        vae,
+        text_encoder,
+        tokenizer,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+    ) -> None:
+        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.control = _Control()
+        layer_of = {p: i + 1 for i, p in enumerate(self_attention_paths(unet))}
+        assert len(layer_of) == 16
+        processors = {}
+        for name in unet.attn_processors:
+            processors[name] = _RefAttn(self.control, layer_of.get(name.removesuffix(".processor")))
+        unet.set_attn_processor(processors)
+        betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float64) ** 2
+        self.alphas_cumprod = np.cumprod(1.0 - betas)
+        self.T = num_train_timesteps
+        self.scale = vae.config.scaling_factor
+
+    # -- pieces ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def embed(self, prompt: str) -> torch.Tensor:
+        ids = self.tokenizer(
+            prompt,
+            padding="max_length",
+            max_length=self.text_encoder.config.max_position_embeddings,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        return self.text_encoder(ids)[0]
+
+    def timesteps(self, n: int) -> list[int]:
+        r = self.T // n
+        return [r * (n - 1 - i) for i in range(n)]
+
+    def _alpha(self, t: int) -> float:
+        return float(self.alphas_cumprod[t]) if t >= 0 else float(self.alphas_cumprod[0])
+
+    def ddim(self, z, eps, t_from: int, t_to: int):
+        """Deterministic DDIM move of z from noise level t_from to t_to (either direction)."""
+        a, b = self._alpha(t_from), self._alpha(t_to)
+        x0 = (z - math.sqrt(1 - a) * eps) / math.sqrt(a)
+        return math.sqrt(b) * x0 + math.sqrt(1 - b) * eps
+
+    @torch.no_grad()
+    def _unet(self, rows, t, context, replace: bool):
+        self.control.replace = replace
+        self.control.unet_rows += rows.shape[0]
+        ts = torch.full((rows.shape[0],), float(t))
+        return self.unet(rows, ts, encoder_hidden_states=context).sample
+
+    @staticmethod
+    def _cfg(u, c, g):
+        return u + g * (c - u)
+
+    def _window(self, n, window):
+        return range(int(n * window[0]), int(n * window[1]))
+
+    # -- algorithms -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def edit_generated(self, src_prompt, tgt_prompt, z_T, steps, guidance, window, layers):
+        self.control.layers = set(layers)
+        e_u, e_s, e_t = self.embed(""), self.embed(src_prompt), self.embed(tgt_prompt)
+        ctx = torch.cat([e_u, e_s, e_u, e_t])
+        zs = zt = z_T.clone()
+        replaced = self._window(steps, window)
+        r = self.T // steps
+        for i, t in enumerate(self.timesteps(steps)):
+            eps = self._unet(torch.cat([zs, zs, zt, zt]), t, ctx, i in replaced)
+            zs = self.ddim(zs, self._cfg(eps[0:1], eps[1:2], guidance), t, t - r)
+            zt = self.ddim(zt, self._cfg(eps[2:3], eps[3:4], guidance), t, t - r)
+        return zs, zt
+
+    @torch.no_grad()
+    def encode(self, image_tensor):
+        return self.vae.encode(image_tensor).latent_dist.mean * self.scale
+
+    @torch.no_grad()
+    def invert(self, z0, steps, guidance):
+        e_u = self.embed("")
+        ctx = torch.cat([e_u, e_u])
+        r = self.T // steps
+        traj = [z0]
+        z = z0
+        for t in reversed(self.timesteps(steps)):
+            eps = self._unet(torch.cat([z, z]), t, ctx, False)
+            z = self.ddim(z, self._cfg(eps[0:1], eps[1:2], guidance), t - r, t)
+            traj.append(z)
+        return traj
+
+    @torch.no_grad()
+    def edit_real(self, z0, tgt_prompt, steps, guidance, window, layers):
+        traj = self.invert(z0, steps, guidance)
+        self.control.layers = set(layers)
+        e_u, e_t = self.embed(""), self.embed(tgt_prompt)
+        ctx = torch.cat([e_u, e_u, e_u, e_t])
+        replaced = self._window(steps, window)
+        r = self.T // steps
+        zt = traj[steps]
+        zs = traj[steps]
+        for i, t in enumerate(self.timesteps(steps)):
+            zs = traj[steps - i]
+            eps = self._unet(torch.cat([zs, zs, zt, zt]), t, ctx, i in replaced)
+            zt = self.ddim(zt, self._cfg(eps[2:3], eps[3:4], guidance), t, t - r)
+        zs = traj[0]  # the source branch stays pinned to the trajectory through the last step
+        return traj, zs, zt
+
+    @torch.no_grad()
+    def decode(self, z):
+        return self.vae.decode(z / self.scale).sample
+
+
+def rel_l2(a, b) -> float:
+    a = torch.as_tensor(np.asarray(a.detach() if torch.is_tensor(a) else a), dtype=torch.float64)
+    b = torch.as_tensor(np.asarray(b.detach() if torch.is_tensor(b) else b), dtype=torch.float64)
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
