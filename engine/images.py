@@ -114,14 +114,12 @@ def working_size(width: int, height: int, max_side: int = DEFAULT_MAX_SIDE) -> t
     if width % SIDE_MULTIPLE == 0 and height % SIDE_MULTIPLE == 0 and max(width, height) <= max_side:
         return width, height
     scale = min(1.0, max_side / max(width, height))
-    w, h = width * scale, height * scale
+    largest = max(SIDE_MULTIPLE, max_side // SIDE_MULTIPLE * SIDE_MULTIPLE)
 
-    def snap(x: float) -> int:
-        return max(SIDE_MULTIPLE, round(x / SIDE_MULTIPLE) * SIDE_MULTIPLE)
+    def snap(side: float) -> int:
+        return min(largest, max(SIDE_MULTIPLE, round(side * scale / SIDE_MULTIPLE) * SIDE_MULTIPLE))
 
-    return min(snap(w), max_side // SIDE_MULTIPLE * SIDE_MULTIPLE), min(
-        snap(h), max_side // SIDE_MULTIPLE * SIDE_MULTIPLE
-    )
+    return snap(width), snap(height)
 
 
 def prepare_image(image: Image.Image, max_side: int = DEFAULT_MAX_SIDE) -> Image.Image:

@@ -413,7 +413,8 @@ class EditEngine:
                 raise InvalidInputError("latents", "contain NaN or infinity")
             return z.detach().to(torch.float32).cpu(), None
         size = self.spec.default_image_size
-        h, w = height or size, width or size
+        h = size if height is None else height
+        w = size if width is None else width
         for name, value in (("height", h), ("width", w)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % (8 * f):
                 raise InvalidInputError(name, f"must be a positive multiple of {8 * f}, got {value!r}")

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fpedit.engine.tiny import save_tiny_model
 from PIL import Image
 
 from fpedit import EditEngine
+from fpedit.engine.tiny import save_tiny_model
 
 torch.set_num_threads(2)
 

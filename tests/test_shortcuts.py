@@ -1,0 +1,64 @@
+"""Each exact shortcut of DESIGN §1 against the unshortened path; the full reference comparison lives in
+test_generated.py and test_real.py (ReferenceFPE runs 6 rows per step with none of them)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from reference import rel_l2
+
+from fpedit import EditEngine, EditOptions
+
+
+def test_single_row_for_empty_source_prompt_is_exact(engine, reference):
+    steps, z = 6, torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(1))
+    opts = EditOptions(steps=steps)
+    result = engine.edit_generated("", "a dog", latents=z, options=opts)
+    ref_src, ref_tgt = reference.edit_generated("", "a dog", z, steps, 7.5, (0.0, 0.8), opts.layers)
+    assert result.stats["unet_rows"] == 3 * steps  # not 4
+    assert rel_l2(result.source_latents, ref_src) < 1e-4
+    assert rel_l2(result.edited_latents, ref_tgt) < 1e-4
+
+
+def test_skipped_identity_inversion_step_is_exact(engine, reference, image):
+    from test_real import pixels
+
+    steps = 6
+    inv = engine.invert(image, options=EditOptions(steps=steps))
+    traj = reference.invert(reference.encode(pixels(image)), steps, 7.5)  # runs the t = 0 step
+    assert rel_l2(traj[1], traj[0]) < 1e-6  # the t = 0 step is the identity map...
+    assert inv.stats["unet_rows"] == steps - 1  # ...so the engine skips it
+    assert rel_l2(inv.latent(steps), traj[steps]) < 1e-4
+
+
+def test_capture_only_calls_stop_early_with_identical_maps(engine):
+    """Source rows of a real edit need maps, not noise: stopping after the last layer changes nothing."""
+    sample, ctx = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 32)
+    t = torch.tensor([100.0, 700.0])
+    for layers in ((4, 5, 6), (3, 13), tuple(range(1, 17))):
+        full_noise, full = engine.backend.unet(sample, t, ctx, capture=layers)
+        noise, early = engine.backend.unet(sample, t, ctx, capture=layers, need_noise_pred=False)
+        assert noise is None and full_noise is not None
+        for i in layers:
+            torch.testing.assert_close(early.tensors[i], full.tensors[i], rtol=0, atol=0)
+
+
+def test_batched_source_capture_equals_one_row_per_step(model_dir, image):
+    """Once the trajectory is known the source rows are independent: batching them is exact."""
+    opts = EditOptions(steps=8)
+    one = EditEngine.from_pretrained(model_dir, capture_batch=1)
+    many = EditEngine.from_pretrained(model_dir, capture_batch=8)
+    a = one.edit_real(image, "a red car", options=opts)
+    b = many.edit_real(image, "a red car", options=opts)
+    assert rel_l2(a.edited_latents, b.edited_latents) < 1e-5
+    assert a.stats["unet_calls"] > b.stats["unet_calls"]
+    assert a.stats["unet_rows"] == b.stats["unet_rows"]
+
+
+def test_no_source_rows_after_the_window(engine, image):
+    steps = 10
+    for window, replaced in (((0.0, 0.5), 5), ((0.2, 0.6), 4), ((0.0, 0.0), 0)):
+        r = engine.edit_real(image, "a red car", options=EditOptions(steps=steps, replace_window=window))
+        assert r.stats["unet_rows"] == (steps - 1) + replaced + 2 * steps
+        # The reconstruction is traj[0] decoded: the pinned source branch ends there.
+        np.testing.assert_array_equal(r.source_latents, r.inversion.latent(0).numpy())
