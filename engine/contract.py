@@ -300,3 +300,99 @@ def concrete_shape(
         else:
             out.append(named[dim])
     return tuple(out)
+
+
+# --- exported model directories -----------------------------------------------------------------------------
+
+MANIFEST_FILE = "manifest.json"
+TOKENIZER_DIR = "tokenizer"
+EXPORT_FORMAT = "fpedit-onnx"
+ENGINE_FORMAT = "fpedit-tensorrt"
+FORMAT_VERSION = 1
+UNET_GRAPHS = {"plain": "unet_plain", "capture": "unet_capture", "inject": "unet_inject"}
+GRAPHS = ("text_encoder", "vae_encoder", "vae_decoder", *UNET_GRAPHS.values())
+
+
+@dataclass(frozen=True)
+class ShapeRange:
+    """A min/opt/max range (batch rows, or image side in pixels); opt is what TensorRT tunes for."""
+
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min <= self.opt <= self.max:
+            raise InvalidInputError("shape range", f"needs 1 <= min <= opt <= max, got {self}")
+
+    @classmethod
+    def parse(cls, text: str, field: str) -> ShapeRange:
+        """``"8"`` (static) or ``"MIN:OPT:MAX"``."""
+        try:
+            parts = [int(x) for x in text.split(":")]
+        except ValueError as exc:
+            raise InvalidInputError(field, f"expected N or MIN:OPT:MAX, got {text!r}") from exc
+        if len(parts) == 1:
+            parts *= 3
+        if len(parts) != 3:
+            raise InvalidInputError(field, f"expected N or MIN:OPT:MAX, got {text!r}")
+        try:
+            return cls(*parts)
+        except InvalidInputError as exc:
+            raise InvalidInputError(field, exc.reason) from exc
+
+
+def graph_io(
+    graph: str, spec: ModelSpec, layers: Sequence[int], map_format: str, precision: str
+) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Inputs and outputs of one exported graph, by its name in :data:`GRAPHS`."""
+    if graph == "text_encoder":
+        return text_encoder_io(spec, precision)
+    if graph == "vae_encoder":
+        return vae_encoder_io(spec, "float32")
+    if graph == "vae_decoder":
+        return vae_decoder_io(spec, "float32")
+    variant = {v: k for k, v in UNET_GRAPHS.items()}[graph]
+    return unet_io(variant, spec, layers, map_format, precision)
+
+
+@dataclass(frozen=True)
+class ExportManifest:
+    """``manifest.json`` of an export (or engine) directory: everything a runtime needs besides weights."""
+
+    spec: ModelSpec
+    layers: tuple[int, ...]
+    map_format: str
+    precision: str  # UNet and text encoder; the VAE graphs stay float32 (fp16 VAEs overflow)
+    opset: int
+    batch: ShapeRange
+    image_size: ShapeRange
+    fpedit_version: str
+    source_model: str
+    source_hash: str
+    files: dict[str, str]  # graph name -> file name
+    format: str = EXPORT_FORMAT
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def io(self, graph: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        return graph_io(graph, self.spec, self.layers, self.map_format, self.precision)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["graphs"] = {
+            g: {"inputs": [asdict(t) for t in self.io(g)[0]], "outputs": [asdict(t) for t in self.io(g)[1]]}
+            for g in self.files
+            if g in GRAPHS
+        }
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ExportManifest:
+        known = {f for f in cls.__dataclass_fields__}
+        d = {k: v for k, v in data.items() if k in known}
+        d["spec"] = ModelSpec.from_dict(d["spec"])
+        d["layers"] = tuple(d["layers"])
+        d["batch"] = ShapeRange(**d["batch"])
+        d["image_size"] = ShapeRange(**d["image_size"])
+        return cls(**d)

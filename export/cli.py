@@ -1,0 +1,143 @@
+"""``fpedit export``, ``fpedit verify-export`` and ``fpedit build-engines``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from fpedit.engine.contract import GRAPHS, MAP_FORMATS, ShapeRange
+
+
+def _range(field: str):
+    def parse(text: str) -> ShapeRange:
+        from fpedit.engine.errors import InvalidInputError
+
+        try:
+            return ShapeRange.parse(text, field)
+        except InvalidInputError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+
+    return parse
+
+
+def _progress(name: str) -> None:
+    print(f"  {name} ...", flush=True)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .onnx_export import export_onnx
+
+    print(f"exporting {args.model} to {args.out}")
+    manifest = export_onnx(
+        args.model,
+        args.out,
+        layers=args.layers,
+        map_format=args.map_format,
+        opset=args.opset,
+        fp16=args.fp16,
+        batch=args.batch,
+        image_size=args.image_size,
+        external_data=args.external_data,
+        graphs=args.graphs or GRAPHS,
+        allow_pickle=args.allow_pickle,
+        progress=_progress,
+    )
+    print(
+        f"wrote {args.out}: layers {list(manifest.layers)}, {manifest.map_format}, {manifest.precision}, "
+        f"opset {manifest.opset}, {manifest.source_hash}"
+    )
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import format_table, verify_export
+
+    errors = verify_export(
+        args.export_dir,
+        args.model,
+        batch=args.batch,
+        image_side=args.image_side,
+        allow_pickle=args.allow_pickle,
+    )
+    print(format_table(errors))
+    if args.json:
+        args.json.write_text(json.dumps([e.to_dict() for e in errors], indent=2))
+    worst = max(e.max_rel for e in errors)
+    if worst > args.tolerance:
+        print(f"FAIL: max relative error {worst:.3e} > {args.tolerance:.1e}")
+        return 1
+    print(f"OK: max relative error {worst:.3e} <= {args.tolerance:.1e}")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from .tensorrt_build import build_engines
+
+    manifest = build_engines(
+        args.onnx,
+        args.out,
+        fp16=args.fp16,
+        batch=args.batch,
+        image_size=args.image_size,
+        timing_cache=args.timing_cache,
+        workspace_gib=args.workspace_gib,
+        builder_optimization_level=args.opt_level,
+        progress=_progress,
+    )
+    print(f"wrote {args.out}: {sorted(manifest.files)} (TensorRT {manifest.extra.get('tensorrt_version')})")
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    from fpedit.cli import parse_layers
+
+    export = sub.add_parser("export", help="export UNet variants with map I/O, text encoder and VAE to ONNX")
+    export.add_argument("--model", required=True, help="diffusers SD 1.x folder or 'tiny'")
+    export.add_argument("--out", required=True, type=Path, help="output directory")
+    export.add_argument(
+        "--layers", type=parse_layers, default="paper", help="layers with map I/O (default 4-14)"
+    )
+    export.add_argument("--map-format", default="qk", choices=MAP_FORMATS)
+    export.add_argument("--opset", type=int, default=17)
+    export.add_argument(
+        "--fp16", action="store_true", help="float16 UNet and text encoder (VAE stays float32)"
+    )
+    export.add_argument("--batch", type=_range("batch"), help="UNet rows MIN:OPT:MAX (default 1:2:8)")
+    export.add_argument(
+        "--image-size",
+        type=_range("image_size"),
+        help="image sides in px, MIN:OPT:MAX, or one value for static spatial axes (default: half..double the "
+        "model's native size)",
+    )
+    export.add_argument(
+        "--external-data",
+        default="auto",
+        choices=("auto", "always", "never"),
+        help="store weights beside the graph (auto: only past 2 GB)",
+    )
+    export.add_argument("--graphs", nargs="+", choices=GRAPHS, help="export only these graphs")
+    export.add_argument("--allow-pickle", action="store_true")
+    export.set_defaults(func=cmd_export)
+
+    verify = sub.add_parser("verify-export", help="compare an ONNX export with the torch backend")
+    verify.add_argument("export_dir", type=Path)
+    verify.add_argument("--model", help="source model (default: the one named in the manifest)")
+    verify.add_argument("--batch", type=int, default=2)
+    verify.add_argument("--image-side", type=int)
+    verify.add_argument("--tolerance", type=float, default=1e-3, help="fail above this max relative error")
+    verify.add_argument("--json", type=Path, help="also write the errors as JSON")
+    verify.add_argument("--allow-pickle", action="store_true")
+    verify.set_defaults(func=cmd_verify)
+
+    build = sub.add_parser("build-engines", help="build TensorRT engines from an ONNX export (NVIDIA GPU)")
+    build.add_argument("--onnx", required=True, type=Path, help="directory written by `fpedit export`")
+    build.add_argument("--out", required=True, type=Path)
+    build.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True)
+    build.add_argument("--batch", type=_range("batch"), help="profile MIN:OPT:MAX (default: the export's)")
+    build.add_argument("--image-size", type=_range("image_size"), help="profile MIN:OPT:MAX px")
+    build.add_argument("--timing-cache", type=Path, help="timing cache file (default OUT/timing.cache)")
+    build.add_argument("--workspace-gib", type=float)
+    build.add_argument("--opt-level", type=int, help="builder optimization level 0..5")
+    build.set_defaults(func=cmd_build)

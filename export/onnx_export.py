@@ -1,0 +1,259 @@
+"""Export an SD 1.x checkpoint to ONNX per the engine contract: UNet variants with map I/O, text encoder, VAE.
+
+The directory it writes is what ``EditEngine.from_pretrained(DIR, backend="onnxruntime")`` loads and what
+``fpedit build-engines`` turns into TensorRT engines:
+
+    manifest.json        contract, layers, map format, precision, opset, shape ranges, source model hash
+    unet_plain.onnx      sample, timestep, encoder_hidden_states -> noise_pred
+    unet_capture.onnx    ... -> noise_pred, map_out_LL for every exported layer
+    unet_inject.onnx     ..., map_in_LL for every exported layer, map_gate -> noise_pred
+    text_encoder.onnx    input_ids -> text_embeddings
+    vae_encoder.onnx     images -> latent_mean            (float32 always)
+    vae_decoder.onnx     latents -> decoded               (float32 always)
+    tokenizer/           the CLIP tokenizer (the betas travel in the manifest's model spec)
+
+Graphs over 2 GB keep their weights in one ``<graph>.onnx.data`` file beside them (ONNX external data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from fpedit.engine.contract import (
+    EXPORT_FORMAT,
+    GRAPHS,
+    MANIFEST_FILE,
+    PAPER_LAYERS,
+    TOKENIZER_DIR,
+    UNET_GRAPHS,
+    ExportManifest,
+    ModelSpec,
+    ShapeRange,
+    TensorSpec,
+    concrete_shape,
+    graph_io,
+    resolve_layers,
+)
+from fpedit.engine.errors import InvalidInputError
+from fpedit.engine.loading import Components, load_components
+
+from .wrappers import TextEncoder, UNetVariant, VAEDecoder, VAEEncoder
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+PROTOBUF_LIMIT = 2 * 1024**3 - 1024**2  # stay clear of protobuf's 2 GiB hard limit
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
+SPATIAL_AXES = ("latent_height", "latent_width", "height", "width")
+
+
+def model_hash(parts: Components) -> str:
+    """sha256 over the modules' configs and weights: identifies the source independently of file layout."""
+    digest = hashlib.sha256()
+    for name in ("unet", "vae", "text_encoder"):
+        module = getattr(parts, name)
+        config = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
+        config = {k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"}
+        digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+        for key, tensor in sorted(module.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def example_inputs(
+    inputs: Sequence[TensorSpec], spec: ModelSpec, batch: int, latent_hw: tuple[int, int], seed: int = 0
+) -> tuple[torch.Tensor, ...]:
+    """Random tensors shaped per the contract (token ids within the vocabulary, gates 0/1)."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = []
+    for tensor in inputs:
+        shape = concrete_shape(tensor, batch, latent_hw, spec)
+        if tensor.dtype == "int64":
+            tensors.append(torch.randint(0, 256, shape, generator=generator))
+        elif tensor.name == "map_gate":
+            tensors.append(torch.randint(0, 2, shape, generator=generator).float())
+        else:
+            tensors.append(torch.randn(shape, generator=generator).to(TORCH_DTYPES[tensor.dtype]))
+    return tuple(tensors)
+
+
+def dynamic_axes(tensors: Sequence[TensorSpec], static_size: bool) -> dict[str, dict[int, str]]:
+    axes: dict[str, dict[int, str]] = {}
+    for tensor in tensors:
+        named = {
+            i: dim
+            for i, dim in enumerate(tensor.shape)
+            if isinstance(dim, str)
+            and not (static_size and (dim in SPATIAL_AXES or dim.startswith("tokens_")))
+        }
+        if named:
+            axes[tensor.name] = named
+    return axes
+
+
+def _graph_module(graph: str, parts: Components, layers: Sequence[int], map_format: str) -> torch.nn.Module:
+    if graph == "text_encoder":
+        return TextEncoder(parts.text_encoder)
+    if graph == "vae_encoder":
+        return VAEEncoder(parts.vae)
+    if graph == "vae_decoder":
+        return VAEDecoder(parts.vae)
+    variant = {v: k for k, v in UNET_GRAPHS.items()}[graph]
+    return UNetVariant(parts.unet, parts.spec, variant, layers, map_format)
+
+
+def export_graph(
+    module: torch.nn.Module,
+    args: tuple[torch.Tensor, ...],
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+    path: Path,
+    *,
+    opset: int,
+    static_size: bool,
+    external_data: str,
+) -> None:
+    """Trace ``module`` to ``path``, re-save (external data past 2 GB) and run the ONNX checker."""
+    import onnx
+
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        traced = Path(tmp) / path.name
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                args,
+                str(traced),
+                input_names=[t.name for t in inputs],
+                output_names=[t.name for t in outputs],
+                dynamic_axes=dynamic_axes([*inputs, *outputs], static_size),
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        proto = onnx.load(str(traced), load_external_data=True)
+    size = sum(init.ByteSize() for init in proto.graph.initializer)
+    use_external = external_data == "always" or (external_data == "auto" and size > PROTOBUF_LIMIT)
+    for stale in (path, path.with_name(path.name + ".data")):
+        stale.unlink(missing_ok=True)
+    if use_external:
+        onnx.save_model(
+            proto,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=path.name + ".data",
+            size_threshold=1024,
+        )
+    else:
+        onnx.save_model(proto, str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def export_onnx(
+    model: str | Path,
+    out_dir: str | Path,
+    *,
+    layers: str | Sequence[int] = PAPER_LAYERS,
+    map_format: str = "qk",
+    opset: int = DEFAULT_OPSET,
+    fp16: bool = False,
+    batch: ShapeRange | None = None,
+    image_size: ShapeRange | None = None,
+    external_data: str = "auto",
+    graphs: Sequence[str] = GRAPHS,
+    allow_pickle: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> ExportManifest:
+    """Export ``model`` (a diffusers SD 1.x folder or ``"tiny"``) into ``out_dir``; returns the manifest."""
+    from fpedit import __version__
+
+    if map_format not in ("qk", "probs"):
+        raise InvalidInputError("map_format", f"must be 'qk' or 'probs', got {map_format!r}")
+    if external_data not in ("auto", "always", "never"):
+        raise InvalidInputError("external_data", "must be auto, always or never")
+    unknown = sorted(set(graphs) - set(GRAPHS))
+    if unknown:
+        raise InvalidInputError("graphs", f"unknown graphs {unknown}; known: {list(GRAPHS)}")
+    parts = load_components(model, allow_pickle=allow_pickle)
+    spec = parts.spec
+    layer_numbers = resolve_layers(layers, spec, _latent_hw(spec, (image_size or _default_sizes(spec)).opt))
+    if not layer_numbers:
+        raise InvalidInputError("layers", "an export needs at least one layer")
+    batch = batch or ShapeRange(1, 2, 8)
+    image_size = image_size or _default_sizes(spec)
+    multiple = 8 * spec.vae_scale_factor
+    for value in (image_size.min, image_size.opt, image_size.max):
+        if value % multiple:
+            raise InvalidInputError("image_size", f"sides must be multiples of {multiple}, got {value}")
+    precision = "float16" if fp16 else "float32"
+    source_hash = model_hash(parts)
+    if fp16:
+        parts.unet.half()
+        parts.text_encoder.half()
+    static_size = image_size.min == image_size.max
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # The manifest is written last: a directory whose export failed midway is never mistaken for a model.
+    (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
+    # Trace at batch >= 2 so that no batch-1 shortcut is baked into the graphs.
+    example_batch = max(2, min(batch.opt, batch.max))
+    latent_hw = _latent_hw(spec, image_size.opt)
+    files = {}
+    for graph in graphs:
+        if progress:
+            progress(graph)
+        inputs, outputs = graph_io(graph, spec, layer_numbers, map_format, precision)
+        module = _graph_module(graph, parts, layer_numbers, map_format).eval()
+        args = example_inputs(inputs, spec, example_batch, latent_hw)
+        files[graph] = f"{graph}.onnx"
+        export_graph(
+            module,
+            args,
+            inputs,
+            outputs,
+            out_dir / files[graph],
+            opset=opset,
+            static_size=static_size,
+            external_data=external_data,
+        )
+    parts.tokenizer.save_pretrained(str(out_dir / TOKENIZER_DIR))
+    source = parts.source
+    manifest = ExportManifest(
+        spec=spec,
+        layers=layer_numbers,
+        map_format=map_format,
+        precision=precision,
+        opset=opset,
+        batch=batch,
+        image_size=image_size,
+        fpedit_version=__version__,
+        source_model=source,
+        source_hash=source_hash,
+        files=files,
+        format=EXPORT_FORMAT,
+    )
+    write_manifest(out_dir, manifest)
+    return manifest
+
+
+def write_manifest(folder: Path, manifest: ExportManifest) -> None:
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n")
+
+
+def _default_sizes(spec: ModelSpec) -> ShapeRange:
+    size = spec.default_image_size
+    return ShapeRange(max(64, size // 2 // 64 * 64), size, 2 * size)
+
+
+def _latent_hw(spec: ModelSpec, side: int) -> tuple[int, int]:
+    return side // spec.vae_scale_factor, side // spec.vae_scale_factor
