@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +30,16 @@ ImageInput = Image.Image | np.ndarray | bytes | bytearray | str | os.PathLike
 
 
 def load_image(
-    image: ImageInput, *, field: str = "image", max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS
+    image: ImageInput,
+    *,
+    field: str = "image",
+    max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
+    formats: Sequence[str] | None = None,
 ) -> Image.Image:
-    """Decode ``image`` (PIL image, HxWx3 uint8 array, encoded bytes or a path) into an RGB PIL image."""
+    """Decode ``image`` (PIL image, HxWx3 uint8 array, encoded bytes or a path) into an RGB PIL image.
+
+    ``formats`` restricts encoded input to these PIL format names (e.g. ``("PNG", "JPEG", "WEBP")``).
+    """
     if isinstance(image, np.ndarray):
         if (
             image.dtype != np.uint8
@@ -43,7 +51,7 @@ def load_image(
             )
         image = Image.fromarray(image)
     elif isinstance(image, (bytes, bytearray, str, os.PathLike)):
-        image = _decode(image, field, max_input_pixels)
+        image = _decode(image, field, max_input_pixels, formats)
     elif not isinstance(image, Image.Image):
         raise InvalidInputError(field, f"expected an image, bytes or a path, got {type(image).__name__}")
     w, h = image.size
@@ -54,7 +62,9 @@ def load_image(
     return to_rgb(image, field)
 
 
-def _decode(source: bytes | bytearray | str | os.PathLike, field: str, max_pixels: int) -> Image.Image:
+def _decode(
+    source: bytes | bytearray | str | os.PathLike, field: str, max_pixels: int, formats: Sequence[str] | None
+) -> Image.Image:
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
@@ -67,7 +77,7 @@ def _decode(source: bytes | bytearray | str | os.PathLike, field: str, max_pixel
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=list(formats) if formats else None)
             w, h = img.size
             if w * h > max_pixels:
                 raise InvalidInputError(field, f"{w}x{h} exceeds the limit of {max_pixels} pixels")

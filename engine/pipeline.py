@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 import time
 import uuid
 import warnings
@@ -133,6 +134,7 @@ class EditEngine:
         max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
         capture_batch: int | None = None,
         show_progress: bool = False,
+        image_formats: Sequence[str] | None = None,
     ) -> None:
         self.backend = backend
         self.spec: ModelSpec = backend.spec
@@ -143,9 +145,12 @@ class EditEngine:
         self.max_input_pixels = int(max_input_pixels)
         self.capture_batch = max(1, min(capture_batch or backend.max_batch, backend.max_batch))
         self.show_progress = show_progress
+        #: Encoded formats accepted for bytes and paths (PIL names); ``None`` accepts whatever PIL decodes.
+        self.image_formats = tuple(image_formats) if image_formats else None
         self.engine_id = uuid.uuid4().hex
         self._schedules = ScheduleCache(self.spec.scheduler)
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._text_lock = threading.Lock()
 
     # --- construction ---------------------------------------------------------------------------------------
 
@@ -193,10 +198,11 @@ class EditEngine:
 
     def _embed(self, prompt: str, run: _Run) -> torch.Tensor:
         """(1, L, D) CLIP embedding of ``prompt``, padded to the tokenizer's max length; cached."""
-        cached = self._text_cache.get(prompt)
-        if cached is not None:
-            self._text_cache.move_to_end(prompt)
-            return cached
+        with self._text_lock:
+            cached = self._text_cache.get(prompt)
+            if cached is not None:
+                self._text_cache.move_to_end(prompt)
+                return cached
         max_len = self.spec.text_max_length
         with run.stage("text"):
             full = self.tokenizer(prompt, truncation=False).input_ids
@@ -208,9 +214,10 @@ class EditEngine:
                 prompt, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt"
             ).input_ids
             embedding = self.backend.encode_text(ids)
-        self._text_cache[prompt] = embedding
-        while len(self._text_cache) > TEXT_CACHE_SIZE:
-            self._text_cache.popitem(last=False)
+        with self._text_lock:
+            self._text_cache[prompt] = embedding
+            while len(self._text_cache) > TEXT_CACHE_SIZE:
+                self._text_cache.popitem(last=False)
         return embedding
 
     # --- UNet calls -----------------------------------------------------------------------------------------
@@ -438,7 +445,10 @@ class EditEngine:
     ) -> Inversion:
         """DDIM-invert ``image`` with prompt "" over ``options.steps`` steps; keep the whole trajectory."""
         options = options or EditOptions()
-        pil = prepare_image(load_image(image, max_input_pixels=self.max_input_pixels), self.max_side)
+        pil = prepare_image(
+            load_image(image, max_input_pixels=self.max_input_pixels, formats=self.image_formats),
+            self.max_side,
+        )
         schedule = self._schedules(options.steps)
         run = _Run(self.backend, progress, self.show_progress)
         with run.stage("vae_encode"):
