@@ -1,11 +1,9 @@
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-
-from google.protobuf import descriptor as _descriptor
-from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -21,7 +19,6 @@ class ImageFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     IMAGE_FORMAT_PNG: _ClassVar[ImageFormat]
     IMAGE_FORMAT_JPEG: _ClassVar[ImageFormat]
     IMAGE_FORMAT_WEBP: _ClassVar[ImageFormat]
-
 MAP_FORMAT_UNSPECIFIED: MapFormat
 MAP_FORMAT_QK: MapFormat
 MAP_FORMAT_PROBS: MapFormat
@@ -31,15 +28,7 @@ IMAGE_FORMAT_JPEG: ImageFormat
 IMAGE_FORMAT_WEBP: ImageFormat
 
 class EditOptions(_message.Message):
-    __slots__ = (
-        "guidance_scale",
-        "layer_preset",
-        "layers",
-        "map_format",
-        "replace_end",
-        "replace_start",
-        "steps",
-    )
+    __slots__ = ("steps", "guidance_scale", "replace_start", "replace_end", "layers", "layer_preset", "map_format")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     REPLACE_START_FIELD_NUMBER: _ClassVar[int]
@@ -54,36 +43,17 @@ class EditOptions(_message.Message):
     layers: _containers.RepeatedScalarFieldContainer[int]
     layer_preset: str
     map_format: MapFormat
-    def __init__(
-        self,
-        steps: int | None = ...,
-        guidance_scale: float | None = ...,
-        replace_start: float | None = ...,
-        replace_end: float | None = ...,
-        layers: _Iterable[int] | None = ...,
-        layer_preset: str | None = ...,
-        map_format: MapFormat | str | None = ...,
-    ) -> None: ...
+    def __init__(self, steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., replace_start: _Optional[float] = ..., replace_end: _Optional[float] = ..., layers: _Optional[_Iterable[int]] = ..., layer_preset: _Optional[str] = ..., map_format: _Optional[_Union[MapFormat, str]] = ...) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = (
-        "engine_ms",
-        "layers",
-        "queue_ms",
-        "replaced_steps",
-        "stages_ms",
-        "steps",
-        "unet_calls",
-        "unet_rows",
-    )
+    __slots__ = ("stages_ms", "engine_ms", "queue_ms", "unet_rows", "unet_calls", "steps", "replaced_steps", "layers")
     class StagesMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: float
-        def __init__(self, key: str | None = ..., value: float | None = ...) -> None: ...
-
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     STAGES_MS_FIELD_NUMBER: _ClassVar[int]
     ENGINE_MS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
@@ -100,20 +70,10 @@ class Stats(_message.Message):
     steps: int
     replaced_steps: _containers.RepeatedScalarFieldContainer[int]
     layers: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(
-        self,
-        stages_ms: _Mapping[str, float] | None = ...,
-        engine_ms: float | None = ...,
-        queue_ms: float | None = ...,
-        unet_rows: int | None = ...,
-        unet_calls: int | None = ...,
-        steps: int | None = ...,
-        replaced_steps: _Iterable[int] | None = ...,
-        layers: _Iterable[int] | None = ...,
-    ) -> None: ...
+    def __init__(self, stages_ms: _Optional[_Mapping[str, float]] = ..., engine_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., unet_rows: _Optional[int] = ..., unet_calls: _Optional[int] = ..., steps: _Optional[int] = ..., replaced_steps: _Optional[_Iterable[int]] = ..., layers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EditRequest(_message.Message):
-    __slots__ = ("image", "inversion_id", "options", "output_format", "skip_reconstruction", "target_prompt")
+    __slots__ = ("image", "inversion_id", "target_prompt", "options", "output_format", "skip_reconstruction")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     INVERSION_ID_FIELD_NUMBER: _ClassVar[int]
     TARGET_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -126,18 +86,10 @@ class EditRequest(_message.Message):
     options: EditOptions
     output_format: ImageFormat
     skip_reconstruction: bool
-    def __init__(
-        self,
-        image: bytes | None = ...,
-        inversion_id: str | None = ...,
-        target_prompt: str | None = ...,
-        options: EditOptions | _Mapping | None = ...,
-        output_format: ImageFormat | str | None = ...,
-        skip_reconstruction: bool | None = ...,
-    ) -> None: ...
+    def __init__(self, image: _Optional[bytes] = ..., inversion_id: _Optional[str] = ..., target_prompt: _Optional[str] = ..., options: _Optional[_Union[EditOptions, _Mapping]] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., skip_reconstruction: _Optional[bool] = ...) -> None: ...
 
 class EditResponse(_message.Message):
-    __slots__ = ("edited_image", "height", "inversion_id", "reconstruction_image", "stats", "width")
+    __slots__ = ("edited_image", "reconstruction_image", "inversion_id", "width", "height", "stats")
     EDITED_IMAGE_FIELD_NUMBER: _ClassVar[int]
     RECONSTRUCTION_IMAGE_FIELD_NUMBER: _ClassVar[int]
     INVERSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -150,15 +102,7 @@ class EditResponse(_message.Message):
     width: int
     height: int
     stats: Stats
-    def __init__(
-        self,
-        edited_image: bytes | None = ...,
-        reconstruction_image: bytes | None = ...,
-        inversion_id: str | None = ...,
-        width: int | None = ...,
-        height: int | None = ...,
-        stats: Stats | _Mapping | None = ...,
-    ) -> None: ...
+    def __init__(self, edited_image: _Optional[bytes] = ..., reconstruction_image: _Optional[bytes] = ..., inversion_id: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("stage", "step", "total")
@@ -168,7 +112,7 @@ class Progress(_message.Message):
     stage: str
     step: int
     total: int
-    def __init__(self, stage: str | None = ..., step: int | None = ..., total: int | None = ...) -> None: ...
+    def __init__(self, stage: _Optional[str] = ..., step: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
 
 class EditEvent(_message.Message):
     __slots__ = ("progress", "result")
@@ -176,12 +120,10 @@ class EditEvent(_message.Message):
     RESULT_FIELD_NUMBER: _ClassVar[int]
     progress: Progress
     result: EditResponse
-    def __init__(
-        self, progress: Progress | _Mapping | None = ..., result: EditResponse | _Mapping | None = ...
-    ) -> None: ...
+    def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., result: _Optional[_Union[EditResponse, _Mapping]] = ...) -> None: ...
 
 class GenerateEditRequest(_message.Message):
-    __slots__ = ("height", "options", "output_format", "seed", "source_prompt", "target_prompt", "width")
+    __slots__ = ("source_prompt", "target_prompt", "seed", "options", "height", "width", "output_format")
     SOURCE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     TARGET_PROMPT_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -196,19 +138,10 @@ class GenerateEditRequest(_message.Message):
     height: int
     width: int
     output_format: ImageFormat
-    def __init__(
-        self,
-        source_prompt: str | None = ...,
-        target_prompt: str | None = ...,
-        seed: int | None = ...,
-        options: EditOptions | _Mapping | None = ...,
-        height: int | None = ...,
-        width: int | None = ...,
-        output_format: ImageFormat | str | None = ...,
-    ) -> None: ...
+    def __init__(self, source_prompt: _Optional[str] = ..., target_prompt: _Optional[str] = ..., seed: _Optional[int] = ..., options: _Optional[_Union[EditOptions, _Mapping]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ...) -> None: ...
 
 class GenerateEditResponse(_message.Message):
-    __slots__ = ("edited_image", "height", "seed", "source_image", "stats", "width")
+    __slots__ = ("source_image", "edited_image", "seed", "width", "height", "stats")
     SOURCE_IMAGE_FIELD_NUMBER: _ClassVar[int]
     EDITED_IMAGE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -221,15 +154,7 @@ class GenerateEditResponse(_message.Message):
     width: int
     height: int
     stats: Stats
-    def __init__(
-        self,
-        source_image: bytes | None = ...,
-        edited_image: bytes | None = ...,
-        seed: int | None = ...,
-        width: int | None = ...,
-        height: int | None = ...,
-        stats: Stats | _Mapping | None = ...,
-    ) -> None: ...
+    def __init__(self, source_image: _Optional[bytes] = ..., edited_image: _Optional[bytes] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ...) -> None: ...
 
 class InvertRequest(_message.Message):
     __slots__ = ("image", "options")
@@ -237,10 +162,10 @@ class InvertRequest(_message.Message):
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     options: EditOptions
-    def __init__(self, image: bytes | None = ..., options: EditOptions | _Mapping | None = ...) -> None: ...
+    def __init__(self, image: _Optional[bytes] = ..., options: _Optional[_Union[EditOptions, _Mapping]] = ...) -> None: ...
 
 class InvertResponse(_message.Message):
-    __slots__ = ("expires_in_s", "height", "inversion_id", "stats", "steps", "width")
+    __slots__ = ("inversion_id", "width", "height", "steps", "expires_in_s", "stats")
     INVERSION_ID_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -253,31 +178,14 @@ class InvertResponse(_message.Message):
     steps: int
     expires_in_s: int
     stats: Stats
-    def __init__(
-        self,
-        inversion_id: str | None = ...,
-        width: int | None = ...,
-        height: int | None = ...,
-        steps: int | None = ...,
-        expires_in_s: int | None = ...,
-        stats: Stats | _Mapping | None = ...,
-    ) -> None: ...
+    def __init__(self, inversion_id: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., expires_in_s: _Optional[int] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = (
-        "cache_bytes",
-        "cache_ttl_s",
-        "max_image_pixels",
-        "max_message_bytes",
-        "max_queue",
-        "max_side",
-        "max_steps",
-        "workers",
-    )
+    __slots__ = ("max_steps", "max_image_pixels", "max_side", "max_message_bytes", "workers", "max_queue", "cache_bytes", "cache_ttl_s")
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
     MAX_SIDE_FIELD_NUMBER: _ClassVar[int]
@@ -294,31 +202,10 @@ class Limits(_message.Message):
     max_queue: int
     cache_bytes: int
     cache_ttl_s: int
-    def __init__(
-        self,
-        max_steps: int | None = ...,
-        max_image_pixels: int | None = ...,
-        max_side: int | None = ...,
-        max_message_bytes: int | None = ...,
-        workers: int | None = ...,
-        max_queue: int | None = ...,
-        cache_bytes: int | None = ...,
-        cache_ttl_s: int | None = ...,
-    ) -> None: ...
+    def __init__(self, max_steps: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_side: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., workers: _Optional[int] = ..., max_queue: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., cache_ttl_s: _Optional[int] = ...) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = (
-        "backend",
-        "default_image_size",
-        "defaults",
-        "device",
-        "layers_available",
-        "limits",
-        "map_formats",
-        "model",
-        "precision",
-        "version",
-    )
+    __slots__ = ("version", "model", "backend", "device", "precision", "layers_available", "map_formats", "defaults", "limits", "default_image_size")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -339,16 +226,4 @@ class GetInfoResponse(_message.Message):
     defaults: EditOptions
     limits: Limits
     default_image_size: int
-    def __init__(
-        self,
-        version: str | None = ...,
-        model: str | None = ...,
-        backend: str | None = ...,
-        device: str | None = ...,
-        precision: str | None = ...,
-        layers_available: _Iterable[int] | None = ...,
-        map_formats: _Iterable[MapFormat | str] | None = ...,
-        defaults: EditOptions | _Mapping | None = ...,
-        limits: Limits | _Mapping | None = ...,
-        default_image_size: int | None = ...,
-    ) -> None: ...
+    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., layers_available: _Optional[_Iterable[int]] = ..., map_formats: _Optional[_Iterable[_Union[MapFormat, str]]] = ..., defaults: _Optional[_Union[EditOptions, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., default_image_size: _Optional[int] = ...) -> None: ...
