@@ -146,6 +146,10 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def tensor_to_images(decoded: torch.Tensor) -> list[Image.Image]:
-    """VAE output in [-1, 1], (B, 3, H, W) → PIL images (rounded to the nearest 8-bit value)."""
-    arr = ((decoded.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-    return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in arr]
+    """VAE output in [-1, 1], (B, 3, H, W) → PIL images (rounded to the nearest 8-bit value).
+
+    Quantised on the tensor's device, so only uint8 pixels cross to the host.
+    """
+    pixels = ((decoded.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    pixels = pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    return [Image.fromarray(a) for a in pixels]

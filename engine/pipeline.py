@@ -160,21 +160,30 @@ class EditEngine:
         model: str | Path,
         backend: str = "torch",
         device: str = "cpu",
-        dtype: str = "float32",
+        dtype: str | None = None,
         *,
         allow_pickle: bool = False,
         providers: Sequence[str] | None = None,
+        backend_options: dict[str, Any] | None = None,
         **engine_kwargs: Any,
     ) -> EditEngine:
         """Load ``model`` for ``backend``.
 
         torch: ``model`` is a local diffusers-layout SD 1.x folder or ``"tiny"``; onnxruntime: a folder
-        written by ``fpedit export``; tensorrt: a folder written by ``fpedit build-engines``.
+        written by ``fpedit export``; tensorrt: a folder written by ``fpedit build-engines``. ``dtype``
+        (torch) defaults to float16 on CUDA, float32 on the CPU; ``backend_options`` tune the backend
+        (torch: ``vae_dtype``, ``cuda_graphs``, ``channels_last``, ``compile_unet``, ``max_batch``).
         """
         from .backends import create_backend
 
         created, tokenizer, source = create_backend(
-            model, backend, device=device, dtype=dtype, allow_pickle=allow_pickle, providers=providers
+            model,
+            backend,
+            device=device,
+            dtype=dtype,
+            allow_pickle=allow_pickle,
+            providers=providers,
+            backend_options=backend_options,
         )
         return cls(created, tokenizer, source=source, **engine_kwargs)
 
@@ -226,26 +235,30 @@ class EditEngine:
         self,
         run: _Run,
         sample: torch.Tensor,
-        timesteps: Sequence[int],
+        timesteps: torch.Tensor,
         context: torch.Tensor,
         *,
         capture: Sequence[int] | None = None,
         map_format: str = "qk",
         inject: Injection | None = None,
         need_noise_pred: bool = True,
+        donors: Sequence[int] | None = None,
+        donor_layers: Sequence[int] = (),
     ) -> tuple[torch.Tensor | None, AttentionMaps | None]:
-        """Run the UNet on rows, split into calls of at most ``backend.max_batch`` rows."""
+        """Run the UNet on rows (``timesteps``: (B,) on the device), in calls of at most ``max_batch`` rows."""
         rows = sample.shape[0]
         limit = self.backend.max_batch
-        if rows <= limit:
+        if rows <= limit or donors is not None:
             noise, captured = self.backend.unet(
                 sample,
-                torch.tensor(list(timesteps), dtype=torch.float32),
+                timesteps,
                 context,
                 capture=capture,
                 map_format=map_format,
                 inject=inject,
                 need_noise_pred=need_noise_pred,
+                donors=donors,
+                donor_layers=donor_layers,
             )
             run.unet_rows += rows
             run.unet_calls += 1
@@ -257,10 +270,9 @@ class EditEngine:
             part_inject = None
             if inject is not None:
                 part_inject = Injection(inject.maps.rows(range(lo, hi)), inject.gate[lo:hi])
-            t = torch.tensor(list(timesteps[lo:hi]), dtype=torch.float32)
             noise, captured = self.backend.unet(
                 sample[lo:hi],
-                t,
+                timesteps[lo:hi],
                 context[lo:hi],
                 capture=capture,
                 map_format=map_format,
@@ -276,6 +288,10 @@ class EditEngine:
         noise_all = torch.cat(noises) if noises else None
         maps_all = (maps[0] if len(maps) == 1 else AttentionMaps.cat(maps)) if maps else None
         return noise_all, maps_all
+
+    def _device_timesteps(self, timesteps: Sequence[int]) -> torch.Tensor:
+        """All of a schedule's timesteps on the device once, so steps index them without host copies."""
+        return torch.tensor(list(timesteps), dtype=torch.float32).to(self.backend.device)
 
     @staticmethod
     def _guide(noise: torch.Tensor, scale: float) -> torch.Tensor:
@@ -343,39 +359,50 @@ class EditEngine:
 
         z = z.to(self.backend.device)
         z_src, z_tgt = z.clone(), z.clone()
+        ts = self._device_timesteps(schedule.timesteps)
+        fused = self.backend.supports_donors
         with run.stage("denoise"):
             for i in run.steps("denoise", options.steps):
-                t = schedule.timesteps[i]
-                if i in replaced:
+                t = ts[i : i + 1]
+                rows = torch.cat([z_src.expand(n_src, -1, -1, -1), z_tgt.expand(2, -1, -1, -1)])
+                context = torch.cat([src_ctx, tgt_ctx])
+                if i in replaced and fused:
+                    # One call: the target's cond row (last) attends with the source's cond row's map.
+                    donors = [*range(n_src + 1), src_cond_row]
+                    eps, _ = self._unet(
+                        run,
+                        rows,
+                        t.expand(n_src + 2),
+                        context,
+                        map_format=options.map_format,
+                        donors=donors,
+                        donor_layers=layers,
+                    )
+                elif i in replaced:
                     eps_src, maps = self._unet(
                         run,
-                        z_src.expand(n_src, -1, -1, -1),
-                        [t] * n_src,
+                        rows[:n_src],
+                        t.expand(n_src),
                         src_ctx,
                         capture=capture_layers,
                         map_format=options.map_format,
                     )
-                    assert maps is not None
+                    assert maps is not None and eps_src is not None
                     inject = Injection.for_rows(
                         maps.rows([src_cond_row, src_cond_row]), [False, True], layers
                     )
                     eps_tgt, _ = self._unet(
-                        run,
-                        z_tgt.expand(2, -1, -1, -1),
-                        [t, t],
-                        tgt_ctx,
-                        map_format=options.map_format,
-                        inject=inject,
+                        run, rows[n_src:], t.expand(2), tgt_ctx, map_format=options.map_format, inject=inject
                     )
+                    assert eps_tgt is not None
+                    eps = torch.cat([eps_src, eps_tgt])
                 else:
-                    both = torch.cat([z_src.expand(n_src, -1, -1, -1), z_tgt.expand(2, -1, -1, -1)])
-                    eps, _ = self._unet(run, both, [t] * (n_src + 2), torch.cat([src_ctx, tgt_ctx]))
-                    eps_src, eps_tgt = eps[:n_src], eps[n_src:]
-                assert eps_src is not None and eps_tgt is not None
+                    eps, _ = self._unet(run, rows, t.expand(n_src + 2), context)
+                assert eps is not None
                 guided = torch.cat(
                     [
-                        self._guide(eps_src, options.guidance_scale),
-                        self._guide(eps_tgt, options.guidance_scale),
+                        self._guide(eps[:n_src], options.guidance_scale),
+                        self._guide(eps[n_src:], options.guidance_scale),
                     ]
                 )
                 stepped = schedule.step(guided, i, torch.cat([z_src, z_tgt]))
@@ -474,10 +501,11 @@ class EditEngine:
         trajectory[0] = z0[0]
         trajectory[1] = z0[0]  # the t = 0 step maps z_0 to itself (alpha_t == alpha_next)
         z = z0
+        ts = self._device_timesteps(schedule.inversion_timesteps)
         with run.stage("inversion"):
             for k in run.steps("inversion", steps - 1):
                 k += 1
-                eps, _ = self._unet(run, z, [schedule.inversion_timesteps[k]], uncond)
+                eps, _ = self._unet(run, z, ts[k : k + 1], uncond)
                 assert eps is not None
                 z = schedule.invert_step(eps, k, z)
                 trajectory[k + 1] = z[0]
@@ -511,9 +539,9 @@ class EditEngine:
         feed = _SourceMapFeed(self, inversion, schedule, replaced, layers, options.map_format, uncond, run)
         n = options.steps
         z = inversion.latent(n).clone()
+        ts = self._device_timesteps(schedule.timesteps)
         with run.stage("target_denoise"):
             for i in run.steps("denoise", n):
-                t = schedule.timesteps[i]
                 inject = None
                 if feed.replaces(i):
                     maps = feed.get(i)
@@ -521,7 +549,7 @@ class EditEngine:
                 eps, _ = self._unet(
                     run,
                     z.expand(2, -1, -1, -1),
-                    [t, t],
+                    ts[i : i + 1].expand(2),
                     context,
                     map_format=options.map_format,
                     inject=inject,
@@ -647,7 +675,7 @@ class _SourceMapFeed:
             for lo in range(0, len(chunk), self.engine.capture_batch):
                 part = chunk[lo : lo + self.engine.capture_batch]
                 sample = torch.cat([self.inversion.latent(n - s) for s in part])
-                timesteps = [self.schedule.timesteps[s] for s in part]
+                timesteps = self.engine._device_timesteps([self.schedule.timesteps[s] for s in part])
                 context = self.uncond.expand(len(part), -1, -1)
                 _, maps = self.engine._unet(
                     run,

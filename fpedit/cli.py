@@ -55,7 +55,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "tensorrt"))
     group.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    group.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    group.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        help="UNet/text precision (default: fp16 on CUDA)",
+    )
+    group.add_argument(
+        "--vae-dtype", choices=("float32", "float16", "bfloat16"), help="VAE precision (torch)"
+    )
+    group.add_argument("--no-cuda-graphs", action="store_true", help="torch on CUDA: run eagerly")
+    group.add_argument("--compile", action="store_true", help="torch: torch.compile the UNet (experimental)")
     group.add_argument(
         "--provider", action="append", dest="providers", help="ONNX Runtime provider (repeatable)"
     )
@@ -107,6 +116,13 @@ def options_from_args(args: argparse.Namespace) -> Any:
 def engine_from_args(args: argparse.Namespace, **kwargs: Any) -> Any:
     from fpedit.engine import EditEngine
 
+    backend_options: dict[str, Any] = {}
+    if args.backend == "torch":
+        backend_options["vae_dtype"] = args.vae_dtype
+        if args.no_cuda_graphs:
+            backend_options["cuda_graphs"] = False
+        if args.compile:
+            backend_options["compile_unet"] = True
     return EditEngine.from_pretrained(
         args.model,
         backend=args.backend,
@@ -114,6 +130,7 @@ def engine_from_args(args: argparse.Namespace, **kwargs: Any) -> Any:
         dtype=args.dtype,
         allow_pickle=args.allow_pickle,
         providers=args.providers,
+        backend_options=backend_options,
         **kwargs,
     )
 

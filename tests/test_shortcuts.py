@@ -62,3 +62,18 @@ def test_no_source_rows_after_the_window(engine, image):
         assert r.stats["unet_rows"] == (steps - 1) + replaced + 2 * steps
         # The reconstruction is traj[0] decoded: the pinned source branch ends there.
         np.testing.assert_array_equal(r.source_latents, r.inversion.latent(0).numpy())
+
+
+def test_fused_generated_step_equals_capture_then_inject(model_dir):
+    """In-call donors (one 4-row call per replaced step) compute exactly what capture + inject compute."""
+    z = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(4))
+    fused = EditEngine.from_pretrained(model_dir)
+    piped = EditEngine.from_pretrained(model_dir)
+    piped.backend.supports_donors = False
+    for fmt in ("qk", "probs"):
+        opts = EditOptions(steps=6, map_format=fmt, layers=(2, 7, 12, 16))
+        a = fused.edit_generated("a cat", "a dog", latents=z, options=opts)
+        b = piped.edit_generated("a cat", "a dog", latents=z, options=opts)
+        assert rel_l2(a.edited_latents, b.edited_latents) < 1e-5
+        assert a.stats["unet_rows"] == b.stats["unet_rows"] == 4 * 6
+        assert a.stats["unet_calls"] == 6 < b.stats["unet_calls"]

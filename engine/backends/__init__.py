@@ -28,18 +28,28 @@ def create_backend(
     backend: str,
     *,
     device: str = "cpu",
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype | None = None,
     allow_pickle: bool = False,
     providers: Sequence[str] | None = None,
+    backend_options: dict[str, Any] | None = None,
 ) -> tuple[Backend, Any, str]:
-    """Build ``backend`` for ``model``; returns (backend, tokenizer, model source description)."""
+    """Build ``backend`` for ``model``; returns (backend, tokenizer, model source description).
+
+    ``dtype`` (torch backend) defaults to float16 on CUDA and float32 elsewhere; ``backend_options`` go to
+    the backend's constructor (torch: ``vae_dtype``, ``cuda_graphs``, ``channels_last``, ``compile_unet``,
+    ``max_batch``).
+    """
+    options = dict(backend_options or {})
     if backend == "torch":
         from ..loading import load_components
         from .torch_backend import TorchBackend
 
-        torch_dtype = parse_dtype(dtype)
-        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        on_cuda = torch.device(device).type == "cuda"
+        if on_cuda and not torch.cuda.is_available():
             raise InvalidInputError("device", "CUDA was requested but torch sees no GPU")
+        torch_dtype = parse_dtype(dtype or ("float16" if on_cuda else "float32"))
+        if "vae_dtype" in options and options["vae_dtype"] is not None:
+            options["vae_dtype"] = parse_dtype(options["vae_dtype"])
         parts = load_components(model, allow_pickle=allow_pickle)
         created = TorchBackend(
             unet=parts.unet,
@@ -48,6 +58,7 @@ def create_backend(
             spec=parts.spec,
             device=device,
             dtype=torch_dtype,
+            **options,
         )
         return created, parts.tokenizer, parts.source
     if backend == "onnxruntime":

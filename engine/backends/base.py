@@ -31,6 +31,8 @@ class Backend(ABC):
     map_formats: tuple[str, ...] = ("qk", "probs")
     #: Largest UNet batch (rows) one call may take.
     max_batch: int = 8
+    #: Whether :meth:`unet` takes ``donors``: rows that attend with another row's map of the same call.
+    supports_donors: bool = False
 
     @abstractmethod
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -55,13 +57,17 @@ class Backend(ABC):
         map_format: str = "qk",
         inject: Injection | None = None,
         need_noise_pred: bool = True,
+        donors: Sequence[int] | None = None,
+        donor_layers: Sequence[int] = (),
     ) -> tuple[torch.Tensor | None, AttentionMaps | None]:
         """One UNet evaluation on a batch: ``timestep`` is (B,) so rows may sit at different steps.
 
         ``capture`` names layers whose maps (in ``map_format``) are returned for every row; ``inject`` gives
         maps and a per-row, per-layer gate. Returns the noise prediction and the captured maps (or ``None``).
         With ``need_noise_pred=False`` a backend may stop after the last captured layer and return ``None``
-        for the noise (source rows of a real edit run only for their maps).
+        for the noise (source rows of a real edit run only for their maps). ``donors`` (only where
+        :attr:`supports_donors`) gives, per row, the row whose map it uses in ``donor_layers``, so a
+        generated edit's source and target rows share one call.
         """
 
     def capture_layers(self, requested: Sequence[int]) -> tuple[int, ...]:

@@ -148,7 +148,11 @@ class GraphBackend(Backend):
         map_format: str = "qk",
         inject: Injection | None = None,
         need_noise_pred: bool = True,
+        donors: Sequence[int] | None = None,
+        donor_layers: Sequence[int] = (),
     ) -> tuple[torch.Tensor | None, AttentionMaps | None]:
+        if donors is not None and donor_layers:
+            raise NotImplementedError("exported graphs pipe maps between calls (capture, then inject)")
         batch = sample.shape[0]
         latent_hw = (sample.shape[-2], sample.shape[-1])
         self._check_shape(batch, latent_hw)

@@ -35,6 +35,9 @@ class CallState:
     inject_maps: dict[int, torch.Tensor] = field(default_factory=dict)
     # Per injected layer: None when every row takes the maps, else a (B,) bool tensor on the device.
     inject_rows: dict[int, torch.Tensor | None] = field(default_factory=dict)
+    # In-call donors: in these layers row i attends with row donor_index[i]'s map (same forward).
+    donor_layers: frozenset[int] = frozenset()
+    donor_index: torch.Tensor | None = None
 
     @classmethod
     def build(
@@ -44,6 +47,8 @@ class CallState:
         inject: Injection | None,
         device: torch.device,
         stop_after_capture: bool,
+        donors: Sequence[int] | None = None,
+        donor_layers: Sequence[int] = (),
     ) -> CallState:
         state = cls(map_format=map_format, capture=frozenset(capture or ()))
         if stop_after_capture and state.capture:
@@ -58,6 +63,9 @@ class CallState:
                     continue
                 state.inject_maps[layer] = inject.maps.tensors[layer]
                 state.inject_rows[layer] = None if bool(rows.all()) else rows.to(device, non_blocking=True)
+        if donors is not None and donor_layers and list(donors) != list(range(len(donors))):
+            state.donor_layers = frozenset(donor_layers)
+            state.donor_index = torch.tensor(list(donors), dtype=torch.long).to(device, non_blocking=True)
         return state
 
 
@@ -92,9 +100,12 @@ class FPESelfAttnProcessor:
         def split_heads(x: torch.Tensor) -> torch.Tensor:
             return x.view(batch, tokens, heads, head_dim).transpose(1, 2)
 
+        donor = state.donor_index if layer in state.donor_layers else None
         if state.map_format == "qk":
             if layer in state.capture:
                 state.captured[layer] = torch.stack((q, k), dim=1)
+            if donor is not None:
+                q, k = q.index_select(0, donor), k.index_select(0, donor)
             if inject is not None:
                 if rows is None:
                     q, k = inject[:, 0], inject[:, 1]
@@ -107,6 +118,8 @@ class FPESelfAttnProcessor:
             probs = scores.float().softmax(dim=-1).to(q.dtype)
             if layer in state.capture:
                 state.captured[layer] = probs
+            if donor is not None:
+                probs = probs.index_select(0, donor)
             if inject is not None:
                 probs = inject if rows is None else torch.where(rows.view(batch, 1, 1, 1), inject, probs)
             out = torch.matmul(probs, split_heads(v))
@@ -155,9 +168,15 @@ def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) ->
 
 
 class TorchBackend(Backend):
-    """diffusers/transformers modules on a torch device: the reference, and the embedded default."""
+    """diffusers/transformers modules on a torch device: the reference, and the embedded default.
+
+    On CUDA the UNet runs in fp16 (or bf16) with SDPA (flash) attention for every layer, injected ones
+    included, channels-last convolutions, and each distinct call shape captured once as a CUDA graph and
+    replayed (see :mod:`.cuda_graphs`); ``compile_unet`` adds ``torch.compile`` (experimental).
+    """
 
     name = "torch"
+    supports_donors = True
 
     def __init__(
         self,
@@ -170,9 +189,13 @@ class TorchBackend(Backend):
         dtype: torch.dtype = torch.float32,
         vae_dtype: torch.dtype | None = None,
         max_batch: int = 8,
+        cuda_graphs: bool | None = None,
+        channels_last: bool | None = None,
+        compile_unet: bool = False,
     ) -> None:
         self.spec = spec
         self.device = torch.device(device)
+        on_cuda = self.device.type == "cuda"
         self.dtype = dtype
         self.vae_dtype = vae_dtype or torch.float32
         self.max_batch = max_batch
@@ -180,6 +203,17 @@ class TorchBackend(Backend):
         self._text = _place(text_encoder, self.device, dtype)
         self._vae = _place(vae, self.device, self.vae_dtype)
         install_processors(self._unet, spec)
+        self.channels_last = on_cuda if channels_last is None else channels_last
+        if self.channels_last:
+            self._unet.to(memory_format=torch.channels_last)
+        self._forward_module: torch.nn.Module = self._unet
+        if compile_unet:
+            self._forward_module = torch.compile(self._unet, mode="max-autotune-no-cudagraphs", dynamic=False)
+        self.graphs = None
+        if on_cuda if cuda_graphs is None else cuda_graphs:
+            from .cuda_graphs import UNetGraphs
+
+            self.graphs = UNetGraphs(self)
 
     @torch.inference_mode()
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -194,6 +228,21 @@ class TorchBackend(Backend):
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return self._vae.decode(latents.to(self.device, self.vae_dtype)).sample.float()
 
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, state: CallState
+    ) -> torch.Tensor | None:
+        """One UNet forward under ``state``; ``None`` when it stopped after the last captured layer."""
+        try:
+            return self._forward_module(
+                sample,
+                timestep,
+                encoder_hidden_states=context,
+                cross_attention_kwargs={"fpe": state},
+                return_dict=False,
+            )[0]
+        except _StopForward:
+            return None
+
     @torch.inference_mode()
     def unet(
         self,
@@ -205,19 +254,38 @@ class TorchBackend(Backend):
         map_format: str = "qk",
         inject: Injection | None = None,
         need_noise_pred: bool = True,
+        donors: Sequence[int] | None = None,
+        donor_layers: Sequence[int] = (),
     ) -> tuple[torch.Tensor | None, AttentionMaps | None]:
+        sample = sample.to(self.device, self.dtype)
+        timestep = timestep.to(self.device, torch.float32)
+        context = context.to(self.device, self.dtype)
+        if self.graphs is not None:
+            return self.graphs.run(
+                sample,
+                timestep,
+                context,
+                capture=capture,
+                map_format=map_format,
+                inject=inject,
+                need_noise_pred=need_noise_pred,
+                donors=donors,
+                donor_layers=donor_layers,
+            )
         state = CallState.build(
-            map_format, capture, inject, self.device, stop_after_capture=not need_noise_pred
+            map_format, capture, inject, self.device, not need_noise_pred, donors, donor_layers
         )
-        try:
-            noise = self._unet(
-                sample.to(self.device, self.dtype),
-                timestep.to(self.device),
-                encoder_hidden_states=context.to(self.device, self.dtype),
-                cross_attention_kwargs={"fpe": state},
-                return_dict=False,
-            )[0]
-        except _StopForward:
-            noise = None
+        if self.channels_last:
+            sample = sample.contiguous(memory_format=torch.channels_last)
+        noise = self.forward(sample, timestep, context, state)
         maps = AttentionMaps(map_format, dict(state.captured)) if capture else None
         return noise, maps
+
+    def describe(self) -> dict[str, object]:
+        info = super().describe()
+        info.update(
+            vae_dtype=str(self.vae_dtype).replace("torch.", ""),
+            cuda_graphs=self.graphs is not None,
+            channels_last=self.channels_last,
+        )
+        return info
