@@ -1,0 +1,56 @@
+"""``fpedit bench``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchConfig, markdown, run_bench, write_outputs
+
+    overrides = {
+        k: v
+        for k, v in {
+            "model": args.model,
+            "device": args.device,
+            "steps": args.steps,
+            "size": args.size,
+            "warmup": args.warmup,
+            "repeat": args.repeat,
+            "concurrency": args.concurrency,
+            "requests": args.requests,
+            "load_steps": args.load_steps,
+            "backends": tuple(args.backends) if args.backends else None,
+        }.items()
+        if v is not None
+    }
+    cfg = BenchConfig.quick(**overrides) if args.quick else BenchConfig(**overrides)
+    report = run_bench(cfg, load=not args.no_load_test, progress=not args.no_progress)
+    print(markdown(report))
+    if args.json:
+        for path in write_outputs(report, args.json):
+            print(f"wrote {path}")
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    bench = sub.add_parser("bench", help="engine latency per backend and a gRPC load test")
+    bench.add_argument(
+        "--quick", action="store_true", help="tiny model, 10 steps, 128 px: minutes on a laptop CPU"
+    )
+    bench.add_argument("--model", help="model (default tiny)")
+    bench.add_argument("--device", help="cpu or cuda")
+    bench.add_argument("--backends", nargs="+", choices=("torch", "onnxruntime", "tensorrt"))
+    bench.add_argument("--steps", type=int)
+    bench.add_argument("--size", type=int)
+    bench.add_argument("--warmup", type=int)
+    bench.add_argument("--repeat", type=int)
+    bench.add_argument("--concurrency", type=int, help="load-test clients (default 4)")
+    bench.add_argument("--requests", type=int, help="load-test requests in all")
+    bench.add_argument("--load-steps", type=int, help="steps per load-test edit (default: --steps)")
+    bench.add_argument("--no-load-test", action="store_true")
+    bench.add_argument("--no-progress", action="store_true")
+    bench.add_argument("--json", type=Path, help="write JSON, plus .md and .png beside it")
+    bench.set_defaults(func=cmd_bench)

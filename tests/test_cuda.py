@@ -1,0 +1,81 @@
+"""The CUDA fast path (fp16, SDPA, CUDA graphs, channels-last) against float32 references.
+
+Runs where torch sees a CUDA GPU; skips with a reason elsewhere. benchmarks/gpu.py repeats these checks on
+the full SD 1.5 architecture and records the figures.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_image
+from reference import rel_l2
+
+from fpedit import EditEngine, EditOptions
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible to torch)"
+)
+
+
+def psnr(a, b) -> float:
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+@pytest.fixture(scope="module")
+def cuda_fp16(model_dir):
+    return EditEngine.from_pretrained(model_dir, device="cuda")
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def test_cuda_defaults(cuda_fp16):
+    info = cuda_fp16.info()
+    assert info["dtype"] == "float16" and info["cuda_graphs"] and info["channels_last"]
+
+
+def test_cuda_float32_with_graphs_matches_reference(model_dir, reference):
+    eng = EditEngine.from_pretrained(model_dir, device="cuda", dtype="float32")
+    z = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(2))
+    opts = EditOptions(steps=6)
+    r = eng.edit_generated("a cat", "a dog", latents=z, options=opts)
+    ref_src, ref_tgt = reference.edit_generated("a cat", "a dog", z, 6, 7.5, (0.0, 0.8), opts.layers)
+    assert rel_l2(r.edited_latents, ref_tgt) < 1e-3 and rel_l2(r.source_latents, ref_src) < 1e-3
+    assert len(eng.backend.graphs) > 0
+
+
+def test_fp16_against_cpu_float32(cuda_fp16, engine):
+    image = make_image()
+    opts = EditOptions(steps=20)
+    for fast, ref in (
+        (
+            cuda_fp16.edit_real(image, "a red car", options=opts),
+            engine.edit_real(image, "a red car", options=opts),
+        ),
+        (
+            cuda_fp16.edit_generated("a cat", "a dog", seed=0, height=128, width=128, options=opts),
+            engine.edit_generated("a cat", "a dog", seed=0, height=128, width=128, options=opts),
+        ),
+    ):
+        assert np.isfinite(fast.edited_latents).all()
+        assert rel_l2(fast.edited_latents, ref.edited_latents) < 5e-2
+        assert psnr(fast.edited_image, ref.edited_image) >= 30.0
+
+
+def test_graphs_replay_what_eager_computes(model_dir, cuda_fp16):
+    eager = EditEngine.from_pretrained(model_dir, device="cuda", backend_options={"cuda_graphs": False})
+    image = make_image()
+    opts = EditOptions(steps=8)
+    a = cuda_fp16.edit_real(image, "a red car", options=opts)
+    b = eager.edit_real(image, "a red car", options=opts)
+    assert rel_l2(a.edited_latents, b.edited_latents) < 1e-3
+    again = cuda_fp16.edit_real(a.inversion, "a red car", options=opts)
+    np.testing.assert_array_equal(again.edited_latents, a.edited_latents)
