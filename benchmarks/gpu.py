@@ -275,6 +275,37 @@ def time_edits(engine: Any, steps: int, size: int, repeat: int) -> dict[str, Any
     return out
 
 
+def vae_check(engine: Any, size: int) -> dict[str, Any]:
+    """Decode and encode time of the engine's VAE, and bfloat16 against float32 on the same latents."""
+    from fpedit.engine.images import image_to_tensor, tensor_to_images
+
+    backend = engine.backend
+    vae = backend._vae
+    latents = torch.randn((1, 4, size // 8, size // 8), generator=torch.Generator().manual_seed(1)).cuda()
+    pixels = image_to_tensor(synthetic_image(size)).cuda()
+    out: dict[str, Any] = {}
+    images = {}
+    original = backend.vae_dtype
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        vae.to(dtype)
+        backend.vae_dtype = dtype
+        for _ in range(2):
+            decoded = backend.decode_latents(latents)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            decoded = backend.decode_latents(latents)
+            backend.encode_image(pixels)
+        torch.cuda.synchronize()
+        out[f"{name}_decode_plus_encode_ms"] = (time.perf_counter() - t0) / 5 * 1e3
+        images[name] = tensor_to_images(decoded)[0]
+    vae.to(original)
+    backend.vae_dtype = original
+    out["bfloat16_vs_float32_decode_psnr_db"] = psnr(images["bfloat16"], images["float32"])
+    log(f"  {out}")
+    return out
+
+
 def backends_present() -> dict[str, Any]:
     found: dict[str, Any] = {"torch": torch.__version__}
     try:
@@ -327,47 +358,94 @@ def main(argv: list[str] | None = None) -> int:
     else:
         device, steps, size, repeat = "cuda", args.steps, args.size, args.repeat
         report["mode"] = "gpu"
+        report["correctness"] = {}
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-        log("correctness: tiny model, CUDA fp16 (graphs) vs CPU float32")
-        tiny_fast = EditEngine.from_pretrained("tiny", device="cuda", dtype="float16")
-        tiny_ref = EditEngine.from_pretrained("tiny", device="cpu")
-        report["correctness"] = {"tiny_cuda_fp16_vs_cpu_fp32": run_pair(tiny_fast, tiny_ref, 20, 128)}
-        log(json.dumps(report["correctness"]["tiny_cuda_fp16_vs_cpu_fp32"]))
 
-        log("building the SD 1.5 architecture with random weights on the GPU")
-        modules = sd15_random_modules("cuda")
-        fast = make_engine(modules, "cuda", torch.float16, vae_dtype=vae_dtype)
-        if not args.skip_cpu_reference:
-            log("correctness: SD 1.5 architecture, CUDA fp16 vs CPU float32 (256 px, 10 steps)")
-            cpu_modules = {k: copy.deepcopy(v).to("cpu", torch.float32) for k, v in modules.items()}
-            cpu_ref = make_engine(cpu_modules, "cpu", torch.float32)
-            report["correctness"]["sd15_cuda_fp16_vs_cpu_fp32_256px_10steps"] = run_pair(
-                fast, cpu_ref, 10, 256
-            )
-            log(json.dumps(report["correctness"]["sd15_cuda_fp16_vs_cpu_fp32_256px_10steps"]))
-            del cpu_ref, cpu_modules
-        log(
-            f"correctness: SD 1.5 architecture, CUDA fp16 vs CUDA float32 (no TF32), {size} px, {steps} steps"
+        def section(name: str, fn) -> Any:
+            """Run one part; a failure is recorded and the run goes on (the lease is short)."""
+            log(name)
+            t0 = time.perf_counter()
+            try:
+                return fn()
+            except Exception as exc:  # recorded, not hidden
+                import traceback
+
+                report.setdefault("errors", {})[name] = traceback.format_exc()
+                log(f"FAILED {name}: {exc!r}")
+                return None
+            finally:
+                log(f"  ({time.perf_counter() - t0:.1f} s)")
+                if args.json:
+                    args.json.parent.mkdir(parents=True, exist_ok=True)
+                    args.json.write_text(json.dumps(report, indent=2, default=str))
+
+        def tiny_check() -> None:
+            fast_tiny = EditEngine.from_pretrained("tiny", device="cuda", dtype="float16")
+            ref_tiny = EditEngine.from_pretrained("tiny", device="cpu")
+            result = run_pair(fast_tiny, ref_tiny, 20, 128)
+            report["correctness"]["tiny_cuda_fp16_vs_cpu_fp32"] = result
+            log(json.dumps(result))
+
+        section("correctness: tiny model, CUDA fp16 (graphs) vs CPU float32, 128 px, 20 steps", tiny_check)
+        modules = section(
+            "building the SD 1.5 architecture with random weights on the GPU",
+            lambda: sd15_random_modules("cuda"),
         )
-        fp32_modules = {k: copy.deepcopy(v).float() for k, v in modules.items()}
-        ref32 = make_engine(fp32_modules, "cuda", torch.float32, cuda_graphs=False)
-        report["correctness"]["sd15_cuda_fp16_vs_cuda_fp32"] = run_pair(fast, ref32, steps, size)
-        log(json.dumps(report["correctness"]["sd15_cuda_fp16_vs_cuda_fp32"]))
-        del ref32, fp32_modules
-        torch.cuda.empty_cache()
-        log("UNet per call (CUDA graphs unless eager)")
-        report["unet_ms"] = time_unet(fast, size, [1, 2, 3, fast.capture_batch], repeat=20)
-        log(f"end to end: {size} px, {steps} steps")
-        report["latency"] = time_edits(fast, steps, size, repeat)
-        report["cuda_graphs_captured"] = len(fast.backend.graphs or ())
-        report["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 1024**3, 2)
+        cpu_modules = None
+        if modules is not None and not args.skip_cpu_reference:
+            cpu_modules = {k: copy.deepcopy(v).to("cpu") for k, v in modules.items()}
+        fp32_modules = {k: copy.deepcopy(v) for k, v in modules.items()} if modules is not None else None
+        fast = section(
+            "fp16 engine", lambda: make_engine(modules, "cuda", torch.float16, vae_dtype=vae_dtype)
+        )
+
+        if fast is not None and cpu_modules is not None:
+
+            def cpu_check() -> None:
+                cpu_ref = make_engine(cpu_modules, "cpu", torch.float32)
+                result = run_pair(fast, cpu_ref, 10, 256)
+                report["correctness"]["sd15_cuda_fp16_vs_cpu_fp32_256px_10steps"] = result
+                log(json.dumps(result))
+
+            section(
+                "correctness: SD 1.5 architecture, CUDA fp16 vs CPU float32 (256 px, 10 steps)", cpu_check
+            )
+            del cpu_modules
+        if fast is not None and fp32_modules is not None:
+
+            def cuda32_check() -> None:
+                ref32 = make_engine(fp32_modules, "cuda", torch.float32, cuda_graphs=False)
+                result = run_pair(fast, ref32, steps, size)
+                report["correctness"]["sd15_cuda_fp16_vs_cuda_fp32"] = result
+                log(json.dumps(result))
+
+            section(
+                f"correctness: SD 1.5 architecture, CUDA fp16 vs CUDA float32 (no TF32), {size} px, {steps} steps",
+                cuda32_check,
+            )
+            del fp32_modules
+            torch.cuda.empty_cache()
+        if fast is not None:
+            report["unet_ms"] = section(
+                "UNet per call (CUDA graphs; plain_eager without)",
+                lambda: time_unet(fast, size, sorted({1, 2, 3, fast.capture_batch}), repeat=20),
+            )
+            report["vae"] = section("VAE precision and time", lambda: vae_check(fast, size))
+            report["latency"] = section(
+                f"end to end: {size} px, {steps} steps", lambda: time_edits(fast, steps, size, repeat)
+            )
+            report["cuda_graphs_captured"] = len(fast.backend.graphs or ())
+            report["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 1024**3, 2)
     report["device"] = device
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2, default=str))
         log(f"wrote {args.json}")
-    lat = report["latency"]
+    lat = report.get("latency") or {}
+    if not lat:
+        log("SUMMARY: no latency figures (see errors)")
+        return 1
     log(
         f"SUMMARY {report['mode']} {report['machine'].get('gpu') or 'cpu'}: real edit {lat['real_edit']['median_ms']:.0f} ms, "
         f"re-edit {lat['re_edit']['median_ms']:.0f} ms, generated {lat['generated_edit']['median_ms']:.0f} ms"

@@ -158,7 +158,8 @@ class UNetGraphs:
                 backend.forward(static_sample, static_t, static_ctx, make_state())
         torch.cuda.current_stream(backend.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: other requests may use the GPU from their threads while this one captures.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             noise = backend.forward(static_sample, static_t, static_ctx, state)
         return _Graph(
             graph=graph,
