@@ -197,11 +197,18 @@ class TorchBackend(Backend):
         self.device = torch.device(device)
         on_cuda = self.device.type == "cuda"
         self.dtype = dtype
-        self.vae_dtype = vae_dtype or torch.float32
+        # The VAE *decoder* runs in bf16 on CUDA: fp32's range (SD's VAE overflows fp16) at a quarter of
+        # fp32's time on an H200, 45 dB PSNR against fp32 decodes there. The encoder stays float32: the
+        # inversion starts from its output and amplifies its rounding (a bf16 encoder cost a real edit of the
+        # tiny model 22 dB of PSNR on that machine).
+        self.vae_dtype = vae_dtype or (torch.bfloat16 if on_cuda else torch.float32)
         self.max_batch = max_batch
         self._unet = _place(unet, self.device, dtype)
         self._text = _place(text_encoder, self.device, dtype)
-        self._vae = _place(vae, self.device, self.vae_dtype)
+        self._vae = _place(vae, self.device, torch.float32)
+        if self.vae_dtype != torch.float32:
+            self._vae.decoder.to(self.vae_dtype)
+            self._vae.post_quant_conv.to(self.vae_dtype)
         install_processors(self._unet, spec)
         self.channels_last = on_cuda if channels_last is None else channels_last
         if self.channels_last:
@@ -221,7 +228,7 @@ class TorchBackend(Backend):
 
     @torch.inference_mode()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        posterior = self._vae.encode(images.to(self.device, self.vae_dtype)).latent_dist
+        posterior = self._vae.encode(images.to(self.device, torch.float32)).latent_dist
         return posterior.mean.float()
 
     @torch.inference_mode()
