@@ -342,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         help="default: the backend's (bf16 on CUDA)",
     )
     parser.add_argument("--skip-cpu-reference", action="store_true")
+    parser.add_argument("--skip-fp32-reference", action="store_true", help="skip the CUDA float32 comparison")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
@@ -406,7 +407,9 @@ def main(argv: list[str] | None = None) -> int:
         cpu_modules = None
         if modules is not None and not args.skip_cpu_reference:
             cpu_modules = {k: copy.deepcopy(v).to("cpu") for k, v in modules.items()}
-        fp32_modules = {k: copy.deepcopy(v) for k, v in modules.items()} if modules is not None else None
+        fp32_modules = None
+        if modules is not None and not args.skip_fp32_reference:
+            fp32_modules = {k: copy.deepcopy(v) for k, v in modules.items()}
         fast = section(
             "fp16 engine", lambda: make_engine(modules, "cuda", torch.float16, vae_dtype=vae_dtype)
         )

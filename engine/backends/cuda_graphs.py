@@ -4,14 +4,19 @@ A call's *key* is everything that changes the kernels it launches: shapes and dt
 captured layers, whether it stops after them, the injection pattern (which rows take maps in which layers)
 and the in-call donors. Per key a graph owns static input buffers; a call copies its inputs in (device to
 device), replays, and clones the outputs out, so nothing is allocated by the model per step and the host
-never waits for the device. A lock per graph keeps concurrent requests from sharing its buffers.
+never waits for the device.
+
+All graphs share one memory pool, so their intermediates cost the largest graph's, not the sum (a dozen
+SD 1.5 graphs otherwise hold tens of GB). That is safe because one lock covers every copy-in, replay and
+copy-out: a graph's static outputs may live where another graph keeps intermediates, and they are cloned
+before any other graph runs. The GPU runs one UNet at a time anyway, so the lock costs no throughput.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -34,14 +39,14 @@ class _Graph:
     noise: torch.Tensor | None
     captured: dict[int, torch.Tensor]
     state: CallState  # keeps the row masks and donor indices the graph reads alive
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class UNetGraphs:
     def __init__(self, backend: TorchBackend) -> None:
         self.backend = backend
         self._graphs: dict[tuple[Any, ...], _Graph] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # every capture, copy-in, replay and copy-out (shared pool)
+        self._pool: Any = None
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -104,7 +109,6 @@ class UNetGraphs:
                     donors,
                     donor_layers,
                 )
-        with entry.lock:
             entry.sample.copy_(sample)
             entry.timestep.copy_(timestep)
             entry.context.copy_(context)
@@ -113,11 +117,9 @@ class UNetGraphs:
                     buffer.copy_(inject.maps.tensors[layer])
             entry.graph.replay()
             noise = entry.noise.clone() if entry.noise is not None else None
-            maps = (
-                AttentionMaps(map_format, {layer: t.clone() for layer, t in entry.captured.items()})
-                if capture
-                else None
-            )
+            maps = None
+            if capture:
+                maps = AttentionMaps(map_format, {layer: t.clone() for layer, t in entry.captured.items()})
         return noise, maps
 
     def _capture(
@@ -158,8 +160,10 @@ class UNetGraphs:
                 backend.forward(static_sample, static_t, static_ctx, make_state())
         torch.cuda.current_stream(backend.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        # thread_local: other requests may use the GPU from their threads while this one captures.
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        # thread_local: other requests may use the GPU (VAE, text) from their threads while this captures.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             noise = backend.forward(static_sample, static_t, static_ctx, state)
         return _Graph(
             graph=graph,
