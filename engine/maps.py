@@ -32,7 +32,7 @@ class AttentionMaps:
 
     def rows(self, index: Sequence[int]) -> AttentionMaps:
         """The maps of the given rows, in that order (a row may repeat)."""
-        if len(index) == 1 or (len(set(index)) == 1 and len(index) > 1):
+        if len(set(index)) == 1:
             # One source row for every target row: a broadcast view, no copy.
             i = index[0]
             return AttentionMaps(

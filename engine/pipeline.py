@@ -188,6 +188,7 @@ class EditEngine:
         return cls(created, tokenizer, source=source, **engine_kwargs)
 
     def info(self) -> dict[str, Any]:
+        defaults = EditOptions()
         return {
             "model": self.source,
             **self.backend.describe(),
@@ -195,11 +196,11 @@ class EditEngine:
             "max_side": self.max_side,
             "map_cache_bytes": self.map_cache_bytes,
             "defaults": {
-                "steps": EditOptions().steps,
-                "guidance_scale": EditOptions().guidance_scale,
-                "replace_window": list(EditOptions().replace_window),
-                "layers": list(EditOptions().layers),
-                "map_format": EditOptions().map_format,
+                "steps": defaults.steps,
+                "guidance_scale": defaults.guidance_scale,
+                "replace_window": list(defaults.replace_window),
+                "layers": list(defaults.layers),
+                "map_format": defaults.map_format,
             },
         }
 

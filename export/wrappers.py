@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fpedit.engine.backends.torch_backend import CallState, install_processors
+from fpedit.engine.backends.torch_backend import CallState, install_processors, unet_forward
 from fpedit.engine.contract import ModelSpec
 
 
@@ -44,13 +44,7 @@ class UNetVariant(torch.nn.Module):
             for column, (layer, layer_map) in enumerate(zip(self.layers, maps, strict=True)):
                 state.inject_maps[layer] = layer_map
                 state.inject_rows[layer] = on[:, column]
-        noise = self.unet(
-            sample,
-            timestep,
-            encoder_hidden_states=encoder_hidden_states,
-            cross_attention_kwargs={"fpe": state},
-            return_dict=False,
-        )[0]
+        noise = unet_forward(self.unet, sample, timestep, encoder_hidden_states, state)
         if self.variant != "capture":
             return noise
         return (noise, *(state.captured[layer] for layer in self.layers))

@@ -28,12 +28,12 @@ def options_from_proto(message: pb.EditOptions, base: EditOptions | None = None)
     if message.HasField("steps"):
         changes["steps"] = message.steps
     if message.HasField("guidance_scale"):
-        changes["guidance_scale"] = message.guidance_scale
+        changes["guidance_scale"] = shortest_decimal(message.guidance_scale)
     start = message.replace_start if message.HasField("replace_start") else base.replace_window[0]
     end = message.replace_end if message.HasField("replace_end") else base.replace_window[1]
     if message.HasField("replace_start") or message.HasField("replace_end"):
         # float32 on the wire: 0.8 arrives as 0.800000011920929; keep the decimal the client meant.
-        changes["replace_window"] = (_decimal(start), _decimal(end))
+        changes["replace_window"] = (shortest_decimal(start), shortest_decimal(end))
     if message.layers and message.HasField("layer_preset"):
         raise InvalidInputError("layers", "give either layers or layer_preset, not both")
     if message.layers:
@@ -47,8 +47,9 @@ def options_from_proto(message: pb.EditOptions, base: EditOptions | None = None)
     return base.replace(**changes) if changes else base
 
 
-def _decimal(value: float) -> float:
-    """The shortest decimal that rounds to the same float32 (what the client typed)."""
+def shortest_decimal(value: float) -> float:
+    """The shortest decimal within float32 rounding of ``value``: what the client typed (0.7, not
+    0.699999988), so ``int(steps * end)`` and guidance match an in-process call with the same numbers."""
     if not math.isfinite(value):
         return value
     for digits in range(1, 10):

@@ -29,7 +29,6 @@ from fpedit.v1 import edit_pb2_grpc
 from .cache import InversionCache
 from .convert import (
     MAP_FORMAT_ENUM,
-    _decimal,
     encode_image,
     options_from_proto,
     options_to_proto,
@@ -209,12 +208,6 @@ class EditServicer(edit_pb2_grpc.EditServiceServicer):
         context.abort(code, detail)
         raise AssertionError("unreachable")  # context.abort raises
 
-    def _options(self, message: pb.EditOptions) -> EditOptions:
-        options = options_from_proto(message)
-        if message.HasField("guidance_scale"):
-            options = options.replace(guidance_scale=_decimal(message.guidance_scale))
-        return options
-
     # --- RPCs -----------------------------------------------------------------------------------------------
 
     def Edit(self, request: pb.EditRequest, context: grpc.ServicerContext) -> pb.EditResponse:
@@ -263,7 +256,7 @@ class EditServicer(edit_pb2_grpc.EditServiceServicer):
         has_image, has_id = bool(request.image), bool(request.inversion_id)
         if has_image == has_id:
             raise InvalidInputError("image", "give exactly one of image or inversion_id")
-        options = self._options(request.options)
+        options = options_from_proto(request.options)
         if has_id:
             inversion = self.cache.get(request.inversion_id)
             if inversion is None:
@@ -311,7 +304,7 @@ class EditServicer(edit_pb2_grpc.EditServiceServicer):
         timings: dict[str, Any] = {}
 
         def body() -> pb.GenerateEditResponse:
-            options = self._options(request.options)
+            options = options_from_proto(request.options)
             seed = request.seed if request.HasField("seed") else None
             if seed is not None and seed >= 2**63:
                 raise InvalidInputError("seed", "must be below 2**63")
@@ -347,7 +340,7 @@ class EditServicer(edit_pb2_grpc.EditServiceServicer):
         def body() -> pb.InvertResponse:
             if not request.image:
                 raise InvalidInputError("image", "is empty")
-            options = self._options(request.options)
+            options = options_from_proto(request.options)
             inversion, queue_ms = self._run(
                 context, timings, lambda p: self.engine.invert(request.image, options=options, progress=p)
             )

@@ -468,3 +468,18 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_options_from_the_wire_keep_the_decimals_the_client_meant():
+    from fpedit.server.convert import options_from_proto, shortest_decimal
+
+    assert shortest_decimal(float(np.float32(0.7))) == 0.7
+    assert shortest_decimal(float(np.float32(7.3))) == 7.3
+    opts = options_from_proto(edit_options(steps=10, replace_window=(0.0, 0.7), guidance_scale=7.3))
+    assert list(opts.replaced_steps()) == list(range(7))  # float32 0.69999999 would give 6 steps
+    assert opts.guidance_scale == 7.3
+    assert options_from_proto(edit_options()) == EditOptions()
+    both = edit_options(layers=(4, 5))
+    both.layer_preset = "paper"
+    with pytest.raises(ValueError, match="layers"):
+        options_from_proto(both)

@@ -142,6 +142,23 @@ class PlainAttnProcessor(AttnProcessor2_0):
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 
+def unet_forward(
+    unet: torch.nn.Module,
+    sample: torch.Tensor,
+    timestep: torch.Tensor,
+    context: torch.Tensor,
+    state: CallState,
+) -> torch.Tensor:
+    """A diffusers UNet forward whose attention processors read ``state`` (installed by install_processors)."""
+    return unet(
+        sample,
+        timestep,
+        encoder_hidden_states=context,
+        cross_attention_kwargs={"fpe": state},
+        return_dict=False,
+    )[0]
+
+
 def install_processors(unet: torch.nn.Module, spec: ModelSpec) -> None:
     """Give every attention module of ``unet`` a processor that understands the FPE call state."""
     self_attn = {layer.module_path: layer.index for layer in spec.layers}
@@ -240,13 +257,7 @@ class TorchBackend(Backend):
     ) -> torch.Tensor | None:
         """One UNet forward under ``state``; ``None`` when it stopped after the last captured layer."""
         try:
-            return self._forward_module(
-                sample,
-                timestep,
-                encoder_hidden_states=context,
-                cross_attention_kwargs={"fpe": state},
-                return_dict=False,
-            )[0]
+            return unet_forward(self._forward_module, sample, timestep, context, state)
         except _StopForward:
             return None
 
