@@ -127,9 +127,18 @@ def test_layers_outside_the_export_are_refused(ort_engine, image):
     )
 
 
-def test_sizes_outside_the_export_are_refused(ort_engine):
-    with pytest.raises(InvalidInputError, match="image sizes"):
-        ort_engine.edit_real(make_image(256, 256), "a red car", options=EditOptions(steps=2))
+def test_dynamic_sizes_run_and_static_exports_refuse_others(ort_engine, model_dir, tmp_path):
+    # Dynamic spatial axes: a size outside the TensorRT profile range still runs in ONNX Runtime.
+    r = ort_engine.edit_real(make_image(192, 256), "a red car", options=EditOptions(steps=2))
+    assert r.edited_image.size == (192, 256)
+    export_onnx(model_dir, tmp_path / "static", image_size=ShapeRange(64, 64, 64))
+    static = EditEngine.from_pretrained(tmp_path / "static", backend="onnxruntime")
+    assert static.edit_real(make_image(64, 64), "a car", options=EditOptions(steps=2)).edited_image.size == (
+        64,
+        64,
+    )
+    with pytest.raises(InvalidInputError, match=r"image sizes \(64x64\)"):
+        static.edit_real(make_image(128, 128), "a red car", options=EditOptions(steps=2))
 
 
 def test_export_is_deterministic_and_supports_external_data(model_dir, tmp_path):

@@ -86,12 +86,16 @@ class GraphBackend(Backend):
 
     # --- shared contract logic ----------------------------------------------------------------------------
 
+    #: Whether the manifest's size range binds (TensorRT profiles do); ONNX graphs with dynamic spatial
+    #: axes take any size, so there only a static-size export restricts it.
+    size_range_binds: bool = True
+
     def _check_shape(self, batch: int, latent_hw: tuple[int, int] | None) -> None:
         if not 1 <= batch <= self.manifest.batch.max:
             raise InvalidInputError("batch", f"{batch} rows; this export takes 1..{self.manifest.batch.max}")
-        if latent_hw is None:
-            return
         sizes = self.manifest.image_size
+        if latent_hw is None or not (self.size_range_binds or sizes.min == sizes.max):
+            return
         f = self.spec.vae_scale_factor
         h, w = latent_hw[0] * f, latent_hw[1] * f
         if not (sizes.min <= h <= sizes.max and sizes.min <= w <= sizes.max):

@@ -31,6 +31,7 @@ def default_providers(device: torch.device) -> list[str]:
 
 class OnnxRuntimeBackend(GraphBackend):
     name = "onnxruntime"
+    size_range_binds = False
 
     def __init__(
         self, folder: Path, device: str | torch.device = "cpu", providers: Sequence[str] | None = None
