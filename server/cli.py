@@ -45,7 +45,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"fpedit serving on {args.host}:{port}", flush=True)
 
     serve(engine, config, ready=ready)
-    return 0
+    # Drained: every request is answered and logged. Leave without interpreter teardown, where native
+    # threads (gRPC's pollers, the BLAS pool) racing static destructors have aborted the process.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _client(args: argparse.Namespace) -> Any:

@@ -463,8 +463,10 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
         proc.send_signal(signal.SIGTERM)
         worker.join(120)
         assert "result" in results, "the in-flight edit did not complete during the drain"
-        assert proc.wait(60) == 0
-        assert "draining" in proc.stderr.read()
+        code = proc.wait(60)
+        log = proc.stderr.read()
+        assert code == 0, log[-3000:]
+        assert "draining" in log and "status=OK" in log
     finally:
         if proc.poll() is None:
             proc.kill()
