@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from numbers import Integral
-from typing import Any, Literal
+from typing import Any
 
 from .errors import InvalidInputError, UnsupportedModelError
 
@@ -28,10 +28,8 @@ PAPER_LAYERS: tuple[int, ...] = tuple(range(4, 15))
 RESOLUTION_MAX_TOKENS = 32 * 32
 LAYER_PRESETS = ("paper", "resolution")
 
-MapFormat = Literal["qk", "probs"]
 MAP_FORMATS: tuple[str, ...] = ("qk", "probs")
 
-Variant = Literal["plain", "capture", "inject"]
 VARIANTS: tuple[str, ...] = ("plain", "capture", "inject")
 
 # --- tensor names -------------------------------------------------------------------------------------------

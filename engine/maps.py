@@ -44,13 +44,6 @@ class AttentionMaps:
             self.format, {layer: t.index_select(0, idx.to(t.device)) for layer, t in self.tensors.items()}
         )
 
-    def subset(self, layers: Iterable[int]) -> AttentionMaps:
-        return AttentionMaps(self.format, {layer: self.tensors[layer] for layer in layers})
-
-    def detach_copy(self) -> AttentionMaps:
-        """Own copies, so that later calls cannot overwrite them (static buffers, CUDA graphs)."""
-        return AttentionMaps(self.format, {layer: t.detach().clone() for layer, t in self.tensors.items()})
-
     @staticmethod
     def cat(parts: Sequence[AttentionMaps]) -> AttentionMaps:
         first = parts[0]

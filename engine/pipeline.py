@@ -362,11 +362,11 @@ class EditEngine:
         z_src, z_tgt = z.clone(), z.clone()
         ts = self._device_timesteps(schedule.timesteps)
         fused = self.backend.supports_donors
+        context = torch.cat([src_ctx, tgt_ctx])
         with run.stage("denoise"):
             for i in run.steps("denoise", options.steps):
                 t = ts[i : i + 1]
                 rows = torch.cat([z_src.expand(n_src, -1, -1, -1), z_tgt.expand(2, -1, -1, -1)])
-                context = torch.cat([src_ctx, tgt_ctx])
                 if i in replaced and fused:
                     # One call: the target's cond row (last) attends with the source's cond row's map.
                     donors = [*range(n_src + 1), src_cond_row]

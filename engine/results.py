@@ -66,10 +66,6 @@ class Inversion:
         return self.trajectory[k : k + 1]
 
     @property
-    def cached_steps(self) -> tuple[int, ...]:
-        return tuple(sorted(self._maps))
-
-    @property
     def map_bytes(self) -> int:
         return sum(m.nbytes for m in self._maps.values())
 

@@ -36,7 +36,7 @@ class InversionCache:
         key = uuid.uuid4().hex
         with self._lock:
             self._entries[key] = _Entry(inversion, self._clock(), inversion.nbytes)
-            self._evict()
+            self._account(key)
         return key
 
     def get(self, key: str) -> Inversion | None:
@@ -51,15 +51,18 @@ class InversionCache:
     def refresh(self, key: str) -> None:
         """Re-account an entry's size (an edit may have cached maps on it) and evict if over budget."""
         with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                entry.nbytes = entry.inversion.nbytes
-                if entry.nbytes > self.max_bytes:
-                    # Too big to keep with its maps: keep the trajectory, drop the maps.
-                    entry.inversion.drop_maps()
-                    entry.nbytes = entry.inversion.nbytes
-                self._entries.move_to_end(key)
-                self._evict(keep=key)
+            if key in self._entries:
+                self._account(key)
+
+    def _account(self, key: str) -> None:
+        entry = self._entries[key]
+        entry.nbytes = entry.inversion.nbytes
+        if entry.nbytes > self.max_bytes:
+            # Too big to keep with its maps: keep the trajectory, drop the maps.
+            entry.inversion.drop_maps()
+            entry.nbytes = entry.inversion.nbytes
+        self._entries.move_to_end(key)
+        self._evict(keep=key)
 
     def expires_in(self, key: str) -> float:
         with self._lock:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError as FutureCancelled
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -57,7 +57,6 @@ class ServerConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     grace_s: float = 30.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class QueueFull(Exception):
@@ -286,7 +285,6 @@ class EditServicer(edit_pb2_grpc.EditServiceServicer):
                 on_progress,
             )
             key = self.cache.put(result.inversion)
-            self.cache.refresh(key)
         response = pb.EditResponse(
             edited_image=encode_image(result.edited_image, request.output_format),
             inversion_id=key,

@@ -485,3 +485,23 @@ def test_options_from_the_wire_keep_the_decimals_the_client_meant():
     both.layer_preset = "paper"
     with pytest.raises(ValueError, match="layers"):
         options_from_proto(both)
+
+
+def test_inversion_cache_budget_age_and_oversize(server_engine):
+    from fpedit.server.cache import InversionCache
+
+    opts = EditOptions(steps=4)
+    inv = server_engine.invert(make_image(64, 64), options=opts)
+    server_engine.edit_real(inv, "a car", options=opts)  # caches the source's maps on the inversion
+    with_maps, trajectory_only = inv.nbytes, inv.trajectory.numel() * 4
+    budget = 2 * trajectory_only + 1  # room for two trajectories, not for one inversion with its maps
+    assert with_maps > budget
+    now = [0.0]
+    cache = InversionCache(max_bytes=budget, ttl_s=10, clock=lambda: now[0])
+    key = cache.put(inv)  # too big with its maps: kept, maps dropped
+    assert cache.get(key) is inv and inv.nbytes == trajectory_only == cache.nbytes
+    others = [cache.put(server_engine.invert(make_image(64, 64, seed=i), options=opts)) for i in (1, 2)]
+    assert cache.nbytes <= cache.max_bytes and cache.get(others[-1]) is not None
+    assert cache.get(key) is None  # least recently used went first
+    now[0] = 11.0
+    assert cache.get(others[-1]) is None and len(cache) == 0
