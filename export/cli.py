@@ -52,8 +52,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .verify import format_table, verify_export
+    from .verify import default_tolerance, format_table, verify_export
 
+    tolerance = args.tolerance if args.tolerance is not None else default_tolerance(args.export_dir)
     errors = verify_export(
         args.export_dir,
         args.model,
@@ -65,10 +66,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps([e.to_dict() for e in errors], indent=2))
     worst = max(e.max_rel for e in errors)
-    if worst > args.tolerance:
-        print(f"FAIL: max relative error {worst:.3e} > {args.tolerance:.1e}")
+    if worst > tolerance:
+        print(f"FAIL: max relative error {worst:.3e} > {tolerance:.1e}")
         return 1
-    print(f"OK: max relative error {worst:.3e} <= {args.tolerance:.1e}")
+    print(f"OK: max relative error {worst:.3e} <= {tolerance:.1e}")
     return 0
 
 
@@ -78,7 +79,6 @@ def cmd_build(args: argparse.Namespace) -> int:
     manifest = build_engines(
         args.onnx,
         args.out,
-        fp16=args.fp16,
         batch=args.batch,
         image_size=args.image_size,
         timing_cache=args.timing_cache,
@@ -99,8 +99,10 @@ def add_commands(sub: Any) -> None:
     export.add_argument(
         "--layers", type=parse_layers, default="paper", help="layers with map I/O (default 4-14)"
     )
-    export.add_argument("--map-format", default="qk", choices=MAP_FORMATS)
-    export.add_argument("--opset", type=int, default=17)
+    export.add_argument(
+        "--map-format", default="qk", choices=MAP_FORMATS, help="how maps travel between graphs (default qk)"
+    )
+    export.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     export.add_argument(
         "--fp16", action="store_true", help="float16 UNet and text encoder (VAE stays float32)"
     )
@@ -118,26 +120,43 @@ def add_commands(sub: Any) -> None:
         help="store weights beside the graph (auto: only past 2 GB)",
     )
     export.add_argument("--graphs", nargs="+", choices=GRAPHS, help="export only these graphs")
-    export.add_argument("--allow-pickle", action="store_true")
+    export.add_argument(
+        "--allow-pickle", action="store_true", help="allow pickled (.bin/.ckpt) weights; only trusted files"
+    )
     export.set_defaults(func=cmd_export)
 
     verify = sub.add_parser("verify-export", help="compare an ONNX export with the torch backend")
-    verify.add_argument("export_dir", type=Path)
+    verify.add_argument("export_dir", type=Path, help="directory written by `fpedit export`")
     verify.add_argument("--model", help="source model (default: the one named in the manifest)")
-    verify.add_argument("--batch", type=int, default=2)
-    verify.add_argument("--image-side", type=int)
-    verify.add_argument("--tolerance", type=float, default=1e-3, help="fail above this max relative error")
+    verify.add_argument("--batch", type=int, default=2, help="rows per test input (default 2)")
+    verify.add_argument("--image-side", type=int, help="test image side in px (default: the export's opt)")
+    verify.add_argument(
+        "--tolerance",
+        type=float,
+        help="fail above this max relative error (default: 1e-3 for a float32 export, 1e-2 for --fp16)",
+    )
     verify.add_argument("--json", type=Path, help="also write the errors as JSON")
-    verify.add_argument("--allow-pickle", action="store_true")
+    verify.add_argument(
+        "--allow-pickle", action="store_true", help="allow pickled (.bin/.ckpt) weights; only trusted files"
+    )
     verify.set_defaults(func=cmd_verify)
 
-    build = sub.add_parser("build-engines", help="build TensorRT engines from an ONNX export (NVIDIA GPU)")
+    build = sub.add_parser(
+        "build-engines",
+        help="build TensorRT 10/11 engines from an ONNX export (NVIDIA GPU); precision is the export's",
+        description="Build one strongly typed TensorRT engine per graph of an ONNX export. Precision comes "
+        "from the ONNX graphs: export with --fp16 for fp16 UNet and text encoder engines (the VAE stays "
+        "float32).",
+    )
     build.add_argument("--onnx", required=True, type=Path, help="directory written by `fpedit export`")
-    build.add_argument("--out", required=True, type=Path)
-    build.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True)
-    build.add_argument("--batch", type=_range("batch"), help="profile MIN:OPT:MAX (default: the export's)")
-    build.add_argument("--image-size", type=_range("image_size"), help="profile MIN:OPT:MAX px")
+    build.add_argument("--out", required=True, type=Path, help="output directory (written when complete)")
+    build.add_argument(
+        "--batch", type=_range("batch"), help="profile rows MIN:OPT:MAX (default: the export's range)"
+    )
+    build.add_argument(
+        "--image-size", type=_range("image_size"), help="profile sides MIN:OPT:MAX px (default: the export's)"
+    )
     build.add_argument("--timing-cache", type=Path, help="timing cache file (default OUT/timing.cache)")
-    build.add_argument("--workspace-gib", type=float)
-    build.add_argument("--opt-level", type=int, help="builder optimization level 0..5")
+    build.add_argument("--workspace-gib", type=float, help="builder workspace limit (default: TensorRT's)")
+    build.add_argument("--opt-level", type=int, help="builder optimization level 0..5 (default: TensorRT's)")
     build.set_defaults(func=cmd_build)

@@ -17,12 +17,14 @@ Graphs over 2 GB keep their weights in one ``<graph>.onnx.data`` file beside the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -143,8 +145,6 @@ def export_graph(
         proto = onnx.load(str(traced), load_external_data=True)
     size = sum(init.ByteSize() for init in proto.graph.initializer)
     use_external = external_data == "always" or (external_data == "auto" and size > PROTOBUF_LIMIT)
-    for stale in (path, path.with_name(path.name + ".data")):
-        stale.unlink(missing_ok=True)
     if use_external:
         onnx.save_model(
             proto,
@@ -184,6 +184,8 @@ def export_onnx(
     unknown = sorted(set(graphs) - set(GRAPHS))
     if unknown:
         raise InvalidInputError("graphs", f"unknown graphs {unknown}; known: {list(GRAPHS)}")
+    out_dir = Path(out_dir).expanduser()
+    check_output_dir(out_dir)
     parts = load_components(model, allow_pickle=allow_pickle)
     spec = parts.spec
     layer_numbers = resolve_layers(layers, spec, _latent_hw(spec, (image_size or _default_sizes(spec)).opt))
@@ -201,49 +203,78 @@ def export_onnx(
         parts.unet.half()
         parts.text_encoder.half()
     static_size = image_size.min == image_size.max
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # The manifest is written last: a directory whose export failed midway is never mistaken for a model.
-    (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
     # Trace at batch >= 2 so that no batch-1 shortcut is baked into the graphs.
     example_batch = max(2, min(batch.opt, batch.max))
     latent_hw = _latent_hw(spec, image_size.opt)
     files = {}
-    for graph in graphs:
-        if progress:
-            progress(graph)
-        inputs, outputs = graph_io(graph, spec, layer_numbers, map_format, precision)
-        module = _graph_module(graph, parts, layer_numbers, map_format).eval()
-        args = example_inputs(inputs, spec, example_batch, latent_hw)
-        files[graph] = f"{graph}.onnx"
-        export_graph(
-            module,
-            args,
-            inputs,
-            outputs,
-            out_dir / files[graph],
+    with staging_dir(out_dir) as stage:
+        for graph in graphs:
+            if progress:
+                progress(graph)
+            inputs, outputs = graph_io(graph, spec, layer_numbers, map_format, precision)
+            module = _graph_module(graph, parts, layer_numbers, map_format).eval()
+            args = example_inputs(inputs, spec, example_batch, latent_hw)
+            files[graph] = f"{graph}.onnx"
+            export_graph(
+                module,
+                args,
+                inputs,
+                outputs,
+                stage / files[graph],
+                opset=opset,
+                static_size=static_size,
+                external_data=external_data,
+            )
+        parts.tokenizer.save_pretrained(str(stage / TOKENIZER_DIR))
+        manifest = ExportManifest(
+            spec=spec,
+            layers=layer_numbers,
+            map_format=map_format,
+            precision=precision,
             opset=opset,
-            static_size=static_size,
-            external_data=external_data,
+            batch=batch,
+            image_size=image_size,
+            fpedit_version=__version__,
+            source_model=parts.source,
+            source_hash=source_hash,
+            files=files,
+            format=EXPORT_FORMAT,
         )
-    parts.tokenizer.save_pretrained(str(out_dir / TOKENIZER_DIR))
-    source = parts.source
-    manifest = ExportManifest(
-        spec=spec,
-        layers=layer_numbers,
-        map_format=map_format,
-        precision=precision,
-        opset=opset,
-        batch=batch,
-        image_size=image_size,
-        fpedit_version=__version__,
-        source_model=source,
-        source_hash=source_hash,
-        files=files,
-        format=EXPORT_FORMAT,
-    )
-    write_manifest(out_dir, manifest)
+        write_manifest(stage, manifest)
     return manifest
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """Refuse, before any work, a destination that exists and is not a previous export (or empty)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InvalidInputError("out", f"{out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_FILE).is_file():
+        raise InvalidInputError(
+            "out", f"{out_dir} is a non-empty directory without an fpedit manifest; choose a new folder"
+        )
+
+
+@contextlib.contextmanager
+def staging_dir(out_dir: Path) -> Iterator[Path]:
+    """A sibling temporary folder that replaces ``out_dir`` only once everything in it is written.
+
+    A failed or interrupted export leaves ``out_dir`` as it was (absent, or the previous complete export),
+    so no half-written folder ever looks like a model.
+    """
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        yield stage
+        old = None
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            out_dir.replace(old / out_dir.name)
+        stage.replace(out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
 
 
 def write_manifest(folder: Path, manifest: ExportManifest) -> None:

@@ -1,9 +1,13 @@
-"""Build TensorRT engines from an fpedit ONNX export, with polygraphy (TensorRT 10).
+"""Build TensorRT engines from an fpedit ONNX export with polygraphy (TensorRT 10.x and 11.x).
 
 One engine per graph, each with one optimization profile spanning the requested batch and image-size
-ranges (min/opt/max, derived from the contract's dynamic axes), FP16 optional, and a shared timing cache
-so rebuilds take seconds. The output directory mirrors the export: ``manifest.json`` (format
-``fpedit-tensorrt``, the engine files, TensorRT version), ``<graph>.plan`` and ``tokenizer/``.
+ranges (min/opt/max, derived from the contract's dynamic axes), and a shared timing cache so rebuilds take
+seconds. Networks are built **strongly typed**: every tensor keeps the type the ONNX graph gives it (fp16
+UNet and text encoder from ``fpedit export --fp16``, float32 VAE), and no precision flag is ever set.
+That is the only mode TensorRT 11 has (it removed ``BuilderFlag.FP16`` and weak typing) and is available
+since TensorRT 10.0, so one code path serves both. The output directory mirrors the export:
+``manifest.json`` (format ``fpedit-tensorrt``, the engine files, TensorRT version), ``<graph>.plan`` and
+``tokenizer/``; it appears only once every engine is built.
 
 Not executed on the machines this project is developed on (no TensorRT there); see the README.
 """
@@ -28,7 +32,7 @@ from fpedit.engine.contract import (
 )
 from fpedit.engine.errors import InvalidInputError, ModelLoadError
 
-from .onnx_export import write_manifest
+from .onnx_export import check_output_dir, staging_dir, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +68,14 @@ def check_ranges(manifest: ExportManifest, batch: ShapeRange, image_size: ShapeR
         raise InvalidInputError("image_size", f"sides must be multiples of {multiple}")
 
 
+#: TensorRT majors this builder and the runtime adapter were written against (see pyproject's extra).
+SUPPORTED_TENSORRT = (10, 11)
+
+
 def build_engines(
     onnx_dir: str | Path,
     out_dir: str | Path,
     *,
-    fp16: bool = True,
     batch: ShapeRange | None = None,
     image_size: ShapeRange | None = None,
     timing_cache: str | Path | None = None,
@@ -76,12 +83,21 @@ def build_engines(
     builder_optimization_level: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> ExportManifest:
-    """Build ``<graph>.plan`` for every graph of the export in ``onnx_dir``; returns the engine manifest."""
-    onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
+    """Build ``<graph>.plan`` for every graph of the export in ``onnx_dir``; returns the engine manifest.
+
+    Precision is the export's (``manifest.precision`` for UNet and text encoder, float32 VAE): re-export
+    with or without ``--fp16`` to change it.
+    """
+    onnx_dir, out_dir = Path(onnx_dir).expanduser(), Path(out_dir).expanduser()
     manifest = read_manifest(onnx_dir, EXPORT_FORMAT)
     batch = batch or manifest.batch
     image_size = image_size or manifest.image_size
     check_ranges(manifest, batch, image_size)
+    if workspace_gib is not None and workspace_gib <= 0:
+        raise InvalidInputError("workspace_gib", f"must be positive, got {workspace_gib}")
+    if builder_optimization_level is not None and not 0 <= builder_optimization_level <= 5:
+        raise InvalidInputError("opt_level", f"must be 0..5, got {builder_optimization_level}")
+    check_output_dir(out_dir)
     try:
         import tensorrt as trt
         from polygraphy.backend.trt import (
@@ -93,48 +109,51 @@ def build_engines(
         )
     except ImportError as exc:
         raise ModelLoadError(
-            "building engines needs TensorRT 10 and polygraphy (pip install 'fpedit[tensorrt]') on an NVIDIA GPU"
+            "building engines needs TensorRT 10 or 11 and polygraphy (pip install 'fpedit[tensorrt]') "
+            "on an NVIDIA GPU"
         ) from exc
+    major = int(str(trt.__version__).split(".")[0])
+    if major not in SUPPORTED_TENSORRT:
+        raise ModelLoadError(f"TensorRT {trt.__version__} is not supported; install TensorRT 10.x or 11.x")
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "manifest.json").unlink(missing_ok=True)
-    cache = str(timing_cache) if timing_cache else str(out_dir / "timing.cache")
+    limits = {trt.MemoryPoolType.WORKSPACE: int(workspace_gib * 1024**3)} if workspace_gib else None
     files = {}
-    for graph, file in manifest.files.items():
-        if progress:
-            progress(graph)
-        profile = Profile()
-        for name, (lo, opt, hi) in profile_shapes(manifest, graph, batch, image_size).items():
-            profile.add(name, min=lo, opt=opt, max=hi)
-        limits = {trt.MemoryPoolType.WORKSPACE: int(workspace_gib * 1024**3)} if workspace_gib else None
-        # The VAE graphs stay float32 end to end: SD's VAE overflows in fp16.
-        use_fp16 = fp16 and not graph.startswith("vae_")
-        config = CreateConfig(
-            fp16=use_fp16,
-            profiles=[profile],
-            load_timing_cache=cache if Path(cache).exists() else None,
-            memory_pool_limits=limits,
-            builder_optimization_level=builder_optimization_level,
+    with staging_dir(out_dir) as stage:
+        # The timing cache lives with the engines; a previous build's cache seeds this one.
+        cache = Path(timing_cache).expanduser() if timing_cache else stage / "timing.cache"
+        if not timing_cache and (out_dir / "timing.cache").is_file():
+            shutil.copy2(out_dir / "timing.cache", cache)
+        for graph, file in manifest.files.items():
+            if progress:
+                progress(graph)
+            profile = Profile()
+            for name, (lo, opt, hi) in profile_shapes(manifest, graph, batch, image_size).items():
+                profile.add(name, min=lo, opt=opt, max=hi)
+            config = CreateConfig(
+                profiles=[profile],
+                load_timing_cache=str(cache) if cache.is_file() else None,
+                memory_pool_limits=limits,
+                builder_optimization_level=builder_optimization_level,
+            )
+            network = network_from_onnx_path(str(onnx_dir / file), strongly_typed=True)
+            engine = engine_from_network(network, config=config, save_timing_cache=str(cache))
+            files[graph] = f"{graph}.plan"
+            save_engine(engine, str(stage / files[graph]))
+        shutil.copytree(onnx_dir / TOKENIZER_DIR, stage / TOKENIZER_DIR, dirs_exist_ok=True)
+        engine_manifest = dataclasses.replace(
+            manifest,
+            batch=batch,
+            image_size=image_size,
+            files=files,
+            format=ENGINE_FORMAT,
+            extra={**manifest.extra, **_build_facts(trt)},
         )
-        network = network_from_onnx_path(str(onnx_dir / file))
-        engine = engine_from_network(network, config=config, save_timing_cache=cache)
-        files[graph] = f"{graph}.plan"
-        save_engine(engine, str(out_dir / files[graph]))
-    shutil.copytree(onnx_dir / TOKENIZER_DIR, out_dir / TOKENIZER_DIR, dirs_exist_ok=True)
-    engine_manifest = dataclasses.replace(
-        manifest,
-        batch=batch,
-        image_size=image_size,
-        files=files,
-        format=ENGINE_FORMAT,
-        extra={**manifest.extra, **_build_facts(trt, fp16)},
-    )
-    write_manifest(out_dir, engine_manifest)
+        write_manifest(stage, engine_manifest)
     return engine_manifest
 
 
-def _build_facts(trt: Any, fp16: bool) -> dict[str, Any]:
-    facts: dict[str, Any] = {"tensorrt_version": trt.__version__, "fp16": fp16}
+def _build_facts(trt: Any) -> dict[str, Any]:
+    facts: dict[str, Any] = {"tensorrt_version": str(trt.__version__), "strongly_typed": True}
     try:
         import torch
 

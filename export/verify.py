@@ -17,6 +17,18 @@ from fpedit.engine.loading import load_components
 
 from .onnx_export import _graph_module, example_inputs
 
+#: Default pass bound on the max relative error, by the export's precision: float32 graphs differ from the
+#: torch modules by reassociation only; float16 graphs (unit roundoff 4.9e-4) by a few roundings per layer.
+DEFAULT_TOLERANCE = {"float32": 1e-3, "float16": 1e-2}
+
+
+def default_tolerance(export_dir: str | Path) -> float:
+    """The pass bound that fits the precision recorded in the export's manifest."""
+    from fpedit.engine.backends.graph_backend import read_manifest
+    from fpedit.engine.contract import EXPORT_FORMAT
+
+    return DEFAULT_TOLERANCE[read_manifest(export_dir, EXPORT_FORMAT).precision]
+
 
 @dataclass
 class OutputError:

@@ -51,8 +51,17 @@ class UNetVariant(torch.nn.Module):
 
 
 class TextEncoder(torch.nn.Module):
+    """Token ids → last hidden state, traced with CLIP's eager attention.
+
+    The SDPA path exports its causal mask as float32 constants, which in an fp16 graph makes the residual
+    stream float32 and the next LayerNormalization fail the ONNX checker (float16 scale, float32 input).
+    Eager attention computes the same function with the mask in the activations' dtype.
+    """
+
     def __init__(self, text_encoder: torch.nn.Module) -> None:
         super().__init__()
+        if hasattr(text_encoder, "set_attn_implementation"):
+            text_encoder.set_attn_implementation("eager")
         self.text_encoder = text_encoder
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
