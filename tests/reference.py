@@ -185,3 +185,117 @@ def rel_l2(a, b) -> float:
     a = torch.as_tensor(np.asarray(a.detach() if torch.is_tensor(a) else a), dtype=torch.float64)
     b = torch.as_tensor(np.asarray(b.detach() if torch.is_tensor(b) else b), dtype=torch.float64)
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+
+
+# -- Algorithm 3: null-text inversion (the authors' notebook, after prompt-to-prompt) ------------------------
+#
+# Unshortened: conditional-only inversion runs the t = 0 step too; every Adam iteration recomputes nothing
+# it could reuse except the conditional prediction (as the authors do); the advance after a step's
+# optimisation runs both rows [null, cond] in one call; the edit runs rows [src_u, src_c, tgt_u, tgt_c]
+# every step. Adam is written out here (no torch.optim) so that it shares nothing with the engine.
+
+
+class ReferenceAdam:
+    """Adam (Kingma & Ba) on one tensor, with torch's default hyper-parameters."""
+
+    def __init__(self, lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> None:
+        self.lr, self.beta1, self.beta2, self.eps = lr, beta1, beta2, eps
+        self.m: torch.Tensor | float = 0.0
+        self.v: torch.Tensor | float = 0.0
+        self.k = 0
+
+    def update(self, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        self.k += 1
+        self.m = self.beta1 * self.m + (1 - self.beta1) * grad
+        self.v = self.beta2 * self.v + (1 - self.beta2) * grad * grad
+        m_hat = self.m / (1 - self.beta1**self.k)
+        v_hat = self.v / (1 - self.beta2**self.k)
+        return param - self.lr * m_hat / (torch.sqrt(v_hat) + self.eps)
+
+
+def _unet_grad(ref: ReferenceFPE, z, t: int, context):
+    """One UNet row that lets gradients reach ``context`` (no map replacement)."""
+    ref.control.replace = False
+    return ref.unet(z, torch.full((z.shape[0],), float(t)), encoder_hidden_states=context).sample
+
+
+@torch.no_grad()
+def reference_conditional_inversion(ref: ReferenceFPE, z0, source_prompt: str, steps: int) -> list:
+    """DDIM inversion with the source prompt's conditional embedding only (no guidance): z_0 .. z_N."""
+    e_c = ref.embed(source_prompt)
+    r = ref.T // steps
+    traj = [z0]
+    z = z0
+    for t in reversed(ref.timesteps(steps)):
+        eps = ref._unet(z, t, e_c, False)
+        z = ref.ddim(z, eps, t - r, t)
+        traj.append(z)
+    return traj
+
+
+def reference_null_optimization(
+    ref: ReferenceFPE,
+    traj: list,
+    source_prompt: str,
+    steps: int,
+    guidance: float,
+    inner_steps: int = 10,
+    epsilon: float = 1e-5,
+) -> tuple[torch.Tensor, list[int]]:
+    """Per-step null embeddings (steps, L, D) and the Adam iterations each step took."""
+    e_c = ref.embed(source_prompt)
+    null = ref.embed("")
+    r = ref.T // steps
+    z = traj[steps]
+    nulls, iterations = [], []
+    for i, t in enumerate(ref.timesteps(steps)):
+        with torch.no_grad():
+            eps_c = _unet_grad(ref, z, t, e_c)
+        goal = traj[steps - i - 1]
+        adam = ReferenceAdam(lr=1e-2 * (1.0 - i / 100.0))
+        done = 0
+        for _ in range(inner_steps):
+            emb = null.detach().requires_grad_(True)
+            with torch.enable_grad():
+                eps_u = _unet_grad(ref, z, t, emb)
+                z_prev = ref.ddim(z, eps_u + guidance * (eps_c - eps_u), t, t - r)
+                loss = ((z_prev - goal) ** 2).mean()
+                (grad,) = torch.autograd.grad(loss, emb)
+            null = adam.update(null.detach(), grad)
+            done += 1
+            if loss.item() < epsilon + i * 2e-5:
+                break
+        nulls.append(null.detach().clone())
+        iterations.append(done)
+        with torch.no_grad():
+            eps = ref._unet(torch.cat([z, z]), t, torch.cat([null, e_c]), False)
+            z = ref.ddim(z, eps[0:1] + guidance * (eps[1:2] - eps[0:1]), t, t - r)
+    return torch.cat(nulls), iterations
+
+
+@torch.no_grad()
+def reference_edit_with_nulls(
+    ref: ReferenceFPE,
+    z_T,
+    source_prompt: str,
+    target_prompt: str,
+    nulls: torch.Tensor,
+    steps: int,
+    guidance: float,
+    window,
+    layers,
+):
+    """Algorithm 3's edit: both branches from z_T, step i's null embedding in both uncond rows, the source
+    generated (not pinned) with the source prompt, replacement as in Algorithm 1. Returns (z_src, z_tgt)."""
+    ref.control.layers = set(layers)
+    e_s, e_t = ref.embed(source_prompt), ref.embed(target_prompt)
+    replaced = ref._window(steps, window)
+    r = ref.T // steps
+    zs = zt = z_T.clone()
+    for i, t in enumerate(ref.timesteps(steps)):
+        null = nulls[i : i + 1]
+        ctx = torch.cat([null, e_s, null, e_t])
+        eps = ref._unet(torch.cat([zs, zs, zt, zt]), t, ctx, i in replaced)
+        zs = ref.ddim(zs, ref._cfg(eps[0:1], eps[1:2], guidance), t, t - r)
+        zt = ref.ddim(zt, ref._cfg(eps[2:3], eps[3:4], guidance), t, t - r)
+    return zs, zt

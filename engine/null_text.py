@@ -1,0 +1,191 @@
+"""Null-text inversion (Mokady et al.), the optimisation behind Algorithm 3 (docs/design.md, issue 13).
+
+For each denoising step i (0 = noisiest) the unconditional ("null") text embedding is tuned with Adam so
+that one guided DDIM step from the current latent lands on the image's conditional-inversion trajectory
+point z_{N-i-1}. The loop follows the authors' notebook exactly (learning rate ``1e-2 * (1 - i/100)``, at most
+``inner_steps`` iterations, early stop once the loss is below ``epsilon + i * 2e-5``, warm start from the
+previous step's embedding), with two exact savings:
+
+* the conditional noise prediction is computed once per step, without gradients (as the authors do), and
+  reused for the advance after the optimisation, which then needs the unconditional row alone;
+* gradients flow to the embedding only (``torch.autograd.grad``), never into the frozen UNet weights.
+
+Gradients are switched on only inside :func:`optimize_null_embeddings`, in float32, even when the engine
+serves an fp16 UNet (:func:`float32_unet` keeps one float32 copy per module), and no autograd state leaks:
+the result is detached and grad mode is restored on exit.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .errors import CancelledError, InvalidInputError
+from .schedule import DDIMSchedule
+
+DEFAULT_INNER_STEPS = 10
+DEFAULT_EPSILON = 1e-5
+MAX_INNER_STEPS = 100
+
+_float32_copies: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = weakref.WeakKeyDictionary()
+_copies_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class DenoiseStep:
+    """One DDIM denoising step: timestep t, cumulative alpha at t and at the step's target level."""
+
+    timestep: int
+    alpha: float
+    alpha_prev: float
+
+    def apply(self, z: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Deterministic DDIM (eta 0) from ``timestep`` to the next lower level."""
+        x0 = (z - math.sqrt(1.0 - self.alpha) * eps) / math.sqrt(self.alpha)
+        return math.sqrt(self.alpha_prev) * x0 + math.sqrt(1.0 - self.alpha_prev) * eps
+
+
+@dataclass
+class NullTextResult:
+    """The optimised embeddings and what they cost."""
+
+    embeddings: torch.Tensor  # (steps, L, D) float32, detached
+    iterations: list[int] = field(default_factory=list)  # Adam iterations per step
+    final_losses: list[float] = field(default_factory=list)  # last loss seen per step
+    unet_forwards: int = 0  # UNet rows evaluated (with and without gradients)
+    unet_backwards: int = 0  # rows back-propagated
+
+    @property
+    def total_iterations(self) -> int:
+        return sum(self.iterations)
+
+
+def check_null_text_options(inner_steps: object, epsilon: object) -> tuple[int, float]:
+    """Validate ``null_text_steps`` and ``null_text_epsilon`` (names as the user sees them)."""
+    if (
+        isinstance(inner_steps, bool)
+        or not isinstance(inner_steps, int)
+        or not 1 <= inner_steps <= MAX_INNER_STEPS
+    ):
+        raise InvalidInputError(
+            "null_text_steps", f"must be an integer in 1..{MAX_INNER_STEPS}, got {inner_steps!r}"
+        )
+    if (
+        isinstance(epsilon, bool)
+        or not isinstance(epsilon, (int, float))
+        or not math.isfinite(epsilon)
+        or epsilon < 0
+    ):
+        raise InvalidInputError("null_text_epsilon", f"must be a finite number >= 0, got {epsilon!r}")
+    return inner_steps, float(epsilon)
+
+
+def float32_unet(unet: torch.nn.Module) -> torch.nn.Module:
+    """``unet`` itself when it is float32, else one frozen float32 copy made on first use and kept.
+
+    The optimisation needs float32 gradients (fp16 ones underflow in the embedding's Adam moments); serving
+    stays in the backend's dtype, so the copy costs the UNet's float32 size once per engine.
+    """
+    if next(unet.parameters()).dtype == torch.float32:
+        return unet
+    with _copies_lock:
+        copy32 = _float32_copies.get(unet)
+        if copy32 is None:
+            copy32 = copy.deepcopy(unet).to(torch.float32).eval().requires_grad_(False)
+            _float32_copies[unet] = copy32
+        return copy32
+
+
+def optimize_null_embeddings(
+    unet: torch.nn.Module,
+    trajectory: torch.Tensor,
+    cond: torch.Tensor,
+    null_init: torch.Tensor,
+    guidance: float,
+    schedule: Sequence[DenoiseStep],
+    *,
+    inner_steps: int = DEFAULT_INNER_STEPS,
+    epsilon: float = DEFAULT_EPSILON,
+    progress: Callable[[int, int], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> NullTextResult:
+    """Optimise one null embedding per denoising step (the authors' loop; see the module docstring).
+
+    ``unet`` is a float32 diffusers UNet (any attention processors that run without per-call state);
+    ``trajectory`` is (N+1, C, h, w) with ``trajectory[k] = z_k`` from the conditional-only inversion;
+    ``cond`` and ``null_init`` are (1, L, D) (the source prompt's and ""'s embeddings); ``schedule`` holds the N
+    denoising steps, noisiest first. ``progress(done, N)`` is called after each step; ``cancelled()`` is
+    polled between Adam iterations and stops the work with :class:`CancelledError` when it returns true.
+    """
+    steps = len(schedule)
+    if trajectory.shape[0] != steps + 1:
+        raise ValueError(f"trajectory has {trajectory.shape[0]} latents for {steps} steps")
+    weights = next(unet.parameters())
+    device, dtype = weights.device, weights.dtype
+    if dtype != torch.float32:
+        raise ValueError(f"the null-text optimisation needs a float32 UNet, got {dtype}")
+    result = NullTextResult(embeddings=torch.empty(0))
+
+    def predict(z: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        result.unet_forwards += z.shape[0]
+        return unet(z, t, encoder_hidden_states=context, return_dict=False)[0]
+
+    # inference_mode(False): inputs made under inference mode cannot be saved for backward, so work on
+    # ordinary copies; enable_grad: the caller may run under no_grad.
+    with torch.inference_mode(False), torch.enable_grad():
+        traj = trajectory.detach().to(device, torch.float32).clone()
+        cond = cond.detach().to(device, torch.float32).clone()
+        null = null_init.detach().to(device, torch.float32).clone()
+        z = traj[steps : steps + 1]
+        nulls = torch.empty((steps, *null.shape[1:]), dtype=torch.float32, device=device)
+        for i, step in enumerate(schedule):
+            t = torch.full((1,), float(step.timestep), device=device)
+            with torch.no_grad():
+                eps_c = predict(z, t, cond)
+            goal = traj[steps - i - 1 : steps - i]
+            param = null.clone().requires_grad_(True)
+            optimizer = torch.optim.Adam([param], lr=1e-2 * (1.0 - i / 100.0))
+            done, loss_value = 0, math.nan
+            for _ in range(inner_steps):
+                if cancelled is not None and cancelled():
+                    raise CancelledError("null-text inversion cancelled")
+                eps_u = predict(z, t, param)
+                loss = F.mse_loss(step.apply(z, eps_u + guidance * (eps_c - eps_u)), goal)
+                (param.grad,) = torch.autograd.grad(loss, [param])
+                result.unet_backwards += 1
+                optimizer.step()
+                done += 1
+                loss_value = loss.item()
+                if loss_value < epsilon + i * 2e-5:
+                    break
+            null = param.detach()
+            del optimizer, param
+            nulls[i] = null[0]
+            result.iterations.append(done)
+            result.final_losses.append(loss_value)
+            with torch.no_grad():
+                eps_u = predict(z, t, null)
+                z = step.apply(z, eps_u + guidance * (eps_c - eps_u))
+            if progress is not None:
+                progress(i + 1, steps)
+    result.embeddings = nulls.detach()
+    return result
+
+
+def denoise_steps(schedule: DDIMSchedule) -> list[DenoiseStep]:
+    """The N denoising steps of an engine schedule, noisiest first, with their cumulative alphas."""
+    sampler = schedule._sampler  # diffusers' DDIMScheduler with the reference settings
+    r = sampler.config.num_train_timesteps // schedule.steps
+    alphas = sampler.alphas_cumprod
+    final = float(sampler.final_alpha_cumprod)
+    return [
+        DenoiseStep(t, float(alphas[t]), float(alphas[t - r]) if t - r >= 0 else final)
+        for t in schedule.timesteps
+    ]
