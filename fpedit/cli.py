@@ -1,7 +1,10 @@
 """The ``fpedit`` command line: edit, generate and info here; other subsystems register their own commands.
 
-User mistakes (bad options, unreadable images, missing models) print one ``fpedit: error: ...`` line and exit
-with status 2; nothing is written unless the edit succeeded.
+User mistakes (bad options, unreadable images, missing models, unwritable outputs) print one
+``fpedit: error: ...`` line naming the flag the user typed and exit with status 2, before any model is loaded
+where the mistake can be seen that early; nothing is written unless the edit succeeded. Results go to files,
+``--stats`` JSON alone to stdout, everything else to stderr. This module imports no torch until a command
+needs an engine, so ``fpedit --help`` and ``fpedit client ...`` stay fast.
 """
 
 from __future__ import annotations
@@ -9,11 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from collections.abc import Callable, Sequence
 from importlib import import_module
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from fpedit.engine.contract import LAYER_PRESETS, MAP_FORMATS
 from fpedit.engine.errors import FpeditError, InvalidInputError
@@ -48,13 +52,126 @@ def parse_layers(text: str) -> str | tuple[int, ...]:
     return tuple(layers)
 
 
+#: API field -> the flag a user types, per command; messages name the flag (``--window (replace_window): ...``).
+COMMON_FLAGS = {
+    "steps": "--steps",
+    "guidance_scale": "--guidance",
+    "replace_window": "--window",
+    "layers": "--layers",
+    "map_format": "--map-format",
+    "device": "--device",
+    "dtype": "--dtype",
+    "backend": "--backend",
+    "model": "--model",
+    "seed": "--seed",
+    "height": "--height",
+    "width": "--width",
+    "out": "--out",
+    "output": "-o/--output",
+    "reconstruction": "--reconstruction",
+    "source_output": "--source-output",
+    "batch": "--batch",
+    "image_size": "--image-size",
+}
+EDIT_FLAGS = {"target_prompt": "-p/--prompt", "image": "IMAGE"}
+GENERATE_FLAGS = {"source_prompt": "-s/--source-prompt", "target_prompt": "-t/--target-prompt"}
+
+BACKEND_BY_FORMAT = {"fpedit-onnx": "onnxruntime", "fpedit-tensorrt": "tensorrt"}
+DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
+#: Image formats results may be written as, by file extension (what PIL writes and the service returns).
+OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+class FpeditParser(argparse.ArgumentParser):
+    """Usage mistakes end in one ``fpedit: error: ...`` line (status 2), like every other user error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USER_ERROR, f"fpedit: error: {message} (see `{self.prog} --help`)\n")
+
+
+def parse_device(text: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N``: refused here rather than deep inside torch."""
+    if not DEVICE_PATTERN.fullmatch(text.strip()):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
+    return text.strip()
+
+
+def parse_seed(text: str) -> int:
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not 0 <= seed < 2**63:
+        raise argparse.ArgumentTypeError(f"must be in 0..2**63-1, got {seed}")
+    return seed
+
+
+def parse_side(text: str) -> int:
+    try:
+        side = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer number of pixels, got {text!r}") from None
+    if side < 64 or side % 64:
+        raise argparse.ArgumentTypeError(f"must be a positive multiple of 64, got {side}")
+    return side
+
+
+def check_output_path(path: Path | None, flag: str) -> None:
+    """Refuse, before any work, an output that could not be written as an image."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise InvalidInputError(flag, f"{path} is a directory; give a file name such as {path / 'out.png'}")
+    if path.suffix.lower() not in OUTPUT_FORMATS:
+        raise InvalidInputError(
+            flag, f"{path}: the extension must be one of {', '.join(OUTPUT_FORMATS)} (it picks the format)"
+        )
+    if path.parent.exists() and not path.parent.is_dir():
+        raise InvalidInputError(flag, f"{path.parent} is not a directory")
+
+
+def check_input_image(path: Path, flag: str = "IMAGE") -> None:
+    if path.is_dir():
+        raise InvalidInputError(flag, f"{path} is a directory, not an image file")
+    if not path.is_file():
+        raise InvalidInputError(flag, f"no such file: {path}")
+
+
+def resolve_backend(args: argparse.Namespace) -> None:
+    """Pick the backend an export or engine folder was made for, and refuse an explicit mismatch early."""
+    folder = Path(args.model).expanduser()
+    manifest = folder / "manifest.json"
+    made_for = None
+    if manifest.is_file():
+        try:
+            made_for = BACKEND_BY_FORMAT.get(json.loads(manifest.read_text()).get("format"))
+        except (OSError, ValueError, AttributeError):
+            made_for = None
+    if args.backend is None:
+        args.backend = made_for or "torch"
+    elif made_for and args.backend != made_for:
+        raise InvalidInputError(
+            "backend",
+            f"{folder} was made for --backend {made_for}; add --backend {made_for} (or leave it out)",
+        )
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument(
-        "--model", default="tiny", help="diffusers SD 1.x folder, export dir, or 'tiny' (default)"
+        "--model",
+        default="tiny",
+        help="'tiny' (default, the embedded toy model), a diffusers SD 1.x folder, or a folder written by "
+        "`fpedit export` / `fpedit build-engines` (then the backend is read from its manifest)",
     )
-    group.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "tensorrt"))
-    group.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    group.add_argument(
+        "--backend",
+        choices=("torch", "onnxruntime", "tensorrt"),
+        help="runtime (default: torch, or what the --model folder's manifest was made for)",
+    )
+    group.add_argument(
+        "--device", default="cpu", type=parse_device, help="cpu, cuda or cuda:N (default: cpu)"
+    )
     group.add_argument(
         "--dtype",
         choices=("float32", "float16", "bfloat16"),
@@ -96,9 +213,18 @@ def add_edit_arguments(parser: argparse.ArgumentParser) -> None:
         help="self-attention layers 1..16 in execution order: '4-14' (paper, default), 'resolution' (<=32x32 "
         "tokens, the authors' code), or a list such as '3,5,7-9'",
     )
-    group.add_argument("--map-format", default="qk", choices=MAP_FORMATS)
+    group.add_argument(
+        "--map-format",
+        default="qk",
+        choices=MAP_FORMATS,
+        help="how maps travel: qk (projected Q and K, default) or probs (explicit softmax probabilities)",
+    )
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
-    group.add_argument("--stats", action="store_true", help="print timing statistics as JSON")
+    group.add_argument(
+        "--stats",
+        action="store_true",
+        help="print timing statistics as JSON on stdout (messages go to stderr)",
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> Any:
@@ -115,6 +241,8 @@ def options_from_args(args: argparse.Namespace) -> Any:
 
 def engine_from_args(args: argparse.Namespace, **kwargs: Any) -> Any:
     from fpedit.engine import EditEngine
+
+    _quiet_libraries()
 
     backend_options: dict[str, Any] = {}
     if args.backend == "torch":
@@ -135,10 +263,28 @@ def engine_from_args(args: argparse.Namespace, **kwargs: Any) -> Any:
     )
 
 
+def _quiet_libraries() -> None:
+    """diffusers/transformers advice (accelerate, fp16 on CPU, token-length notes) is noise to a CLI user;
+    fpedit reports what matters itself (e.g. one warning for a truncated prompt). ``-v`` keeps it."""
+    if logging.getLogger().isEnabledFor(logging.INFO):
+        return
+    for name in ("diffusers", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import diffusers.utils.logging as diffusers_logging
+        import transformers.utils.logging as transformers_logging
+
+        diffusers_logging.set_verbosity_error()
+        transformers_logging.set_verbosity_error()
+        diffusers_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - both are dependencies
+        pass
+
+
 def _save(image: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-    print(f"wrote {path}")
+    image.save(path, format=OUTPUT_FORMATS[path.suffix.lower()])
+    print(f"wrote {path}", file=sys.stderr)
 
 
 def _print_stats(args: argparse.Namespace, stats: dict[str, Any]) -> None:
@@ -146,10 +292,16 @@ def _print_stats(args: argparse.Namespace, stats: dict[str, Any]) -> None:
         print(json.dumps(stats, indent=2, default=str))
 
 
+def _check_model_and_device(args: argparse.Namespace) -> None:
+    resolve_backend(args)
+
+
 def cmd_edit(args: argparse.Namespace) -> int:
     options = options_from_args(args)  # validate before loading anything
-    if not args.image.is_file():
-        raise InvalidInputError("image", f"no such file: {args.image}")
+    check_input_image(args.image)
+    check_output_path(args.output, "-o/--output")
+    check_output_path(args.reconstruction, "--reconstruction")
+    _check_model_and_device(args)
     engine = engine_from_args(args, show_progress=not args.no_progress)
     result = engine.edit_real(args.image, args.prompt, options=options)
     _save(result.edited_image, args.output)
@@ -161,6 +313,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     options = options_from_args(args)
+    check_output_path(args.output, "-o/--output")
+    check_output_path(args.source_output, "--source-output")
+    _check_model_and_device(args)
     engine = engine_from_args(args, show_progress=not args.no_progress)
     result = engine.edit_generated(
         args.source_prompt,
@@ -182,38 +337,50 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     import fpedit
 
+    _check_model_and_device(args)
     engine = engine_from_args(args)
     print(json.dumps({"fpedit": fpedit.__version__, **engine.info()}, indent=2))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fpedit", description="Free-Prompt-Editing for Stable Diffusion 1.x"
-    )
+    from fpedit import __version__
+
+    parser = FpeditParser(prog="fpedit", description="Free-Prompt-Editing for Stable Diffusion 1.x")
+    parser.add_argument("--version", action="version", version=f"fpedit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     edit = sub.add_parser("edit", help="edit a real image toward a target prompt (invert + FPE)")
     edit.add_argument("image", type=Path, help="input image (PNG, JPEG, WebP, ...)")
-    edit.add_argument("--prompt", "-p", required=True, help="target prompt")
-    edit.add_argument("--output", "-o", type=Path, required=True, help="edited image file")
+    edit.add_argument("--prompt", "-p", required=True, help="target prompt (what the image should show)")
+    edit.add_argument(
+        "--output", "-o", type=Path, required=True, help="edited image file (.png, .jpg or .webp)"
+    )
     edit.add_argument("--reconstruction", type=Path, help="also write the inversion's reconstruction here")
     add_model_arguments(edit)
     add_edit_arguments(edit)
-    edit.set_defaults(func=cmd_edit)
+    edit.set_defaults(func=cmd_edit, flags={**COMMON_FLAGS, **EDIT_FLAGS})
 
     gen = sub.add_parser("generate", help="generate from a source prompt and edit toward a target prompt")
-    gen.add_argument("--source-prompt", "-s", required=True)
-    gen.add_argument("--target-prompt", "-t", required=True)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--height", type=int)
-    gen.add_argument("--width", type=int)
-    gen.add_argument("--output", "-o", type=Path, required=True, help="edited image file")
+    gen.add_argument("--source-prompt", "-s", required=True, help="prompt the source image is generated from")
+    gen.add_argument("--target-prompt", "-t", required=True, help="prompt the edited image moves toward")
+    gen.add_argument(
+        "--seed", type=parse_seed, default=0, help="seed of the shared initial noise z_T (default 0)"
+    )
+    gen.add_argument(
+        "--height", type=parse_side, help="image height in px, a multiple of 64 (default: model's)"
+    )
+    gen.add_argument(
+        "--width", type=parse_side, help="image width in px, a multiple of 64 (default: model's)"
+    )
+    gen.add_argument(
+        "--output", "-o", type=Path, required=True, help="edited image file (.png, .jpg or .webp)"
+    )
     gen.add_argument("--source-output", type=Path, help="source image file (default: OUTPUT.source.EXT)")
     add_model_arguments(gen)
     add_edit_arguments(gen)
-    gen.set_defaults(func=cmd_generate)
+    gen.set_defaults(func=cmd_generate, flags={**COMMON_FLAGS, **GENERATE_FLAGS})
 
     info = sub.add_parser("info", help="describe a model and backend as JSON")
     add_model_arguments(info)
@@ -227,7 +394,36 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.add_commands(sub)
+    _accept_verbose_everywhere(parser)
     return parser
+
+
+def _accept_verbose_everywhere(parser: argparse.ArgumentParser) -> None:
+    """``-v`` works before or after the subcommand (``fpedit -v edit ...`` or ``fpedit edit ... -v``)."""
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for child in set(action.choices.values()):
+            if "-v" not in child._option_string_actions:
+                child.add_argument(
+                    "-v",
+                    "--verbose",
+                    action="store_true",
+                    default=argparse.SUPPRESS,
+                    help="log at INFO level",
+                )
+            _accept_verbose_everywhere(child)
+
+
+def describe_error(exc: InvalidInputError, args: argparse.Namespace) -> str:
+    """``--window (replace_window): ...``: the flag the user typed, then the API field it maps to."""
+    flags = {**COMMON_FLAGS, **getattr(args, "flags", {})}
+    flag = flags.get(exc.field)
+    if flag is None or flag == exc.field:
+        return str(exc)
+    if flag.lstrip("-") == exc.field.replace("_", "-") or flag.isupper():
+        return f"{flag}: {exc.reason}"
+    return f"{flag} ({exc.field}): {exc.reason}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -240,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except InvalidInputError as exc:
-        print(f"fpedit: error: {exc}", file=sys.stderr)
+        print(f"fpedit: error: {describe_error(exc, args)}", file=sys.stderr)
     except FpeditError as exc:
         print(f"fpedit: error: {exc}", file=sys.stderr)
     except OSError as exc:

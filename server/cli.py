@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -62,31 +63,88 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 def _options(args: argparse.Namespace) -> Any:
+    """Only the options a command has (``invert`` takes steps and guidance alone); unset means the server's."""
     from .client import edit_options
 
     return edit_options(
         steps=args.steps,
         guidance_scale=args.guidance,
-        replace_window=args.window,
-        layers=args.layers,
-        map_format=args.map_format,
+        replace_window=getattr(args, "window", None),
+        layers=getattr(args, "layers", None),
+        map_format=getattr(args, "map_format", None),
     )
+
+
+class UsageError(Exception):
+    """A mistake on the client's command line, reported as one ``fpedit: error:`` line (status 2)."""
+
+
+def _output_format(args: argparse.Namespace, *paths: Path | None) -> str:
+    """The image format of the files to write: their extension's, which ``--format`` may only confirm."""
+    from .client import format_for_path
+
+    formats = set()
+    for path in filter(None, paths):
+        if path.is_dir():
+            raise UsageError(f"{path} is a directory; give a file name such as {path / 'out.png'}")
+        try:
+            formats.add(format_for_path(path))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    if len(formats) > 1:
+        raise UsageError(
+            f"the output files' extensions name different formats ({', '.join(sorted(formats))})"
+        )
+    chosen = formats.pop()
+    if args.format and args.format != chosen:
+        raise UsageError(f"--format {args.format} does not match the output file's extension ({chosen})")
+    return chosen
+
+
+def _read_image(path: Path) -> bytes:
+    if path.is_dir():
+        raise UsageError(f"IMAGE: {path} is a directory, not an image file")
+    if not path.is_file():
+        raise UsageError(f"IMAGE: no such file: {path}")
+    return path.read_bytes()
+
+
+def _inversion_id(text: str) -> str:
+    """An id, or the JSON line ``fpedit client invert`` prints (so its output can be pasted as is)."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            return str(json.loads(text)["inversion_id"])
+        except (ValueError, KeyError, TypeError):
+            raise UsageError("--inversion-id: not an id, nor JSON with an inversion_id field") from None
+    return text
 
 
 def _write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
-    print(f"wrote {path}")
+    print(f"wrote {path}", file=sys.stderr)
 
 
 def _grpc_errors(func):
+    """One ``fpedit: error:`` line for every failure: 2 for a usage mistake, 1 when the call itself failed."""
+
+    @functools.wraps(func)
     def run(args: argparse.Namespace) -> int:
         import grpc
 
         try:
             return func(args)
+        except UsageError as exc:
+            print(f"fpedit: error: {exc}", file=sys.stderr)
+            return 2
         except grpc.RpcError as exc:
-            print(f"fpedit: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            code = exc.code()
+            details = exc.details() or ""
+            hint = ""
+            if code == grpc.StatusCode.UNAVAILABLE:
+                hint = f" (is `fpedit serve` running at {args.target}?)"
+            print(f"fpedit: error: {code.name}: {details}{hint}", file=sys.stderr)
             return 1
 
     return run
@@ -95,18 +153,19 @@ def _grpc_errors(func):
 @_grpc_errors
 def cmd_client_edit(args: argparse.Namespace) -> int:
     if bool(args.inversion_id) == (args.image is not None):
-        print("fpedit: error: give an IMAGE or --inversion-id (exactly one)", file=sys.stderr)
-        return 2
+        raise UsageError("give an IMAGE or --inversion-id (exactly one)")
+    output_format = _output_format(args, args.output, args.reconstruction)
+    image = None if args.inversion_id else _read_image(args.image)
+    inversion_id = _inversion_id(args.inversion_id) if args.inversion_id else ""
     with _client(args) as client:
-        image = None if args.inversion_id else args.image.read_bytes()
         if args.stream:
             response = None
             for event in client.edit_stream(
                 args.prompt,
                 image=image,
-                inversion_id=args.inversion_id or "",
+                inversion_id=inversion_id,
                 options=_options(args),
-                output_format=args.format,
+                output_format=output_format,
             ):
                 if event.HasField("progress"):
                     p = event.progress
@@ -118,9 +177,9 @@ def cmd_client_edit(args: argparse.Namespace) -> int:
             response = client.edit(
                 args.prompt,
                 image=image,
-                inversion_id=args.inversion_id or "",
+                inversion_id=inversion_id,
                 options=_options(args),
-                output_format=args.format,
+                output_format=output_format,
                 skip_reconstruction=args.reconstruction is None,
             )
     _write(args.output, response.edited_image)
@@ -140,23 +199,34 @@ def cmd_client_edit(args: argparse.Namespace) -> int:
 
 @_grpc_errors
 def cmd_client_generate(args: argparse.Namespace) -> int:
+    source_output = args.source_output or args.output.with_name(
+        f"{args.output.stem}.source{args.output.suffix}"
+    )
+    output_format = _output_format(args, args.output, source_output)
     with _client(args) as client:
         response = client.generate(
             args.source_prompt,
             args.target_prompt,
             seed=args.seed,
             options=_options(args),
-            output_format=args.format,
+            height=args.height,
+            width=args.width,
+            output_format=output_format,
         )
     _write(args.output, response.edited_image)
-    _write(args.output.with_name(f"{args.output.stem}.source{args.output.suffix}"), response.source_image)
+    _write(source_output, response.source_image)
+    print(json.dumps({"seed": response.seed, "width": response.width, "height": response.height}))
     return 0
 
 
 @_grpc_errors
 def cmd_client_invert(args: argparse.Namespace) -> int:
+    image = _read_image(args.image)
     with _client(args) as client:
-        response = client.invert(args.image.read_bytes(), options=_options(args))
+        response = client.invert(image, options=_options(args))
+    if args.quiet:
+        print(response.inversion_id)
+        return 0
     print(
         json.dumps(
             {
@@ -183,7 +253,7 @@ def cmd_client_info(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
-    from fpedit.cli import add_model_arguments, parse_layers
+    from fpedit.cli import add_model_arguments, parse_layers, parse_seed, parse_side
 
     serve = sub.add_parser("serve", help="serve the gRPC EditService")
     add_model_arguments(serve)
@@ -203,45 +273,91 @@ def add_commands(sub: Any) -> None:
     serve.add_argument("--grace-s", type=float, default=30.0, help="drain time on SIGTERM")
     serve.set_defaults(func=cmd_serve)
 
-    client = sub.add_parser("client", help="call a running fpedit server")
+    client = sub.add_parser(
+        "client",
+        help="call a running fpedit server (needs only `pip install 'fpedit[client]'`)",
+        description="Call a running `fpedit serve`. Images are written in the format their extension names "
+        "(.png, .jpg/.jpeg, .webp); unset edit options take the server's defaults.",
+    )
     client_sub = client.add_subparsers(dest="client_command", required=True, metavar="CALL")
 
-    def common(p: argparse.ArgumentParser, edit_options: bool = True) -> None:
-        p.add_argument("--target", default="127.0.0.1:50051")
-        p.add_argument("--token")
+    def connection(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--target", default="127.0.0.1:50051", help="server HOST:PORT (default 127.0.0.1:50051)"
+        )
+        p.add_argument("--token", help="bearer token (default: $FPEDIT_TOKEN)")
         p.add_argument("--ca-cert", help="PEM root certificate (enables TLS)")
-        p.add_argument("--timeout", type=float, help="deadline in seconds")
-        if edit_options:
-            p.add_argument("--steps", type=int)
-            p.add_argument("--guidance", type=float)
-            p.add_argument("--window", type=float, nargs=2, metavar=("START", "END"))
-            p.add_argument("--layers", type=parse_layers)
-            p.add_argument("--map-format", choices=("qk", "probs"))
-            p.add_argument("--format", default="png", choices=("png", "jpeg", "webp"))
+        p.add_argument("--timeout", type=float, help="deadline in seconds (default: none)")
 
-    edit = client_sub.add_parser("edit", help="edit an image (or an inversion id)")
-    edit.add_argument("image", type=Path, nargs="?")
-    edit.add_argument("--inversion-id")
-    edit.add_argument("--prompt", "-p", required=True)
-    edit.add_argument("--output", "-o", type=Path, required=True)
-    edit.add_argument("--reconstruction", type=Path)
-    edit.add_argument("--stream", action="store_true", help="show per-step progress")
-    common(edit)
+    def inversion_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--steps", type=int, help="DDIM steps (default: the server's, 50)")
+        p.add_argument(
+            "--guidance", type=float, help="classifier-free guidance scale (default: the server's, 7.5)"
+        )
+
+    def edit_options(p: argparse.ArgumentParser) -> None:
+        inversion_options(p)
+        p.add_argument(
+            "--window",
+            type=float,
+            nargs=2,
+            metavar=("START", "END"),
+            help="replace step i when int(steps*START) <= i < int(steps*END) (default 0.0 0.8)",
+        )
+        p.add_argument(
+            "--layers", type=parse_layers, help="self-attention layers, e.g. '4-14' (default), 'resolution'"
+        )
+        p.add_argument(
+            "--map-format", choices=("qk", "probs"), help="how maps travel (default: the server's)"
+        )
+        p.add_argument(
+            "--format",
+            choices=("png", "jpeg", "webp"),
+            help="image format; must match the output file's extension, which sets it by default",
+        )
+
+    edit = client_sub.add_parser("edit", help="edit an image, or an inverted image by its id")
+    edit.add_argument("image", type=Path, nargs="?", help="input image (or give --inversion-id)")
+    edit.add_argument(
+        "--inversion-id", help="id from `fpedit client invert` (its JSON line is accepted as well)"
+    )
+    edit.add_argument("--prompt", "-p", required=True, help="target prompt")
+    edit.add_argument(
+        "--output", "-o", type=Path, required=True, help="edited image file (.png, .jpg, .webp)"
+    )
+    edit.add_argument("--reconstruction", type=Path, help="also write the inversion's reconstruction here")
+    edit.add_argument("--stream", action="store_true", help="show per-step progress on stderr")
+    connection(edit)
+    edit_options(edit)
     edit.set_defaults(func=cmd_client_edit)
 
-    gen = client_sub.add_parser("generate", help="generate and edit")
-    gen.add_argument("--source-prompt", "-s", required=True)
-    gen.add_argument("--target-prompt", "-t", required=True)
-    gen.add_argument("--seed", type=int)
-    gen.add_argument("--output", "-o", type=Path, required=True)
-    common(gen)
+    gen = client_sub.add_parser("generate", help="generate from a source prompt and edit toward a target")
+    gen.add_argument("--source-prompt", "-s", required=True, help="prompt the source image is generated from")
+    gen.add_argument("--target-prompt", "-t", required=True, help="prompt the edited image moves toward")
+    gen.add_argument("--seed", type=parse_seed, help="seed of the shared initial noise (default: random)")
+    gen.add_argument(
+        "--height", type=parse_side, help="image height in px, a multiple of 64 (default: model's)"
+    )
+    gen.add_argument(
+        "--width", type=parse_side, help="image width in px, a multiple of 64 (default: model's)"
+    )
+    gen.add_argument("--output", "-o", type=Path, required=True, help="edited image file (.png, .jpg, .webp)")
+    gen.add_argument("--source-output", type=Path, help="source image file (default: OUTPUT.source.EXT)")
+    connection(gen)
+    edit_options(gen)
     gen.set_defaults(func=cmd_client_generate)
 
-    inv = client_sub.add_parser("invert", help="invert an image; prints its inversion id")
-    inv.add_argument("image", type=Path)
-    common(inv)
+    inv = client_sub.add_parser(
+        "invert", help="invert an image on the server; prints its inversion id for `edit --inversion-id`"
+    )
+    inv.add_argument("image", type=Path, help="input image")
+    inv.add_argument(
+        "--quiet", "-q", action="store_true", help="print the inversion id alone (default: a JSON line)"
+    )
+    connection(inv)
+    inversion_options(inv)
     inv.set_defaults(func=cmd_client_invert)
 
-    info = client_sub.add_parser("info", help="server info and health")
-    common(info, edit_options=False)
+    info = client_sub.add_parser("info", help="server info and health as JSON")
+    connection(info)
     info.set_defaults(func=cmd_client_info)

@@ -1,4 +1,9 @@
-"""A Python client for the fpedit gRPC service."""
+"""A Python client for the fpedit gRPC service.
+
+It needs only grpcio, protobuf and the generated stubs (``pip install 'fpedit[client]'``): importing it loads
+no torch, diffusers or transformers, so a product backend that only calls the service stays light. Bad
+arguments raise ``ValueError`` with a message that says what is wrong, before anything is sent.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,33 @@ from fpedit.v1 import edit_pb2_grpc
 
 MAP_FORMATS = {"qk": pb.MAP_FORMAT_QK, "probs": pb.MAP_FORMAT_PROBS}
 IMAGE_FORMATS = {"png": pb.IMAGE_FORMAT_PNG, "jpeg": pb.IMAGE_FORMAT_JPEG, "webp": pb.IMAGE_FORMAT_WEBP}
+#: File extension -> the format the service is asked to return (results are written byte for byte).
+EXTENSION_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+SEED_LIMIT = 2**63  # the engine's seed range, [0, 2**63)
+
+
+def format_for_path(path: str | os.PathLike) -> str:
+    """``"png"``, ``"jpeg"`` or ``"webp"`` from a file name, so bytes and extension always agree."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in EXTENSION_FORMATS:
+        raise ValueError(
+            f"{path}: the extension must be one of {', '.join(EXTENSION_FORMATS)} (it picks the image format)"
+        )
+    return EXTENSION_FORMATS[suffix]
+
+
+def _format(output_format: str) -> int:
+    if output_format not in IMAGE_FORMATS:
+        raise ValueError(f"output_format must be one of {list(IMAGE_FORMATS)}, got {output_format!r}")
+    return IMAGE_FORMATS[output_format]
+
+
+def _non_negative(field: str, value: int | None, limit: int) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < limit:
+        raise ValueError(f"{field} must be an integer in [0, {limit}), got {value!r}")
+    return value
 
 
 def edit_options(
@@ -37,20 +69,37 @@ def edit_options(
     elif layers is not None:
         message.layers.extend(layers)
     if map_format is not None:
+        if map_format not in MAP_FORMATS:
+            raise ValueError(f"map_format must be one of {list(MAP_FORMATS)}, got {map_format!r}")
         message.map_format = MAP_FORMATS[map_format]
     return message
 
 
 def _image_bytes(image: bytes | str | os.PathLike | Any) -> bytes:
-    if isinstance(image, (bytes, bytearray)):
+    """Encoded bytes from bytes, a path, a binary file object or a PIL image (sent as PNG)."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
         return bytes(image)
     if isinstance(image, (str, os.PathLike)):
-        return Path(image).read_bytes()
-    import io
+        path = Path(image)
+        if path.is_dir():
+            raise ValueError(f"image: {path} is a directory, not an image file")
+        if not path.is_file():
+            raise ValueError(f"image: no such file: {path}")
+        return path.read_bytes()
+    if hasattr(image, "read"):  # an open binary file or io.BytesIO
+        data = image.read()
+        if not isinstance(data, bytes):
+            raise ValueError("image: a file object must be opened in binary mode")
+        return data
+    if hasattr(image, "save"):  # a PIL image
+        import io
 
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")  # a PIL image
-    return buf.getvalue()
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return buf.getvalue()
+    raise ValueError(
+        f"image must be bytes, a path, a binary file object or a PIL image, not {type(image).__name__}"
+    )
 
 
 class EditClient:
@@ -136,7 +185,7 @@ class EditClient:
             inversion_id=inversion_id,
             target_prompt=target_prompt,
             options=options or pb.EditOptions(),
-            output_format=IMAGE_FORMATS[output_format],
+            output_format=_format(output_format),
             skip_reconstruction=skip_reconstruction,
         )
 
@@ -152,11 +201,14 @@ class EditClient:
         output_format: str = "png",
         timeout: float | None = None,
     ) -> pb.GenerateEditResponse:
+        seed = _non_negative("seed", seed, SEED_LIMIT)
+        height = _non_negative("height", height, 2**32)
+        width = _non_negative("width", width, 2**32)
         request = pb.GenerateEditRequest(
             source_prompt=source_prompt,
             target_prompt=target_prompt,
             options=options or pb.EditOptions(),
-            output_format=IMAGE_FORMATS[output_format],
+            output_format=_format(output_format),
         )
         if seed is not None:
             request.seed = seed
