@@ -76,6 +76,23 @@ COMMON_FLAGS = {
 EDIT_FLAGS = {"target_prompt": "-p/--prompt", "image": "IMAGE"}
 GENERATE_FLAGS = {"source_prompt": "-s/--source-prompt", "target_prompt": "-t/--target-prompt"}
 
+#: A module a command needs -> the extra that installs it (the bare package and `client` have no torch).
+MISSING_EXTRAS = {
+    "torch": "engine",
+    "diffusers": "engine",
+    "transformers": "engine",
+    "safetensors": "engine",
+    "onnx": "onnx",
+    "onnxruntime": "onnx",
+    "onnxscript": "onnx",
+    "tensorrt": "tensorrt",
+    "polygraphy": "tensorrt",
+    "grpc": "client",
+    "grpc_health": "client",
+    "grpc_reflection": "server",
+    "google": "client",
+    "matplotlib": "bench",
+}
 BACKEND_BY_FORMAT = {"fpedit-onnx": "onnxruntime", "fpedit-tensorrt": "tensorrt"}
 DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
 #: Image formats results may be written as, by file extension (what PIL writes and the service returns).
@@ -439,6 +456,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fpedit: error: {describe_error(exc, args)}", file=sys.stderr)
     except FpeditError as exc:
         print(f"fpedit: error: {exc}", file=sys.stderr)
+    except ModuleNotFoundError as exc:
+        extra = MISSING_EXTRAS.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"fpedit: error: this command needs {exc.name}: pip install 'fpedit[{extra}]'", file=sys.stderr)
     except OSError as exc:
         print(f"fpedit: error: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
