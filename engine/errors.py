@@ -29,4 +29,20 @@ class UnsupportedModelError(ModelLoadError):
 
 
 class CancelledError(FpeditError):
-    """The caller's progress callback asked to stop (deadline passed, client went away)."""
+    """The caller asked to stop (client went away, server shutting down); raised by a cancel check."""
+
+
+class DeadlineExceededError(CancelledError):
+    """The request's deadline passed before or while it ran."""
+
+
+class NotFoundError(FpeditError):
+    """A referenced object (an inversion id) is unknown or has expired."""
+
+
+class OverloadedError(FpeditError):
+    """Every worker is busy and the wait queue is full: retry later."""
+
+
+class UnavailableError(FpeditError):
+    """The service is not taking this request now (draining for shutdown, or shut down mid-request)."""

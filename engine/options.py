@@ -11,6 +11,27 @@ from .contract import LAYER_PRESETS, MAP_FORMATS, PAPER_LAYERS, ModelSpec, resol
 from .errors import InvalidInputError
 
 MAX_STEPS = 1000
+#: Classifier-free guidance above this only saturates the image (1e30 gives black): refuse it.
+MAX_GUIDANCE_SCALE = 50.0
+#: Longest prompt accepted (characters). CLIP reads 77 tokens; a longer prompt only costs tokenizer time and
+#: memory (a 7 MB prompt held a worker for half a minute), so anything past a generous limit is refused.
+DEFAULT_MAX_PROMPT_CHARS = 4096
+
+
+def check_prompt(
+    prompt: object, field: str, *, allow_empty: bool, max_chars: int = DEFAULT_MAX_PROMPT_CHARS
+) -> str:
+    """Return ``prompt`` if it is a usable prompt, else raise :class:`InvalidInputError` naming ``field``.
+
+    Cheap enough to run before any work is queued (length and type only; tokenizing comes later).
+    """
+    if not isinstance(prompt, str):
+        raise InvalidInputError(field, f"must be a string, got {type(prompt).__name__}")
+    if len(prompt) > max_chars:
+        raise InvalidInputError(field, f"has {len(prompt)} characters; the limit is {max_chars}")
+    if not allow_empty and not prompt.strip():
+        raise InvalidInputError(field, "must not be empty")
+    return prompt
 
 
 @dataclass(frozen=True)
@@ -36,8 +57,10 @@ class EditOptions:
         object.__setattr__(self, "steps", int(steps))
 
         g = self.guidance_scale
-        if isinstance(g, bool) or not isinstance(g, Real) or not math.isfinite(g) or g < 0:
-            raise InvalidInputError("guidance_scale", f"must be a finite number >= 0, got {g!r}")
+        if isinstance(g, bool) or not isinstance(g, Real) or not 0 <= g <= MAX_GUIDANCE_SCALE:
+            raise InvalidInputError(
+                "guidance_scale", f"must be a number in 0..{MAX_GUIDANCE_SCALE:g}, got {g!r}"
+            )
         object.__setattr__(self, "guidance_scale", float(g))
 
         window = self.replace_window

@@ -1,4 +1,8 @@
-"""Assemble and run the gRPC server: EditService, grpc.health.v1, reflection, auth, TLS, graceful drain."""
+"""Assemble and run the gRPC server: EditService, grpc.health.v1, reflection, auth, TLS, metrics, drain.
+
+The pieces here do not depend on how requests are executed: ``build_server`` takes any runner (see
+:mod:`fpedit.server.runner`), so a Ray Serve front reuses health, reflection, auth, TLS, metrics and drain.
+"""
 
 from __future__ import annotations
 
@@ -17,9 +21,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fpedit.engine import EditEngine
-from fpedit.v1 import edit_pb2, edit_pb2_grpc
+from fpedit.engine.errors import InvalidInputError
+from fpedit.v1 import edit_pb2
 
-from .service import EditServicer, ServerConfig
+from .config import ServerConfig
+from .metrics import ServerMetrics
+from .runner import LocalRunner, Runner
+from .service import EditServicer
 
 log = logging.getLogger("fpedit.server")
 
@@ -53,14 +61,18 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         if handler.response_streaming:
             return grpc.unary_stream_rpc_method_handler(
                 lambda req, ctx: iter(self._deny(req, ctx) or ()),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=None,  # refuse before parsing: garbage bodies get UNAUTHENTICATED too
                 response_serializer=handler.response_serializer,
             )
         return grpc.unary_unary_rpc_method_handler(
             self._deny,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=None,
             response_serializer=handler.response_serializer,
         )
+
+
+#: After the grace period, how long aborted requests get to notice and answer before the port closes.
+ABORT_WAIT_S = 10.0
 
 
 @dataclass
@@ -68,21 +80,41 @@ class RunningServer:
     server: grpc.Server
     port: int
     servicer: EditServicer
+    runner: Runner
     health: health.HealthServicer
+    metrics: ServerMetrics
+    metrics_port: int | None = None
 
     def drain(self, grace_s: float) -> None:
-        """Report NOT_SERVING, stop taking RPCs, let in-flight ones finish (up to ``grace_s``)."""
-        self.health.enter_graceful_shutdown()
-        self.server.stop(grace_s).wait()
-        self.servicer.pool.shutdown()
+        """Drain: health says NOT_SERVING and new work gets UNAVAILABLE while in-flight work finishes (up to
+        ``grace_s``); what still runs then is aborted (UNAVAILABLE, logged as aborted by shutdown)."""
+        self.health.enter_graceful_shutdown()  # the port stays open: probes keep getting answers
+        self.servicer.begin_drain()
+        if not self.servicer.wait_idle(grace_s):
+            log.warning("grace period over: aborting %d in-flight requests", self.servicer.in_flight)
+            self.servicer.abort_in_flight()
+            self.servicer.wait_idle(ABORT_WAIT_S)
+        self.server.stop(1).wait()
+        self.runner.close()
+        self.metrics.close()
 
 
-def build_server(engine: EditEngine, config: ServerConfig) -> RunningServer:
-    """Create, bind and start a server for ``engine``; ``config.port`` 0 picks a free port."""
-    servicer = EditServicer(engine, config)
+def build_server(target: EditEngine | Runner, config: ServerConfig) -> RunningServer:
+    """Create, bind and start a server over a runner (or an engine, run by a :class:`LocalRunner`).
+
+    ``config.port`` 0 picks a free port. Configuration and bind problems raise :class:`InvalidInputError`
+    or :class:`OSError` with a one-line message, before anything is served.
+    """
+    config.validate()
+    address = f"{config.host}:{config.port}"
+    credentials = _tls_credentials(config) if config.tls_cert else None
+    runner: Runner = LocalRunner(target, config) if isinstance(target, EditEngine) else target
+    metrics = ServerMetrics(runner.stats)
+    servicer = EditServicer(runner, config, metrics)
     interceptors = [TokenAuthInterceptor(config.token)] if config.token else []
-    # Handler threads only wait on the worker pool; keep enough for the queue plus health checks.
-    threads = config.workers + config.max_queue + 8
+    # Handler threads mostly wait on the runner, and admission control is the runner's queue (refusals are
+    # immediate). No gRPC-wide concurrency cap: it would refuse health checks and reflection under load.
+    threads = config.workers + config.max_queue + 16
     server = grpc.server(
         ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fpedit-rpc"),
         interceptors=interceptors,
@@ -91,40 +123,65 @@ def build_server(engine: EditEngine, config: ServerConfig) -> RunningServer:
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ],
-        maximum_concurrent_rpcs=threads,
     )
-    edit_pb2_grpc.add_EditServiceServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((servicer.rpc_handler(),))
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
-    address = f"{config.host}:{config.port}"
-    if config.tls_cert or config.tls_key:
-        if not (config.tls_cert and config.tls_key):
-            raise ValueError("TLS needs both --tls-cert and --tls-key")
-        credentials = grpc.ssl_server_credentials(
-            [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())]
-        )
-        port = server.add_secure_port(address, credentials)
-    else:
-        port = server.add_insecure_port(address)
+    try:
+        if credentials is not None:
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpc raises RuntimeError("Failed to bind ...")
+        runner.close()
+        raise OSError(f"cannot bind {address}: the port is in use or the host does not resolve") from exc
     if port == 0:
-        raise OSError(f"cannot bind {address}")
+        runner.close()
+        raise OSError(f"cannot bind {address}: the port is in use or the host does not resolve")
+    metrics_port = None
+    if config.metrics_port is not None:
+        try:
+            metrics_port = metrics.serve(config.metrics_host or config.host, config.metrics_port)
+        except OSError:
+            runner.close()
+            raise
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
-        "serving %s on %s:%d (%s)",
-        engine.source,
+        "serving %s on %s:%d (%s)%s",
+        getattr(getattr(runner, "engine", None), "source", type(runner).__name__),
         config.host,
         port,
         "TLS" if config.tls_cert else "plaintext",
+        f", metrics on http://{config.metrics_host or config.host}:{metrics_port}/metrics"
+        if metrics_port is not None
+        else "",
     )
-    return RunningServer(server, port, servicer, health_servicer)
+    return RunningServer(server, port, servicer, runner, health_servicer, metrics, metrics_port)
 
 
-def serve(engine: EditEngine, config: ServerConfig, ready: Callable[[int], None] | None = None) -> None:
+def _tls_credentials(config: ServerConfig) -> grpc.ServerCredentials:
+    pems = []
+    for flag, path in (("tls-key", config.tls_key), ("tls-cert", config.tls_cert)):
+        try:
+            data = Path(str(path)).read_bytes()
+        except OSError as exc:
+            raise OSError(f"cannot read --{flag} {path}: {exc.strerror or exc}") from exc
+        if b"-----BEGIN" not in data:
+            raise InvalidInputError(flag, f"{path} is not a PEM file")
+        pems.append(data)
+    return grpc.ssl_server_credentials([(pems[0], pems[1])])
+
+
+def serve(
+    target: EditEngine | Runner,
+    config: ServerConfig,
+    ready: Callable[[RunningServer], None] | None = None,
+) -> None:
     """Serve until SIGTERM or SIGINT, then drain in-flight requests and return."""
-    running = build_server(engine, config)
+    running = build_server(target, config)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -134,7 +191,7 @@ def serve(engine: EditEngine, config: ServerConfig, ready: Callable[[int], None]
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         if ready:
-            ready(running.port)
+            ready(running)
         stop.wait()
         running.drain(config.grace_s)
         log.info("stopped")

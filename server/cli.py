@@ -15,8 +15,9 @@ from typing import Any
 def cmd_serve(args: argparse.Namespace) -> int:
     from fpedit.cli import engine_from_args
 
-    from .app import serve
-    from .service import ServerConfig
+    from .app import RunningServer, serve
+    from .config import ServerConfig
+    from .logs import configure
 
     token = args.token or os.environ.get("FPEDIT_TOKEN") or None
     config = ServerConfig(
@@ -28,22 +29,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cache_bytes=int(args.cache_gib * 1024**3),
         cache_ttl_s=args.cache_ttl_s,
         max_image_pixels=args.max_image_pixels,
+        max_prompt_chars=args.max_prompt_chars,
         token=token,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         grace_s=args.grace_s,
-    )
-    if bool(config.tls_cert) != bool(config.tls_key):
-        from fpedit.engine.errors import InvalidInputError
-
-        raise InvalidInputError("tls", "give both --tls-cert and --tls-key")
-    logging.getLogger("fpedit.server").setLevel(logging.INFO)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        log_format=args.log_format,
+    ).validate()  # before the model loads: a bad flag fails in a second, not after a minute
+    configure(config.log_format)
     engine = engine_from_args(args)
 
-    def ready(port: int) -> None:
-        print(f"fpedit serving on {args.host}:{port}", flush=True)
+    def ready(running: RunningServer) -> None:
+        print(f"fpedit serving on {args.host}:{running.port}", flush=True)
+        if running.metrics_port is not None:
+            host = config.metrics_host or config.host
+            print(f"fpedit metrics on http://{host}:{running.metrics_port}/metrics", flush=True)
 
     serve(engine, config, ready=ready)
     # Drained: every request is answered and logged. Leave without interpreter teardown, where native
@@ -254,6 +256,7 @@ def cmd_client_info(args: argparse.Namespace) -> int:
 
 def add_commands(sub: Any) -> None:
     from fpedit.cli import add_model_arguments, parse_layers, parse_seed, parse_side
+    from fpedit.engine.options import DEFAULT_MAX_PROMPT_CHARS
 
     serve = sub.add_parser("serve", help="serve the gRPC EditService")
     add_model_arguments(serve)
@@ -266,11 +269,26 @@ def add_commands(sub: Any) -> None:
     serve.add_argument("--max-message-mb", type=int, default=32)
     serve.add_argument("--cache-gib", type=float, default=4.0, help="inversion cache budget")
     serve.add_argument("--cache-ttl-s", type=float, default=3600.0)
-    serve.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
+    serve.add_argument(
+        "--max-image-pixels", type=int, default=4096 * 4096, help="larger images get INVALID_ARGUMENT"
+    )
+    serve.add_argument(
+        "--max-prompt-chars",
+        type=int,
+        default=DEFAULT_MAX_PROMPT_CHARS,
+        help=f"longer prompts get INVALID_ARGUMENT (default {DEFAULT_MAX_PROMPT_CHARS})",
+    )
     serve.add_argument("--token", help="require 'authorization: Bearer TOKEN' (or set FPEDIT_TOKEN)")
     serve.add_argument("--tls-cert", help="PEM certificate chain")
     serve.add_argument("--tls-key", help="PEM private key")
     serve.add_argument("--grace-s", type=float, default=30.0, help="drain time on SIGTERM")
+    serve.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)"
+    )
+    serve.add_argument("--metrics-host", help="metrics bind address (default: --host)")
+    serve.add_argument(
+        "--log-format", choices=("text", "json"), default="text", help="json: one object per request"
+    )
     serve.set_defaults(func=cmd_serve)
 
     client = sub.add_parser(

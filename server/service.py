@@ -1,394 +1,367 @@
-"""The EditService: translates protobuf requests into engine calls on a bounded worker pool.
+"""The EditService transport: parse and validate every field, call a runner, map the outcome to a status.
 
-Admission: at most ``workers`` engine calls run at once and ``max_queue`` more may wait; beyond that a
-request is refused with RESOURCE_EXHAUSTED at once. A request whose client cancels or whose deadline passes
-stops within one denoising step (the engine's progress callback checks the RPC) and frees its worker.
-Every failure becomes a status with a message; the server itself never dies on a request.
+Two layers (the runner interface is documented in :mod:`fpedit.server.runner`):
+
+1. :class:`EditServicer` (this module) speaks protobuf only. Request bodies arrive as raw bytes and are
+   parsed here, so an undecodable body is INVALID_ARGUMENT with one log line, not a deserializer traceback.
+   Every field is checked (prompts and their length, option ranges, output_format, image xor inversion id,
+   seed) before any work is queued; a request whose deadline already passed never starts. Exceptions map to
+   status codes in one place (:func:`status_of`); each RPC writes one log line and updates the metrics.
+   While draining, new work gets UNAVAILABLE and in-flight work runs on; work still running when the grace
+   period ends is stopped and logged as aborted by shutdown.
+2. A runner (:class:`~fpedit.server.runner.LocalRunner`, or a Ray Serve front) executes the validated call.
+
+Status codes: INVALID_ARGUMENT (a bad field or an undecodable request, naming the field), NOT_FOUND (unknown
+or expired inversion id), RESOURCE_EXHAUSTED (queue full, out of memory; gRPC itself for a message over
+``max_message_bytes``), DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE (draining or aborted by shutdown),
+UNAUTHENTICATED (interceptor in ``app.py``), FAILED_PRECONDITION (the model cannot serve the request),
+INTERNAL (a bug; the traceback goes to the log, never to the client).
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import CancelledError as FutureCancelled
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
-from fpedit.engine import EditEngine, EditOptions, InvalidInputError, ProgressEvent
-from fpedit.engine.errors import CancelledError, FpeditError
-from fpedit.engine.options import MAX_STEPS
-from fpedit.v1 import edit_pb2 as pb
-from fpedit.v1 import edit_pb2_grpc
-
-from .cache import InversionCache
-from .convert import (
-    MAP_FORMAT_ENUM,
-    encode_image,
-    options_from_proto,
-    options_to_proto,
-    stats_to_proto,
+from fpedit.engine import InvalidInputError
+from fpedit.engine.errors import (
+    CancelledError,
+    DeadlineExceededError,
+    FpeditError,
+    NotFoundError,
+    OverloadedError,
+    UnavailableError,
 )
+from fpedit.engine.options import check_prompt
+from fpedit.v1 import edit_pb2 as pb
+
+from .config import ServerConfig
+from .convert import IMAGE_FORMATS, options_from_proto
+from .metrics import ServerMetrics
+from .runner import ACCEPTED_IMAGE_FORMATS, EditCall, GenerateCall, InvertCall, Runner
+
+__all__ = ["ACCEPTED_IMAGE_FORMATS", "EditServicer", "ServerConfig", "status_of"]
 
 log = logging.getLogger("fpedit.server")
 T = TypeVar("T")
-
-ACCEPTED_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
-
-
-@dataclass
-class ServerConfig:
-    """Limits and security of one server process (the CLI's ``fpedit serve`` options)."""
-
-    host: str = "127.0.0.1"
-    port: int = 50051
-    workers: int = 1
-    max_queue: int = 8
-    max_message_bytes: int = 32 * 1024 * 1024
-    cache_bytes: int = 4 * 1024**3
-    cache_ttl_s: float = 3600.0
-    max_image_pixels: int = 4096 * 4096
-    token: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    grace_s: float = 30.0
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EditService"].full_name
+MAX_INVERSION_ID_CHARS = 64  # ids are 32 hex digits; anything much longer is not one of ours
 
 
-class QueueFull(Exception):
-    pass
+# --- validation (cheap, before any work) --------------------------------------------------------------------
 
 
-class _Abort(Exception):
-    """A status to return (raised inside handlers, turned into ``context.abort`` in one place)."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
-
-
-class WorkerPool:
-    """``workers`` engine threads and a bounded number of waiting requests."""
-
-    def __init__(self, workers: int, max_queue: int) -> None:
-        self.capacity = workers + max_queue
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fpedit-worker")
-        self._pending = 0
-        self._lock = threading.Lock()
-
-    def submit(self, fn: Callable[[], T]) -> Future[T]:
-        with self._lock:
-            if self._pending >= self.capacity:
-                raise QueueFull(
-                    f"server busy: {self._pending} requests running or queued (limit {self.capacity})"
-                )
-            self._pending += 1
-        future = self._executor.submit(fn)
-        future.add_done_callback(self._release)
-        return future
-
-    def _release(self, _: Future) -> None:
-        with self._lock:
-            self._pending -= 1
-
-    @property
-    def pending(self) -> int:
-        with self._lock:
-            return self._pending
-
-    def shutdown(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+def parse(message_type: type[Message], raw: bytes) -> Any:
+    try:
+        return message_type.FromString(raw)
+    except DecodeError as exc:
+        reason = str(exc).rsplit(": ", 1)[-1]  # e.g. "String field had bad UTF-8"
+        name = message_type.DESCRIPTOR.full_name
+        raise InvalidInputError("request", f"is not a valid {name} ({reason})") from None
 
 
-class EditServicer(edit_pb2_grpc.EditServiceServicer):
-    def __init__(self, engine: EditEngine, config: ServerConfig) -> None:
-        self.engine = engine
-        self.config = config
-        self.cache = InversionCache(config.cache_bytes, config.cache_ttl_s)
-        self.pool = WorkerPool(config.workers, config.max_queue)
-        engine.max_input_pixels = min(engine.max_input_pixels, config.max_image_pixels)
-        engine.image_formats = ACCEPTED_IMAGE_FORMATS
-        engine.map_cache_bytes = min(engine.map_cache_bytes, config.cache_bytes)
-
-    # --- plumbing -------------------------------------------------------------------------------------------
-
-    def _run(
-        self,
-        context: grpc.ServicerContext,
-        timings: dict[str, Any],
-        work: Callable[[Callable[[ProgressEvent], None]], T],
-        on_progress: Callable[[ProgressEvent], None] | None = None,
-    ) -> tuple[T, float]:
-        """Run ``work(progress)`` on the pool; returns (result, queue wait in ms) and notes timings."""
-        submitted = time.perf_counter()
-        started: list[float] = []
-
-        def progress(event: ProgressEvent) -> None:
-            if not context.is_active():
-                raise CancelledError("the client cancelled or its deadline passed")
-            if on_progress is not None:
-                on_progress(event)
-
-        def task() -> T:
-            started.append(time.perf_counter())
-            if not context.is_active():
-                raise CancelledError("the client cancelled or its deadline passed while queued")
-            return work(progress)
-
-        try:
-            future = self.pool.submit(task)
-        except QueueFull as exc:
-            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
-        context.add_callback(future.cancel)  # a queued request that goes away never runs
-        try:
-            result = future.result()
-        except FutureCancelled as exc:
-            raise CancelledError("cancelled while queued") from exc
-        queue_ms = ((started[0] if started else time.perf_counter()) - submitted) * 1e3
-        timings["queue_ms"] = queue_ms
-        stats = getattr(result, "stats", None)
-        if isinstance(stats, dict):
-            timings.update(engine_ms=float(stats.get("total_ms", 0.0)), unet_rows=stats.get("unet_rows", 0))
-        return result, queue_ms
-
-    def _handle(
-        self,
-        method: str,
-        context: grpc.ServicerContext,
-        body: Callable[[], T],
-        timings: dict[str, Any],
-        started: float | None = None,
-    ) -> T:
-        """Run a handler body, log one line, and turn every failure into a status (in the RPC's thread)."""
-        t0 = time.perf_counter() if started is None else started
-        code = grpc.StatusCode.OK
-        detail = ""
-        try:
-            return body()
-        except _Abort as exc:
-            code, detail = exc.code, exc.message
-        except InvalidInputError as exc:
-            code, detail = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-        except CancelledError as exc:
-            remaining = context.time_remaining()
-            expired = remaining is not None and remaining <= 0
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
-            detail = str(exc)
-        except MemoryError as exc:
-            code, detail = grpc.StatusCode.RESOURCE_EXHAUSTED, f"out of memory: {exc}"
-        except FpeditError as exc:
-            code, detail = grpc.StatusCode.FAILED_PRECONDITION, str(exc)
-        except Exception as exc:  # the server must survive anything a request triggers
-            if _is_device_oom(exc):
-                code, detail = grpc.StatusCode.RESOURCE_EXHAUSTED, "out of device memory"
-            else:
-                log.exception("%s failed", method)
-                code, detail = (
-                    grpc.StatusCode.INTERNAL,
-                    f"internal error ({type(exc).__name__}); see the server log",
-                )
-        finally:
-            noted = " ".join(
-                f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in timings.items()
-            )
-            log.info(
-                "rpc=%s status=%s ms=%.1f %s peer=%s%s",
-                method,
-                code.name,
-                (time.perf_counter() - t0) * 1e3,
-                noted,
-                context.peer(),
-                f" detail={detail!r}" if detail else "",
-            )
-        context.abort(code, detail)
-        raise AssertionError("unreachable")  # context.abort raises
-
-    # --- RPCs -----------------------------------------------------------------------------------------------
-
-    def Edit(self, request: pb.EditRequest, context: grpc.ServicerContext) -> pb.EditResponse:
-        timings: dict[str, Any] = {}
-        return self._handle("Edit", context, lambda: self._edit(request, context, timings, None), timings)
-
-    def EditStream(self, request: pb.EditRequest, context: grpc.ServicerContext) -> Iterator[pb.EditEvent]:
-        started = time.perf_counter()
-        timings: dict[str, Any] = {}
-        events: queue.Queue[pb.EditEvent | None] = queue.Queue()
-        outcome: dict[str, Any] = {}
-
-        def on_progress(event: ProgressEvent) -> None:
-            events.put(
-                pb.EditEvent(progress=pb.Progress(stage=event.stage, step=event.step, total=event.total))
-            )
-
-        def run() -> None:  # waits on the worker pool while this RPC's thread streams progress
-            try:
-                outcome["result"] = self._edit(request, context, timings, on_progress)
-            except Exception as exc:  # re-raised in the RPC thread, which owns the status
-                outcome["error"] = exc
-            finally:
-                events.put(None)
-
-        waiter = threading.Thread(target=run, name="fpedit-stream", daemon=True)
-        waiter.start()
-        while (event := events.get()) is not None:
-            yield event
-        waiter.join()
-
-        def finish() -> pb.EditResponse:
-            if "error" in outcome:
-                raise outcome["error"]
-            return outcome["result"]
-
-        yield pb.EditEvent(result=self._handle("EditStream", context, finish, timings, started))
-
-    def _edit(
-        self,
-        request: pb.EditRequest,
-        context: grpc.ServicerContext,
-        timings: dict[str, Any],
-        on_progress: Callable[[ProgressEvent], None] | None,
-    ) -> pb.EditResponse:
-        has_image, has_id = bool(request.image), bool(request.inversion_id)
-        if has_image == has_id:
-            raise InvalidInputError("image", "give exactly one of image or inversion_id")
-        options = options_from_proto(request.options)
-        if has_id:
-            inversion = self.cache.get(request.inversion_id)
-            if inversion is None:
-                raise _Abort(
-                    grpc.StatusCode.NOT_FOUND,
-                    f"inversion_id {request.inversion_id!r} is unknown or expired; send the image again",
-                )
-            if not request.options.HasField("steps"):
-                options = options.replace(steps=inversion.steps)
-            key = request.inversion_id
-            result, queue_ms = self._run(
-                context,
-                timings,
-                lambda p: self.engine.edit_real(
-                    inversion, request.target_prompt, options=options, progress=p
-                ),
-                on_progress,
-            )
-            self.cache.refresh(key)
-        else:
-            result, queue_ms = self._run(
-                context,
-                timings,
-                lambda p: self.engine.edit_real(
-                    request.image, request.target_prompt, options=options, progress=p
-                ),
-                on_progress,
-            )
-            key = self.cache.put(result.inversion)
-        response = pb.EditResponse(
-            edited_image=encode_image(result.edited_image, request.output_format),
-            inversion_id=key,
-            width=result.edited_image.width,
-            height=result.edited_image.height,
-            stats=stats_to_proto(result.stats, queue_ms),
-        )
-        if not request.skip_reconstruction:
-            response.reconstruction_image = encode_image(result.reconstruction_image, request.output_format)
-        return response
-
-    def GenerateEdit(
-        self, request: pb.GenerateEditRequest, context: grpc.ServicerContext
-    ) -> pb.GenerateEditResponse:
-        timings: dict[str, Any] = {}
-
-        def body() -> pb.GenerateEditResponse:
-            options = options_from_proto(request.options)
-            seed = request.seed if request.HasField("seed") else None
-            if seed is not None and seed >= 2**63:
-                raise InvalidInputError("seed", "must be below 2**63")
-            height = request.height if request.HasField("height") else None
-            width = request.width if request.HasField("width") else None
-            result, queue_ms = self._run(
-                context,
-                timings,
-                lambda p: self.engine.edit_generated(
-                    request.source_prompt,
-                    request.target_prompt,
-                    options=options,
-                    seed=seed,
-                    height=height,
-                    width=width,
-                    progress=p,
-                ),
-            )
-            return pb.GenerateEditResponse(
-                source_image=encode_image(result.source_image, request.output_format),
-                edited_image=encode_image(result.edited_image, request.output_format),
-                seed=int(result.stats["seed"]),
-                width=result.edited_image.width,
-                height=result.edited_image.height,
-                stats=stats_to_proto(result.stats, queue_ms),
-            )
-
-        return self._handle("GenerateEdit", context, body, timings)
-
-    def Invert(self, request: pb.InvertRequest, context: grpc.ServicerContext) -> pb.InvertResponse:
-        timings: dict[str, Any] = {}
-
-        def body() -> pb.InvertResponse:
-            if not request.image:
-                raise InvalidInputError("image", "is empty")
-            options = options_from_proto(request.options)
-            inversion, queue_ms = self._run(
-                context, timings, lambda p: self.engine.invert(request.image, options=options, progress=p)
-            )
-            key = self.cache.put(inversion)
-            return pb.InvertResponse(
-                inversion_id=key,
-                width=inversion.size[0],
-                height=inversion.size[1],
-                steps=inversion.steps,
-                expires_in_s=int(self.cache.expires_in(key)),
-                stats=stats_to_proto(inversion.stats, queue_ms),
-            )
-
-        return self._handle("Invert", context, body, timings)
-
-    def GetInfo(self, request: pb.GetInfoRequest, context: grpc.ServicerContext) -> pb.GetInfoResponse:
-        def body() -> pb.GetInfoResponse:
-            import fpedit
-
-            info = self.engine.info()
-            cfg = self.config
-            return pb.GetInfoResponse(
-                version=fpedit.__version__,
-                model=str(info["model"]),
-                backend=info["backend"],
-                device=info["device"],
-                precision=info.get("precision", info["dtype"]),
-                layers_available=info["map_layers"],
-                map_formats=[MAP_FORMAT_ENUM[f] for f in info["map_formats"]],
-                defaults=options_to_proto(EditOptions()),
-                default_image_size=info["default_image_size"],
-                limits=pb.Limits(
-                    max_steps=MAX_STEPS,
-                    max_image_pixels=self.engine.max_input_pixels,
-                    max_side=self.engine.max_side,
-                    max_message_bytes=cfg.max_message_bytes,
-                    workers=cfg.workers,
-                    max_queue=cfg.max_queue,
-                    cache_bytes=cfg.cache_bytes,
-                    cache_ttl_s=int(cfg.cache_ttl_s),
-                ),
-            )
-
-        return self._handle("GetInfo", context, body, {})
+def _output_format(value: int) -> int:
+    if value not in IMAGE_FORMATS:
+        raise InvalidInputError("output_format", f"unknown value {value}")
+    return value
 
 
-def _is_device_oom(exc: Exception) -> bool:
+def parse_edit(request: pb.EditRequest, max_prompt_chars: int) -> EditCall:
+    has_image, has_id = bool(request.image), bool(request.inversion_id)
+    if has_image == has_id:
+        raise InvalidInputError("image", "give exactly one of image or inversion_id")
+    if len(request.inversion_id) > MAX_INVERSION_ID_CHARS:
+        raise InvalidInputError("inversion_id", "is not an id this server issued")
+    return EditCall(
+        target_prompt=check_prompt(
+            request.target_prompt, "target_prompt", allow_empty=False, max_chars=max_prompt_chars
+        ),
+        options=options_from_proto(request.options),
+        steps_given=request.options.HasField("steps"),
+        image=request.image,
+        inversion_id=request.inversion_id,
+        output_format=_output_format(request.output_format),
+        skip_reconstruction=request.skip_reconstruction,
+    )
+
+
+def parse_generate(request: pb.GenerateEditRequest, max_prompt_chars: int) -> GenerateCall:
+    seed = request.seed if request.HasField("seed") else None
+    if seed is not None and seed >= 2**63:
+        raise InvalidInputError("seed", "must be below 2**63")
+    return GenerateCall(
+        source_prompt=check_prompt(
+            request.source_prompt, "source_prompt", allow_empty=True, max_chars=max_prompt_chars
+        ),
+        target_prompt=check_prompt(
+            request.target_prompt, "target_prompt", allow_empty=False, max_chars=max_prompt_chars
+        ),
+        options=options_from_proto(request.options),
+        seed=seed,
+        height=request.height if request.HasField("height") else None,
+        width=request.width if request.HasField("width") else None,
+        output_format=_output_format(request.output_format),
+    )
+
+
+def parse_invert(request: pb.InvertRequest) -> InvertCall:
+    if not request.image:
+        raise InvalidInputError("image", "is empty")
+    return InvertCall(image=request.image, options=options_from_proto(request.options))
+
+
+# --- status mapping (the one place) -------------------------------------------------------------------------
+
+
+def status_of(exc: BaseException, context: grpc.ServicerContext | None = None) -> tuple[grpc.StatusCode, str]:
+    """The status code and client-facing message for an exception raised while serving a request."""
+    if isinstance(exc, InvalidInputError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, NotFoundError):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, OverloadedError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, UnavailableError):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, DeadlineExceededError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
+    if isinstance(exc, CancelledError):
+        remaining = context.time_remaining() if context is not None else None
+        if remaining is not None and remaining <= 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed"
+        return grpc.StatusCode.CANCELLED, str(exc)
+    if isinstance(exc, MemoryError) or _is_device_oom(exc):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "out of memory; retry with a smaller image or fewer steps"
+    if isinstance(exc, FpeditError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
+
+
+def _is_device_oom(exc: BaseException) -> bool:
     try:
         import torch
 
         return isinstance(exc, torch.OutOfMemoryError)
     except (ImportError, AttributeError):
         return False
+
+
+# --- the servicer -------------------------------------------------------------------------------------------
+
+
+class EditServicer:
+    """fpedit.v1.EditService over a runner; register it with :meth:`rpc_handler`."""
+
+    def __init__(self, runner: Runner, config: ServerConfig, metrics: ServerMetrics | None = None) -> None:
+        self.runner = runner
+        self.config = config
+        self.metrics = metrics
+        self._draining = threading.Event()
+        self._aborting = threading.Event()
+        self._active = 0
+        self._idle = threading.Condition()
+
+    # --- drain ----------------------------------------------------------------------------------------------
+
+    def begin_drain(self) -> None:
+        """Refuse new work with UNAVAILABLE; in-flight work runs on."""
+        self._draining.set()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no work RPC is in flight; False if ``timeout`` passed first."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._active == 0, timeout)
+
+    def abort_in_flight(self) -> None:
+        """Stop every running request at its next check (the grace period is over)."""
+        self._aborting.set()
+
+    @property
+    def in_flight(self) -> int:
+        with self._idle:
+            return self._active
+
+    @contextmanager
+    def _tracked(self) -> Iterator[None]:
+        with self._idle:
+            self._active += 1
+        if self.metrics:
+            self.metrics.in_flight.inc()
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._active -= 1
+                self._idle.notify_all()
+            if self.metrics:
+                self.metrics.in_flight.dec()
+
+    # --- plumbing -------------------------------------------------------------------------------------------
+
+    def _cancel_check(self, context: grpc.ServicerContext) -> Callable[[], None]:
+        def check() -> None:
+            if self._aborting.is_set():
+                raise UnavailableError("aborted by server shutdown (the drain grace period ended)")
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                raise DeadlineExceededError("the deadline passed")
+            if not context.is_active():
+                raise CancelledError("the client cancelled")
+
+        return check
+
+    def _admit(self, context: grpc.ServicerContext) -> Callable[[], None]:
+        if self._draining.is_set():
+            raise UnavailableError("the server is shutting down; retry on another replica")
+        check = self._cancel_check(context)
+        check()  # a request that arrives with its deadline already passed never starts
+        return check
+
+    def _finish(
+        self,
+        method: str,
+        context: grpc.ServicerContext,
+        started: float,
+        code: grpc.StatusCode,
+        detail: str,
+        response: Message | None,
+    ) -> None:
+        """One log line and the metrics for a finished RPC."""
+        seconds = time.perf_counter() - started
+        stats = getattr(response, "stats", None) if response is not None else None
+        fields: dict[str, Any] = {"method": method, "status": code.name, "ms": round(seconds * 1e3, 1)}
+        if stats is not None:
+            fields.update(
+                queue_ms=round(stats.queue_ms, 1), engine_ms=round(stats.engine_ms, 1), rows=stats.unet_rows
+            )
+        inversion_id = getattr(response, "inversion_id", "") if response is not None else ""
+        if inversion_id:
+            fields["inversion_id"] = inversion_id
+        fields["peer"] = context.peer()
+        if detail:
+            fields["detail"] = detail
+        text = " ".join(
+            f"{k}={v!r}" if k == "detail" else f"{'rpc' if k == 'method' else k}={v}"
+            for k, v in fields.items()
+        )
+        log.info("%s", text, extra={"fpedit_request": fields})
+        if self.metrics is not None:
+            self.metrics.observe(method, code.name, seconds, stats)
+
+    def _failure(
+        self, method: str, exc: BaseException, context: grpc.ServicerContext
+    ) -> tuple[grpc.StatusCode, str]:
+        if (
+            isinstance(exc, CancelledError)
+            and not isinstance(exc, DeadlineExceededError)
+            and self._aborting.is_set()
+        ):
+            exc = UnavailableError("aborted by server shutdown (the drain grace period ended)")
+        code, detail = status_of(exc, context)
+        if code == grpc.StatusCode.INTERNAL:
+            log.error("%s failed", method, exc_info=exc)
+        return code, detail
+
+    def _unary(
+        self,
+        method: str,
+        context: grpc.ServicerContext,
+        body: Callable[[], Message],
+        work: bool = True,
+    ) -> Message:
+        started = time.perf_counter()
+        response: Message | None = None
+        code, detail = grpc.StatusCode.OK, ""
+        try:
+            if work:
+                with self._tracked():
+                    response = body()
+            else:
+                response = body()
+        except Exception as exc:  # the server must survive anything a request triggers
+            code, detail = self._failure(method, exc, context)
+        self._finish(method, context, started, code, detail, response)
+        if response is None:
+            context.abort(code, detail)
+        return response
+
+    # --- RPCs (request bodies arrive as bytes) --------------------------------------------------------------
+
+    def Edit(self, raw: bytes, context: grpc.ServicerContext) -> pb.EditResponse:
+        def body() -> pb.EditResponse:
+            call = parse_edit(parse(pb.EditRequest, raw), self.config.max_prompt_chars)
+            return self.runner.edit(call, cancel_check=self._admit(context))
+
+        return self._unary("Edit", context, body)
+
+    def EditStream(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[pb.EditEvent]:
+        started = time.perf_counter()
+        response: pb.EditResponse | None = None
+        code, detail = grpc.StatusCode.OK, ""
+        try:
+            with self._tracked():
+                call = parse_edit(parse(pb.EditRequest, raw), self.config.max_prompt_chars)
+                for event in self.runner.edit_stream(call, cancel_check=self._admit(context)):
+                    if event.HasField("result"):
+                        response = event.result
+                    yield event
+        except GeneratorExit:  # the client went away between events
+            code, detail = grpc.StatusCode.CANCELLED, "the client cancelled"
+            self._finish("EditStream", context, started, code, detail, None)
+            raise
+        except Exception as exc:
+            code, detail = self._failure("EditStream", exc, context)
+        self._finish("EditStream", context, started, code, detail, response)
+        if code != grpc.StatusCode.OK:
+            context.abort(code, detail)
+
+    def GenerateEdit(self, raw: bytes, context: grpc.ServicerContext) -> pb.GenerateEditResponse:
+        def body() -> pb.GenerateEditResponse:
+            call = parse_generate(parse(pb.GenerateEditRequest, raw), self.config.max_prompt_chars)
+            return self.runner.generate(call, cancel_check=self._admit(context))
+
+        return self._unary("GenerateEdit", context, body)
+
+    def Invert(self, raw: bytes, context: grpc.ServicerContext) -> pb.InvertResponse:
+        def body() -> pb.InvertResponse:
+            call = parse_invert(parse(pb.InvertRequest, raw))
+            return self.runner.invert(call, cancel_check=self._admit(context))
+
+        return self._unary("Invert", context, body)
+
+    def GetInfo(self, raw: bytes, context: grpc.ServicerContext) -> pb.GetInfoResponse:
+        def body() -> pb.GetInfoResponse:
+            parse(pb.GetInfoRequest, raw)
+            return self.runner.info()
+
+        return self._unary("GetInfo", context, body, work=False)
+
+    def rpc_handler(self) -> grpc.GenericRpcHandler:
+        """Handlers that take raw request bytes (parsed by the servicer, so bad bodies get a clear status)."""
+
+        def unary(fn: Callable, response: type[Message]) -> grpc.RpcMethodHandler:
+            return grpc.unary_unary_rpc_method_handler(
+                fn, request_deserializer=None, response_serializer=response.SerializeToString
+            )
+
+        return grpc.method_handlers_generic_handler(
+            SERVICE_NAME,
+            {
+                "Edit": unary(self.Edit, pb.EditResponse),
+                "EditStream": grpc.unary_stream_rpc_method_handler(
+                    self.EditStream,
+                    request_deserializer=None,
+                    response_serializer=pb.EditEvent.SerializeToString,
+                ),
+                "GenerateEdit": unary(self.GenerateEdit, pb.GenerateEditResponse),
+                "Invert": unary(self.Invert, pb.InvertResponse),
+                "GetInfo": unary(self.GetInfo, pb.GetInfoResponse),
+            },
+        )

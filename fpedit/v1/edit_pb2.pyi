@@ -46,7 +46,7 @@ class EditOptions(_message.Message):
     def __init__(self, steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., replace_start: _Optional[float] = ..., replace_end: _Optional[float] = ..., layers: _Optional[_Iterable[int]] = ..., layer_preset: _Optional[str] = ..., map_format: _Optional[_Union[MapFormat, str]] = ...) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("stages_ms", "engine_ms", "queue_ms", "unet_rows", "unet_calls", "steps", "replaced_steps", "layers")
+    __slots__ = ("stages_ms", "engine_ms", "queue_ms", "unet_rows", "unet_calls", "steps", "replaced_steps", "layers", "replica")
     class StagesMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,7 @@ class Stats(_message.Message):
     STEPS_FIELD_NUMBER: _ClassVar[int]
     REPLACED_STEPS_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     stages_ms: _containers.ScalarMap[str, float]
     engine_ms: float
     queue_ms: float
@@ -70,7 +71,8 @@ class Stats(_message.Message):
     steps: int
     replaced_steps: _containers.RepeatedScalarFieldContainer[int]
     layers: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, stages_ms: _Optional[_Mapping[str, float]] = ..., engine_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., unet_rows: _Optional[int] = ..., unet_calls: _Optional[int] = ..., steps: _Optional[int] = ..., replaced_steps: _Optional[_Iterable[int]] = ..., layers: _Optional[_Iterable[int]] = ...) -> None: ...
+    replica: str
+    def __init__(self, stages_ms: _Optional[_Mapping[str, float]] = ..., engine_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., unet_rows: _Optional[int] = ..., unet_calls: _Optional[int] = ..., steps: _Optional[int] = ..., replaced_steps: _Optional[_Iterable[int]] = ..., layers: _Optional[_Iterable[int]] = ..., replica: _Optional[str] = ...) -> None: ...
 
 class EditRequest(_message.Message):
     __slots__ = ("image", "inversion_id", "target_prompt", "options", "output_format", "skip_reconstruction")
@@ -185,7 +187,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_steps", "max_image_pixels", "max_side", "max_message_bytes", "workers", "max_queue", "cache_bytes", "cache_ttl_s")
+    __slots__ = ("max_steps", "max_image_pixels", "max_side", "max_message_bytes", "workers", "max_queue", "cache_bytes", "cache_ttl_s", "max_prompt_chars")
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
     MAX_SIDE_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +196,7 @@ class Limits(_message.Message):
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     CACHE_TTL_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROMPT_CHARS_FIELD_NUMBER: _ClassVar[int]
     max_steps: int
     max_image_pixels: int
     max_side: int
@@ -202,7 +205,8 @@ class Limits(_message.Message):
     max_queue: int
     cache_bytes: int
     cache_ttl_s: int
-    def __init__(self, max_steps: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_side: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., workers: _Optional[int] = ..., max_queue: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., cache_ttl_s: _Optional[int] = ...) -> None: ...
+    max_prompt_chars: int
+    def __init__(self, max_steps: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_side: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., workers: _Optional[int] = ..., max_queue: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., cache_ttl_s: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ...) -> None: ...
 
 class GetInfoResponse(_message.Message):
     __slots__ = ("version", "model", "backend", "device", "precision", "layers_available", "map_formats", "defaults", "limits", "default_image_size")

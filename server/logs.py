@@ -1,0 +1,44 @@
+"""Log formats of ``fpedit serve``: text lines with timestamps, or one JSON object per line.
+
+The servicer logs each finished RPC with its fields in ``extra={"fpedit_request": {...}}``; the JSON format
+writes those fields (method, status, ms, queue_ms, engine_ms, rows, inversion_id, peer, detail) as the object,
+so a log pipeline needs no parsing of the text line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timezone
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, and the request's fields or the message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+        }
+        fields = getattr(record, "fpedit_request", None)
+        if isinstance(fields, dict):
+            entry.update(fields)
+        else:
+            entry["message"] = record.getMessage()
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure(log_format: str) -> None:
+    """Point the root handlers at ``log_format`` ("text" or "json") and log the server at INFO."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(format=TEXT_FORMAT)
+    formatter = JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
+    for handler in root.handlers:
+        handler.setFormatter(formatter)
+    logging.getLogger("fpedit.server").setLevel(logging.INFO)

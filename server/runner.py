@@ -1,0 +1,404 @@
+"""Runners execute already-validated requests; the gRPC servicer (``service.py``) only speaks protobuf.
+
+Splitting the two lets another execution layer (Ray Serve replicas) sit behind the same servicer, with the
+same validation, status codes, logs and metrics. A runner is any object with these methods (see
+:class:`Runner`)::
+
+    edit(call: EditCall, *, progress=None, cancel_check=None) -> pb.EditResponse
+    edit_stream(call: EditCall, *, cancel_check=None) -> Iterator[pb.EditEvent]  # progress events, then result
+    generate(call: GenerateCall, *, progress=None, cancel_check=None) -> pb.GenerateEditResponse
+    invert(call: InvertCall, *, progress=None, cancel_check=None) -> pb.InvertResponse
+    info() -> pb.GetInfoResponse
+    stats() -> RunnerStats            # load and cache figures, read at every metrics scrape
+    close() -> None                   # stop workers; queued calls are cancelled
+
+``progress(event)`` receives :class:`~fpedit.engine.ProgressEvent` per step. ``cancel_check()`` is called
+before a queued call starts, between engine stages and at every step; it raises
+:class:`~fpedit.engine.errors.CancelledError` (or a subclass) to stop the work. Runners raise only fpedit
+errors for outcomes a client can act on -- ``InvalidInputError``, ``NotFoundError`` (unknown inversion id),
+``OverloadedError`` (queue full), ``CancelledError``/``DeadlineExceededError``, ``UnavailableError`` -- and
+the servicer maps each to one status code. Anything else is a bug and becomes INTERNAL.
+
+:class:`LocalRunner` runs an in-process :class:`~fpedit.engine.EditEngine` on a bounded worker pool and keeps
+inversions in a byte-bounded :class:`~fpedit.server.cache.InversionCache`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import CancelledError as FutureCancelled
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from fpedit.engine import EditEngine, EditOptions, ProgressEvent
+from fpedit.engine.errors import CancelledError, NotFoundError, OverloadedError
+from fpedit.engine.options import MAX_STEPS
+from fpedit.v1 import edit_pb2 as pb
+
+from .cache import InversionCache
+from .config import ServerConfig
+from .convert import MAP_FORMAT_ENUM, encode_image, options_to_proto, stats_to_proto
+
+T = TypeVar("T")
+ProgressFn = Callable[[ProgressEvent], None]
+CancelCheck = Callable[[], None]
+
+#: The image formats a server decodes (others are refused before decoding).
+ACCEPTED_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+
+
+# --- validated requests -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EditCall:
+    """An Edit/EditStream request after validation: exactly one of ``image`` and ``inversion_id`` is set."""
+
+    target_prompt: str
+    options: EditOptions
+    steps_given: bool  # False: an edit by id takes the inversion's step count
+    image: bytes = b""
+    inversion_id: str = ""
+    output_format: int = pb.IMAGE_FORMAT_PNG
+    skip_reconstruction: bool = False
+
+
+@dataclass(frozen=True)
+class GenerateCall:
+    source_prompt: str
+    target_prompt: str
+    options: EditOptions
+    seed: int | None = None
+    height: int | None = None
+    width: int | None = None
+    output_format: int = pb.IMAGE_FORMAT_PNG
+
+
+@dataclass(frozen=True)
+class InvertCall:
+    image: bytes
+    options: EditOptions
+
+
+@dataclass(frozen=True)
+class RunnerStats:
+    """Figures a metrics scrape reads; counters only grow."""
+
+    running: int = 0
+    queued: int = 0
+    cache_entries: int = 0
+    cache_bytes: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    cache_evictions: int = 0
+    device_memory_bytes: int | None = None  # CUDA bytes allocated by tensors; None without CUDA
+
+
+class Runner(Protocol):
+    def edit(
+        self, call: EditCall, *, progress: ProgressFn | None = None, cancel_check: CancelCheck | None = None
+    ) -> pb.EditResponse: ...
+
+    def edit_stream(
+        self, call: EditCall, *, cancel_check: CancelCheck | None = None
+    ) -> Iterator[pb.EditEvent]: ...
+
+    def generate(
+        self,
+        call: GenerateCall,
+        *,
+        progress: ProgressFn | None = None,
+        cancel_check: CancelCheck | None = None,
+    ) -> pb.GenerateEditResponse: ...
+
+    def invert(
+        self, call: InvertCall, *, progress: ProgressFn | None = None, cancel_check: CancelCheck | None = None
+    ) -> pb.InvertResponse: ...
+
+    def info(self) -> pb.GetInfoResponse: ...
+
+    def stats(self) -> RunnerStats: ...
+
+    def close(self) -> None: ...
+
+
+def _never() -> None:
+    return None
+
+
+# --- the in-process runner ----------------------------------------------------------------------------------
+
+
+class WorkerPool:
+    """``workers`` engine threads and at most ``max_queue`` waiting calls; beyond that, OverloadedError."""
+
+    def __init__(self, workers: int, max_queue: int) -> None:
+        self.capacity = workers + max_queue
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fpedit-worker")
+        self._pending = 0
+        self._running = 0
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[[], T]) -> Future[T]:
+        with self._lock:
+            if self._pending >= self.capacity:
+                raise OverloadedError(
+                    f"server busy: {self._pending} requests running or queued (limit {self.capacity})"
+                )
+            self._pending += 1
+
+        def counted() -> T:
+            with self._lock:
+                self._running += 1
+            try:
+                return fn()
+            finally:
+                with self._lock:
+                    self._running -= 1
+
+        future = self._executor.submit(counted)
+        future.add_done_callback(self._release)
+        return future
+
+    def _release(self, _: Future) -> None:
+        with self._lock:
+            self._pending -= 1
+
+    @property
+    def pending(self) -> int:
+        """Calls running or queued."""
+        with self._lock:
+            return self._pending
+
+    @property
+    def running(self) -> int:
+        with self._lock:
+            return self._running
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+class LocalRunner:
+    """An in-process engine behind a bounded worker pool, with the server-side inversion cache."""
+
+    def __init__(self, engine: EditEngine, config: ServerConfig) -> None:
+        self.engine = engine
+        self.config = config
+        self.cache = InversionCache(config.cache_bytes, config.cache_ttl_s)
+        self.pool = WorkerPool(config.workers, config.max_queue)
+        engine.max_input_pixels = min(engine.max_input_pixels, config.max_image_pixels)
+        engine.image_formats = ACCEPTED_IMAGE_FORMATS
+        engine.map_cache_bytes = min(engine.map_cache_bytes, config.cache_bytes)
+        # The engine checks cancellation between its stages once it takes ``cancel_check``; until then the
+        # progress callback (every step) is the only place to stop.
+        self._engine_cancels = "cancel_check" in inspect.signature(engine.edit_real).parameters
+        self._device = str(engine.info().get("device", "cpu"))
+
+    # --- plumbing -------------------------------------------------------------------------------------------
+
+    def _run(
+        self,
+        work: Callable[[dict[str, Any]], T],
+        progress: ProgressFn | None,
+        cancel_check: CancelCheck | None,
+    ) -> tuple[T, float]:
+        """Run ``work(engine_kwargs)`` on the pool; returns (result, queue wait in ms)."""
+        check = cancel_check or _never
+        submitted = time.perf_counter()
+        started: list[float] = []
+
+        def on_progress(event: ProgressEvent) -> None:
+            check()
+            if progress is not None:
+                progress(event)
+
+        kwargs: dict[str, Any] = {"progress": on_progress}
+        if self._engine_cancels:
+            kwargs["cancel_check"] = check
+
+        def task() -> T:
+            started.append(time.perf_counter())
+            check()  # a call whose client left, or whose deadline passed, while queued never starts
+            return work(kwargs)
+
+        future = self.pool.submit(task)
+        try:
+            result = future.result()
+        except FutureCancelled as exc:  # the pool shut down with this call still queued
+            raise CancelledError("cancelled while queued: the server is shutting down") from exc
+        queue_ms = ((started[0] if started else time.perf_counter()) - submitted) * 1e3
+        return result, queue_ms
+
+    # --- calls ----------------------------------------------------------------------------------------------
+
+    def edit(
+        self, call: EditCall, *, progress: ProgressFn | None = None, cancel_check: CancelCheck | None = None
+    ) -> pb.EditResponse:
+        options = call.options
+        if call.inversion_id:
+            inversion = self.cache.get(call.inversion_id)
+            if inversion is None:
+                raise NotFoundError(
+                    f"inversion_id {call.inversion_id!r} is unknown or expired; send the image again"
+                )
+            if not call.steps_given:
+                options = options.replace(steps=inversion.steps)
+            result, queue_ms = self._run(
+                lambda kw: self.engine.edit_real(inversion, call.target_prompt, options=options, **kw),
+                progress,
+                cancel_check,
+            )
+            key = call.inversion_id
+            self.cache.refresh(key)  # the edit may have cached the source's maps on the inversion
+        else:
+            result, queue_ms = self._run(
+                lambda kw: self.engine.edit_real(call.image, call.target_prompt, options=options, **kw),
+                progress,
+                cancel_check,
+            )
+            key = self.cache.put(result.inversion)
+        response = pb.EditResponse(
+            edited_image=encode_image(result.edited_image, call.output_format),
+            inversion_id=key,
+            width=result.edited_image.width,
+            height=result.edited_image.height,
+            stats=stats_to_proto(result.stats, queue_ms),
+        )
+        if not call.skip_reconstruction:
+            response.reconstruction_image = encode_image(result.reconstruction_image, call.output_format)
+        return response
+
+    def edit_stream(
+        self, call: EditCall, *, cancel_check: CancelCheck | None = None
+    ) -> Iterator[pb.EditEvent]:
+        events: queue.Queue[pb.EditEvent | None] = queue.Queue()
+        outcome: dict[str, Any] = {}
+
+        def on_progress(event: ProgressEvent) -> None:
+            events.put(
+                pb.EditEvent(progress=pb.Progress(stage=event.stage, step=event.step, total=event.total))
+            )
+
+        def run() -> None:  # waits on the pool while the caller's thread streams progress
+            try:
+                outcome["result"] = self.edit(call, progress=on_progress, cancel_check=cancel_check)
+            except BaseException as exc:  # re-raised in the caller's thread, which owns the status
+                outcome["error"] = exc
+            finally:
+                events.put(None)
+
+        waiter = threading.Thread(target=run, name="fpedit-stream", daemon=True)
+        waiter.start()
+        while (event := events.get()) is not None:
+            yield event
+        waiter.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        yield pb.EditEvent(result=outcome["result"])
+
+    def generate(
+        self,
+        call: GenerateCall,
+        *,
+        progress: ProgressFn | None = None,
+        cancel_check: CancelCheck | None = None,
+    ) -> pb.GenerateEditResponse:
+        result, queue_ms = self._run(
+            lambda kw: self.engine.edit_generated(
+                call.source_prompt,
+                call.target_prompt,
+                options=call.options,
+                seed=call.seed,
+                height=call.height,
+                width=call.width,
+                **kw,
+            ),
+            progress,
+            cancel_check,
+        )
+        return pb.GenerateEditResponse(
+            source_image=encode_image(result.source_image, call.output_format),
+            edited_image=encode_image(result.edited_image, call.output_format),
+            seed=int(result.stats["seed"]),
+            width=result.edited_image.width,
+            height=result.edited_image.height,
+            stats=stats_to_proto(result.stats, queue_ms),
+        )
+
+    def invert(
+        self, call: InvertCall, *, progress: ProgressFn | None = None, cancel_check: CancelCheck | None = None
+    ) -> pb.InvertResponse:
+        inversion, queue_ms = self._run(
+            lambda kw: self.engine.invert(call.image, options=call.options, **kw), progress, cancel_check
+        )
+        key = self.cache.put(inversion)
+        return pb.InvertResponse(
+            inversion_id=key,
+            width=inversion.size[0],
+            height=inversion.size[1],
+            steps=inversion.steps,
+            expires_in_s=int(self.cache.expires_in(key)),
+            stats=stats_to_proto(inversion.stats, queue_ms),
+        )
+
+    def info(self) -> pb.GetInfoResponse:
+        import fpedit
+
+        info = self.engine.info()
+        cfg = self.config
+        return pb.GetInfoResponse(
+            version=fpedit.__version__,
+            model=str(info["model"]),
+            backend=info["backend"],
+            device=info["device"],
+            precision=info.get("precision", info["dtype"]),
+            layers_available=info["map_layers"],
+            map_formats=[MAP_FORMAT_ENUM[f] for f in info["map_formats"]],
+            defaults=options_to_proto(EditOptions()),
+            default_image_size=info["default_image_size"],
+            limits=pb.Limits(
+                max_steps=MAX_STEPS,
+                max_image_pixels=self.engine.max_input_pixels,
+                max_side=self.engine.max_side,
+                max_message_bytes=cfg.max_message_bytes,
+                workers=cfg.workers,
+                max_queue=cfg.max_queue,
+                cache_bytes=cfg.cache_bytes,
+                cache_ttl_s=int(cfg.cache_ttl_s),
+                max_prompt_chars=cfg.max_prompt_chars,
+            ),
+        )
+
+    def stats(self) -> RunnerStats:
+        counts = self.cache.counters()
+        running = self.pool.running
+        return RunnerStats(
+            running=running,
+            queued=max(0, self.pool.pending - running),
+            cache_entries=counts["entries"],
+            cache_bytes=counts["bytes"],
+            cache_hits=counts["hits"],
+            cache_misses=counts["misses"],
+            cache_evictions=counts["evictions"],
+            device_memory_bytes=_device_memory(self._device),
+        )
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
+def _device_memory(device: str) -> int | None:
+    if not device.startswith("cuda"):
+        return None
+    try:
+        import torch
+
+        return int(torch.cuda.memory_allocated(device))
+    except Exception:  # metrics must never fail a scrape
+        return None
