@@ -9,7 +9,9 @@ with a Lanczos resample. Results come back at that working size.
 from __future__ import annotations
 
 import io
+import logging
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +27,8 @@ DEFAULT_MAX_SIDE = 1024
 #: Refuse to even decode more pixels than this (decompression bombs): 64 MP.
 DEFAULT_MAX_INPUT_PIXELS = 64 * 1024 * 1024
 MIN_INPUT_SIDE = 8
+
+log = logging.getLogger("fpedit.engine")
 
 ImageInput = Image.Image | np.ndarray | bytes | bytearray | str | os.PathLike
 
@@ -76,7 +80,8 @@ def _decode(
         raise InvalidInputError(field, "is empty")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Our own limit is checked on the header's size right below; Pillow's warning adds nothing.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=list(formats) if formats else None)
             w, h = img.size
             if w * h > max_pixels:
@@ -84,17 +89,42 @@ def _decode(
             img.load()
     except InvalidInputError:
         raise
-    except (
-        UnidentifiedImageError,
-        OSError,
-        SyntaxError,
-        ValueError,
-        Image.DecompressionBombError,
-        Image.DecompressionBombWarning,
-    ) as exc:
-        raise InvalidInputError(field, f"cannot be decoded as an image ({exc})") from exc
-    # Honour EXIF orientation so phone photos are edited the way they are displayed.
-    return ImageOps.exif_transpose(img)
+    except UnidentifiedImageError:
+        accepted = ", ".join(formats) if formats else "a format Pillow reads"
+        raise InvalidInputError(field, f"cannot be decoded as an image (expected {accepted})") from None
+    except Image.DecompressionBombError:
+        # Pillow's hard guard (2 x Image.MAX_IMAGE_PIXELS) fired before our check could see the size.
+        hard = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        limit = min(max_pixels, hard) if hard else max_pixels
+        raise InvalidInputError(field, f"exceeds the limit of {limit} pixels") from None
+    except MemoryError:
+        raise InvalidInputError(field, "needs more memory to decode than the server allows") from None
+    except Exception as exc:  # a damaged file can make any decoder raise anything: it is bad input
+        raise InvalidInputError(field, f"cannot be decoded as an image ({_describe(exc)})") from None
+    return _apply_orientation(img)
+
+
+def _describe(exc: BaseException) -> str:
+    """A decoder error for a client: its type and message, without object reprs or heap addresses."""
+    text = _ADDRESS.sub("", str(exc)).strip() or "damaged data"
+    return f"{type(exc).__name__}: {text}"[:200]
+
+
+_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>|\s*at 0x[0-9a-fA-F]+")
+
+
+def _apply_orientation(img: Image.Image) -> Image.Image:
+    """Honour EXIF orientation so phone photos are edited the way they are displayed.
+
+    EXIF is metadata: when it cannot be read (damaged or hostile blocks make Pillow raise SyntaxError,
+    struct.error, TypeError...), the pixels are edited as stored and a warning is logged; the edit never
+    fails because of it.
+    """
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception as exc:
+        log.warning("unreadable EXIF ignored; using the pixels as stored (%s)", _describe(exc))
+        return img
 
 
 def to_rgb(image: Image.Image, field: str = "image") -> Image.Image:
