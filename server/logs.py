@@ -34,11 +34,15 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure(log_format: str) -> None:
-    """Point the root handlers at ``log_format`` ("text" or "json") and log the server at INFO."""
+    """Log the server at INFO; ``"json"`` switches the root handlers to one JSON object per line.
+
+    Text keeps the handlers' format (``fpedit`` main() sets one with timestamps), so a caller's own logging
+    set-up (a test's capture handler, an embedding application) is left alone.
+    """
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(format=TEXT_FORMAT)
-    formatter = JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
-    for handler in root.handlers:
-        handler.setFormatter(formatter)
+    if log_format == "json":
+        for handler in root.handlers:
+            handler.setFormatter(JsonFormatter())
     logging.getLogger("fpedit.server").setLevel(logging.INFO)
