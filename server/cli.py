@@ -13,7 +13,7 @@ from typing import Any
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from fpedit.cli import engine_from_args
+    from fpedit.cli import engine_from_args, resolve_backend
 
     from .app import RunningServer, serve
     from .config import ServerConfig
@@ -38,6 +38,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         metrics_host=args.metrics_host,
         log_format=args.log_format,
     ).validate()  # before the model loads: a bad flag fails in a second, not after a minute
+    resolve_backend(args)  # --backend from the model folder's manifest (default torch)
     configure(config.log_format)
     engine = engine_from_args(args)
 

@@ -184,6 +184,10 @@ class EditServicer:
         self._aborting.set()
 
     @property
+    def draining(self) -> bool:
+        return self._draining.is_set()
+
+    @property
     def in_flight(self) -> int:
         with self._idle:
             return self._active

@@ -1,0 +1,402 @@
+"""Issue 9: every bad input gets a clear status before any work, health always answers, drain, logs.
+
+Real servers on 127.0.0.1 (ephemeral ports) over the small checkpoint; raw channels where a well-behaved
+client could not send the request (garbage bodies, invalid UTF-8, unknown enum values).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from conftest import make_image
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from fpedit import EditEngine
+from fpedit.server.app import build_server
+from fpedit.server.config import ServerConfig
+from fpedit.server.logs import JsonFormatter
+from fpedit.v1 import edit_pb2 as pb
+from fpedit.v1 import edit_pb2_grpc
+
+EDIT = "/fpedit.v1.EditService/Edit"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def png(image: Image.Image | None = None, **save_args) -> bytes:
+    buf = io.BytesIO()
+    (image or make_image(64, 64)).save(buf, format="PNG", **save_args)
+    return buf.getvalue()
+
+
+def opts(steps: int = 2, **fields) -> pb.EditOptions:
+    return pb.EditOptions(steps=steps, **fields)
+
+
+class Conn:
+    """A channel, the EditService and Health stubs, and raw byte calls."""
+
+    def __init__(self, port: int, token: str | None = None) -> None:
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.stub = edit_pb2_grpc.EditServiceStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+
+    def raw(self, method: str, body: bytes, timeout: float = 60) -> bytes:
+        call = self.channel.unary_unary(method)  # no serializers: bytes go out as they are
+        return call(body, timeout=timeout, metadata=self.metadata)
+
+    def check(self, service: str = "") -> int:
+        return self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def status_of(fn, *args, **kwargs) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        result = fn(*args, **kwargs)
+        if hasattr(result, "__iter__") and not isinstance(result, (bytes, pb.EditResponse)):
+            list(result)
+    return info.value.code(), info.value.details()
+
+
+@pytest.fixture(scope="module")
+def hardening_engine(model_dir):
+    return EditEngine.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def busy_server(hardening_engine):
+    """One worker, no queue: a valid request while the worker is busy gets RESOURCE_EXHAUSTED, so any other
+    answer proves the request was judged before it tried to queue."""
+    server = build_server(
+        hardening_engine, ServerConfig(port=0, workers=1, max_queue=0, max_prompt_chars=300)
+    )
+    yield server
+    server.drain(5)
+
+
+@pytest.fixture
+def conn(busy_server):
+    c = Conn(busy_server.port)
+    yield c
+    c.close()
+
+
+def _occupy(conn: Conn):
+    """Start a long streaming edit and wait until it runs; returns the stream (cancel it when done)."""
+    stream = conn.stub.EditStream(pb.EditRequest(image=png(), target_prompt="a car", options=opts(1000)))
+    assert next(stream).HasField("progress")
+    return stream
+
+
+def _wait_idle(server, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while server.runner.pool.pending and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.runner.pool.pending == 0
+
+
+# --- item 1: unreadable EXIF -------------------------------------------------------------------------------
+
+
+def test_garbage_exif_is_edited_as_stored(conn):
+    image = png(exif=b"garbage!")
+    edited = conn.stub.Edit(pb.EditRequest(image=image, target_prompt="a car", options=opts()), timeout=300)
+    assert Image.open(io.BytesIO(edited.edited_image)).size == (64, 64)
+    inverted = conn.stub.Invert(pb.InvertRequest(image=image, options=opts()), timeout=300)
+    assert inverted.inversion_id and (inverted.width, inverted.height) == (64, 64)
+    events = list(conn.stub.EditStream(pb.EditRequest(image=image, target_prompt="a car", options=opts())))
+    assert events[-1].HasField("result")
+
+
+# --- items 2, 3, 5: bad bodies and fields, judged before any work -------------------------------------------
+
+
+def _bad_fields() -> list[tuple[str, object, str]]:
+    long_prompt = "a car " * 60  # 360 characters; the server's limit is 300
+    return [
+        ("Edit", pb.EditRequest(image=png(), target_prompt=long_prompt, options=opts()), "target_prompt"),
+        ("Edit", pb.EditRequest(image=png(), target_prompt="a car", output_format=99), "output_format"),
+        (
+            "Edit",
+            pb.EditRequest(image=png(), target_prompt="a car", options=opts(guidance_scale=1e30)),
+            "guidance_scale",
+        ),
+        ("Edit", pb.EditRequest(image=png(), target_prompt="a car", options=opts(steps=0)), "steps"),
+        ("Edit", pb.EditRequest(inversion_id="x" * 100, target_prompt="a car"), "inversion_id"),
+        (
+            "GenerateEdit",
+            pb.GenerateEditRequest(source_prompt=long_prompt, target_prompt="a dog"),
+            "source_prompt",
+        ),
+        ("GenerateEdit", pb.GenerateEditRequest(target_prompt="a dog", output_format=7), "output_format"),
+        ("Invert", pb.InvertRequest(image=png(), options=opts(guidance_scale=-1)), "guidance_scale"),
+    ]
+
+
+def test_bad_fields_are_refused_before_queueing(conn, busy_server):
+    stream = _occupy(conn)
+    try:
+        # The only worker is busy and there is no queue: a valid request is refused as overloaded...
+        code, _ = status_of(
+            conn.stub.Edit, pb.EditRequest(image=png(), target_prompt="a car", options=opts())
+        )
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # ...and every invalid one is INVALID_ARGUMENT naming its field: judged before it tried to queue.
+        for method, request, field in _bad_fields():
+            code, detail = status_of(getattr(conn.stub, method), request, timeout=30)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, (method, field, code, detail)
+            assert detail.startswith(field), (field, detail)
+    finally:
+        stream.cancel()
+    _wait_idle(busy_server)
+
+
+@pytest.mark.filterwarnings("ignore:prompt has")  # 300 characters are more than 77 tokens
+def test_prompt_at_the_limit_is_accepted(conn):
+    response = conn.stub.Edit(
+        pb.EditRequest(image=png(), target_prompt="a" * 300, options=opts(), skip_reconstruction=True),
+        timeout=300,
+    )
+    assert response.edited_image and not response.reconstruction_image
+    assert conn.stub.GetInfo(pb.GetInfoRequest(), timeout=30).limits.max_prompt_chars == 300
+
+
+def test_undecodable_bodies_are_invalid_argument_with_one_log_line(conn, caplog):
+    # A valid request plus field 3 (target_prompt, length-delimited) holding two bytes that are not UTF-8.
+    bad_utf8 = pb.EditRequest(image=png(), options=opts()).SerializeToString() + b"\x1a\x02\xff\xfe"
+    with caplog.at_level(logging.INFO, logger="fpedit.server"):
+        for body in (b"definitely not protobuf \xff\xff\xff", bad_utf8):
+            code, detail = status_of(conn.raw, EDIT, body)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, detail)
+            assert detail.startswith("request:") and "fpedit.v1.EditRequest" in detail, detail
+    lines = [r for r in caplog.records if r.name == "fpedit.server"]
+    assert len([r for r in lines if "status=INVALID_ARGUMENT" in r.getMessage()]) == 2
+    assert not any(r.exc_info for r in lines), "a bad body is not a server error"
+    assert conn.check() == SERVING
+
+
+def test_token_is_checked_before_the_body_is_parsed(hardening_engine):
+    server = build_server(hardening_engine, ServerConfig(port=0, token="s3cret"))
+    try:
+        for token, expected in (
+            (None, grpc.StatusCode.UNAUTHENTICATED),
+            ("s3cret", grpc.StatusCode.INVALID_ARGUMENT),
+        ):
+            c = Conn(server.port, token)
+            try:
+                code, _ = status_of(c.raw, EDIT, b"\xff\xff garbage")
+                assert code == expected
+            finally:
+                c.close()
+    finally:
+        server.drain(2)
+
+
+# --- item 4: deadlines --------------------------------------------------------------------------------------
+
+
+def test_request_whose_deadline_passed_while_queued_never_starts(hardening_engine, monkeypatch):
+    server = build_server(hardening_engine, ServerConfig(port=0, workers=1, max_queue=2))
+    engine_calls: list[str] = []
+    real_edit = hardening_engine.edit_real
+
+    def counting_edit(image, prompt, **kwargs):
+        engine_calls.append(prompt)
+        return real_edit(image, prompt, **kwargs)
+
+    c = Conn(server.port)
+    try:
+        stream = _occupy(c)
+        monkeypatch.setattr(hardening_engine, "edit_real", counting_edit)  # count edits reaching the engine
+        code, _ = status_of(
+            c.stub.Edit, pb.EditRequest(image=png(), target_prompt="queued", options=opts()), timeout=1.0
+        )
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+        stream.cancel()
+        _wait_idle(server)
+        assert engine_calls == [], "a request whose deadline passed in the queue still ran"
+        done = c.stub.Edit(pb.EditRequest(image=png(), target_prompt="after", options=opts()), timeout=300)
+        assert done.edited_image and engine_calls == ["after"]
+    finally:
+        c.close()
+        server.drain(2)
+
+
+# --- item 7: health and reflection always answer ------------------------------------------------------------
+
+
+def test_health_answers_under_load(hardening_engine):
+    server = build_server(hardening_engine, ServerConfig(port=0, workers=1, max_queue=2))
+    c = Conn(server.port)
+    watches = []
+    try:
+        # Long-lived health watches and a burst of edits: more concurrent RPCs than workers + queue + slack.
+        watches = [c.health.Watch(health_pb2.HealthCheckRequest(service="")) for _ in range(16)]
+        assert all(next(w).status == SERVING for w in watches)
+        stream = _occupy(c)
+
+        def burst(i: int) -> grpc.StatusCode:
+            try:
+                c.stub.Edit(
+                    pb.EditRequest(image=png(), target_prompt=f"car {i}", options=opts()), timeout=600
+                )
+                return grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                return exc.code()
+
+        with ThreadPoolExecutor(max_workers=24) as pool:
+            futures = [pool.submit(burst, i) for i in range(24)]
+            checks = [c.check() for _ in range(20)]
+            checks += [c.check("fpedit.v1.EditService") for _ in range(10)]
+            stream.cancel()
+            codes = [f.result() for f in futures]
+        assert checks == [SERVING] * 30
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes  # the burst did overflow the queue
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    finally:
+        for w in watches:
+            w.cancel()
+        c.close()
+        server.drain(5)
+
+
+# --- item 8: drain ------------------------------------------------------------------------------------------
+
+
+def test_drain_answers_not_serving_refuses_new_work_and_finishes_in_flight(hardening_engine, monkeypatch):
+    server = build_server(hardening_engine, ServerConfig(port=0, workers=1, max_queue=2))
+    entered, release = threading.Event(), threading.Event()
+    real_edit = hardening_engine.edit_real
+
+    def gated_edit(*args, **kwargs):  # holds the in-flight edit until the drain has been observed
+        entered.set()
+        assert release.wait(120)
+        return real_edit(*args, **kwargs)
+
+    monkeypatch.setattr(hardening_engine, "edit_real", gated_edit)
+    c = Conn(server.port)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        in_flight = pool.submit(
+            c.stub.Edit, pb.EditRequest(image=png(), target_prompt="a car", options=opts()), timeout=300
+        )
+        assert entered.wait(60)
+        drained = pool.submit(server.drain, 300)
+        try:
+            while not server.servicer.draining:
+                time.sleep(0.01)
+            assert c.check() == NOT_SERVING and c.check("fpedit.v1.EditService") == NOT_SERVING
+            code, detail = status_of(
+                c.stub.Edit, pb.EditRequest(image=png(), target_prompt="late", options=opts())
+            )
+            assert code == grpc.StatusCode.UNAVAILABLE and "shutting down" in detail
+            assert c.stub.GetInfo(pb.GetInfoRequest(), timeout=30).backend == "torch"
+        finally:
+            release.set()
+        assert in_flight.result(300).edited_image  # the in-flight edit finished during the drain
+        drained.result(300)
+    c.close()
+
+
+def test_work_left_at_the_end_of_grace_is_aborted_and_logged_as_such(hardening_engine, caplog):
+    server = build_server(hardening_engine, ServerConfig(port=0, workers=1, max_queue=2))
+    c = Conn(server.port)
+    with caplog.at_level(logging.INFO, logger="fpedit.server"):
+        stream = _occupy(c)
+        server.drain(0.5)
+        with pytest.raises(grpc.RpcError) as info:
+            list(stream)
+    c.close()
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "aborted by server shutdown" in info.value.details()
+    lines = [r.getMessage() for r in caplog.records if "rpc=EditStream" in r.getMessage()]
+    assert lines and "aborted by server shutdown" in lines[-1] and "status=UNAVAILABLE" in lines[-1]
+    assert not any("client cancelled" in line for line in lines)
+
+
+# --- item 6: start-up errors --------------------------------------------------------------------------------
+
+
+def _serve_error(capsys, *flags: str) -> str:
+    from fpedit.cli import main
+
+    code = main(["serve", *flags])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("fpedit:")]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("fpedit: error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("flags", "names"),
+    [
+        (["--workers", "0"], "workers"),
+        (["--max-queue", "-1"], "max-queue"),
+        (["--max-message-mb", "0"], "max-message-mb"),
+        (["--max-prompt-chars", "0"], "max-prompt-chars"),
+        (["--port", "70000"], "port"),
+        (["--tls-cert", "/nonexistent.pem"], "tls"),
+    ],
+)
+def test_bad_serve_flags_are_one_line_before_loading(capsys, flags, names):
+    assert names in _serve_error(capsys, "--model", "/nonexistent-model-dir", *flags)
+
+
+def test_bind_and_tls_failures_are_one_line(capsys, model_dir, tmp_path):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = str(taken.getsockname()[1])
+        assert "cannot bind" in _serve_error(capsys, "--model", str(model_dir), "--port", port)
+    finally:
+        taken.close()
+    assert "cannot bind" in _serve_error(capsys, "--model", str(model_dir), "--host", "no-such-host.invalid")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("not a certificate")
+    assert "tls-key" in _serve_error(
+        capsys, "--model", str(model_dir), "--tls-cert", str(cert), "--tls-key", str(key)
+    )
+    key.write_text("not a key")
+    assert "not a PEM" in _serve_error(
+        capsys, "--model", str(model_dir), "--tls-cert", str(cert), "--tls-key", str(key)
+    )
+
+
+# --- item 11: JSON request logs -----------------------------------------------------------------------------
+
+
+def test_json_log_is_one_object_per_request(conn):
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("fpedit.server")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        ok = conn.stub.Edit(pb.EditRequest(image=png(), target_prompt="a car", options=opts()), timeout=300)
+        status_of(conn.stub.Edit, pb.EditRequest(target_prompt="a car"))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    entries = [json.loads(line) for line in stream.getvalue().splitlines()]
+    requests = [e for e in entries if e.get("method") == "Edit"]
+    assert len(requests) == 2, entries
+    good, bad = requests
+    assert good["status"] == "OK" and good["inversion_id"] == ok.inversion_id
+    assert good["rows"] == ok.stats.unet_rows and good["engine_ms"] >= 0 and good["queue_ms"] >= 0
+    assert good["peer"].startswith("ipv4:127.0.0.1") and "time" in good
+    assert bad["status"] == "INVALID_ARGUMENT" and bad["detail"].startswith("image")
