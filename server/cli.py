@@ -12,15 +12,12 @@ from pathlib import Path
 from typing import Any
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from fpedit.cli import engine_from_args, resolve_backend
-
-    from .app import RunningServer, serve
+def server_config_from_args(args: argparse.Namespace) -> Any:
+    """The validated :class:`ServerConfig` of ``fpedit serve`` flags (also read by the Ray Serve config file)."""
     from .config import ServerConfig
-    from .logs import configure
 
     token = args.token or os.environ.get("FPEDIT_TOKEN") or None
-    config = ServerConfig(
+    return ServerConfig(
         host=args.host,
         port=args.port,
         workers=args.workers,
@@ -38,9 +35,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         metrics_host=args.metrics_host,
         log_format=args.log_format,
     ).validate()  # before the model loads: a bad flag fails in a second, not after a minute
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from fpedit.cli import engine_from_args, resolve_backend
+
+    from .app import RunningServer, serve
+    from .logs import configure
+
+    config = server_config_from_args(args)
     resolve_backend(args)  # --backend from the model folder's manifest (default torch)
+    if args.ray:
+        from .ray_app import require_ray
+
+        require_ray()  # before anything loads: one line saying how to install the extra
     configure(config.log_format)
-    engine = engine_from_args(args)
 
     def ready(running: RunningServer) -> None:
         print(f"fpedit serving on {args.host}:{running.port}", flush=True)
@@ -48,7 +57,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             host = config.metrics_host or config.host
             print(f"fpedit metrics on http://{host}:{running.metrics_port}/metrics", flush=True)
 
-    serve(engine, config, ready=ready)
+    if args.ray:
+        from .ray_app import serve_on_ray
+
+        serve_on_ray(args, config, ready=ready)
+    else:
+        serve(engine_from_args(args), config, ready=ready)
     # Drained: every request is answered and logged. Leave without interpreter teardown, where native
     # threads (gRPC's pollers, the BLAS pool) racing static destructors have aborted the process.
     logging.shutdown()
@@ -289,6 +303,16 @@ def add_commands(sub: Any) -> None:
     serve.add_argument("--metrics-host", help="metrics bind address (default: --host)")
     serve.add_argument(
         "--log-format", choices=("text", "json"), default="text", help="json: one object per request"
+    )
+    ray = serve.add_argument_group("scale out on Ray Serve (pip install 'fpedit[ray]')")
+    ray.add_argument(
+        "--ray",
+        action="store_true",
+        help="run the engines as Ray Serve replicas (one per GPU on CUDA) behind this gRPC front",
+    )
+    ray.add_argument("--replicas", type=int, default=1, help="with --ray: engine replicas (default 1)")
+    ray.add_argument(
+        "--ray-address", help="with --ray: join this Ray cluster, e.g. ray://head:10001 (default: start one)"
     )
     serve.set_defaults(func=cmd_serve)
 

@@ -1,0 +1,362 @@
+"""Ray Serve scale-out: fpedit's gRPC front over two replicas on a real local Ray instance (tiny checkpoint).
+
+One Ray instance and one two-replica application serve the whole module (Ray's start-up dominates the cost).
+A standalone server over an in-process engine is the reference for pixels and for status codes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from conftest import make_image
+from PIL import Image
+
+from fpedit import EditEngine, EditOptions
+from fpedit.server.ray_store import (
+    BoundedRecords,
+    engine_fingerprint,
+    inversion_from_record,
+    record_from_inversion,
+)
+
+STEPS = 3
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "ray-test-token"
+RAY_MISSING = "Ray Serve is not installed: pip install 'fpedit[ray]'"
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def pixels(data: bytes | Image.Image) -> np.ndarray:
+    image = data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data))
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+# --- without Ray: the store's bounds and the record round trip ----------------------------------------------
+
+
+def test_bounded_records_evict_by_bytes_and_age():
+    now = [0.0]
+    records = BoundedRecords(max_bytes=100, ttl_s=10.0, clock=lambda: now[0])
+    assert records.put("a", "A", 40) and records.put("b", "B", 40)
+    assert records.get("a") == "A"  # a is now the most recently used
+    assert records.put("c", "C", 40)  # 120 > 100: the least recently used (b) goes
+    assert records.get("b") is None and records.get("a") == "A" and records.get("c") == "C"
+    assert records.stats()["bytes"] == 80
+    assert not records.put("huge", "H", 101)  # larger than the whole budget: refused, nothing evicted
+    assert records.stats()["entries"] == 2
+    now[0] = 10.5  # past the TTL of everything put at t = 0
+    assert records.get("a") is None
+    stats = records.stats()
+    assert stats["entries"] == 0 and stats["bytes"] == 0 and stats["evicted"] == 3
+
+
+def test_record_round_trip_gives_the_same_edit(engine, reference_engine):
+    """A replica that rebuilds an inversion from the store (other engine, no maps) edits identically."""
+    holder, other = engine, reference_engine
+    options = EditOptions(steps=STEPS)
+    inversion = holder.invert(make_image(64, 64), options=options)
+    first = holder.edit_real(inversion, "a red car", options=options)  # caches the maps on the holder
+    again = holder.edit_real(inversion, "a blue car", options=options)
+    fingerprint = engine_fingerprint(holder.info())
+    assert fingerprint == engine_fingerprint(other.info())
+    restored = inversion_from_record(other, record_from_inversion(inversion, fingerprint))
+    from_store = other.edit_real(restored, "a blue car", options=options)
+    assert np.array_equal(pixels(from_store.edited_image), pixels(again.edited_image))
+    assert np.array_equal(pixels(from_store.reconstruction_image), pixels(first.reconstruction_image))
+    # The rebuilt inversion recomputed the source maps: more UNet rows than the holder's cached re-edit.
+    assert from_store.stats["unet_rows"] > again.stats["unet_rows"]
+
+
+def test_serve_ray_without_the_extra_says_how_to_install(tmp_path):
+    code = (
+        "import sys; sys.modules['ray'] = None; sys.modules['ray.serve'] = None\n"
+        "from fpedit.cli import main\n"
+        "sys.exit(main(['serve', '--ray', '--replicas', '2', '--port', '0']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines == [f"fpedit: error: ray: {RAY_MISSING}"]
+
+
+# --- on a real local Ray instance ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_service(model_dir):
+    pytest.importorskip("ray.serve", reason=RAY_MISSING)
+    from fpedit.server.config import ServerConfig
+    from fpedit.server.ray_app import RayService, ReplicaSettings, model_args, replica_server_config
+
+    settings = ReplicaSettings(
+        engine_args=model_args(model=str(model_dir), backend="torch"),
+        server=replica_server_config(ServerConfig(), max_ongoing_requests=4, batching=True),
+    )
+    service = RayService.start(
+        settings,
+        replicas=2,
+        max_ongoing_requests=4,
+        # Logical CPUs for scheduling (one per replica): two replicas, a replacement, a config-file replica.
+        ray_init={"num_cpus": 4, "log_to_driver": False},
+    )
+    yield service
+    service.close()
+
+
+@pytest.fixture(scope="module")
+def fronts(ray_service, model_dir):
+    """The Ray front and a standalone server, both with a token, on ephemeral loopback ports."""
+    from fpedit.server.app import build_server
+    from fpedit.server.config import ServerConfig
+
+    ray_front = build_server(ray_service.runner, ServerConfig(port=0, token=TOKEN))
+    standalone = build_server(EditEngine.from_pretrained(model_dir), ServerConfig(port=0, token=TOKEN))
+    yield {"ray": ray_front, "standalone": standalone}
+    ray_front.drain(2)
+    standalone.drain(2)
+
+
+@pytest.fixture
+def client(fronts):
+    from fpedit.server.client import EditClient
+
+    with EditClient(f"127.0.0.1:{fronts['ray'].port}", token=TOKEN, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def reference_engine(model_dir):
+    return EditEngine.from_pretrained(model_dir)
+
+
+def wait_for_routing() -> None:
+    """Serve learns which replica holds a new id from the replica's report (every 0.1 s) via its controller;
+    give that a generous moment so that the next call can be routed by it."""
+    time.sleep(1.5)
+
+
+@contextlib.contextmanager
+def threads_like_the_replicas(ray_service):
+    """Run the in-process reference on the replicas' torch thread count: float reductions then add up in the
+    same order, so pixels are equal, not merely close."""
+    import torch
+
+    (threads,) = {s["torch_threads"] for s in ray_service.runner.replica_stats()}
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_results_through_grpc_equal_the_engine(client, reference_engine, ray_service):
+    from fpedit.server.client import edit_options
+
+    image = make_image(64, 64)
+    options = EditOptions(steps=STEPS)
+    response = client.edit("a red car", image=png_bytes(image), options=edit_options(steps=STEPS))
+    with threads_like_the_replicas(ray_service):
+        local = reference_engine.edit_real(image, "a red car", options=options)
+        local_gen = reference_engine.edit_generated("a cat", "a dog", seed=5, options=options)
+    assert np.array_equal(pixels(response.edited_image), pixels(local.edited_image))
+    assert np.array_equal(pixels(response.reconstruction_image), pixels(local.reconstruction_image))
+    assert response.stats.unet_rows == local.stats["unet_rows"]
+    assert response.inversion_id
+
+    generated = client.generate("a cat", "a dog", seed=5, options=edit_options(steps=STEPS))
+    assert np.array_equal(pixels(generated.edited_image), pixels(local_gen.edited_image))
+    assert np.array_equal(pixels(generated.source_image), pixels(local_gen.source_image))
+
+    events = list(client.edit_stream("a red car", image=png_bytes(image), options=edit_options(steps=STEPS)))
+    progress = [e.progress for e in events if e.HasField("progress")]
+    assert [p.step for p in progress if p.stage == "denoise"] == list(range(1, STEPS + 1))
+    assert events[-1].HasField("result")
+    assert np.array_equal(pixels(events[-1].result.edited_image), pixels(local.edited_image))
+
+    info = client.info()
+    assert info.backend == "torch" and client.health() == "SERVING"
+
+
+def test_edits_by_id_land_on_the_holder_and_survive_its_death(client, ray_service):
+    import ray
+
+    from fpedit.server.client import edit_options
+
+    image = png_bytes(make_image(64, 64, seed=3))
+    inverted = client.invert(image, options=edit_options(steps=STEPS))
+    holder = inverted.stats.replica
+    assert holder.startswith("SERVE_REPLICA::")
+    wait_for_routing()
+    edits = [client.edit("a blue car", inversion_id=inverted.inversion_id) for _ in range(3)]
+    assert [e.stats.replica for e in edits] == [holder] * 3
+    assert all(e.inversion_id == inverted.inversion_id for e in edits)
+    # The holder kept the source maps after the first edit: later edits run the target branch only.
+    assert edits[1].stats.unet_rows < edits[0].stats.unet_rows
+    assert np.array_equal(pixels(edits[0].edited_image), pixels(edits[2].edited_image))
+
+    restores_before = sum(s["restores"] for s in ray_service.runner.replica_stats())
+    ray.kill(ray.get_actor(holder, namespace="serve"), no_restart=True)
+    after = client.edit("a blue car", inversion_id=inverted.inversion_id)
+    assert after.stats.replica != holder
+    assert np.array_equal(pixels(after.edited_image), pixels(edits[0].edited_image))
+    assert np.array_equal(pixels(after.reconstruction_image), pixels(edits[0].reconstruction_image))
+    # It was rebuilt from the shared store: maps recomputed (as many rows as the holder's first edit).
+    assert after.stats.unet_rows == edits[0].stats.unet_rows
+    assert sum(s["restores"] for s in ray_service.runner.replica_stats()) == restores_before + 1
+
+
+def bad_calls(stub, image: bytes, token: str | None):
+    """(case, call) pairs of requests the service must refuse."""
+    from fpedit.v1 import edit_pb2 as pb
+
+    md = (("authorization", f"Bearer {token}"),) if token else ()
+    opts = {"metadata": md, "timeout": 60}
+    return [
+        ("empty prompt", lambda: stub.Edit(pb.EditRequest(image=image, target_prompt=""), **opts)),
+        (
+            "image and id",
+            lambda: stub.Edit(pb.EditRequest(image=image, inversion_id="x", target_prompt="a"), **opts),
+        ),
+        (
+            "corrupt image",
+            lambda: stub.Edit(pb.EditRequest(image=b"not an image", target_prompt="a"), **opts),
+        ),
+        (
+            "steps 0",
+            lambda: stub.Invert(pb.InvertRequest(image=image, options=pb.EditOptions(steps=0)), **opts),
+        ),
+        (
+            "unknown id",
+            lambda: stub.Edit(pb.EditRequest(inversion_id="0" * 32, target_prompt="a"), **opts),
+        ),
+        (
+            "unknown id, stream",
+            lambda: list(stub.EditStream(pb.EditRequest(inversion_id="0" * 32, target_prompt="a"), **opts)),
+        ),
+    ]
+
+
+EXPECTED_CODES = {
+    "empty prompt": grpc.StatusCode.INVALID_ARGUMENT,
+    "image and id": grpc.StatusCode.INVALID_ARGUMENT,
+    "corrupt image": grpc.StatusCode.INVALID_ARGUMENT,
+    "steps 0": grpc.StatusCode.INVALID_ARGUMENT,
+    "unknown id": grpc.StatusCode.NOT_FOUND,
+    "unknown id, stream": grpc.StatusCode.NOT_FOUND,
+    "missing token": grpc.StatusCode.UNAUTHENTICATED,
+}
+
+
+def codes_of(port: int) -> dict[str, grpc.StatusCode]:
+    from fpedit.v1 import edit_pb2 as pb
+    from fpedit.v1 import edit_pb2_grpc
+
+    image = png_bytes(make_image(64, 64))
+    codes = {}
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = edit_pb2_grpc.EditServiceStub(channel)
+        calls = [*bad_calls(stub, image, TOKEN)]
+        calls.append(("missing token", lambda: stub.GetInfo(pb.GetInfoRequest(), timeout=30)))
+        for case, call in calls:
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            codes[case] = caught.value.code()
+    return codes
+
+
+def test_errors_have_the_standalone_servers_codes(fronts):
+    ray_codes = codes_of(fronts["ray"].port)
+    assert ray_codes == EXPECTED_CODES
+    assert codes_of(fronts["standalone"].port) == ray_codes
+
+
+def test_deadline_stops_the_replicas_work(client, ray_service):
+    from fpedit.server.client import edit_options
+
+    def cancelled() -> int:
+        return sum(s["cancelled"] for s in ray_service.runner.replica_stats())
+
+    before = cancelled()
+    image = png_bytes(make_image(64, 64, seed=9))
+    with pytest.raises(grpc.RpcError) as caught:
+        client.edit("a green car", image=image, options=edit_options(steps=400), timeout=1.0)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # The replica's engine stopped at a cancel check (a finished edit would not count as cancelled).
+    deadline = time.monotonic() + 60
+    while cancelled() == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert cancelled() == before + 1
+    assert client.edit("a green car", image=image, options=edit_options(steps=STEPS)).edited_image
+
+
+def wait_until_running(app_name: str, limit_s: float = 240) -> None:
+    """`serve run --non-blocking` only submits the config; the application builds and starts afterwards."""
+    from ray import serve
+
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(app_name)
+        if status is not None and status.status == "RUNNING":
+            return
+        if status is not None and status.status == "DEPLOY_FAILED":
+            pytest.fail(f"{app_name} failed to deploy: {status.message}")
+        time.sleep(0.5)
+    pytest.fail(f"{app_name} not running after {limit_s} s: {serve.status().applications.get(app_name)}")
+
+
+def test_config_file_runs_with_rays_tooling(ray_service, model_dir, tmp_path):
+    """deploy/ray-serve.yaml through `serve run`: the gRPC front deployment serves edits, health and auth.
+
+    Only what depends on this machine changes: the app's name (the module's app is "fpedit"), the model,
+    an ephemeral port and a token. The deployments section (autoscaling, max_ongoing_requests) is the file's.
+    """
+    import ray
+    import yaml
+    from ray import serve
+
+    from fpedit.server.client import EditClient, edit_options
+
+    config = yaml.safe_load((REPO / "deploy" / "ray-serve.yaml").read_text())
+    (app,) = config["applications"]
+    app["name"] = "fpedit-config"
+    app["args"].update(model=str(model_dir), backend="torch", host="127.0.0.1", port=0)
+    app["runtime_env"]["env_vars"]["FPEDIT_TOKEN"] = TOKEN
+    path = tmp_path / "ray-serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    address = ray.get_runtime_context().gcs_address
+    done = subprocess.run(
+        ["serve", "run", "--non-blocking", "--address", address, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    try:
+        wait_until_running("fpedit-config")
+        port = serve.get_app_handle("fpedit-config").port.remote().result(timeout_s=60)
+        with EditClient(f"127.0.0.1:{port}", token=TOKEN, timeout=120) as client:
+            assert client.health() == "SERVING"
+            response = client.edit(
+                "a red car", image=png_bytes(make_image(64, 64)), options=edit_options(steps=2)
+            )
+            assert response.stats.replica.startswith("SERVE_REPLICA::fpedit-config#EditReplica#")
+        with EditClient(f"127.0.0.1:{port}", timeout=30) as anonymous, pytest.raises(grpc.RpcError) as caught:
+            anonymous.info()
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        serve.delete("fpedit-config")
