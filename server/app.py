@@ -144,6 +144,7 @@ def build_server(target: EditEngine | Runner, config: ServerConfig) -> RunningSe
         try:
             metrics_port = metrics.serve(config.metrics_host or config.host, config.metrics_port)
         except OSError:
+            server.stop(None)
             runner.close()
             raise
     server.start()

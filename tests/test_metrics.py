@@ -1,0 +1,129 @@
+"""Prometheus metrics: scraped over HTTP from real servers before and after requests."""
+
+from __future__ import annotations
+
+import io
+import urllib.request
+
+import grpc
+import pytest
+from conftest import make_image
+from prometheus_client.parser import text_string_to_metric_families
+
+from fpedit import EditEngine
+from fpedit.server.app import build_server
+from fpedit.server.config import ServerConfig
+from fpedit.v1 import edit_pb2 as pb
+from fpedit.v1 import edit_pb2_grpc
+
+
+def png(seed: int = 0) -> bytes:
+    buf = io.BytesIO()
+    make_image(64, 64, seed=seed).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset], float]:
+    """{(sample name, labels): value} from the text exposition format at /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        assert response.status == 200
+        text = response.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+@pytest.fixture(scope="module")
+def metrics_engine(model_dir):
+    return EditEngine.from_pretrained(model_dir)
+
+
+def test_counters_move_by_the_requests_made(metrics_engine):
+    server = build_server(metrics_engine, ServerConfig(port=0, metrics_port=0))
+    assert server.metrics_port
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    stub = edit_pb2_grpc.EditServiceStub(channel)
+    options = pb.EditOptions(steps=3)
+    try:
+        before = scrape(server.metrics_port)
+        first = stub.Edit(pb.EditRequest(image=png(1), target_prompt="a car", options=options), timeout=300)
+        inverted = stub.Invert(pb.InvertRequest(image=png(2), options=options), timeout=300)
+        by_id = stub.Edit(
+            pb.EditRequest(inversion_id=inverted.inversion_id, target_prompt="a boat"), timeout=300
+        )
+        for bad in (
+            pb.EditRequest(target_prompt="a car"),
+            pb.EditRequest(inversion_id="0" * 32, target_prompt="a"),
+        ):
+            with pytest.raises(grpc.RpcError):
+                stub.Edit(bad, timeout=60)
+        after = scrape(server.metrics_port)
+    finally:
+        channel.close()
+        server.drain(2)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("fpedit_requests_total", method="Edit", code="OK") == 2
+    assert delta("fpedit_requests_total", method="Invert", code="OK") == 1
+    assert delta("fpedit_requests_total", method="Edit", code="INVALID_ARGUMENT") == 1
+    assert delta("fpedit_requests_total", method="Edit", code="NOT_FOUND") == 1
+    assert delta("fpedit_request_duration_seconds_count", method="Edit") == 4
+    # Queue and engine time: one observation per successful request, sums equal to the responses' stats.
+    assert delta("fpedit_queue_wait_seconds_count", method="Edit") == 2
+    assert delta("fpedit_engine_seconds_count", method="Invert") == 1
+    engine_s = (first.stats.engine_ms + by_id.stats.engine_ms) / 1e3
+    assert delta("fpedit_engine_seconds_sum", method="Edit") == pytest.approx(engine_s, rel=1e-3, abs=1e-3)
+    rows = first.stats.unet_rows + by_id.stats.unet_rows
+    assert delta("fpedit_unet_rows_total", method="Edit") == rows > 0
+    assert delta("fpedit_unet_rows_total", method="Invert") == inverted.stats.unet_rows
+    assert delta("fpedit_unet_calls_total", method="Edit") == first.stats.unet_calls + by_id.stats.unet_calls
+    # Every stage a response reported was observed once for it.
+    stages = list(first.stats.stages_ms) + list(by_id.stats.stages_ms) + list(inverted.stats.stages_ms)
+    for stage in set(stages):
+        assert delta("fpedit_stage_seconds_count", stage=stage) == stages.count(stage), stage
+    # The cache: two entries (the image edit's and the inversion), one hit (edit by id), one miss.
+    assert value(after, "fpedit_inversion_cache_entries") == 2
+    assert value(after, "fpedit_inversion_cache_bytes") > 0
+    assert delta("fpedit_inversion_cache_hits_total") == 1
+    assert delta("fpedit_inversion_cache_misses_total") == 1
+    assert value(after, "fpedit_requests_in_flight") == 0
+    assert value(after, "fpedit_requests_running") == 0 and value(after, "fpedit_requests_queued") == 0
+    assert not any(name == "fpedit_gpu_memory_allocated_bytes" for name, _ in after)  # CPU engine
+
+
+def test_servers_in_one_process_keep_their_own_metrics(metrics_engine, model_dir):
+    other_engine = EditEngine.from_pretrained(model_dir)
+    a = build_server(metrics_engine, ServerConfig(port=0, metrics_port=0))
+    b = build_server(other_engine, ServerConfig(port=0, metrics_port=0))
+    try:
+        assert a.metrics_port != b.metrics_port
+        with grpc.insecure_channel(f"127.0.0.1:{a.port}") as channel:
+            edit_pb2_grpc.EditServiceStub(channel).GetInfo(pb.GetInfoRequest(), timeout=30)
+        assert value(scrape(a.metrics_port), "fpedit_requests_total", method="GetInfo", code="OK") == 1
+        assert value(scrape(b.metrics_port), "fpedit_requests_total", method="GetInfo", code="OK") == 0
+    finally:
+        a.drain(2)
+        b.drain(2)
+    with pytest.raises(OSError):  # the endpoint closed with its server
+        urllib.request.urlopen(f"http://127.0.0.1:{a.metrics_port}/metrics", timeout=2)
+
+
+def test_metrics_port_in_use_is_a_clear_error(metrics_engine):
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        with pytest.raises(OSError, match="cannot serve metrics"):
+            build_server(metrics_engine, ServerConfig(port=0, metrics_port=taken.getsockname()[1]))
+    finally:
+        taken.close()
