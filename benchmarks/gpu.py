@@ -8,6 +8,9 @@ What it measures (512x512, 50 steps, guidance 7.5 unless told otherwise):
 1. per-call UNet time (CUDA events, median) for batch 1, 2, 3 and the capture batch, for the plain, capture
    and inject variants, with CUDA graphs, plus eager plain calls for comparison;
 2. end-to-end latency of a real edit (invert + edit), a re-edit of the same inversion and a generated edit;
+   then cross-request batching: edits/s and p50/p95 at 1, 2, 4 and 8 concurrent clients, batching off and
+   on, real edits and re-edits (the dry run: 1 and 2 clients); and the ``compile_unet`` flag against the
+   plain UNet (time and fp16 agreement);
 3. correctness: fp16 on CUDA against float32 (the CPU engine on the tiny model and on the SD 1.5
    architecture at a reduced size; CUDA float32 without TF32 at full size): PSNR of decoded images and
    relative L2 error of the final latents.
@@ -171,6 +174,7 @@ def run_pair(fast: Any, ref: Any, steps: int, size: int) -> dict[str, Any]:
 def time_unet(engine: Any, size: int, batches: list[int], repeat: int) -> dict[str, Any]:
     """Median ms per UNet call for each variant and batch (events on CUDA, wall clock on the CPU)."""
     from fpedit.engine import PAPER_LAYERS
+    from fpedit.engine.calls import UNetCall
     from fpedit.engine.maps import Injection
 
     backend = engine.backend
@@ -202,24 +206,21 @@ def time_unet(engine: Any, size: int, batches: list[int], repeat: int) -> dict[s
         sample = torch.randn((batch, 4, lh, lh), generator=g).to(backend.device)
         t = torch.full((batch,), 501.0, device=backend.device)
         ctx = torch.randn((batch, 77, spec.text_hidden_size), generator=g).to(backend.device)
-        _, maps = backend.unet(sample, t, ctx, capture=PAPER_LAYERS)
+        maps = backend.unet(UNetCall(sample, t, ctx, capture=PAPER_LAYERS)).maps
         rows = [batch - 1] * batch
         gate = [r == batch - 1 for r in range(batch)]
         inject = Injection.for_rows(maps.rows(rows), gate, PAPER_LAYERS)
-        entry = {
-            "plain": measure(lambda s=sample, t=t, c=ctx: backend.unet(s, t, c)),
-            "capture": measure(lambda s=sample, t=t, c=ctx: backend.unet(s, t, c, capture=PAPER_LAYERS)),
-            "capture_only": measure(
-                lambda s=sample, t=t, c=ctx: backend.unet(
-                    s, t, c, capture=PAPER_LAYERS, need_noise_pred=False
-                )
-            ),
-            "inject": measure(lambda s=sample, t=t, c=ctx, i=inject: backend.unet(s, t, c, inject=i)),
+        calls = {
+            "plain": UNetCall(sample, t, ctx),
+            "capture": UNetCall(sample, t, ctx, capture=PAPER_LAYERS),
+            "capture_only": UNetCall(sample, t, ctx, capture=PAPER_LAYERS, need_noise_pred=False),
+            "inject": UNetCall(sample, t, ctx, inject=inject),
         }
+        entry = {name: measure(lambda c=call: backend.unet(c)) for name, call in calls.items()}
         if backend.graphs is not None:
             graphs, backend.graphs = backend.graphs, None
             try:
-                entry["plain_eager"] = measure(lambda s=sample, t=t, c=ctx: backend.unet(s, t, c))
+                entry["plain_eager"] = measure(lambda c=calls["plain"]: backend.unet(c))
             finally:
                 backend.graphs = graphs
         results[str(batch)] = entry
@@ -272,6 +273,60 @@ def time_edits(engine: Any, steps: int, size: int, repeat: int) -> dict[str, Any
     }
     for name, r in out.items():
         log(f"  {name}: median {r['median_ms']:.1f} ms (min {r['min_ms']:.1f}), {r['unet_rows']} UNet rows")
+    return out
+
+
+def concurrency(engine: Any, steps: int, size: int, levels: list[int], rounds: int) -> dict[str, Any]:
+    """Cross-request batching: edits/s and p50/p95 per request at each client count, batching off (the
+    engine as built) and on (a second engine over the same backend and CUDA graphs), real edits and
+    re-edits; plus the issue's targets at 4 clients."""
+    from fpedit.benchmarks.bench import concurrency_markdown, concurrency_table
+    from fpedit.engine import EditEngine
+
+    batched = EditEngine(engine.backend, engine.tokenizer, source=engine.source, batching=True)
+    try:
+        table = concurrency_table(
+            {"off": engine, "on": batched}, levels, steps=steps, size=size, rounds=rounds
+        )
+    finally:
+        batched.close()
+    rows = {(r["batching"], r["kind"], r["concurrency"]): r for r in table["rows"]}
+    if 1 in levels and 4 in levels:
+        lone, off4, on4 = (
+            rows[("off", "real_edit", 1)],
+            rows[("off", "real_edit", 4)],
+            rows[("on", "real_edit", 4)],
+        )
+        table["targets"] = {
+            "real_edit_4_clients_speedup": on4["edits_per_s"] / off4["edits_per_s"],  # target >= 1.6
+            "real_edit_4_clients_p95_over_lone": on4["p95_ms"] / lone["p50_ms"],  # target <= 2.2
+            "real_edit_1_client_on_over_off": rows[("on", "real_edit", 1)]["p50_ms"] / lone["p50_ms"],
+        }
+    for line in concurrency_markdown(table):
+        log(f"  {line}")
+    log(f"  targets: {table.get('targets')}")
+    return table
+
+
+def compile_check(modules: dict[str, Any], fast: Any, steps: int, size: int) -> dict[str, Any]:
+    """The ``compile_unet`` backend flag: UNet call time and end-to-end latency beside the engine without
+    it, and its fp16 results against it (keep the flag only if it is faster and within fp16 tolerance)."""
+    from fpedit.engine import EditOptions
+
+    compiled = make_engine(modules, "cuda", torch.float16, compile_unet=True)
+    t0 = time.perf_counter()
+    compiled.edit_real(synthetic_image(size), "warm-up", options=EditOptions(steps=2))
+    out: dict[str, Any] = {"first_call_s": time.perf_counter() - t0}
+    out["unet_ms"] = {
+        "compiled": time_unet(compiled, size, [1, 2], repeat=20),
+        "plain": time_unet(fast, size, [1, 2], repeat=20),
+    }
+    out["latency"] = {
+        "compiled": time_edits(compiled, steps, size, 2),
+        "plain": time_edits(fast, steps, size, 2),
+    }
+    out["compiled_vs_plain"] = run_pair(compiled, fast, steps, size)
+    log(f"  {json.dumps(out, default=str)}")
     return out
 
 
@@ -343,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--skip-cpu-reference", action="store_true")
     parser.add_argument("--skip-fp32-reference", action="store_true", help="skip the CUDA float32 comparison")
+    parser.add_argument("--skip-compile", action="store_true", help="skip the compile_unet measurement")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
@@ -367,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         report["correctness"] = {"tiny_cpu_vs_cpu": run_pair(fast, ref, steps, size)}
         report["unet_ms"] = time_unet(fast, size, [1, 2], repeat=2)
         report["latency"] = time_edits(fast, steps, size, repeat)
+        report["concurrency"] = concurrency(fast, steps, size, levels=[1, 2], rounds=1)
     else:
         device, steps, size, repeat = "cuda", args.steps, args.size, args.repeat
         report["mode"] = "gpu"
@@ -451,7 +508,16 @@ def main(argv: list[str] | None = None) -> int:
             report["latency"] = section(
                 f"end to end: {size} px, {steps} steps", lambda: time_edits(fast, steps, size, repeat)
             )
+            report["concurrency"] = section(
+                f"concurrency: batching off vs on, {size} px, {steps} steps",
+                lambda: concurrency(fast, steps, size, levels=[1, 2, 4, 8], rounds=2),
+            )
             report["cuda_graphs_captured"] = len(fast.backend.graphs or ())
+            if modules is not None and not args.skip_compile:
+                report["compile_unet"] = section(
+                    "compile_unet: torch.compile'd UNet vs the plain one",
+                    lambda: compile_check(modules, fast, steps, size),
+                )
             report["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 1024**3, 2)
     report["device"] = device
     if args.json:

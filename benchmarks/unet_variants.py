@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from fpedit.engine.calls import UNetCall
 from fpedit.engine.contract import PAPER_LAYERS, ShapeRange
 from fpedit.engine.maps import Injection
 
@@ -48,16 +49,16 @@ def bench_backend(backend: Any, size: int, map_format: str, warmup: int, repeat:
     t = torch.tensor([501.0, 501.0])
     context = torch.randn((2, spec.text_max_length, spec.text_hidden_size), generator=g)
     layers = backend.capture_layers(PAPER_LAYERS)
-    _, maps = backend.unet(sample, t, context, capture=layers, map_format=map_format)
+    capture = UNetCall(sample, t, context, map_format, capture=layers)
+    maps = backend.unet(capture).maps
     inject = Injection.for_rows(maps.rows([1, 1]), [False, True], PAPER_LAYERS)
+    calls = {
+        "plain": UNetCall(sample, t, context),
+        "capture": capture,
+        "inject": UNetCall(sample, t, context, map_format, inject=inject),
+    }
     results: dict[str, Any] = time_calls(
-        {
-            "plain": lambda: backend.unet(sample, t, context),
-            "capture": lambda: backend.unet(sample, t, context, capture=layers, map_format=map_format),
-            "inject": lambda: backend.unet(sample, t, context, map_format=map_format, inject=inject),
-        },
-        warmup,
-        repeat,
+        {name: lambda c=call: backend.unet(c) for name, call in calls.items()}, warmup, repeat
     )
     plain = results["plain"]["median_ms"]
     results["capture_over_plain"] = results["capture"]["median_ms"] / plain

@@ -1,4 +1,4 @@
-"""Self-attention maps as they travel between the source and the target branch (DESIGN §2)."""
+"""Self-attention maps as they travel between the source and the target branch (docs/design.md, map contract)."""
 
 from __future__ import annotations
 

@@ -32,13 +32,23 @@ class EditResult:
     inversion: Inversion | None = None
 
 
+def image_nbytes(image: Image.Image | None) -> int:
+    """Bytes a decoded PIL image holds (width x height x bytes per pixel)."""
+    if image is None:
+        return 0
+    bands = len(image.getbands())
+    bits = {"1": 1, "I": 32, "F": 32, "I;16": 16}.get(image.mode, 8)
+    return image.width * image.height * max(1, bands * bits // 8)
+
+
 @dataclass
 class Inversion:
     """A DDIM-inverted image: the whole trajectory and, once an edit computed them, the source's maps.
 
     ``trajectory[k]`` is z_k for k = 0..steps (``trajectory[0]`` the encoded image, ``trajectory[steps]``
     the start of the edit). Edits of the same inversion with other prompts reuse it, and reuse the cached
-    source maps when their window, layers and format are covered, running the target branch alone.
+    source maps when their window, layers and format are covered, running the target branch alone. Safe to
+    share between threads (its caches change under :attr:`lock`).
     """
 
     trajectory: torch.Tensor  # (steps + 1, C, h, w) float32 on the engine's device
@@ -66,13 +76,31 @@ class Inversion:
         return self.trajectory[k : k + 1]
 
     @property
+    def reconstruction(self) -> Image.Image | None:
+        """z_0 decoded, once an edit has decoded it (later edits reuse it)."""
+        with self.lock:
+            return self._reconstruction
+
+    def keep_reconstruction(self, image: Image.Image) -> None:
+        with self.lock:
+            self._reconstruction = image
+
+    @property
     def map_bytes(self) -> int:
-        return sum(m.nbytes for m in self._maps.values())
+        with self.lock:
+            return sum(m.nbytes for m in self._maps.values())
 
     @property
     def nbytes(self) -> int:
-        """Memory held: trajectory plus cached maps (the image and its reconstruction are small)."""
-        return self.trajectory.numel() * self.trajectory.element_size() + self.map_bytes
+        """Every byte this inversion keeps: the trajectory, the cached maps, the working-size image, the
+        reconstruction, and any other tensor attribute (what a cache of inversions must budget)."""
+        with self.lock:
+            tensors = sum(
+                value.numel() * value.element_size()
+                for value in vars(self).values()
+                if isinstance(value, torch.Tensor)
+            )
+            return tensors + self.map_bytes + image_nbytes(self.image) + image_nbytes(self._reconstruction)
 
     def drop_maps(self) -> None:
         with self.lock:
@@ -80,18 +108,21 @@ class Inversion:
             self._maps_format, self._maps_layers = None, frozenset()
 
     def cached_maps(self, map_format: str, layers: frozenset[int]) -> dict[int, AttentionMaps]:
-        """Cached maps usable for a request (same format, a superset of its layers); empties a stale cache."""
-        if self._maps and (self._maps_format != map_format or not layers <= self._maps_layers):
-            self.drop_maps()
-        return self._maps
+        """A copy of the cached maps usable for a request (same format, a superset of its layers); empties a
+        stale cache."""
+        with self.lock:
+            if self._maps and (self._maps_format != map_format or not layers <= self._maps_layers):
+                self.drop_maps()
+            return dict(self._maps)
 
     def store_maps(self, map_format: str, layers: frozenset[int], maps: dict[int, AttentionMaps]) -> bool:
         """Keep maps for later edits if they fit in the cache budget; returns whether they were kept."""
-        if self._maps and (self._maps_format != map_format or self._maps_layers != layers):
-            self.drop_maps()
-        added = sum(m.nbytes for i, m in maps.items() if i not in self._maps)
-        if self.map_bytes + added > self.map_cache_limit:
-            return False
-        self._maps.update(maps)
-        self._maps_format, self._maps_layers = map_format, layers
-        return True
+        with self.lock:
+            if self._maps and (self._maps_format != map_format or self._maps_layers != layers):
+                self.drop_maps()
+            added = sum(m.nbytes for i, m in maps.items() if i not in self._maps)
+            if self.map_bytes + added > self.map_cache_limit:
+                return False
+            self._maps.update(maps)
+            self._maps_format, self._maps_layers = map_format, layers
+            return True

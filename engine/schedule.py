@@ -1,4 +1,4 @@
-"""DDIM sampling and inversion with the reference settings of DESIGN §1, on diffusers' schedulers.
+"""DDIM sampling and inversion with the reference settings of docs/design.md, on diffusers' schedulers.
 
 Only the checkpoint's betas are taken (SD 1.5 ships a PNDM config); the rest is fixed: eta 0,
 ``set_alpha_to_one=False``, ``steps_offset=0``, no clipping, "leading" spacing, so that with N steps the
@@ -8,6 +8,7 @@ timesteps are ``r*(N-1), ..., r, 0`` with ``r = 1000 // N``.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from functools import cached_property
 from typing import Any
@@ -48,10 +49,23 @@ class DDIMSchedule:
         self._inverter.set_timesteps(steps)
         #: Denoising order: index 0 is the noisiest step.
         self.timesteps: list[int] = [int(t) for t in self._sampler.timesteps]
+        self._on_device: dict[tuple[str, bool], torch.Tensor] = {}
+        self._lock = threading.Lock()
 
     @cached_property
     def inversion_timesteps(self) -> list[int]:
         return [int(t) for t in self._inverter.timesteps]
+
+    def timestep_tensor(self, device: torch.device, inversion: bool = False) -> torch.Tensor:
+        """The timesteps as float32 on ``device``, copied there once per schedule and device, so steps
+        index them without a host copy each."""
+        key = (str(device), inversion)
+        with self._lock:
+            tensor = self._on_device.get(key)
+            if tensor is None:
+                values = self.inversion_timesteps if inversion else self.timesteps
+                tensor = self._on_device[key] = torch.tensor(values, dtype=torch.float32).to(device)
+            return tensor
 
     def step(self, noise_pred: torch.Tensor, index: int, sample: torch.Tensor) -> torch.Tensor:
         """One DDIM (eta 0) step from denoising step ``index``'s timestep to the next lower one."""
@@ -62,17 +76,32 @@ class DDIMSchedule:
         return self._inverter.step(noise_pred, self.inversion_timesteps[index], sample).prev_sample
 
 
-class ScheduleCache:
-    """Schedules are immutable once built; keep one per step count (a server sees few distinct counts)."""
+#: Step counts whose schedules are kept (LRU); a server sees few distinct counts, a scan of all 1000 stays
+#: bounded.
+SCHEDULE_CACHE_SIZE = 64
 
-    def __init__(self, betas: Mapping[str, Any]) -> None:
+
+class ScheduleCache:
+    """Schedules are immutable once built: keep the :data:`SCHEDULE_CACHE_SIZE` most recently used."""
+
+    def __init__(self, betas: Mapping[str, Any], max_entries: int = SCHEDULE_CACHE_SIZE) -> None:
         self._betas = dict(betas)
-        self._by_steps: dict[int, DDIMSchedule] = {}
+        self.max_entries = max(1, int(max_entries))
+        self._by_steps: OrderedDict[int, DDIMSchedule] = OrderedDict()
         self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._by_steps)
 
     def __call__(self, steps: int) -> DDIMSchedule:
         with self._lock:
             schedule = self._by_steps.get(steps)
-            if schedule is None:
-                schedule = self._by_steps[steps] = DDIMSchedule(self._betas, steps)
-            return schedule
+            if schedule is not None:
+                self._by_steps.move_to_end(steps)
+                return schedule
+        schedule = DDIMSchedule(self._betas, steps)
+        with self._lock:
+            self._by_steps[steps] = schedule
+            while len(self._by_steps) > self.max_entries:
+                self._by_steps.popitem(last=False)
+        return schedule

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fpedit.engine.backends.torch_backend import CallState, install_processors, unet_forward
+from fpedit.engine.backends.attention import CallState, install_processors, unet_forward
 from fpedit.engine.contract import ModelSpec
 
 

@@ -1,4 +1,4 @@
-"""Each exact shortcut of DESIGN §1 against the unshortened path; the full reference comparison lives in
+"""Each exact shortcut of docs/design.md against the unshortened path; the full reference comparison lives in
 test_generated.py and test_real.py (ReferenceFPE runs 6 rows per step with none of them)."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import torch
 from reference import rel_l2
 
 from fpedit import EditEngine, EditOptions
+from fpedit.engine.calls import UNetCall
 
 
 def test_single_row_for_empty_source_prompt_is_exact(engine, reference):
@@ -36,11 +37,11 @@ def test_capture_only_calls_stop_early_with_identical_maps(engine):
     sample, ctx = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 32)
     t = torch.tensor([100.0, 700.0])
     for layers in ((4, 5, 6), (3, 13), tuple(range(1, 17))):
-        full_noise, full = engine.backend.unet(sample, t, ctx, capture=layers)
-        noise, early = engine.backend.unet(sample, t, ctx, capture=layers, need_noise_pred=False)
-        assert noise is None and full_noise is not None
+        full = engine.backend.unet(UNetCall(sample, t, ctx, capture=layers))
+        early = engine.backend.unet(UNetCall(sample, t, ctx, capture=layers, need_noise_pred=False))
+        assert early.noise is None and full.noise is not None
         for i in layers:
-            torch.testing.assert_close(early.tensors[i], full.tensors[i], rtol=0, atol=0)
+            torch.testing.assert_close(early.maps.tensors[i], full.maps.tensors[i], rtol=0, atol=0)
 
 
 def test_batched_source_capture_equals_one_row_per_step(model_dir, image):

@@ -1,4 +1,4 @@
-"""The small interface every runtime implements; the FPE algorithms in ``engine.pipeline`` sit above it.
+"""The small interface every runtime implements; the FPE step programs (``engine.programs``) sit above it.
 
 A backend runs graphs on batches of torch tensors on its device. It does not know about prompts, schedules,
 branches or windows: it only evaluates the UNet (optionally capturing or injecting self-attention maps, per
@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 
+from ..calls import UNetCall, UNetResult
 from ..contract import ModelSpec
 from ..maps import AttentionMaps, Injection
 
@@ -31,7 +33,7 @@ class Backend(ABC):
     map_formats: tuple[str, ...] = ("qk", "probs")
     #: Largest UNet batch (rows) one call may take.
     max_batch: int = 8
-    #: Whether :meth:`unet` takes ``donors``: rows that attend with another row's map of the same call.
+    #: Whether :meth:`unet` takes ``call.donors``: rows that attend with another row's map of the same call.
     supports_donors: bool = False
 
     @abstractmethod
@@ -47,28 +49,36 @@ class Backend(ABC):
         """(B, 4, h, w) latents, already divided by the scaling factor → (B, 3, 8h, 8w) in about [-1, 1]."""
 
     @abstractmethod
-    def unet(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor,
-        context: torch.Tensor,
-        *,
-        capture: Sequence[int] | None = None,
-        map_format: str = "qk",
-        inject: Injection | None = None,
-        need_noise_pred: bool = True,
-        donors: Sequence[int] | None = None,
-        donor_layers: Sequence[int] = (),
-    ) -> tuple[torch.Tensor | None, AttentionMaps | None]:
-        """One UNet evaluation on a batch: ``timestep`` is (B,) so rows may sit at different steps.
+    def unet(self, call: UNetCall) -> UNetResult:
+        """One UNet evaluation of ``call``'s rows with its map operations (see :class:`UNetCall`).
 
-        ``capture`` names layers whose maps (in ``map_format``) are returned for every row; ``inject`` gives
-        maps and a per-row, per-layer gate. Returns the noise prediction and the captured maps (or ``None``).
-        With ``need_noise_pred=False`` a backend may stop after the last captured layer and return ``None``
-        for the noise (source rows of a real edit run only for their maps). ``donors`` (only where
-        :attr:`supports_donors`) gives, per row, the row whose map it uses in ``donor_layers``, so a
-        generated edit's source and target rows share one call.
+        Returns the noise prediction (``None`` when ``call.need_noise_pred`` is false) and the maps of
+        ``call.capture``. ``call.donors`` is accepted only where :attr:`supports_donors`.
         """
+
+    def on_device(self, call: UNetCall) -> UNetCall:
+        """``call`` with its tensors on this backend's device and in its dtype (timesteps float32)."""
+        inject = call.inject
+        if inject is not None:
+            maps = inject.maps
+            inject = Injection(
+                AttentionMaps(
+                    maps.format, {i: t.to(self.device, self.dtype) for i, t in maps.tensors.items()}
+                ),
+                inject.gate,
+            )
+        return replace(
+            call,
+            sample=call.sample.to(self.device, self.dtype),
+            timesteps=call.timesteps.to(self.device, torch.float32),
+            context=call.context.to(self.device, self.dtype),
+            inject=inject,
+        )
+
+    def can_share_call(self, a: UNetCall, b: UNetCall) -> bool:
+        """Whether rows of ``a`` and ``b`` may run as one call on this backend (same latent size, dtype and
+        map format; backends whose graphs cannot mix map operations narrow this)."""
+        return a.compatible(b) and (self.supports_donors or (a.donors is None and b.donors is None))
 
     def capture_layers(self, requested: Sequence[int]) -> tuple[int, ...]:
         """Layers to capture for a request: fixed-graph backends capture their whole set, so a cached

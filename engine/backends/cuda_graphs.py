@@ -1,177 +1,169 @@
-"""CUDA graphs for the torch backend: each distinct UNet call is captured once, then replayed.
+"""CUDA graphs for the torch backend: a few graphs per latent size, replayed for every call.
 
-A call's *key* is everything that changes the kernels it launches: shapes and dtypes, the map format, the
-captured layers, whether it stops after them, the injection pattern (which rows take maps in which layers)
-and the in-call donors. Per key a graph owns static input buffers; a call copies its inputs in (device to
-device), replays, and clones the outputs out, so nothing is allocated by the model per step and the host
-never waits for the device.
+A call is padded to the next of a small fixed set of batch sizes (1, 2, 4, 8, ... up to ``max_batch``;
+padded rows repeat the last row with every map operation gated off, and their outputs are dropped), and its
+map operations are made *dense*: every layer of a fixed layer set carries a map, a gate column and a donor
+index as graph inputs (:meth:`CallState.dense`), so which layers or rows a request gates on is data, not a
+new graph. A graph's key is therefore the call's variant (plain, capture, inject, donors, or a mix), padded
+batch, latent and context shape, dtype, map format, layer set and whether it stops after the captured
+layers (:meth:`UNetCall.graph_key`). The layer set is the paper's 4-14 when the call stays inside it, else
+all 16 (two choices, so that ``probs`` maps of the 64x64 layers are only held when asked for).
 
-All graphs share one memory pool, so their intermediates cost the largest graph's, not the sum (a dozen
-SD 1.5 graphs otherwise hold tens of GB). That is safe because one lock covers every copy-in, replay and
-copy-out: a graph's static outputs may live where another graph keeps intermediates, and they are cloned
-before any other graph runs. The GPU runs one UNet at a time anyway, so the lock costs no throughput.
+The cache is an LRU of at most ``max_graphs`` graphs (default :data:`DEFAULT_MAX_GRAPHS`). All graphs share
+one memory pool, so their intermediates cost the largest graph's, not the sum; that is safe because one lock
+covers every copy-in, replay and copy-out (a graph's static outputs may live where another graph keeps
+intermediates, and they are cloned before any other graph runs). The GPU runs one UNet at a time anyway.
+
+Without CUDA (the tests) a "graph" replays by running the eager forward on its static buffers, so the
+padding, dense state, keys, copy-in/out and eviction run on the CPU exactly as they do around a real graph.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from ..maps import AttentionMaps, Injection
-
-if TYPE_CHECKING:
-    from .torch_backend import CallState, TorchBackend
+from ..calls import UNetCall, UNetResult
+from ..contract import NUM_SELF_ATTENTION_LAYERS, PAPER_LAYERS, ModelSpec
+from ..maps import AttentionMaps
+from .attention import CallState
 
 WARMUP_RUNS = 2
+#: Graphs kept per backend: 4 batch sizes x a few variants x a size or two fits; older ones are evicted.
+DEFAULT_MAX_GRAPHS = 24
+ALL_LAYERS = tuple(range(1, NUM_SELF_ATTENTION_LAYERS + 1))
+
+Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, CallState], "torch.Tensor | None"]
+
+
+def batch_sizes(max_batch: int) -> tuple[int, ...]:
+    """The captured batch sizes: powers of two below ``max_batch``, and ``max_batch``."""
+    sizes, n = [], 1
+    while n < max_batch:
+        sizes.append(n)
+        n *= 2
+    return (*sizes, max_batch)
+
+
+def padded_rows(rows: int, max_batch: int) -> int:
+    """The captured batch size a call of ``rows`` rows runs at."""
+    for size in batch_sizes(max_batch):
+        if rows <= size:
+            return size
+    raise ValueError(f"{rows} rows exceed max_batch {max_batch}")
+
+
+def graph_layers(call: UNetCall) -> tuple[int, ...]:
+    """The fixed layer set a graph serving ``call`` carries maps for."""
+    return PAPER_LAYERS if set(call.map_layers) <= set(PAPER_LAYERS) else ALL_LAYERS
 
 
 @dataclass
 class _Graph:
-    graph: torch.cuda.CUDAGraph
     sample: torch.Tensor
     timestep: torch.Tensor
     context: torch.Tensor
-    inject_maps: dict[int, torch.Tensor]
-    noise: torch.Tensor | None
-    captured: dict[int, torch.Tensor]
-    state: CallState  # keeps the row masks and donor indices the graph reads alive
+    state: CallState  # static maps, gates and donor indices the graph reads; captured maps it writes
+    graph: torch.cuda.CUDAGraph | None
+    noise: torch.Tensor | None = None
+    captured: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def replay(self, forward: Forward) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        self.state.captured.clear()
+        self.noise = forward(self.sample, self.timestep, self.context, self.state)
+        self.captured = dict(self.state.captured)
 
 
 class UNetGraphs:
-    def __init__(self, backend: TorchBackend) -> None:
-        self.backend = backend
-        self._graphs: dict[tuple[Any, ...], _Graph] = {}
+    def __init__(
+        self,
+        forward: Forward,
+        spec: ModelSpec,
+        device: torch.device,
+        channels_last: bool,
+        *,
+        max_batch: int = 8,
+        max_graphs: int = DEFAULT_MAX_GRAPHS,
+    ) -> None:
+        self.forward = forward
+        self.spec = spec
+        self.device = device
+        self.channels_last = channels_last
+        self.max_batch = max_batch
+        self.max_graphs = max(1, int(max_graphs))
+        self._graphs: OrderedDict[tuple[Any, ...], _Graph] = OrderedDict()
         self._lock = threading.Lock()  # every capture, copy-in, replay and copy-out (shared pool)
         self._pool: Any = None
+        #: Graphs captured so far (evicted ones included): what the bound is about.
+        self.captures = 0
 
     def __len__(self) -> int:
         return len(self._graphs)
 
-    @staticmethod
-    def key(
-        sample: torch.Tensor,
-        context: torch.Tensor,
-        capture: Sequence[int] | None,
-        map_format: str,
-        inject: Injection | None,
-        need_noise_pred: bool,
-        donors: Sequence[int] | None,
-        donor_layers: Sequence[int],
-    ) -> tuple[Any, ...]:
-        inject_key = None
-        if inject is not None:
-            inject_key = (
-                inject.maps.format,
-                tuple((layer, tuple(t.shape)) for layer, t in sorted(inject.maps.tensors.items())),
-                tuple(map(tuple, inject.gate.to("cpu", torch.bool).tolist())),
-            )
-        return (
-            tuple(sample.shape),
-            sample.dtype,
-            tuple(context.shape),
-            map_format,
-            tuple(sorted(capture or ())),
-            need_noise_pred,
-            inject_key,
-            tuple(donors) if donors is not None else None,
-            tuple(sorted(donor_layers)),
-        )
-
-    def run(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor,
-        context: torch.Tensor,
-        *,
-        capture: Sequence[int] | None,
-        map_format: str,
-        inject: Injection | None,
-        need_noise_pred: bool,
-        donors: Sequence[int] | None,
-        donor_layers: Sequence[int],
-    ) -> tuple[torch.Tensor | None, AttentionMaps | None]:
-        key = self.key(sample, context, capture, map_format, inject, need_noise_pred, donors, donor_layers)
+    def run(self, call: UNetCall) -> UNetResult:
+        rows = call.rows
+        padded = call.padded(padded_rows(rows, self.max_batch))
+        layers = graph_layers(padded)
+        key = padded.graph_key(layers)
+        inputs = CallState.dense(padded, layers, self.spec, self.device)
         with self._lock:
             entry = self._graphs.get(key)
             if entry is None:
-                entry = self._graphs[key] = self._capture(
-                    sample,
-                    timestep,
-                    context,
-                    capture,
-                    map_format,
-                    inject,
-                    need_noise_pred,
-                    donors,
-                    donor_layers,
-                )
-            entry.sample.copy_(sample)
-            entry.timestep.copy_(timestep)
-            entry.context.copy_(context)
-            if inject is not None:
-                for layer, buffer in entry.inject_maps.items():
-                    buffer.copy_(inject.maps.tensors[layer])
-            entry.graph.replay()
-            noise = entry.noise.clone() if entry.noise is not None else None
+                entry = self._capture(padded, inputs)
+                self._graphs[key] = entry
+                while len(self._graphs) > self.max_graphs:
+                    self._graphs.popitem(last=False)
+            else:
+                self._graphs.move_to_end(key)
+            entry.sample.copy_(padded.sample)
+            entry.timestep.copy_(padded.timesteps)
+            entry.context.copy_(padded.context)
+            entry.state.load(inputs)
+            entry.replay(self.forward)
+            noise = None
+            if call.need_noise_pred and entry.noise is not None:
+                noise = entry.noise[:rows].clone()
             maps = None
-            if capture:
-                maps = AttentionMaps(map_format, {layer: t.clone() for layer, t in entry.captured.items()})
-        return noise, maps
+            if call.capture:
+                maps = AttentionMaps(
+                    call.map_format, {layer: entry.captured[layer][:rows].clone() for layer in call.capture}
+                )
+        return UNetResult(noise, maps)
 
-    def _capture(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor,
-        context: torch.Tensor,
-        capture: Sequence[int] | None,
-        map_format: str,
-        inject: Injection | None,
-        need_noise_pred: bool,
-        donors: Sequence[int] | None,
-        donor_layers: Sequence[int],
-    ) -> _Graph:
-        from .torch_backend import CallState
-
-        backend = self.backend
-        memory_format = torch.channels_last if backend.channels_last else torch.contiguous_format
-        static_sample = torch.empty_like(sample, memory_format=memory_format).copy_(sample)
-        static_t = timestep.clone()
-        static_ctx = context.clone()
-        static_inject = None
-        inject_maps: dict[int, torch.Tensor] = {}
-        if inject is not None:
-            inject_maps = {layer: t.contiguous().clone() for layer, t in inject.maps.tensors.items()}
-            static_inject = Injection(AttentionMaps(inject.maps.format, inject_maps), inject.gate)
-
-        def make_state() -> CallState:
-            return CallState.build(
-                map_format, capture, static_inject, backend.device, not need_noise_pred, donors, donor_layers
-            )
-
-        state = make_state()
-        side = torch.cuda.Stream(backend.device)
-        side.wait_stream(torch.cuda.current_stream(backend.device))
+    def _capture(self, call: UNetCall, inputs: CallState) -> _Graph:
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        entry = _Graph(
+            sample=torch.empty_like(call.sample, memory_format=memory_format).copy_(call.sample),
+            timestep=call.timesteps.clone(),
+            context=call.context.clone(),
+            state=inputs,
+            graph=None,
+        )
+        self.captures += 1
+        if self.device.type != "cuda":
+            return entry
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(WARMUP_RUNS):  # let cuBLAS/cuDNN pick algorithms and allocate workspaces
-                backend.forward(static_sample, static_t, static_ctx, make_state())
-        torch.cuda.current_stream(backend.device).wait_stream(side)
+                inputs.captured.clear()
+                self.forward(entry.sample, entry.timestep, entry.context, inputs)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        inputs.captured.clear()
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         # thread_local: other requests may use the GPU (VAE, text) from their threads while this captures.
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            noise = backend.forward(static_sample, static_t, static_ctx, state)
-        return _Graph(
-            graph=graph,
-            sample=static_sample,
-            timestep=static_t,
-            context=static_ctx,
-            inject_maps=inject_maps,
-            noise=noise,
-            captured=dict(state.captured),
-            state=state,
-        )
+            entry.noise = self.forward(entry.sample, entry.timestep, entry.context, inputs)
+        entry.graph = graph
+        entry.captured = dict(inputs.captured)
+        return entry

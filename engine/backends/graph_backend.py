@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 from abc import abstractmethod
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..calls import UNetCall, UNetResult
 from ..contract import (
     CONTEXT,
     DECODED,
@@ -142,41 +142,39 @@ class GraphBackend(Backend):
         self._check_shape(latents.shape[0], latent_hw)
         return self._execute("vae_decoder", {LATENTS: latents}, latents.shape[0], latent_hw)[DECODED]
 
-    def unet(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor,
-        context: torch.Tensor,
-        *,
-        capture: Sequence[int] | None = None,
-        map_format: str = "qk",
-        inject: Injection | None = None,
-        need_noise_pred: bool = True,
-        donors: Sequence[int] | None = None,
-        donor_layers: Sequence[int] = (),
-    ) -> tuple[torch.Tensor | None, AttentionMaps | None]:
-        if donors is not None and donor_layers:
+    def unet(self, call: UNetCall) -> UNetResult:
+        if call.donors is not None:
             raise NotImplementedError("exported graphs pipe maps between calls (capture, then inject)")
-        batch = sample.shape[0]
-        latent_hw = (sample.shape[-2], sample.shape[-1])
+        if call.capture and call.inject is not None:
+            raise NotImplementedError(
+                "a call either captures or injects maps (no exported variant does both)"
+            )
+        batch = call.rows
+        latent_hw = (call.sample.shape[-2], call.sample.shape[-1])
         self._check_shape(batch, latent_hw)
-        if capture or inject is not None:
-            self.check_map_request(capture or (), map_format)
-        if capture and inject is not None:
-            raise NotImplementedError("a call either captures or injects maps (the engine never needs both)")
-        feeds = {SAMPLE: sample, TIMESTEP: timestep, CONTEXT: context}
-        if inject is not None:
+        if call.capture or call.inject is not None:
+            self.check_map_request(call.capture, call.map_format)
+        feeds = {SAMPLE: call.sample, TIMESTEP: call.timesteps, CONTEXT: call.context}
+        if call.inject is not None:
             graph = UNET_GRAPHS["inject"]
-            feeds.update(self._inject_feeds(inject, batch, latent_hw))
-        elif capture:
+            feeds.update(self._inject_feeds(call.inject, batch, latent_hw))
+        elif call.capture:
             graph = UNET_GRAPHS["capture"]
         else:
             graph = UNET_GRAPHS["plain"]
         out = self._execute(graph, feeds, batch, latent_hw)
         maps = None
-        if capture:
-            maps = AttentionMaps(map_format, {i: out[map_output_name(i)] for i in sorted(set(capture))})
-        return out[NOISE_PRED], maps
+        if call.capture:
+            maps = AttentionMaps(
+                call.map_format, {i: out[map_output_name(i)] for i in sorted(set(call.capture))}
+            )
+        return UNetResult(out[NOISE_PRED].float() if call.need_noise_pred else None, maps)
+
+    def can_share_call(self, a: UNetCall, b: UNetCall) -> bool:
+        """The exported variants are plain, capture and inject: a plain row joins either, but capture and
+        inject rows cannot share a call."""
+        mixed = (a.capture or b.capture) and (a.inject is not None or b.inject is not None)
+        return super().can_share_call(a, b) and not mixed
 
     def _inject_feeds(
         self, inject: Injection, batch: int, latent_hw: tuple[int, int]

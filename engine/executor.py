@@ -1,0 +1,362 @@
+"""Runs step programs (:mod:`.programs`) on a backend: one alone, or many sharing backend calls.
+
+:meth:`Executor.run` drives one program in the caller's thread. Without batching each call goes straight to
+the backend (cut into pieces of at most ``max_batch`` rows). With batching, calls go to one *device loop*
+thread that takes the pending calls of every running program, merges the compatible ones up to
+``max_batch`` rows (:meth:`UNetCall.merge`), runs one backend call and hands each program its rows back:
+continuous batching, as vLLM does for tokens. Calls that arrive while the device is busy form the next
+batch; ``max_wait_ms`` may hold a partial batch open a little for more. A failing merged call is retried
+call by call, so an error fails only the request whose call caused it, and the loop itself never dies.
+:meth:`Executor.run_many` runs several programs from one thread with the same merging (no device loop).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+
+from .backends.base import Backend
+from .calls import UNetCall, UNetResult
+from .programs import Program, Step
+
+T = TypeVar("T")
+Item = TypeVar("Item")
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """Reported once per UNet step of a stage; a callback that raises stops the work."""
+
+    stage: str  # "inversion", "source_capture", "denoise"
+    step: int  # 1-based count of completed steps in this stage
+    total: int
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+CancelCheck = Callable[[], None]
+
+
+class RequestRun:
+    """One request's bookkeeping: stage wall times (device-synchronized), its UNet rows and the backend
+    calls they rode in, progress (callback and optional tqdm bars) and cancellation checks."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        progress: ProgressCallback | None = None,
+        cancel_check: CancelCheck | None = None,
+        show_progress: bool = False,
+    ) -> None:
+        self.backend = backend
+        self.progress = progress
+        self.cancel_check = cancel_check
+        self.show_progress = show_progress
+        self.stages_ms: dict[str, float] = {}
+        self.unet_rows = 0
+        self.unet_calls = 0
+        self.started = time.perf_counter()
+        self._bars: dict[str, Any] = {}
+
+    def check(self) -> None:
+        """Raise (the caller's :class:`~fpedit.engine.errors.CancelledError`) if the request should stop."""
+        if self.cancel_check is not None:
+            self.cancel_check()
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time a stage (checked for cancellation before it starts)."""
+        self.check()
+        self.backend.synchronize()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.backend.synchronize()
+            self.add_time(name, (time.perf_counter() - t0) * 1e3)
+
+    def add_time(self, name: str, ms: float) -> None:
+        self.stages_ms[name] = self.stages_ms.get(name, 0.0) + ms
+
+    def step_done(self, step: Step) -> None:
+        if self.show_progress:
+            bar = self._bars.get(step.stage)
+            if bar is None:
+                from tqdm.auto import tqdm
+
+                bar = self._bars[step.stage] = tqdm(
+                    total=step.total, desc=step.stage, unit="step", leave=False
+                )
+            bar.n = step.index
+            bar.refresh()
+            if step.index >= step.total:
+                self._bars.pop(step.stage).close()
+        if self.progress is not None:
+            self.progress(ProgressEvent(step.stage, step.index, step.total))
+
+    def close_bars(self) -> None:
+        for bar in self._bars.values():
+            bar.close()
+        self._bars.clear()
+
+    def absorb(self, stats: dict[str, Any]) -> None:
+        """Count an earlier part of the same request (a real edit's inversion) in this one's figures."""
+        self.unet_rows += stats["unet_rows"]
+        self.unet_calls += stats["unet_calls"]
+        self.started -= stats["total_ms"] / 1e3
+        for name, ms in stats["stages_ms"].items():
+            self.add_time(name, ms)
+
+    def stats(self, **extra: Any) -> dict[str, Any]:
+        return {
+            "unet_rows": self.unet_rows,
+            "unet_calls": self.unet_calls,
+            "stages_ms": dict(self.stages_ms),
+            "total_ms": (time.perf_counter() - self.started) * 1e3,
+            **extra,
+        }
+
+
+class Counters:
+    """Cumulative backend-call figures of one executor: calls, rows, and how many calls had each size."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.unet_calls = 0
+        self.unet_rows = 0
+        self.batch_rows: Counter[int] = Counter()
+
+    def record(self, rows: int) -> None:
+        with self._lock:
+            self.unet_calls += 1
+            self.unet_rows += rows
+            self.batch_rows[rows] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "unet_calls": self.unet_calls,
+                "unet_rows": self.unet_rows,
+                "batch_rows": dict(sorted(self.batch_rows.items())),
+                "mean_rows_per_call": self.unet_rows / self.unet_calls if self.unet_calls else 0.0,
+            }
+
+
+def take_batch(
+    pending: list[Item], call_of: Callable[[Item], UNetCall], backend: Backend, max_rows: int
+) -> list[Item]:
+    """Remove and return the oldest pending item and every later one that can share its backend call
+    (pairwise :meth:`Backend.can_share_call`), in arrival order, up to ``max_rows`` rows."""
+    batch = [pending[0]]
+    rows = call_of(pending[0]).rows
+    for item in pending[1:]:
+        call = call_of(item)
+        if rows + call.rows <= max_rows and all(backend.can_share_call(call_of(b), call) for b in batch):
+            batch.append(item)
+            rows += call.rows
+    taken = {id(item) for item in batch}
+    pending[:] = [item for item in pending if id(item) not in taken]
+    return batch
+
+
+@dataclass(eq=False)
+class _Pending:
+    """A call waiting for the device loop, and where its result or error goes."""
+
+    call: UNetCall
+    done: threading.Event = field(default_factory=threading.Event)
+    result: UNetResult | None = None
+    error: BaseException | None = None
+
+
+class Executor:
+    """Runs programs on ``backend``, alone or (``batching=True``) merged across concurrent requests."""
+
+    def __init__(self, backend: Backend, *, batching: bool = False, max_wait_ms: float = 0.0) -> None:
+        if max_wait_ms < 0:
+            raise ValueError("max_wait_ms must be >= 0")
+        self.backend = backend
+        self.batching = batching
+        self.max_wait_s = max_wait_ms / 1e3
+        self.counters = Counters()
+        self._pending: list[_Pending] = []
+        self._wake = threading.Condition()
+        self._loop: threading.Thread | None = None
+        self._closed = False
+
+    # --- one program ----------------------------------------------------------------------------------------
+
+    def run(self, program: Program[T], run: RequestRun) -> T:
+        """Drive ``program`` to its end in this thread and return its outcome. Stage times are taken at
+        stage changes (one device synchronization per stage, not per step)."""
+        stage, started = None, 0.0
+        try:
+            step = next(program)
+            while True:
+                if step.stage != stage:
+                    if stage is not None:
+                        self.backend.synchronize()
+                        run.add_time(stage, (time.perf_counter() - started) * 1e3)
+                    stage, started = step.stage, time.perf_counter()
+                run.check()
+                result = self._call(step.call, run)
+                run.step_done(step)
+                step = program.send(result)
+        except StopIteration as finished:
+            return finished.value
+        finally:
+            program.close()
+            run.close_bars()
+            if stage is not None:
+                self.backend.synchronize()
+                run.add_time(stage, (time.perf_counter() - started) * 1e3)
+
+    def _call(self, call: UNetCall, run: RequestRun) -> UNetResult:
+        pieces = call.split(self.backend.max_batch)
+        results = self._submit(pieces) if self.batching else [self._execute(piece) for piece in pieces]
+        run.unet_rows += call.rows
+        run.unet_calls += len(pieces)
+        return UNetResult.cat(results)
+
+    def _execute(self, call: UNetCall) -> UNetResult:
+        """One backend call, counted; noise handed on as float32."""
+        result = self.backend.unet(call)
+        self.counters.record(call.rows)
+        if result.noise is not None and result.noise.dtype != torch.float32:
+            result = UNetResult(result.noise.float(), result.maps)
+        return result
+
+    # --- many programs, one thread --------------------------------------------------------------------------
+
+    def run_many(self, jobs: Sequence[tuple[Program[Any], RequestRun]]) -> list[Any]:
+        """Run several programs from this thread, merging their pending calls into shared backend calls
+        each round. Returns each program's outcome, or the exception that ended it (others go on)."""
+        outcomes: list[Any] = [None] * len(jobs)
+        steps: dict[int, Step] = {}
+
+        def advance(j: int, result: UNetResult | None) -> None:
+            program, run = jobs[j]
+            try:
+                if result is not None:
+                    run.step_done(steps[j])
+                step = next(program) if result is None else program.send(result)
+                run.check()
+                steps[j] = step
+            except StopIteration as finished:
+                steps.pop(j, None)
+                outcomes[j] = finished.value
+            except Exception as exc:  # this job ends; the others go on
+                steps.pop(j, None)
+                program.close()
+                outcomes[j] = exc
+
+        for j in range(len(jobs)):
+            advance(j, None)
+        while steps:
+            pieces = [
+                (j, k, piece)
+                for j, step in steps.items()
+                for k, piece in enumerate(step.call.split(self.backend.max_batch))
+            ]
+            results: dict[tuple[int, int], UNetResult | BaseException] = {}
+            while pieces:
+                batch = take_batch(pieces, lambda p: p[2], self.backend, self.backend.max_batch)
+                for (j, k, _), result in zip(
+                    batch, self._execute_isolated([p[2] for p in batch]), strict=True
+                ):
+                    results[(j, k)] = result
+            for j in list(steps):
+                parts = [results[key] for key in sorted(key for key in results if key[0] == j)]
+                error = next((p for p in parts if isinstance(p, BaseException)), None)
+                if error is not None:
+                    steps.pop(j)
+                    jobs[j][0].close()
+                    outcomes[j] = error
+                    continue
+                jobs[j][1].unet_rows += steps[j].call.rows
+                jobs[j][1].unet_calls += len(parts)
+                advance(j, UNetResult.cat(parts))  # type: ignore[arg-type]
+        return outcomes
+
+    def _execute_isolated(self, calls: Sequence[UNetCall]) -> list[UNetResult | BaseException]:
+        """Run ``calls`` as one merged backend call; if that fails, call by call, so an error lands only
+        on the call that causes it."""
+        try:
+            return list(self._execute(UNetCall.merge(calls)).split(calls))
+        except Exception as exc:
+            if len(calls) == 1:
+                return [exc]
+        outcomes: list[UNetResult | BaseException] = []
+        for call in calls:
+            try:
+                outcomes.append(self._execute(call))
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    # --- the device loop ------------------------------------------------------------------------------------
+
+    def _submit(self, calls: Sequence[UNetCall]) -> list[UNetResult]:
+        items = [_Pending(call) for call in calls]
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the engine's executor is closed")
+            if self._loop is None:
+                self._loop = threading.Thread(
+                    target=self._device_loop, name="fpedit-device-loop", daemon=True
+                )
+                self._loop.start()
+            self._pending.extend(items)
+            self._wake.notify_all()
+        for item in items:
+            item.done.wait()
+        for item in items:
+            if item.error is not None:
+                raise item.error
+        return [item.result for item in items]  # type: ignore[misc]
+
+    def _device_loop(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            try:
+                outcomes = self._execute_isolated([item.call for item in batch])
+            except BaseException as exc:  # never leave a request waiting, whatever happened
+                outcomes = [exc] * len(batch)
+            for item, outcome in zip(batch, outcomes, strict=True):
+                if isinstance(outcome, BaseException):
+                    item.error = outcome
+                else:
+                    item.result = outcome
+                item.done.set()
+
+    def _next_batch(self) -> list[_Pending] | None:
+        max_rows = self.backend.max_batch
+        with self._wake:
+            while not self._pending and not self._closed:
+                self._wake.wait()
+            if not self._pending:
+                return None
+            if self.max_wait_s > 0:
+                deadline = time.monotonic() + self.max_wait_s
+                while sum(p.call.rows for p in self._pending) < max_rows and not self._closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._wake.wait(left)
+            return take_batch(self._pending, lambda p: p.call, self.backend, max_rows)
+
+    def close(self) -> None:
+        """Stop the device loop once the calls already queued have run."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify_all()
+        if self._loop is not None:
+            self._loop.join()

@@ -1,0 +1,196 @@
+"""FPE's algorithms as step programs: generators that yield the UNet calls they need and receive the results.
+
+A program knows nothing of backends, batching, devices or timing: it yields a :class:`Step` (one
+:class:`~fpedit.engine.calls.UNetCall` and where it stands: stage, step, total) and gets the call's
+:class:`~fpedit.engine.calls.UNetResult` back from whatever runs it (:mod:`.executor`): alone, call by call,
+or merged with other requests' calls into shared batches. Each program reads as the algorithm does
+(``tests/reference.py`` is the unshortened original); the exact shortcuts of docs/design.md live in how the
+calls are built:
+
+* a source prompt of "" needs one UNet row, not two (guidance on identical rows is the identity);
+* the first inversion step (t = 0) maps z_0 to itself: no call;
+* a real edit's source rows run only for their maps, only inside the replacement window, in a few large
+  capture-only calls once the trajectory is known (:func:`capture_source_maps`), and those maps can be
+  reused by later edits of the same inversion;
+* a generated edit's replaced step is one call with in-call donors where the backend offers them, or a
+  capture call and an inject call: chosen once, before the loop (:func:`generated_edit`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import TypeVar
+
+import torch
+
+from .calls import Donors, UNetCall, UNetResult
+from .maps import AttentionMaps, Injection
+from .schedule import DDIMSchedule
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Step:
+    """What a program asks for next: ``call``, reported as step ``index`` (1-based) of ``total`` in
+    ``stage`` (``"inversion"``, ``"source_capture"``, ``"denoise"``; stage times and progress use it)."""
+
+    stage: str
+    index: int
+    total: int
+    call: UNetCall
+
+
+#: A program yields steps, receives each step's result, and returns its outcome.
+Program = Generator[Step, UNetResult, T]
+#: A step's position bound, waiting for its call.
+StepAt = Callable[[UNetCall], Step]
+
+
+def guide(noise: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance over (uncond, cond) rows; a single row is its own guidance."""
+    if noise.shape[0] == 1:
+        return noise
+    uncond, cond = noise.chunk(2)
+    return uncond + scale * (cond - uncond)
+
+
+def rows_of(z: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` rows of the one latent ``z`` (a view, no copy)."""
+    return z.expand(n, *z.shape[1:])
+
+
+# --- Algorithm 2, first half: DDIM inversion --------------------------------------------------------------
+
+
+def invert(z0: torch.Tensor, schedule: DDIMSchedule, uncond: torch.Tensor) -> Program[torch.Tensor]:
+    """DDIM-invert ``z0`` with prompt "" (one row: guidance on "" is the identity); returns the trajectory
+    ``traj[0] = z_0 ... traj[N] = z_T``, (N + 1, C, h, w) float32."""
+    n = schedule.steps
+    ts = schedule.timestep_tensor(z0.device, inversion=True)
+    trajectory = torch.empty((n + 1, *z0.shape[1:]), dtype=torch.float32, device=z0.device)
+    trajectory[0] = trajectory[1] = z0[0]  # the t = 0 step maps z_0 to itself (alpha_t == alpha_next)
+    z = z0
+    for k in range(1, n):
+        result = yield Step("inversion", k, n - 1, UNetCall(z, ts[k : k + 1], uncond))
+        z = schedule.invert_step(result.noise, k, z)
+        trajectory[k + 1] = z[0]
+    return trajectory
+
+
+# --- Algorithm 2, second half: the real edit --------------------------------------------------------------
+
+
+def capture_source_maps(
+    trajectory: torch.Tensor,
+    schedule: DDIMSchedule,
+    steps: Sequence[int],
+    uncond: torch.Tensor,
+    layers: Sequence[int],
+    map_format: str,
+    batch: int,
+) -> Program[dict[int, AttentionMaps]]:
+    """The pinned source branch's maps for denoising ``steps``: step i's source row is ``traj[N - i]`` at
+    ``t_i`` with prompt "", independent of every other step, so they run ``batch`` rows per call, stopping
+    after the last captured layer (the noise is never used)."""
+    n = schedule.steps
+    ts = schedule.timestep_tensor(trajectory.device)
+    maps: dict[int, AttentionMaps] = {}
+    for lo in range(0, len(steps), batch):
+        part = list(steps[lo : lo + batch])
+        call = UNetCall(
+            sample=torch.stack([trajectory[n - i] for i in part]),
+            timesteps=ts[part],
+            context=rows_of(uncond, len(part)),
+            map_format=map_format,
+            capture=tuple(layers),
+            need_noise_pred=False,
+        )
+        result = yield Step("source_capture", lo + len(part), len(steps), call)
+        assert result.maps is not None
+        for row, i in enumerate(part):
+            maps[i] = result.maps.rows([row])
+    return maps
+
+
+def real_edit(
+    z_T: torch.Tensor,
+    schedule: DDIMSchedule,
+    context: torch.Tensor,
+    source_maps: dict[int, AttentionMaps],
+    layers: Sequence[int],
+    map_format: str,
+    guidance: float,
+) -> Program[torch.Tensor]:
+    """Denoise the target (uncond, cond rows of ``context``) from ``z_T``; in step i of ``source_maps`` its
+    conditional row attends with the pinned source's map in ``layers``. Returns the final latent."""
+    ts = schedule.timestep_tensor(z_T.device)
+    n = schedule.steps
+    z = z_T
+    for i in range(n):
+        inject = None
+        if i in source_maps:
+            inject = Injection.for_rows(source_maps[i].rows([0, 0]), [False, True], layers)
+        call = UNetCall(rows_of(z, 2), ts[i : i + 1].expand(2), context, map_format, inject=inject)
+        result = yield Step("denoise", i + 1, n, call)
+        z = schedule.step(guide(result.noise, guidance), i, z)
+    return z
+
+
+# --- Algorithm 1: generated images ------------------------------------------------------------------------
+
+
+def generated_edit(
+    z_T: torch.Tensor,
+    schedule: DDIMSchedule,
+    source_context: torch.Tensor,
+    target_context: torch.Tensor,
+    replaced: Sequence[int],
+    layers: Sequence[int],
+    map_format: str,
+    guidance: float,
+    *,
+    donors: bool,
+    capture_layers: Sequence[int] = (),
+) -> Program[tuple[torch.Tensor, torch.Tensor]]:
+    """Source and target from the same ``z_T``; in ``replaced`` steps the target's conditional row attends
+    with the source's conditional map in ``layers``. ``source_context`` is (uncond, cond) or just (uncond)
+    for the source prompt "". With ``donors`` a replaced step is one call (the target's cond row borrows the
+    source's map in-call); else the source rows capture ``capture_layers`` and the target rows inject them.
+    Returns the final (source, target) latents."""
+    ts = schedule.timestep_tensor(z_T.device)
+    n, n_src = schedule.steps, source_context.shape[0]
+    context = torch.cat([source_context, target_context])
+    source_cond = n_src - 1
+    borrow = Donors.for_rows([*range(n_src + 1), source_cond], layers)
+
+    def fused_step(step: StepAt, rows: torch.Tensor, t: torch.Tensor) -> Program[torch.Tensor]:
+        """One call: the target's cond row (last) attends with the source's cond row's map."""
+        return (yield step(UNetCall(rows, t, context, map_format, donors=borrow))).noise
+
+    def piped_step(step: StepAt, rows: torch.Tensor, t: torch.Tensor) -> Program[torch.Tensor]:
+        """Two calls: the source rows capture their maps, the target rows inject the source cond row's."""
+        src, tgt = slice(0, n_src), slice(n_src, None)
+        source = yield step(
+            UNetCall(rows[src], t[src], source_context, map_format, capture=tuple(capture_layers))
+        )
+        assert source.maps is not None
+        inject = Injection.for_rows(source.maps.rows([source_cond, source_cond]), [False, True], layers)
+        target = yield step(UNetCall(rows[tgt], t[tgt], target_context, map_format, inject=inject))
+        return torch.cat([source.noise, target.noise])
+
+    replaced_step = fused_step if donors else piped_step
+    z_src = z_tgt = z_T
+    for i in range(n):
+        step = partial(Step, "denoise", i + 1, n)
+        rows = torch.cat([rows_of(z_src, n_src), rows_of(z_tgt, 2)])
+        t = ts[i : i + 1].expand(n_src + 2)
+        if i in replaced:
+            eps = yield from replaced_step(step, rows, t)
+        else:
+            eps = (yield step(UNetCall(rows, t, context))).noise
+        z_src = schedule.step(guide(eps[:n_src], guidance), i, z_src)
+        z_tgt = schedule.step(guide(eps[n_src:], guidance), i, z_tgt)
+    return z_src, z_tgt
