@@ -134,13 +134,15 @@ def model_args(**overrides: Any) -> dict[str, Any]:
 
 
 def _build_engine(settings: ReplicaSettings) -> Any:
-    from fpedit.cli import engine_from_args
+    from fpedit.cli import engine_from_args, resolve_backend
     from fpedit.engine import EditEngine
 
     kwargs: dict[str, Any] = {}
     if settings.batching and "batching" in inspect.signature(EditEngine.__init__).parameters:
         kwargs["batching"] = True  # the batching device loop, where the engine has it
-    return engine_from_args(argparse.Namespace(**settings.engine_args), **kwargs)
+    args = argparse.Namespace(**settings.engine_args)
+    resolve_backend(args)  # as `fpedit serve` does: an export folder's manifest names its backend
+    return engine_from_args(args, **kwargs)
 
 
 # --- errors across the Ray boundary -------------------------------------------------------------------------
