@@ -8,6 +8,10 @@ from typing import Any
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.ray:
+        from .ray_bench import cmd_ray_bench
+
+        return cmd_ray_bench(args)
     from .bench import BenchConfig, markdown, run_bench, write_outputs
 
     overrides = {
@@ -53,4 +57,9 @@ def add_commands(sub: Any) -> None:
     bench.add_argument("--no-load-test", action="store_true")
     bench.add_argument("--no-progress", action="store_true")
     bench.add_argument("--json", type=Path, help="write JSON, plus .md and .png beside it")
+    bench.add_argument(
+        "--ray",
+        action="store_true",
+        help="Ray Serve section only: edits/s with 1 and 2 replicas, added latency over the standalone server",
+    )
     bench.set_defaults(func=cmd_bench)
