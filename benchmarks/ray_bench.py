@@ -154,6 +154,13 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def _most(value: Any) -> int | None:
+    """``--concurrency`` is one count or a list of them: the Ray section uses the largest."""
+    if isinstance(value, (list, tuple)):
+        return max(value) if value else None
+    return value
+
+
 def cmd_ray_bench(args: Any) -> int:
     """``fpedit bench --ray``: the Ray section alone (it starts its own Ray instance)."""
     import json
@@ -171,7 +178,7 @@ def cmd_ray_bench(args: Any) -> int:
             "size": args.size,
             "repeat": args.repeat,
             "requests": args.requests,
-            "concurrency": max(args.concurrency) if args.concurrency else None,
+            "concurrency": _most(args.concurrency),
         }.items()
         if v is not None
     }
