@@ -400,3 +400,85 @@ def test_json_log_is_one_object_per_request(conn):
     assert good["rows"] == ok.stats.unet_rows and good["engine_ms"] >= 0 and good["queue_ms"] >= 0
     assert good["peer"].startswith("ipv4:127.0.0.1") and "time" in good
     assert bad["status"] == "INVALID_ARGUMENT" and bad["detail"].startswith("image")
+
+
+# --- item 9: the inversion cache holds its budget in bytes really kept --------------------------------------
+
+
+def held_bytes(obj: object) -> int:
+    """Bytes of every tensor (by storage, views counted once), array and image reachable from ``obj``:
+    measured independently of ``Inversion.nbytes``."""
+    import numpy as np
+    import torch
+
+    seen_objects: set[int] = set()
+    seen_storages: set[int] = set()
+    total = 0
+
+    def walk(x: object, depth: int) -> None:
+        nonlocal total
+        if depth > 8 or id(x) in seen_objects or isinstance(x, (str, bytes, int, float, type(None))):
+            return
+        seen_objects.add(id(x))
+        if isinstance(x, torch.Tensor):
+            storage = x.untyped_storage()
+            if storage.data_ptr() not in seen_storages:
+                seen_storages.add(storage.data_ptr())
+                total += storage.nbytes()
+        elif isinstance(x, np.ndarray):
+            total += x.nbytes
+        elif isinstance(x, Image.Image):
+            total += x.width * x.height * len(x.getbands())
+        elif isinstance(x, dict):
+            for item in x.values():
+                walk(item, depth + 1)
+        elif isinstance(x, (list, tuple, set, frozenset)):
+            for item in x:
+                walk(item, depth + 1)
+        elif hasattr(x, "__dict__"):
+            for item in vars(x).values():
+                walk(item, depth + 1)
+
+    walk(obj, 0)
+    return total
+
+
+def test_inversion_cache_holds_its_budget_in_bytes_really_kept(hardening_engine):
+    from fpedit import EditOptions
+    from fpedit.server.cache import InversionCache
+
+    options = EditOptions(steps=3)
+
+    def full_entry(seed: int):
+        """An inversion as the server keeps it after an edit: trajectory, image, reconstruction, maps."""
+        inversion = hardening_engine.invert(make_image(64, 64, seed=seed), options=options)
+        hardening_engine.edit_real(inversion, "a car", options=options)
+        return inversion
+
+    first = full_entry(100)
+    one = held_bytes(first)
+    assert first.nbytes >= one, f"Inversion.nbytes counts {first.nbytes} of the {one} bytes it keeps"
+    budget = 2 * one + one // 2  # room for two entries, not three
+    cache = InversionCache(max_bytes=budget, ttl_s=3600)
+    cache.put(first)
+    for seed in range(101, 105):
+        cache.put(full_entry(seed))
+    kept = cache.inversions()
+    assert len(kept) == 2 and cache.evictions == 3
+    assert cache.nbytes == sum(inv.nbytes for inv in kept) <= budget  # the cache's own accounting
+    assert sum(held_bytes(inv) for inv in kept) <= budget  # what the entries really hold
+
+
+def test_inversion_cache_reaccounts_an_entry_an_edit_grew(hardening_engine):
+    from fpedit import EditOptions
+    from fpedit.server.cache import InversionCache
+
+    options = EditOptions(steps=3)
+    cache = InversionCache(max_bytes=1 << 30, ttl_s=3600)
+    inversion = hardening_engine.invert(make_image(64, 64, seed=7), options=options)
+    key = cache.put(inversion)
+    before = cache.nbytes
+    hardening_engine.edit_real(inversion, "a car", options=options)  # adds maps and the reconstruction
+    cache.refresh(key)
+    assert cache.nbytes == inversion.nbytes > before
+    assert cache.nbytes >= held_bytes(inversion)
