@@ -20,7 +20,7 @@ from conftest import make_image
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from fpedit import EditEngine
+from fpedit import EditEngine, EditOptions
 from fpedit.server.app import build_server
 from fpedit.server.config import ServerConfig
 from fpedit.server.logs import JsonFormatter
@@ -232,6 +232,34 @@ def test_request_whose_deadline_passed_while_queued_never_starts(hardening_engin
     finally:
         c.close()
         server.drain(2)
+
+
+def test_runner_passes_the_cancel_check_into_the_engine_stages(hardening_engine):
+    """The engine checks between stages (text, VAE, capture, decode), not only per step: a check that
+    fires before the first denoising step stops the edit there."""
+    from fpedit.engine.errors import DeadlineExceededError
+    from fpedit.server.runner import EditCall, LocalRunner
+
+    runner = LocalRunner(hardening_engine, ServerConfig(workers=1, max_queue=0))
+    call = EditCall(target_prompt="a car", options=EditOptions(steps=3), steps_given=True, image=png())
+    checks: list[int] = []
+    steps: list[str] = []
+    try:
+        runner.edit(call, progress=lambda e: steps.append(e.stage), cancel_check=lambda: checks.append(1))
+        assert len(checks) > len(steps) + 1  # stage checks beyond one per step and the queue check
+
+        def expire_after_queue() -> None:
+            checks.append(1)
+            if len(checks) > 1:  # the first is the pool's "still wanted?" check as the worker picks it up
+                raise DeadlineExceededError("the deadline passed")
+
+        checks.clear()
+        steps.clear()
+        with pytest.raises(DeadlineExceededError):
+            runner.edit(call, progress=lambda e: steps.append(e.stage), cancel_check=expire_after_queue)
+        assert steps == [], "the engine ran steps after its cancel check fired"
+    finally:
+        runner.close()
 
 
 # --- item 7: health and reflection always answer ------------------------------------------------------------
