@@ -293,7 +293,7 @@ def test_deadline_stops_the_replicas_work(client, ray_service):
     before = cancelled()
     image = png_bytes(make_image(64, 64, seed=9))
     with pytest.raises(grpc.RpcError) as caught:
-        client.edit("a green car", image=image, options=edit_options(steps=400), timeout=1.0)
+        client.edit("a green car", image=image, options=edit_options(steps=1000), timeout=1.0)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     # The replica's engine stopped at a cancel check (a finished edit would not count as cancelled).
     deadline = time.monotonic() + 60
