@@ -1,0 +1,153 @@
+"""Cross-request batching: concurrent requests on one engine share backend calls and each gets exactly the
+result of its lone run; one request's failing call fails that request only."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from conftest import make_image
+from reference import rel_l2
+
+from fpedit import EditEngine, EditOptions
+from fpedit.engine import programs
+from fpedit.engine.executor import RequestRun
+
+
+@pytest.fixture(scope="module")
+def batching(model_dir) -> EditEngine:
+    # A short wait lets the first call of each round pick up the other threads' calls on a busy CPU.
+    engine = EditEngine.from_pretrained(model_dir, batching=True, max_wait_ms=30)
+    yield engine
+    engine.close()
+
+
+def run_concurrently(jobs: list[Callable[[], Any]]) -> list[Any]:
+    """Start every job at once (one thread each); return results or the exceptions they raised."""
+    results: list[Any] = [None] * len(jobs)
+    start = threading.Barrier(len(jobs))
+
+    def work(i: int) -> None:
+        start.wait()
+        try:
+            results[i] = jobs[i]()
+        except Exception as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not any(t.is_alive() for t in threads), "a request hung"
+    return results
+
+
+def latents(seed: int, hw: int = 16) -> torch.Tensor:
+    return torch.randn((1, 4, hw, hw), generator=torch.Generator().manual_seed(seed))
+
+
+def requests(engine: EditEngine, cached: Any) -> list[Callable[[], Any]]:
+    """Real and generated edits, other layers, windows, map formats, step counts, two image sizes, a cached
+    and a fresh inversion, and a lone inversion."""
+    big, small = make_image(128, 128, seed=1), make_image(64, 64, seed=2)
+    return [
+        lambda: engine.edit_generated("a cat", "a dog", latents=latents(1), options=EditOptions(steps=4)),
+        lambda: engine.edit_generated(
+            "",
+            "a red car",
+            latents=latents(2, 8),
+            options=EditOptions(steps=5, map_format="probs", layers=(2, 7, 12), replace_window=(0.2, 0.9)),
+        ),
+        lambda: engine.edit_generated(
+            "a house", "a castle", latents=latents(3), options=EditOptions(steps=3, layers=(4, 5, 6, 14))
+        ),
+        lambda: engine.edit_real(big, "a blue car", options=EditOptions(steps=4)),
+        lambda: engine.edit_real(
+            small, "a bus", options=EditOptions(steps=5, map_format="probs", replace_window=(0.0, 0.6))
+        ),
+        lambda: engine.edit_real(cached, "a green bus", options=EditOptions(steps=4, layers=(3, 4, 13))),
+        lambda: engine.invert(small, options=EditOptions(steps=3)),
+    ]
+
+
+def outcome(result: Any) -> list[torch.Tensor]:
+    if hasattr(result, "edited_latents"):
+        return [torch.as_tensor(result.source_latents), torch.as_tensor(result.edited_latents)]
+    return [result.trajectory]
+
+
+def test_concurrent_requests_equal_their_lone_runs(engine, batching):
+    image = make_image(128, 128, seed=3)
+    opts = EditOptions(steps=4, layers=(3, 4, 13))
+    lone_inv, batched_inv = engine.invert(image, options=opts), batching.invert(image, options=opts)
+    # One earlier edit leaves source maps on each inversion: the concurrent edit below reuses them.
+    engine.edit_real(lone_inv, "a car", options=opts)
+    batching.edit_real(batched_inv, "a car", options=opts)
+
+    lone = [job() for job in requests(engine, lone_inv)]
+    before = batching.counters()
+    together = run_concurrently(requests(batching, batched_inv))
+    after = batching.counters()
+
+    for i, (a, b) in enumerate(zip(lone, together, strict=True)):
+        assert not isinstance(b, Exception), (i, b)
+        generated = i < 3
+        for x, y in zip(outcome(a), outcome(b), strict=True):
+            assert rel_l2(y, x) < (1e-5 if generated else 1e-3), i
+    assert together[5].stats["source_maps_cached"] == 3  # the cached inversion's maps were used
+    rows = after["unet_rows"] - before["unet_rows"]
+    calls = after["unet_calls"] - before["unet_calls"]
+    assert rows == sum(r.stats["unet_rows"] for r in lone)
+    assert calls < sum(r.stats["unet_calls"] for r in lone)
+    assert max(after["batch_rows"]) > 4  # some call carried rows of several requests
+
+
+def test_run_many_merges_programs_from_one_thread(engine):
+    """The executor's single-thread mode: three inversions advance together, one 3-row call per step."""
+    schedule = engine._schedules(5)
+    uncond = engine._embed("", RequestRun(engine.backend))
+    z0s = [latents(seed) for seed in (5, 6, 7)]
+    lone = [
+        engine.executor.run(programs.invert(z, schedule, uncond), RequestRun(engine.backend)) for z in z0s
+    ]
+    before = engine.counters()
+    runs = [RequestRun(engine.backend) for _ in z0s]
+    together = engine.executor.run_many(
+        [(programs.invert(z, schedule, uncond), r) for z, r in zip(z0s, runs, strict=True)]
+    )
+    after = engine.counters()
+    for a, b in zip(lone, together, strict=True):
+        assert rel_l2(b, a) < 1e-5
+    assert after["unet_calls"] - before["unet_calls"] == 4  # 4 steps (the t = 0 step is skipped)
+    assert after["batch_rows"].get(3, 0) - before["batch_rows"].get(3, 0) == 4
+    assert all(r.unet_rows == 4 for r in runs)
+
+
+def test_a_failing_call_fails_only_its_request(batching, monkeypatch):
+    """A call the backend rejects, merged with healthy ones, fails its own request; the others finish and
+    the device loop goes on serving."""
+    backend = batching.backend
+    real_unet = backend.unet
+
+    def picky_unet(call):
+        if bool((call.sample.abs() > 1e3).any()):
+            raise RuntimeError("poisoned rows")
+        return real_unet(call)
+
+    monkeypatch.setattr(backend, "unet", picky_unet)
+    opts = EditOptions(steps=3)
+    results = run_concurrently(
+        [
+            lambda: batching.edit_generated("a cat", "a dog", latents=latents(1) * 1e4, options=opts),
+            lambda: batching.edit_generated("a cat", "a dog", latents=latents(1), options=opts),
+            lambda: batching.edit_generated("a cow", "a yak", latents=latents(2), options=opts),
+        ]
+    )
+    assert isinstance(results[0], RuntimeError) and "poisoned" in str(results[0])
+    assert all(hasattr(r, "edited_latents") for r in results[1:])
+    again = batching.edit_generated("a cat", "a dog", latents=latents(1), options=opts)
+    assert rel_l2(again.edited_latents, results[1].edited_latents) < 1e-6
