@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -31,6 +34,18 @@ STEPS = 3
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "ray-test-token"
 RAY_MISSING = "Ray Serve is not installed: pip install 'fpedit[ray]'"
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -67,6 +82,11 @@ def test_record_round_trip_gives_the_same_edit(engine, reference_engine):
     """A replica that rebuilds an inversion from the store (other engine, no maps) edits identically."""
     holder, other = engine, reference_engine
     options = EditOptions(steps=STEPS)
+    with torch_threads(1):  # 64 px in a toy model: one thread is fastest, and spares a shared machine
+        check_round_trip(holder, other, options)
+
+
+def check_round_trip(holder: EditEngine, other: EditEngine, options: EditOptions) -> None:
     inversion = holder.invert(make_image(64, 64), options=options)
     first = holder.edit_real(inversion, "a red car", options=options)  # caches the maps on the holder
     again = holder.edit_real(inversion, "a blue car", options=options)
@@ -95,8 +115,19 @@ def test_serve_ray_without_the_extra_says_how_to_install(tmp_path):
 # --- on a real local Ray instance ---------------------------------------------------------------------------
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
-def ray_service(model_dir):
+def ray_metrics_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def ray_service(model_dir, ray_metrics_port):
     pytest.importorskip("ray.serve", reason=RAY_MISSING)
     from fpedit.server.config import ServerConfig
     from fpedit.server.ray_app import RayService, ReplicaSettings, model_args, replica_server_config
@@ -110,7 +141,13 @@ def ray_service(model_dir):
         replicas=2,
         max_ongoing_requests=4,
         # Logical CPUs for scheduling (one per replica): two replicas, a replacement, a config-file replica.
-        ray_init={"num_cpus": 4, "log_to_driver": False},
+        ray_init={
+            "num_cpus": 4,
+            "log_to_driver": False,
+            # Ray's per-node metrics export, reported every second (default 10 s) so the scrape test is quick.
+            "_metrics_export_port": ray_metrics_port,
+            "_system_config": {"metrics_report_interval_ms": 1000},
+        },
     )
     yield service
     service.close()
@@ -148,19 +185,11 @@ def wait_for_routing() -> None:
     time.sleep(1.5)
 
 
-@contextlib.contextmanager
-def threads_like_the_replicas(ray_service):
+def threads_like_the_replicas(ray_service) -> contextlib.AbstractContextManager[None]:
     """Run the in-process reference on the replicas' torch thread count: float reductions then add up in the
     same order, so pixels are equal, not merely close."""
-    import torch
-
     (threads,) = {s["torch_threads"] for s in ray_service.runner.replica_stats()}
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return torch_threads(threads)
 
 
 def test_results_through_grpc_equal_the_engine(client, reference_engine, ray_service):
@@ -360,3 +389,30 @@ def test_config_file_runs_with_rays_tooling(ray_service, model_dir, tmp_path):
         assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
         serve.delete("fpedit-config")
+
+
+def test_per_replica_metrics_reach_rays_export(client, ray_metrics_port):
+    """The replica's own counters, tagged with its replica id, on a real HTTP scrape of Ray's metrics export."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from fpedit.server.client import edit_options
+
+    inverted = client.invert(png_bytes(make_image(64, 64, seed=11)), options=edit_options(steps=2))
+    replica_tag = inverted.stats.replica.rsplit("#", 1)[-1]
+
+    def inverts_counted() -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{ray_metrics_port}/metrics", timeout=10).read()
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text.decode())
+            for sample in family.samples
+            if sample.name == "ray_fpedit_replica_requests_total"
+            and sample.labels.get("replica") == replica_tag
+            and sample.labels.get("method") == "invert"
+            and sample.labels.get("outcome") == "ok"
+        )
+
+    deadline = time.monotonic() + 60  # exported every second; allow for a loaded machine
+    while inverts_counted() < 1 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert inverts_counted() >= 1
