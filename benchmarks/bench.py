@@ -50,6 +50,8 @@ class BenchConfig:
     requests: int = 16
     load_steps: int | None = None
     seed: int = 0
+    #: Client counts for the batching section (``--concurrency 1,2,4,8``); empty: no such section.
+    concurrency_levels: Sequence[int] = ()
 
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:
@@ -254,6 +256,7 @@ def run_bench(cfg: BenchConfig, *, load: bool = True, progress: bool = True) -> 
         "engine": {},
     }
     total = len(backends) * (cfg.warmup + cfg.repeat) + (cfg.requests if load else 0)
+    total += 2 * len(CONCURRENCY_KINDS) * len(cfg.concurrency_levels)
     with (
         tqdm(total=total, desc="bench", unit="run", disable=not progress) as bar,
         tempfile.TemporaryDirectory() as tmp,
@@ -265,10 +268,123 @@ def run_bench(cfg: BenchConfig, *, load: bool = True, progress: bool = True) -> 
             if name == "torch":
                 torch_engine = engine
             report["engine"][name] = bench_engine(engine, cfg, bar)
+        if cfg.concurrency_levels:
+            bar.set_postfix_str("concurrency")
+            report["concurrency"] = run_concurrency(cfg, bar)
         if load:
             bar.set_postfix_str("grpc")
             report["grpc"] = load_test(torch_engine or load_engine("torch", cfg, Path(tmp)), cfg, bar)
     return report
+
+
+CONCURRENCY_KINDS = ("real_edit", "re_edit")
+
+
+def timed_clients(engine: EditEngine, source: Any, clients: int, requests: int, opts: EditOptions) -> dict:
+    """``requests`` real edits of ``source`` (an image or an inversion) from ``clients`` threads: edits/s,
+    per-request latency percentiles, and the backend calls they took."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        t0 = time.perf_counter()
+        engine.edit_real(source, f"a photo of a red car, variant {i}", options=opts)
+        with lock:
+            latencies.append((time.perf_counter() - t0) * 1e3)
+
+    before = engine.counters()
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        list(pool.map(one, range(requests)))
+    wall = time.perf_counter() - started
+    after = engine.counters()
+    calls = after["unet_calls"] - before["unet_calls"]
+    return {
+        "concurrency": clients,
+        "requests": len(latencies),
+        "edits_per_s": len(latencies) / wall,
+        "p50_ms": percentile(latencies, 50),
+        "p95_ms": percentile(latencies, 95),
+        "unet_calls": calls,
+        "mean_rows_per_call": (after["unet_rows"] - before["unet_rows"]) / max(calls, 1),
+    }
+
+
+def concurrency_table(
+    engines: dict[str, EditEngine],
+    levels: Sequence[int],
+    *,
+    steps: int,
+    size: int,
+    rounds: int = 2,
+    seed: int = 0,
+    bar: tqdm | None = None,
+) -> dict[str, Any]:
+    """Edits/s and per-request p50/p95 latency at each concurrency level, for each engine (e.g. batching
+    ``"off"`` and ``"on"`` over the same backend) and each kind: ``real_edit`` (invert + edit of a new photo)
+    and ``re_edit`` (a further edit of a cached inversion). Each level runs ``level * rounds`` requests from
+    ``level`` threads; ``mean_rows_per_call`` is the engine's backend-call figure over that level."""
+    opts = EditOptions(steps=steps)
+    image = test_image(size, seed)
+    table: dict[str, Any] = {
+        "steps": steps,
+        "size": size,
+        "rounds": rounds,
+        "levels": list(levels),
+        "rows": [],
+    }
+    for mode, engine in engines.items():
+        inversion = engine.invert(image, options=opts)
+        engine.edit_real(inversion, "a photo of a car", options=opts)  # warm-up; leaves the maps cached
+        for level in levels:
+            for kind in CONCURRENCY_KINDS:
+                source = image if kind == "real_edit" else inversion
+                row = timed_clients(engine, source, level, level * rounds, opts)
+                table["rows"].append({"batching": mode, "kind": kind, **row})
+                if bar is not None:
+                    bar.update(1)
+    return table
+
+
+def concurrency_markdown(table: dict[str, Any]) -> list[str]:
+    """Batching off and on side by side per kind and level."""
+    lines = [
+        f"Concurrency ({table['steps']} steps, {table['size']} px, {table['rounds']} requests per client):",
+        "",
+        "| kind | clients | edits/s off | edits/s on | speed-up | p50 ms off | p50 ms on | p95 ms off | p95 ms on "
+        "| rows/call off | rows/call on |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    rows = {(r["batching"], r["kind"], r["concurrency"]): r for r in table["rows"]}
+    for kind in CONCURRENCY_KINDS:
+        for level in table["levels"]:
+            off, on = rows.get(("off", kind, level)), rows.get(("on", kind, level))
+            if off is None or on is None:
+                continue
+            lines.append(
+                f"| {kind} | {level} | {off['edits_per_s']:.2f} | {on['edits_per_s']:.2f} | "
+                f"{on['edits_per_s'] / off['edits_per_s']:.2f}x | {off['p50_ms']:.0f} | {on['p50_ms']:.0f} | "
+                f"{off['p95_ms']:.0f} | {on['p95_ms']:.0f} | {off['mean_rows_per_call']:.2f} | "
+                f"{on['mean_rows_per_call']:.2f} |"
+            )
+    return lines
+
+
+def run_concurrency(cfg: BenchConfig, bar: tqdm | None = None) -> dict[str, Any]:
+    """The concurrency table for ``cfg.model`` on the torch backend: one backend, two engines over it."""
+    off = EditEngine.from_pretrained(cfg.model, device=cfg.device)
+    on = EditEngine(off.backend, off.tokenizer, source=off.source, batching=True)
+    try:
+        return concurrency_table(
+            {"off": off, "on": on},
+            cfg.concurrency_levels,
+            steps=cfg.steps,
+            size=cfg.size,
+            seed=cfg.seed,
+            bar=bar,
+        )
+    finally:
+        on.close()
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -296,6 +412,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"| torch | {g['concurrency']} | {g['requests']} | {g['errors']} | {g.get('p50_ms', 0):.1f} | "
             f"{g.get('p95_ms', 0):.1f} | {g.get('p99_ms', 0):.1f} | {g['throughput_rps']:.2f} | {g.get('overhead_ms', 0):.1f} |",
         ]
+    if "concurrency" in report:
+        lines += ["", *concurrency_markdown(report["concurrency"])]
     return "\n".join(lines) + "\n"
 
 

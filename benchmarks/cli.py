@@ -23,7 +23,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "size": args.size,
             "warmup": args.warmup,
             "repeat": args.repeat,
-            "concurrency": args.concurrency,
+            "concurrency": max(args.concurrency) if args.concurrency else None,
+            "concurrency_levels": tuple(args.concurrency) if args.concurrency else None,
             "requests": args.requests,
             "load_steps": args.load_steps,
             "backends": tuple(args.backends) if args.backends else None,
@@ -39,6 +40,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def client_counts(text: str) -> list[int]:
+    """``"1,2,4,8"`` -> ``[1, 2, 4, 8]`` (positive, distinct, in order)."""
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return sorted(set(counts))
+
+
 def add_commands(sub: Any) -> None:
     bench = sub.add_parser("bench", help="engine latency per backend and a gRPC load test")
     bench.add_argument(
@@ -51,7 +63,13 @@ def add_commands(sub: Any) -> None:
     bench.add_argument("--size", type=int)
     bench.add_argument("--warmup", type=int)
     bench.add_argument("--repeat", type=int)
-    bench.add_argument("--concurrency", type=int, help="load-test clients (default 4)")
+    bench.add_argument(
+        "--concurrency",
+        type=client_counts,
+        metavar="N[,N...]",
+        help="client counts, e.g. 1,2,4,8: adds the batching table (edits/s and p50/p95 per count, batching "
+        "off and on, real edits and re-edits); the load test uses the largest (default 4, no table)",
+    )
     bench.add_argument("--requests", type=int, help="load-test requests in all")
     bench.add_argument("--load-steps", type=int, help="steps per load-test edit (default: --steps)")
     bench.add_argument("--no-load-test", action="store_true")
