@@ -77,6 +77,8 @@ DEFAULT_MAX_QUEUED_REQUESTS = 64
 DEFAULT_MAX_INVERSIONS_PER_REPLICA = 64
 #: How often a waiting front checks its request's cancellation and deadline.
 CANCEL_POLL_S = 0.1
+#: How long ``fpedit serve --ray`` waits for Ray to delete the application when it stops.
+CLOSE_TIMEOUT_S = 30.0
 
 RAY_MISSING = "Ray Serve is not installed: pip install 'fpedit[ray]'"
 
@@ -738,7 +740,15 @@ def serve_on_ray(
     try:
         serve(service.runner, config, ready=ready)
     finally:
-        service.close()
+        # Bounded: if the Ray instance itself was stopped (a SIGTERM to the whole process group reaches its
+        # GCS too), Ray would wait a minute for it before giving up.
+        closer = threading.Thread(target=service.close, name="fpedit-ray-close", daemon=True)
+        closer.start()
+        closer.join(CLOSE_TIMEOUT_S)
+        if closer.is_alive():
+            log.warning(
+                "Ray did not confirm the application's deletion in %.0f s; exiting anyway", CLOSE_TIMEOUT_S
+            )
 
 
 # --- `serve run` / `serve deploy`: the front as the application's ingress deployment -------------------------
