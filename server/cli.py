@@ -49,6 +49,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .ray_app import require_ray
 
         require_ray()  # before anything loads: one line saying how to install the extra
+    elif args.replicas is not None or args.ray_address:
+        from fpedit.engine.errors import InvalidInputError
+
+        raise InvalidInputError("replicas", "--replicas and --ray-address need --ray")
     configure(config.log_format)
 
     def ready(running: RunningServer) -> None:
@@ -310,9 +314,10 @@ def add_commands(sub: Any) -> None:
         action="store_true",
         help="run the engines as Ray Serve replicas (one per GPU on CUDA) behind this gRPC front",
     )
-    ray.add_argument("--replicas", type=int, default=1, help="with --ray: engine replicas (default 1)")
+    ray.add_argument("--replicas", type=int, help="with --ray: engine replicas (default 1)")
     ray.add_argument(
-        "--ray-address", help="with --ray: join this Ray cluster, e.g. ray://head:10001 (default: start one)"
+        "--ray-address",
+        help="with --ray: join this Ray cluster (auto, or HEAD:6379; run on one of its nodes); default: start one",
     )
     serve.set_defaults(func=cmd_serve)
 

@@ -726,7 +726,8 @@ def serve_on_ray(
     """``fpedit serve --ray``: deploy ``--replicas`` engine replicas on Ray Serve and serve the gRPC front on
     ``--host``/``--port`` until SIGTERM or SIGINT; then drain the front and delete the application."""
     require_ray()
-    if args.replicas < 1:
+    replicas = 1 if args.replicas is None else args.replicas
+    if replicas < 1:
         raise InvalidInputError("replicas", "must be at least 1")
     from .app import serve
 
@@ -735,8 +736,8 @@ def serve_on_ray(
         engine_args=engine_args,
         server=replica_server_config(config, DEFAULT_MAX_ONGOING_REQUESTS, batching=True),
     )
-    log.info("starting Ray Serve (%s), %d replicas", args.ray_address or "local Ray instance", args.replicas)
-    service = RayService.start(settings, replicas=args.replicas, address=args.ray_address)
+    log.info("starting Ray Serve (%s), %d replicas", args.ray_address or "local Ray instance", replicas)
+    service = RayService.start(settings, replicas=replicas, address=args.ray_address)
     try:
         serve(service.runner, config, ready=ready)
     finally:
