@@ -130,7 +130,13 @@ def bench_engine(engine: EditEngine, cfg: BenchConfig, bar: tqdm | None = None) 
 
 
 def available_backends(requested: Sequence[str], device: str) -> list[str]:
-    found = []
+    return backend_availability(requested, device)[0]
+
+
+def backend_availability(requested: Sequence[str], device: str) -> tuple[list[str], dict[str, str]]:
+    """The requested backends that can run here, and for each one that cannot, the reason (reported)."""
+    found: list[str] = []
+    skipped: dict[str, str] = {}
     for name in requested:
         if name == "torch":
             found.append(name)
@@ -138,18 +144,24 @@ def available_backends(requested: Sequence[str], device: str) -> list[str]:
             try:
                 import onnxruntime  # noqa: F401
             except ImportError:
+                skipped[name] = "onnxruntime is not installed (pip install 'fpedit[onnx]')"
                 continue
             found.append(name)
         elif name == "tensorrt":
             try:
                 import tensorrt  # noqa: F401
-                import torch
-
-                if torch.cuda.is_available():
-                    found.append(name)
             except ImportError:
+                skipped[name] = "TensorRT is not installed (pip install 'fpedit[tensorrt]' on an NVIDIA GPU)"
                 continue
-    return found
+            import torch
+
+            if torch.cuda.is_available():
+                found.append(name)
+            else:
+                skipped[name] = "TensorRT needs a CUDA GPU, and torch sees none"
+        else:
+            skipped[name] = "unknown backend"
+    return found, skipped
 
 
 def load_engine(name: str, cfg: BenchConfig, workdir: Path) -> EditEngine:
@@ -173,7 +185,7 @@ def load_engine(name: str, cfg: BenchConfig, workdir: Path) -> EditEngine:
     from fpedit.export.tensorrt_build import build_engines
 
     plans = workdir / "tensorrt"
-    build_engines(onnx_dir, plans, fp16=True)
+    build_engines(onnx_dir, plans)  # precision is the export's: fp16 UNet/text on CUDA
     return EditEngine.from_pretrained(plans, backend="tensorrt", device="cuda")
 
 
@@ -249,11 +261,12 @@ def load_test(engine: EditEngine, cfg: BenchConfig, bar: tqdm | None = None) -> 
 
 
 def run_bench(cfg: BenchConfig, *, load: bool = True, progress: bool = True) -> dict[str, Any]:
-    backends = available_backends(cfg.backends, cfg.device)
+    backends, skipped = backend_availability(cfg.backends, cfg.device)
     report: dict[str, Any] = {
         "machine": machine_facts(),
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()},
         "engine": {},
+        "skipped_backends": skipped,
     }
     total = len(backends) * (cfg.warmup + cfg.repeat) + (cfg.requests if load else 0)
     total += 2 * len(CONCURRENCY_KINDS) * len(cfg.concurrency_levels)
@@ -403,6 +416,8 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {backend} | {kind} | {r['median_ms']:.1f} | {r['p95_ms']:.1f} | {r['unet_rows']} | {stages} |"
             )
+    for backend, reason in report.get("skipped_backends", {}).items():
+        lines.append(f"| {backend} | skipped: {reason} | | | | |")
     if "grpc" in report:
         g = report["grpc"]
         lines += [
