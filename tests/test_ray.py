@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import pickle
 import socket
 import subprocess
 import sys
@@ -110,6 +111,48 @@ def test_serve_ray_without_the_extra_says_how_to_install(tmp_path):
     assert done.returncode == 2, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert lines == [f"fpedit: error: ray: {RAY_MISSING}"]
+
+
+def test_serve_refuses_ray_flags_without_ray(capsys):
+    from fpedit.cli import main
+
+    assert main(["serve", "--replicas", "2", "--port", "0"]) == 2
+    assert (
+        capsys.readouterr().err.strip() == "fpedit: error: replicas: --replicas and --ray-address need --ray"
+    )
+
+
+def test_replica_errors_come_back_as_the_runners_errors():
+    """What a replica answers or Ray raises maps to the errors a LocalRunner raises (so: the same codes)."""
+    pytest.importorskip("ray.serve", reason=RAY_MISSING)
+    from ray.exceptions import ActorDiedError
+    from ray.serve.exceptions import BackPressureError
+
+    from fpedit.engine.errors import (
+        DeadlineExceededError,
+        InvalidInputError,
+        NotFoundError,
+        OverloadedError,
+        UnavailableError,
+    )
+    from fpedit.server.ray_app import ReplicaError, _translate
+
+    for original in (
+        InvalidInputError("steps", "must be in 1..1000"),
+        NotFoundError("inversion_id 'x' is unknown"),
+        OverloadedError("busy"),
+        DeadlineExceededError("deadline passed"),
+        MemoryError("out of memory"),
+    ):
+        carried = pickle.loads(pickle.dumps(ReplicaError.wrap(original)))  # as Ray carries it
+        back = carried.unwrap()
+        assert type(back) is type(original)
+        assert str(back).endswith(str(original).split(": ", 1)[-1])
+    assert ReplicaError.wrap(InvalidInputError("steps", "bad")).unwrap().field == "steps"
+    bug = KeyError("a bug")
+    assert ReplicaError.wrap(bug) is bug  # not an answer: it stays an error (INTERNAL)
+    assert isinstance(_translate(BackPressureError(64, 64)), OverloadedError)
+    assert isinstance(_translate(ActorDiedError()), UnavailableError)
 
 
 # --- on a real local Ray instance ---------------------------------------------------------------------------
