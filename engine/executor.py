@@ -85,20 +85,19 @@ class RequestRun:
         self.stages_ms[name] = self.stages_ms.get(name, 0.0) + ms
 
     def step_done(self, step: Step) -> None:
+        stage = step.progress_stage
         if self.show_progress:
-            bar = self._bars.get(step.stage)
+            bar = self._bars.get(stage)
             if bar is None:
                 from tqdm.auto import tqdm
 
-                bar = self._bars[step.stage] = tqdm(
-                    total=step.total, desc=step.stage, unit="step", leave=False
-                )
+                bar = self._bars[stage] = tqdm(total=step.total, desc=stage, unit="step", leave=False)
             bar.n = step.index
             bar.refresh()
             if step.index >= step.total:
-                self._bars.pop(step.stage).close()
+                self._bars.pop(stage).close()
         if self.progress is not None:
-            self.progress(ProgressEvent(step.stage, step.index, step.total))
+            self.progress(ProgressEvent(stage, step.index, step.total))
 
     def close_bars(self) -> None:
         for bar in self._bars.values():

@@ -34,13 +34,19 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Step:
-    """What a program asks for next: ``call``, reported as step ``index`` (1-based) of ``total`` in
-    ``stage`` (``"inversion"``, ``"source_capture"``, ``"denoise"``; stage times and progress use it)."""
+    """What a program asks for next: ``call``, step ``index`` (1-based) of ``total`` in ``stage`` (the name
+    its time is counted under: ``"inversion"``, ``"source_capture"``, ``"denoise"``, ``"target_denoise"``),
+    reported to progress callbacks as ``progress_stage`` (the stage itself unless given)."""
 
     stage: str
     index: int
     total: int
     call: UNetCall
+    progress: str | None = None
+
+    @property
+    def progress_stage(self) -> str:
+        return self.progress or self.stage
 
 
 #: A program yields steps, receives each step's result, and returns its outcome.
@@ -110,8 +116,10 @@ def capture_source_maps(
         )
         result = yield Step("source_capture", lo + len(part), len(steps), call)
         assert result.maps is not None
-        for row, i in enumerate(part):
-            maps[i] = result.maps.rows([row])
+        for row, i in enumerate(part):  # copies: a kept row must not hold its whole (maybe shared) batch
+            maps[i] = AttentionMaps(
+                result.maps.format, {k: t[row : row + 1].clone() for k, t in result.maps.tensors.items()}
+            )
     return maps
 
 
@@ -134,7 +142,7 @@ def real_edit(
         if i in source_maps:
             inject = Injection.for_rows(source_maps[i].rows([0, 0]), [False, True], layers)
         call = UNetCall(rows_of(z, 2), ts[i : i + 1].expand(2), context, map_format, inject=inject)
-        result = yield Step("denoise", i + 1, n, call)
+        result = yield Step("target_denoise", i + 1, n, call, progress="denoise")
         z = schedule.step(guide(result.noise, guidance), i, z)
     return z
 
