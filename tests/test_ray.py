@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -457,3 +458,34 @@ def test_per_replica_metrics_reach_rays_export(client, ray_metrics_port):
     while inverts_counted() < 1 and time.monotonic() < deadline:
         time.sleep(1)
     assert inverts_counted() >= 1
+
+
+def test_concurrent_edits_by_id_batch_on_the_holder(client, ray_service):
+    """Affinity and batching together: concurrent re-edits of one inversion all run on its holder, whose
+    batching engine merges their UNet calls (max_ongoing_requests lets them run at once)."""
+    import inspect
+
+    from fpedit.server.client import edit_options
+
+    if "batching" not in inspect.signature(EditEngine.__init__).parameters:
+        pytest.skip("this engine has no batching executor")
+    inverted = client.invert(png_bytes(make_image(64, 64, seed=21)), options=edit_options(steps=20))
+    holder = inverted.stats.replica
+
+    def holder_batches() -> dict[int, int]:
+        (stats,) = [s for s in ray_service.runner.replica_stats() if s["name"] == holder]
+        return {int(rows): calls for rows, calls in stats["engine"]["batch_rows"].items()}
+
+    wait_for_routing()
+    # A first edit captures the source maps (capture calls hold many rows by themselves) and caches them.
+    assert client.edit("a car", inversion_id=inverted.inversion_id).stats.replica == holder
+    before = holder_batches()
+    prompts = ["a red car", "a blue car", "a green car"]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        edits = list(pool.map(lambda p: client.edit(p, inversion_id=inverted.inversion_id), prompts))
+    assert {e.stats.replica for e in edits} == {holder}
+    after = holder_batches()
+    merged = {rows: after[rows] - before.get(rows, 0) for rows in after if rows > 2}
+    # A re-edit with cached maps calls the UNet with 2 rows (unconditional + conditional target) per step:
+    # a call with more rows ran several requests at once.
+    assert sum(merged.values()) > 0, (before, after)
