@@ -41,12 +41,17 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
     def __init__(self, token: str) -> None:
         self._expected = f"Bearer {token}".encode()
 
+    @staticmethod
+    def _denier(method: str) -> Callable[[Any, grpc.ServicerContext], Any]:
+        name = method.rsplit("/", 1)[-1]
+
         def deny(request: Any, context: grpc.ServicerContext) -> Any:
+            log.info("rpc=%s status=UNAUTHENTICATED peer=%s", name, context.peer())
             context.abort(
                 grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (authorization metadata)"
             )
 
-        self._deny = deny
+        return deny
 
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         if details.method.startswith(f"/{HEALTH_SERVICE}/"):
@@ -58,14 +63,15 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None:
             return None
+        deny = self._denier(details.method)
         if handler.response_streaming:
             return grpc.unary_stream_rpc_method_handler(
-                lambda req, ctx: iter(self._deny(req, ctx) or ()),
+                lambda req, ctx: iter(deny(req, ctx) or ()),
                 request_deserializer=None,  # refuse before parsing: garbage bodies get UNAUTHENTICATED too
                 response_serializer=handler.response_serializer,
             )
         return grpc.unary_unary_rpc_method_handler(
-            self._deny,
+            deny,
             request_deserializer=None,
             response_serializer=handler.response_serializer,
         )

@@ -187,21 +187,25 @@ def test_undecodable_bodies_are_invalid_argument_with_one_log_line(conn, caplog)
     assert conn.check() == SERVING
 
 
-def test_token_is_checked_before_the_body_is_parsed(hardening_engine):
+def test_token_is_checked_before_the_body_is_parsed(hardening_engine, caplog):
     server = build_server(hardening_engine, ServerConfig(port=0, token="s3cret"))
     try:
-        for token, expected in (
-            (None, grpc.StatusCode.UNAUTHENTICATED),
-            ("s3cret", grpc.StatusCode.INVALID_ARGUMENT),
-        ):
-            c = Conn(server.port, token)
-            try:
-                code, _ = status_of(c.raw, EDIT, b"\xff\xff garbage")
-                assert code == expected
-            finally:
-                c.close()
+        with caplog.at_level(logging.INFO, logger="fpedit.server"):
+            for token, expected in (
+                (None, grpc.StatusCode.UNAUTHENTICATED),
+                ("s3cret", grpc.StatusCode.INVALID_ARGUMENT),
+            ):
+                c = Conn(server.port, token)
+                try:
+                    code, _ = status_of(c.raw, EDIT, b"\xff\xff garbage")
+                    assert code == expected
+                finally:
+                    c.close()
     finally:
         server.drain(2)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("rpc=Edit ")]
+    assert [line.split()[1] for line in lines] == ["status=UNAUTHENTICATED", "status=INVALID_ARGUMENT"]
+    assert not any(r.exc_info for r in caplog.records)
 
 
 # --- item 4: deadlines --------------------------------------------------------------------------------------
