@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from importlib import import_module
 from pathlib import Path
@@ -283,6 +284,9 @@ def engine_from_args(args: argparse.Namespace, **kwargs: Any) -> Any:
 def _quiet_libraries() -> None:
     """diffusers/transformers advice (accelerate, fp16 on CPU, token-length notes) is noise to a CLI user;
     fpedit reports what matters itself (e.g. one warning for a truncated prompt). ``-v`` keeps it."""
+    # The engine logs a truncated prompt and also raises a Python warning for library callers; on the command
+    # line the log line alone says it once.
+    warnings.filterwarnings("ignore", message=r"prompt has \d+ tokens; truncated", category=UserWarning)
     if logging.getLogger().isEnabledFor(logging.INFO):
         return
     for name in ("diffusers", "transformers"):
@@ -314,7 +318,10 @@ def _check_model_and_device(args: argparse.Namespace) -> None:
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
+    from fpedit.engine.options import check_prompt
+
     options = options_from_args(args)  # validate before loading anything
+    check_prompt(args.prompt, "target_prompt", allow_empty=False)
     check_input_image(args.image)
     check_output_path(args.output, "-o/--output")
     check_output_path(args.reconstruction, "--reconstruction")
@@ -329,7 +336,11 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from fpedit.engine.options import check_prompt
+
     options = options_from_args(args)
+    check_prompt(args.source_prompt, "source_prompt", allow_empty=True)
+    check_prompt(args.target_prompt, "target_prompt", allow_empty=False)
     check_output_path(args.output, "-o/--output")
     check_output_path(args.source_output, "--source-output")
     _check_model_and_device(args)
