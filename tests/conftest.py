@@ -16,10 +16,46 @@ from fpedit.engine.tiny import save_tiny_model
 torch.set_num_threads(2)
 
 
+#: Scales of the self-attention Q/K projections and the cross-attention V projection of the test checkpoint.
+#: Seeded random weights give near-uniform self-attention, so piping one branch's maps into the other would
+#: move an edit by less than the tests' tolerances (7.7e-4 against 1e-3 once) and a test comparing with the
+#: reference could not tell injection from none. Sharper maps (Q/K) that depend more on the prompt (V of the
+#: cross-attention) make injection move every tested edit by >= 10x its tolerance; the tests assert that.
+SELF_QK_SCALE, CROSS_V_SCALE = 3.0, 3.0
+
+
+def sharpen_attention(folder: Path, qk_scale: float = SELF_QK_SCALE, v_scale: float = CROSS_V_SCALE) -> Path:
+    """Rescale the saved UNet's attention projections in place (still a plain diffusers checkpoint)."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if name.endswith("attn1"):
+                module.to_q.weight.mul_(qk_scale)
+                module.to_k.weight.mul_(qk_scale)
+            elif name.endswith("attn2"):
+                module.to_v.weight.mul_(v_scale)
+    unet.save_pretrained(folder / "unet", safe_serialization=True)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
-    """The tiny SD 1.x topology at small widths, seeded, saved as safetensors in diffusers layout."""
-    return save_tiny_model(tmp_path_factory.mktemp("models") / "sd1-tiny", seed=7)
+    """The tiny SD 1.x topology at small widths, seeded, with attention sharp enough that map injection
+    matters (see SELF_QK_SCALE), saved as safetensors in diffusers layout."""
+    return sharpen_attention(save_tiny_model(tmp_path_factory.mktemp("models") / "sd1-tiny", seed=7))
+
+
+@pytest.fixture(scope="session")
+def qk_export(model_dir, tmp_path_factory) -> Path:
+    """A float32 ONNX export of ``model_dir`` (qk maps, layers 4-14, sides 64..128 px), shared by the tests."""
+    from fpedit.engine.contract import ShapeRange
+    from fpedit.export.onnx_export import export_onnx
+
+    out = tmp_path_factory.mktemp("onnx") / "qk"
+    export_onnx(model_dir, out, image_size=ShapeRange(64, 128, 128))
+    return out
 
 
 @pytest.fixture(scope="session")
