@@ -13,6 +13,13 @@ class MapFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MAP_FORMAT_QK: _ClassVar[MapFormat]
     MAP_FORMAT_PROBS: _ClassVar[MapFormat]
 
+class InversionMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    INVERSION_METHOD_UNSPECIFIED: _ClassVar[InversionMethod]
+    INVERSION_METHOD_DDIM: _ClassVar[InversionMethod]
+    INVERSION_METHOD_NULL_TEXT: _ClassVar[InversionMethod]
+    INVERSION_METHOD_NEGATIVE_PROMPT: _ClassVar[InversionMethod]
+
 class ImageFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     IMAGE_FORMAT_UNSPECIFIED: _ClassVar[ImageFormat]
@@ -22,6 +29,10 @@ class ImageFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 MAP_FORMAT_UNSPECIFIED: MapFormat
 MAP_FORMAT_QK: MapFormat
 MAP_FORMAT_PROBS: MapFormat
+INVERSION_METHOD_UNSPECIFIED: InversionMethod
+INVERSION_METHOD_DDIM: InversionMethod
+INVERSION_METHOD_NULL_TEXT: InversionMethod
+INVERSION_METHOD_NEGATIVE_PROMPT: InversionMethod
 IMAGE_FORMAT_UNSPECIFIED: ImageFormat
 IMAGE_FORMAT_PNG: ImageFormat
 IMAGE_FORMAT_JPEG: ImageFormat
@@ -75,20 +86,28 @@ class Stats(_message.Message):
     def __init__(self, stages_ms: _Optional[_Mapping[str, float]] = ..., engine_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., unet_rows: _Optional[int] = ..., unet_calls: _Optional[int] = ..., steps: _Optional[int] = ..., replaced_steps: _Optional[_Iterable[int]] = ..., layers: _Optional[_Iterable[int]] = ..., replica: _Optional[str] = ...) -> None: ...
 
 class EditRequest(_message.Message):
-    __slots__ = ("image", "inversion_id", "target_prompt", "options", "output_format", "skip_reconstruction")
+    __slots__ = ("image", "inversion_id", "target_prompt", "options", "output_format", "skip_reconstruction", "source_prompt", "inversion_method", "null_text_steps", "null_text_epsilon")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     INVERSION_ID_FIELD_NUMBER: _ClassVar[int]
     TARGET_PROMPT_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     SKIP_RECONSTRUCTION_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    INVERSION_METHOD_FIELD_NUMBER: _ClassVar[int]
+    NULL_TEXT_STEPS_FIELD_NUMBER: _ClassVar[int]
+    NULL_TEXT_EPSILON_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     inversion_id: str
     target_prompt: str
     options: EditOptions
     output_format: ImageFormat
     skip_reconstruction: bool
-    def __init__(self, image: _Optional[bytes] = ..., inversion_id: _Optional[str] = ..., target_prompt: _Optional[str] = ..., options: _Optional[_Union[EditOptions, _Mapping]] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., skip_reconstruction: _Optional[bool] = ...) -> None: ...
+    source_prompt: str
+    inversion_method: InversionMethod
+    null_text_steps: int
+    null_text_epsilon: float
+    def __init__(self, image: _Optional[bytes] = ..., inversion_id: _Optional[str] = ..., target_prompt: _Optional[str] = ..., options: _Optional[_Union[EditOptions, _Mapping]] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., skip_reconstruction: _Optional[bool] = ..., source_prompt: _Optional[str] = ..., inversion_method: _Optional[_Union[InversionMethod, str]] = ..., null_text_steps: _Optional[int] = ..., null_text_epsilon: _Optional[float] = ...) -> None: ...
 
 class EditResponse(_message.Message):
     __slots__ = ("edited_image", "reconstruction_image", "inversion_id", "width", "height", "stats")
@@ -159,12 +178,20 @@ class GenerateEditResponse(_message.Message):
     def __init__(self, source_image: _Optional[bytes] = ..., edited_image: _Optional[bytes] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ...) -> None: ...
 
 class InvertRequest(_message.Message):
-    __slots__ = ("image", "options")
+    __slots__ = ("image", "options", "source_prompt", "inversion_method", "null_text_steps", "null_text_epsilon")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    INVERSION_METHOD_FIELD_NUMBER: _ClassVar[int]
+    NULL_TEXT_STEPS_FIELD_NUMBER: _ClassVar[int]
+    NULL_TEXT_EPSILON_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     options: EditOptions
-    def __init__(self, image: _Optional[bytes] = ..., options: _Optional[_Union[EditOptions, _Mapping]] = ...) -> None: ...
+    source_prompt: str
+    inversion_method: InversionMethod
+    null_text_steps: int
+    null_text_epsilon: float
+    def __init__(self, image: _Optional[bytes] = ..., options: _Optional[_Union[EditOptions, _Mapping]] = ..., source_prompt: _Optional[str] = ..., inversion_method: _Optional[_Union[InversionMethod, str]] = ..., null_text_steps: _Optional[int] = ..., null_text_epsilon: _Optional[float] = ...) -> None: ...
 
 class InvertResponse(_message.Message):
     __slots__ = ("inversion_id", "width", "height", "steps", "expires_in_s", "stats")
