@@ -73,10 +73,25 @@ def _output_format(value: int) -> int:
     return value
 
 
+def _inversion_method(request: pb.EditRequest | pb.InvertRequest, max_prompt_chars: int) -> None:
+    """Only DDIM inversion is wired into the service so far: refuse the others rather than ignore them."""
+    check_prompt(request.source_prompt, "source_prompt", allow_empty=True, max_chars=max_prompt_chars)
+    served = (pb.INVERSION_METHOD_UNSPECIFIED, pb.INVERSION_METHOD_DDIM)
+    if request.inversion_method not in served:
+        known = request.inversion_method in pb.InversionMethod.values()
+        name = (
+            pb.InversionMethod.Name(request.inversion_method)
+            if known
+            else f"value {request.inversion_method}"
+        )
+        raise InvalidInputError("inversion_method", f"{name} is not served yet; use DDIM (the default)")
+
+
 def parse_edit(request: pb.EditRequest, max_prompt_chars: int) -> EditCall:
     has_image, has_id = bool(request.image), bool(request.inversion_id)
     if has_image == has_id:
         raise InvalidInputError("image", "give exactly one of image or inversion_id")
+    _inversion_method(request, max_prompt_chars)
     if len(request.inversion_id) > MAX_INVERSION_ID_CHARS:
         raise InvalidInputError("inversion_id", "is not an id this server issued")
     return EditCall(
@@ -111,9 +126,10 @@ def parse_generate(request: pb.GenerateEditRequest, max_prompt_chars: int) -> Ge
     )
 
 
-def parse_invert(request: pb.InvertRequest) -> InvertCall:
+def parse_invert(request: pb.InvertRequest, max_prompt_chars: int) -> InvertCall:
     if not request.image:
         raise InvalidInputError("image", "is empty")
+    _inversion_method(request, max_prompt_chars)
     return InvertCall(image=request.image, options=options_from_proto(request.options))
 
 
@@ -335,7 +351,7 @@ class EditServicer:
 
     def Invert(self, raw: bytes, context: grpc.ServicerContext) -> pb.InvertResponse:
         def body() -> pb.InvertResponse:
-            call = parse_invert(parse(pb.InvertRequest, raw))
+            call = parse_invert(parse(pb.InvertRequest, raw), self.config.max_prompt_chars)
             return self.runner.invert(call, cancel_check=self._admit(context))
 
         return self._unary("Invert", context, body)

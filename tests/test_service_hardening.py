@@ -142,6 +142,8 @@ def _bad_fields() -> list[tuple[str, object, str]]:
         ),
         ("GenerateEdit", pb.GenerateEditRequest(target_prompt="a dog", output_format=7), "output_format"),
         ("Invert", pb.InvertRequest(image=png(), options=opts(guidance_scale=-1)), "guidance_scale"),
+        ("Invert", pb.InvertRequest(image=png(), source_prompt=long_prompt), "source_prompt"),
+        ("Edit", pb.EditRequest(image=png(), target_prompt="a", source_prompt=long_prompt), "source_prompt"),
     ]
 
 
