@@ -29,6 +29,9 @@ from .programs import Program, Step
 T = TypeVar("T")
 Item = TypeVar("Item")
 
+#: Longest the device loop waits for a running program's next call before running a batch without it.
+STRAGGLER_WAIT_S = 0.05
+
 
 @dataclass(frozen=True)
 class ProgressEvent:
@@ -169,6 +172,7 @@ class _Pending:
     """A call waiting for the device loop, and where its result or error goes."""
 
     call: UNetCall
+    step: int  # which program step submitted it (a step's pieces share it)
     done: threading.Event = field(default_factory=threading.Event)
     result: UNetResult | None = None
     error: BaseException | None = None
@@ -188,6 +192,9 @@ class Executor:
         self._wake = threading.Condition()
         self._loop: threading.Thread | None = None
         self._closed = False
+        self._active = 0  # programs inside run() (batching): the calls the next batch may still get
+        self._steps = 0
+        self._last_call_s = 0.0
 
     # --- one program ----------------------------------------------------------------------------------------
 
@@ -195,6 +202,7 @@ class Executor:
         """Drive ``program`` to its end in this thread and return its outcome. Stage times are taken at
         stage changes (one device synchronization per stage, not per step)."""
         stage, started = None, 0.0
+        self._enter()
         try:
             step = next(program)
             while True:
@@ -210,6 +218,7 @@ class Executor:
         except StopIteration as finished:
             return finished.value
         finally:
+            self._leave()
             program.close()
             run.close_bars()
             if stage is not None:
@@ -301,9 +310,21 @@ class Executor:
 
     # --- the device loop ------------------------------------------------------------------------------------
 
+    def _enter(self) -> None:
+        if self.batching:
+            with self._wake:
+                self._active += 1
+
+    def _leave(self) -> None:
+        if self.batching:
+            with self._wake:
+                self._active -= 1
+                self._wake.notify_all()
+
     def _submit(self, calls: Sequence[UNetCall]) -> list[UNetResult]:
-        items = [_Pending(call) for call in calls]
         with self._wake:
+            self._steps += 1
+            items = [_Pending(call, self._steps) for call in calls]
             if self._closed:
                 raise RuntimeError("the engine's executor is closed")
             if self._loop is None:
@@ -325,10 +346,12 @@ class Executor:
             batch = self._next_batch()
             if batch is None:
                 return
+            started = time.perf_counter()
             try:
                 outcomes = self._execute_isolated([item.call for item in batch])
             except BaseException as exc:  # never leave a request waiting, whatever happened
                 outcomes = [exc] * len(batch)
+            self._last_call_s = time.perf_counter() - started
             for item, outcome in zip(batch, outcomes, strict=True):
                 if isinstance(outcome, BaseException):
                     item.error = outcome
@@ -337,19 +360,30 @@ class Executor:
                 item.done.set()
 
     def _next_batch(self) -> list[_Pending] | None:
+        """The next batch, once the oldest pending call has company or cannot expect any more.
+
+        Running programs whose next call is not pending yet are between steps (a few host operations), so
+        the loop waits for them up to half the last backend call (at most :data:`STRAGGLER_WAIT_S`):
+        without that, two requests fall into lockstep, each call running while the other's is being
+        prepared, and never share a call. ``max_wait_ms`` may hold a partial batch open longer.
+        """
         max_rows = self.backend.max_batch
         with self._wake:
             while not self._pending and not self._closed:
                 self._wake.wait()
             if not self._pending:
                 return None
-            if self.max_wait_s > 0:
-                deadline = time.monotonic() + self.max_wait_s
-                while sum(p.call.rows for p in self._pending) < max_rows and not self._closed:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._wake.wait(left)
+            now = time.monotonic()
+            stragglers_until = now + min(STRAGGLER_WAIT_S, 0.5 * self._last_call_s)
+            fill_until = now + self.max_wait_s
+            while not self._closed and sum(p.call.rows for p in self._pending) < max_rows:
+                now = time.monotonic()
+                until = fill_until
+                if len({p.step for p in self._pending}) < self._active:
+                    until = max(until, stragglers_until)
+                if until <= now:
+                    break
+                self._wake.wait(until - now)
             return take_batch(self._pending, lambda p: p.call, self.backend, max_rows)
 
     def close(self) -> None:

@@ -151,3 +151,49 @@ def test_a_failing_call_fails_only_its_request(batching, monkeypatch):
     assert all(hasattr(r, "edited_latents") for r in results[1:])
     again = batching.edit_generated("a cat", "a dog", latents=latents(1), options=opts)
     assert rel_l2(again.edited_latents, results[1].edited_latents) < 1e-6
+
+
+def test_exported_graphs_batch_without_mixing_capture_and_inject(qk_export, engine):
+    """ONNX Runtime's variants are plain, capture and inject: merged calls never mix the last two (the
+    backend refuses such a call), and every request still equals its lone run."""
+    from fpedit.engine.calls import UNetCall
+
+    lone = EditEngine.from_pretrained(qk_export, backend="onnxruntime")
+    shared = EditEngine(lone.backend, lone.tokenizer, batching=True, max_wait_ms=30)
+    image = make_image(64, 64, seed=4)
+    opts = EditOptions(steps=3)
+
+    def jobs(engine: EditEngine) -> list[Callable[[], Any]]:
+        return [
+            lambda: engine.edit_generated("a cat", "a dog", latents=latents(1, 8), options=opts),
+            lambda: engine.edit_generated("a cow", "a yak", latents=latents(2, 8), options=opts),
+            lambda: engine.edit_real(image, "a red car", options=opts),
+        ]
+
+    alone = [job() for job in jobs(lone)]
+    before = shared.counters()
+    together = run_concurrently(jobs(shared))
+    try:
+        for a, b in zip(alone, together, strict=True):
+            assert not isinstance(b, Exception), b
+            assert rel_l2(b.edited_latents, a.edited_latents) < 1e-4
+        assert shared.counters()["unet_calls"] - before["unet_calls"] < sum(
+            r.stats["unet_calls"] for r in alone
+        )
+    finally:
+        shared.close()
+    sample = torch.randn((1, 4, 8, 8))
+    capture_only = UNetCall(
+        sample, torch.tensor([500.0]), torch.zeros((1, 77, 32)), capture=(4,), need_noise_pred=False
+    )
+    result = lone.backend.unet(capture_only)
+    assert result.noise is None and result.maps.layers == (4,)
+    from fpedit.engine.maps import Injection
+
+    plain = UNetCall(sample, torch.tensor([500.0]), torch.zeros((1, 77, 32)))
+    injecting = UNetCall(
+        plain.sample, plain.timesteps, plain.context, inject=Injection.for_rows(result.maps, [True], (4,))
+    )
+    assert lone.backend.can_share_call(capture_only, plain) and lone.backend.can_share_call(injecting, plain)
+    assert not lone.backend.can_share_call(capture_only, injecting)
+    assert engine.backend.can_share_call(capture_only, injecting)  # torch runs any mix in one call
