@@ -23,16 +23,31 @@ import threading
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from .errors import CancelledError, InvalidInputError
+from . import programs
+from .backends.base import Backend
+from .calls import UNetCall
+from .errors import InvalidInputError
+from .executor import ProgressEvent, RequestRun
+from .maps import AttentionMaps, Injection
+from .options import EditOptions
+from .programs import Program, Step, guide, rows_of
+from .results import EditResult, Inversion
 from .schedule import DDIMSchedule
+
+if TYPE_CHECKING:
+    from .pipeline import EditEngine
 
 DEFAULT_INNER_STEPS = 10
 DEFAULT_EPSILON = 1e-5
 MAX_INNER_STEPS = 100
+#: Inversion methods: Algorithm 2's DDIM inversion with "", null-text inversion (Algorithm 3), and
+#: negative-prompt inversion (Algorithm 3's edit with the source prompt as every step's null embedding).
+METHODS = ("ddim", "null-text", "negative-prompt")
 
 _float32_copies: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = weakref.WeakKeyDictionary()
 _copies_lock = threading.Lock()
@@ -114,15 +129,15 @@ def optimize_null_embeddings(
     inner_steps: int = DEFAULT_INNER_STEPS,
     epsilon: float = DEFAULT_EPSILON,
     progress: Callable[[int, int], None] | None = None,
-    cancelled: Callable[[], bool] | None = None,
+    cancel_check: Callable[[], None] | None = None,
 ) -> NullTextResult:
     """Optimise one null embedding per denoising step (the authors' loop; see the module docstring).
 
     ``unet`` is a float32 diffusers UNet (any attention processors that run without per-call state);
     ``trajectory`` is (N+1, C, h, w) with ``trajectory[k] = z_k`` from the conditional-only inversion;
     ``cond`` and ``null_init`` are (1, L, D) (the source prompt's and ""'s embeddings); ``schedule`` holds the N
-    denoising steps, noisiest first. ``progress(done, N)`` is called after each step; ``cancelled()`` is
-    polled between Adam iterations and stops the work with :class:`CancelledError` when it returns true.
+    denoising steps, noisiest first. ``progress(done, N)`` is called after each step; ``cancel_check()`` is
+    called before every Adam iteration, and whatever it raises (a deadline, a client gone) stops the work.
     """
     steps = len(schedule)
     if trajectory.shape[0] != steps + 1:
@@ -154,8 +169,8 @@ def optimize_null_embeddings(
             optimizer = torch.optim.Adam([param], lr=1e-2 * (1.0 - i / 100.0))
             done, loss_value = 0, math.nan
             for _ in range(inner_steps):
-                if cancelled is not None and cancelled():
-                    raise CancelledError("null-text inversion cancelled")
+                if cancel_check is not None:
+                    cancel_check()
                 eps_u = predict(z, t, param)
                 loss = F.mse_loss(step.apply(z, eps_u + guidance * (eps_c - eps_u)), goal)
                 (param.grad,) = torch.autograd.grad(loss, [param])
@@ -189,3 +204,239 @@ def denoise_steps(schedule: DDIMSchedule) -> list[DenoiseStep]:
         DenoiseStep(t, float(alphas[t]), float(alphas[t - r]) if t - r >= 0 else final)
         for t in schedule.timesteps
     ]
+
+
+# --- Algorithm 3's edit as step programs ----------------------------------------------------------------
+#
+# The source branch does not depend on the target prompt: it runs once (:func:`generate_source`) and its maps
+# can be kept on the inversion, so an edit is the source program (first edit only) and the target program
+# (:func:`denoise_target`). Source and target never share a call, so a re-edit equals a fresh edit exactly.
+
+
+def _null(nulls: torch.Tensor | None, source_cond: torch.Tensor, i: int) -> torch.Tensor:
+    """Step i's null embedding: optimised (null-text) or the source prompt's (negative-prompt)."""
+    return source_cond if nulls is None else nulls[i : i + 1]
+
+
+def generate_source(
+    z_T: torch.Tensor,
+    schedule: DDIMSchedule,
+    source_cond: torch.Tensor,
+    nulls: torch.Tensor | None,
+    replaced: Sequence[int],
+    capture_layers: Sequence[int],
+    map_format: str,
+    guidance: float,
+) -> Program[tuple[torch.Tensor, dict[int, AttentionMaps]]]:
+    """The source branch, generated from ``z_T`` with the source prompt and step i's null embedding
+    (``nulls[i]``; the source prompt's own embedding when ``nulls`` is None, where the two rows are identical
+    and one is run). Captures the conditional row's maps in ``replaced`` steps. Returns (z_0, maps)."""
+    ts = schedule.timestep_tensor(z_T.device)
+    n = schedule.steps
+    replaced = set(replaced)
+    maps: dict[int, AttentionMaps] = {}
+    z = z_T
+    for i in range(n):
+        context = source_cond if nulls is None else torch.cat([nulls[i : i + 1], source_cond])
+        rows = context.shape[0]
+        capture = tuple(capture_layers) if i in replaced else ()
+        call = UNetCall(rows_of(z, rows), ts[i : i + 1].expand(rows), context, map_format, capture)
+        result = yield Step("source", i + 1, n, call)
+        if capture:
+            assert result.maps is not None
+            maps[i] = result.maps.rows([rows - 1])
+        z = schedule.step(guide(result.noise, guidance), i, z)
+    return z, maps
+
+
+def denoise_target(
+    z_T: torch.Tensor,
+    schedule: DDIMSchedule,
+    source_cond: torch.Tensor,
+    target_cond: torch.Tensor,
+    nulls: torch.Tensor | None,
+    source_maps: dict[int, AttentionMaps],
+    layers: Sequence[int],
+    map_format: str,
+    guidance: float,
+) -> Program[torch.Tensor]:
+    """The target branch from ``z_T``: rows (step i's null, target prompt); in every step of
+    ``source_maps`` the conditional row attends with the source's map in ``layers``. Returns z_0."""
+    ts = schedule.timestep_tensor(z_T.device)
+    n = schedule.steps
+    z = z_T
+    for i in range(n):
+        inject = None
+        if i in source_maps:
+            inject = Injection.for_rows(source_maps[i].rows([0, 0]), [False, True], layers)
+        context = torch.cat([_null(nulls, source_cond, i), target_cond])
+        call = UNetCall(rows_of(z, 2), ts[i : i + 1].expand(2), context, map_format, inject=inject)
+        result = yield Step("denoise", i + 1, n, call)
+        z = schedule.step(guide(result.noise, guidance), i, z)
+    return z
+
+
+# --- the engine's entry points (called by EditEngine.invert and EditEngine.edit_real) -----------------------
+
+
+def check_method(method: object, source_prompt: str, backend: Backend) -> str:
+    """Refuse an unknown method, a method that needs a source prompt without one, and null-text inversion
+    where there are no gradients, before any work starts."""
+    if method not in METHODS:
+        raise InvalidInputError("method", f"must be one of {list(METHODS)}, got {method!r}")
+    if method != "ddim" and not source_prompt.strip():
+        raise InvalidInputError(
+            "source_prompt", f"must describe the image: inversion method {method!r} needs one"
+        )
+    if method == "null-text" and backend.name != "torch":
+        raise InvalidInputError(
+            "method",
+            f"null-text inversion needs gradients, which the {backend.name} backend does not have: use the "
+            "torch backend, or 'negative-prompt' (no optimisation) here",
+        )
+    return str(method)
+
+
+def _optimisable_unet(backend: Backend) -> torch.nn.Module:
+    """The torch backend's UNet in float32 (the serving module, or its kept float32 copy)."""
+    module = getattr(backend, "_unet", None)
+    if not isinstance(module, torch.nn.Module):
+        raise InvalidInputError("method", f"null-text inversion needs the torch backend, not {backend.name}")
+    return float32_unet(module)
+
+
+def invert_with_source_prompt(
+    engine: EditEngine,
+    z0: torch.Tensor,
+    schedule: DDIMSchedule,
+    guidance: float,
+    source_prompt: str,
+    method: str,
+    inner_steps: int,
+    epsilon: float,
+    run: RequestRun,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Conditional-only DDIM inversion with the source prompt, then (null-text) the per-step null embeddings,
+    or (negative-prompt) the source prompt's embedding for every step. Returns (trajectory, nulls as float32
+    (steps, L, D), statistics)."""
+    cond = engine._embed(source_prompt, run)
+    # One conditional row per step: guidance on a single row is the identity, which is the authors' unguided
+    # inversion; the t = 0 step is skipped as for Algorithm 2.
+    trajectory = engine.executor.run(programs.invert(z0, schedule, cond), run)
+    steps = schedule.steps
+    if method == "negative-prompt":
+        nulls = cond.float().expand(steps, -1, -1).contiguous()
+        return trajectory, nulls, {}
+    unet = _optimisable_unet(engine.backend)
+    null_init = engine._embed("", run)
+
+    def progress(done: int, total: int) -> None:
+        if run.progress is not None:
+            run.progress(ProgressEvent("null_text", done, total))
+
+    with run.stage("null_text"):
+        result = optimize_null_embeddings(
+            unet,
+            trajectory,
+            cond,
+            null_init,
+            guidance,
+            denoise_steps(schedule),
+            inner_steps=inner_steps,
+            epsilon=epsilon,
+            progress=progress,
+            cancel_check=run.check,
+        )
+    run.unet_rows += result.unet_forwards
+    stats = {
+        "null_text_iterations": result.total_iterations,
+        "unet_backward_rows": result.unet_backwards,
+        "null_text_final_loss": result.final_losses[-1] if result.final_losses else None,
+    }
+    return trajectory, result.embeddings, stats
+
+
+def edit_with_nulls(
+    engine: EditEngine,
+    inversion: Inversion,
+    target_prompt: str,
+    options: EditOptions,
+    run: RequestRun,
+) -> EditResult:
+    """Algorithm 3 on a null-text or negative-prompt inversion: the source branch (generated once, its maps
+    kept on the inversion within its budget), then the target branch."""
+    if inversion.method == "null-text" and inversion.guidance_scale != options.guidance_scale:
+        raise InvalidInputError(
+            "guidance_scale",
+            f"the null-text inversion was optimised for guidance {inversion.guidance_scale}; the edit must use "
+            f"it (got {options.guidance_scale}), or invert again",
+        )
+    layers = engine._check_request(options, inversion.latent_hw)
+    schedule = engine._schedules(options.steps)
+    replaced = list(options.replaced_steps()) if layers else []
+    source_cond = engine._embed(inversion.source_prompt, run)
+    target_cond = engine._embed(target_prompt, run)
+    nulls = None
+    if inversion.method == "null-text":
+        assert inversion.null_embeddings is not None
+        nulls = inversion.null_embeddings.to(source_cond.device, source_cond.dtype)
+    z_T = inversion.latent(options.steps)
+
+    cached = inversion.cached_maps(options.map_format, frozenset(layers))
+    source_latent = inversion.source_latent
+    have_source = source_latent is not None and all(i in cached for i in replaced)
+    if have_source:
+        source_maps = {i: cached[i] for i in replaced}
+    else:
+        capture_layers = engine.backend.capture_layers(layers)
+        program = generate_source(
+            z_T,
+            schedule,
+            source_cond,
+            nulls,
+            replaced,
+            capture_layers,
+            options.map_format,
+            options.guidance_scale,
+        )
+        source_latent, source_maps = engine.executor.run(program, run)
+        inversion.keep_source(source_latent)
+        inversion.store_maps(options.map_format, frozenset(capture_layers), source_maps)
+    program = denoise_target(
+        z_T,
+        schedule,
+        source_cond,
+        target_cond,
+        nulls,
+        source_maps,
+        layers,
+        options.map_format,
+        options.guidance_scale,
+    )
+    z = engine.executor.run(program, run)
+
+    (edited_image,) = engine._decode(z, run)
+    reconstruction = inversion.reconstruction
+    if reconstruction is None:
+        (reconstruction,) = engine._decode(source_latent, run)
+        inversion.keep_reconstruction(reconstruction)
+    stats = run.stats(
+        steps=options.steps,
+        replaced_steps=replaced,
+        layers=list(layers),
+        map_format=options.map_format,
+        size=list(inversion.size),
+        method=inversion.method,
+        source_maps_cached=len(replaced) if have_source else 0,
+        inversion_bytes=inversion.nbytes,
+    )
+    return EditResult(
+        source_image=reconstruction,
+        edited_image=edited_image,
+        source_latents=source_latent.float().cpu().numpy(),
+        edited_latents=z.float().cpu().numpy(),
+        options=options,
+        stats=stats,
+        reconstruction_image=reconstruction,
+        inversion=inversion,
+    )

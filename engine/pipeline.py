@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import programs
+from . import null_text, programs
 from .backends.base import Backend
 from .contract import ModelSpec
 from .errors import InvalidInputError
@@ -321,9 +321,23 @@ class EditEngine:
         options: EditOptions | None = None,
         progress: ProgressCallback | None = None,
         cancel_check: CancelCheck | None = None,
+        source_prompt: str = "",
+        method: str = "ddim",
+        null_text_steps: int = null_text.DEFAULT_INNER_STEPS,
+        null_text_epsilon: float = null_text.DEFAULT_EPSILON,
     ) -> Inversion:
-        """DDIM-invert ``image`` with prompt "" over ``options.steps`` steps; keep the whole trajectory."""
+        """Invert ``image`` over ``options.steps`` steps; keep the whole trajectory.
+
+        ``method="ddim"`` (default): DDIM inversion with prompt "" (Algorithm 2; ``source_prompt`` is
+        ignored). ``"null-text"``: conditional-only inversion with ``source_prompt`` and per-step null
+        embeddings optimised for ``options.guidance_scale`` (Algorithm 3; torch backend; at most
+        ``null_text_steps`` Adam iterations per step, early stop at ``null_text_epsilon``). ``"negative-prompt"``:
+        the same inversion with the source prompt's embedding as every step's null embedding (no optimisation).
+        """
         options = options or EditOptions()
+        source_prompt = self._check_prompt(source_prompt, "source_prompt", allow_empty=True)
+        method = null_text.check_method(method, source_prompt, self.backend)
+        inner_steps, epsilon = null_text.check_null_text_options(null_text_steps, null_text_epsilon)
         run = self._run(progress, cancel_check)
         run.check()
         pil = prepare_image(
@@ -334,15 +348,31 @@ class EditEngine:
         with run.stage("vae_encode"):
             mean = self.backend.encode_image(image_to_tensor(pil))
             z0 = (mean.float() * self.spec.vae_scaling_factor).to(self.backend.device)
-        uncond = self._embed("", run)
-        trajectory = self.executor.run(programs.invert(z0, schedule, uncond), run)
+        if method == "ddim":
+            uncond = self._embed("", run)
+            trajectory = self.executor.run(programs.invert(z0, schedule, uncond), run)
+            return Inversion(
+                trajectory=trajectory,
+                steps=options.steps,
+                image=pil,
+                engine_id=self.engine_id,
+                stats=run.stats(steps=options.steps, size=list(pil.size)),
+                map_cache_limit=self.map_cache_bytes,
+            )
+        trajectory, nulls, extra = null_text.invert_with_source_prompt(
+            self, z0, schedule, options.guidance_scale, source_prompt, method, inner_steps, epsilon, run
+        )
         return Inversion(
             trajectory=trajectory,
             steps=options.steps,
             image=pil,
             engine_id=self.engine_id,
-            stats=run.stats(steps=options.steps, size=list(pil.size)),
+            stats=run.stats(steps=options.steps, size=list(pil.size), method=method, **extra),
             map_cache_limit=self.map_cache_bytes,
+            method=method,
+            source_prompt=source_prompt,
+            null_embeddings=nulls,
+            guidance_scale=options.guidance_scale,
         )
 
     def edit_real(
@@ -353,20 +383,45 @@ class EditEngine:
         options: EditOptions | None = None,
         progress: ProgressCallback | None = None,
         cancel_check: CancelCheck | None = None,
+        source_prompt: str | None = None,
+        method: str | None = None,
+        null_text_steps: int | None = None,
+        null_text_epsilon: float | None = None,
     ) -> EditResult:
-        """Edit a real image (or an :class:`Inversion` of one) toward ``target_prompt`` (Algorithm 2).
+        """Edit a real image (or an :class:`Inversion` of one) toward ``target_prompt``: Algorithm 2 for a
+        "ddim" inversion, Algorithm 3 for a "null-text" or "negative-prompt" one.
 
-        ``cancel_check`` is called before every stage and UNet call; whatever it raises stops the work.
+        With an image, ``source_prompt``, ``method``, ``null_text_steps`` and ``null_text_epsilon`` go to
+        :meth:`invert` (an inversion already has them). ``cancel_check`` is called before every stage, UNet
+        call and Adam iteration; whatever it raises stops the work.
         """
         options = options or EditOptions()
         target_prompt = self._check_prompt(target_prompt, "target_prompt", allow_empty=False)
         run = self._run(progress, cancel_check)
+        invert_options = {
+            name: value
+            for name, value in (
+                ("source_prompt", source_prompt),
+                ("method", method),
+                ("null_text_steps", null_text_steps),
+                ("null_text_epsilon", null_text_epsilon),
+            )
+            if value is not None
+        }
         if isinstance(image, Inversion):
+            if invert_options:
+                raise InvalidInputError(
+                    next(iter(invert_options)), "applies when inverting an image; the inversion has its own"
+                )
             inversion = image
             self._check_inversion(inversion, options)
         else:
-            inversion = self.invert(image, options=options, progress=progress, cancel_check=cancel_check)
+            inversion = self.invert(
+                image, options=options, progress=progress, cancel_check=cancel_check, **invert_options
+            )
             run.absorb(inversion.stats)  # one call did both: report the whole real edit
+        if inversion.method != "ddim":
+            return null_text.edit_with_nulls(self, inversion, target_prompt, options, run)
         layers = self._check_request(options, inversion.latent_hw)
         schedule = self._schedules(options.steps)
         replaced = list(options.replaced_steps()) if layers else []

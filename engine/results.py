@@ -57,6 +57,16 @@ class Inversion:
     engine_id: str
     stats: dict[str, Any]
     map_cache_limit: int
+    #: "ddim" (Algorithm 2), "null-text" or "negative-prompt" (Algorithm 3; see ``engine.null_text``).
+    method: str = "ddim"
+    #: The prompt describing the image ("" for "ddim"); Algorithm 3's source branch uses it.
+    source_prompt: str = ""
+    #: Per-step unconditional embeddings (steps, L, D) float32: optimised (null-text) or the source
+    #: prompt's (negative-prompt); None for "ddim".
+    null_embeddings: torch.Tensor | None = None
+    #: The guidance the null embeddings were optimised for (null-text edits must use it).
+    guidance_scale: float | None = None
+    _source_latent: torch.Tensor | None = field(default=None, repr=False)
     _maps: dict[int, AttentionMaps] = field(default_factory=dict, repr=False)
     _maps_format: str | None = field(default=None, repr=False)
     _maps_layers: frozenset[int] = field(default_factory=frozenset, repr=False)
@@ -80,6 +90,16 @@ class Inversion:
         """z_0 decoded, once an edit has decoded it (later edits reuse it)."""
         with self.lock:
             return self._reconstruction
+
+    @property
+    def source_latent(self) -> torch.Tensor | None:
+        """Algorithm 3: the generated source branch's final latent, once an edit has run it."""
+        with self.lock:
+            return self._source_latent
+
+    def keep_source(self, latent: torch.Tensor) -> None:
+        with self.lock:
+            self._source_latent = latent
 
     def keep_reconstruction(self, image: Image.Image) -> None:
         with self.lock:
