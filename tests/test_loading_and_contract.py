@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fpedit import EditEngine, EditOptions, ModelLoadError
+from fpedit.engine.calls import UNetCall
 from fpedit.engine.contract import PAPER_LAYERS, ModelSpec, unet_io
 from fpedit.engine.errors import UnsupportedModelError
 from fpedit.engine.tiny import save_tiny_model
@@ -74,9 +75,8 @@ def test_captured_maps_have_contract_shapes(engine):
     sample = torch.randn(3, 4, 16, 8)
     ctx = torch.randn(3, 77, 32)
     for fmt in ("qk", "probs"):
-        _, maps = engine.backend.unet(
-            sample, torch.tensor([1.0, 5.0, 9.0]), ctx, capture=PAPER_LAYERS, map_format=fmt
-        )
+        call = UNetCall(sample, torch.tensor([1.0, 5.0, 9.0]), ctx, map_format=fmt, capture=PAPER_LAYERS)
+        maps = engine.backend.unet(call).maps
         assert maps.layers == PAPER_LAYERS
         for i in PAPER_LAYERS:
             assert tuple(maps.tensors[i].shape) == spec.layer(i).map_shape(fmt, 3, 16, 8)
