@@ -197,3 +197,14 @@ def test_exported_graphs_batch_without_mixing_capture_and_inject(qk_export, engi
     assert lone.backend.can_share_call(capture_only, plain) and lone.backend.can_share_call(injecting, plain)
     assert not lone.backend.can_share_call(capture_only, injecting)
     assert engine.backend.can_share_call(capture_only, injecting)  # torch runs any mix in one call
+
+
+def test_bench_concurrency_flag_parses_client_counts():
+    import argparse
+
+    from fpedit.benchmarks.cli import client_counts
+
+    assert client_counts("8,1,2,4,2") == [1, 2, 4, 8]
+    for bad in ("", "0,2", "two", "1,-4"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            client_counts(bad)
