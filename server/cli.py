@@ -11,6 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+#: Requests in flight on one engine when batching is on: enough for the device loop to fill batches of
+#: 2-row target steps and 8-row capture calls without holding many requests' activations at once.
+DEFAULT_BATCHING_WORKERS = 4
+
 
 def server_config_from_args(args: argparse.Namespace) -> Any:
     """The validated :class:`ServerConfig` of ``fpedit serve`` flags (also read by the Ray Serve config file)."""
@@ -20,7 +24,9 @@ def server_config_from_args(args: argparse.Namespace) -> Any:
     return ServerConfig(
         host=args.host,
         port=args.port,
-        workers=args.workers,
+        workers=args.workers
+        if args.workers is not None
+        else (DEFAULT_BATCHING_WORKERS if args.batching else 1),
         max_queue=args.max_queue,
         max_message_bytes=args.max_message_mb * 1024 * 1024,
         cache_bytes=int(args.cache_gib * 1024**3),
@@ -66,7 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         serve_on_ray(args, config, ready=ready)
     else:
-        serve(engine_from_args(args), config, ready=ready)
+        serve(engine_from_args(args, batching=args.batching), config, ready=ready)
     # Drained: every request is answered and logged. Leave without interpreter teardown, where native
     # threads (gRPC's pollers, the BLAS pool) racing static destructors have aborted the process.
     logging.shutdown()
@@ -281,7 +287,18 @@ def add_commands(sub: Any) -> None:
     add_model_arguments(serve)
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
     serve.add_argument("--port", type=int, default=50051, help="0 picks a free port")
-    serve.add_argument("--workers", type=int, default=1, help="engine calls run at once")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="requests the engine runs at once (default: 4 with batching, whose device loop merges their "
+        "UNet calls; 1 without)",
+    )
+    serve.add_argument(
+        "--batching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="merge the UNet calls of concurrent requests into shared backend calls (default: on)",
+    )
     serve.add_argument(
         "--max-queue", type=int, default=8, help="requests that may wait; more get RESOURCE_EXHAUSTED"
     )

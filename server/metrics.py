@@ -11,12 +11,15 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from fpedit.v1 import edit_pb2 as pb
 
 from .runner import RunnerStats
+
+#: Rows per backend UNet call: the batching device loop merges requests up to the backend's max_batch.
+BATCH_ROWS_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32)
 
 # Edits on CPU take seconds, on a GPU tens of milliseconds: buckets cover both.
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -61,12 +64,35 @@ class _RunnerCollector(Collector):
         ]
         for name, doc, value in counters:
             yield CounterMetricFamily(name, doc, value=value)
+        yield CounterMetricFamily(
+            "fpedit_backend_unet_calls",
+            "Backend UNet calls the engine made (with batching, one call carries rows of several requests).",
+            value=stats.backend_calls,
+        )
+        yield CounterMetricFamily(
+            "fpedit_backend_unet_rows", "Rows evaluated by backend UNet calls.", value=stats.backend_rows
+        )
+        yield _batch_rows_histogram(stats.backend_batch_rows)
         if stats.device_memory_bytes is not None:
             yield GaugeMetricFamily(
                 "fpedit_gpu_memory_allocated_bytes",
                 "CUDA memory allocated by tensors.",
                 stats.device_memory_bytes,
             )
+
+
+def _batch_rows_histogram(calls_by_rows: tuple[tuple[int, int], ...]) -> HistogramMetricFamily:
+    """Backend calls by their row count, as a cumulative Prometheus histogram (sum = rows)."""
+    buckets = []
+    for bound in BATCH_ROWS_BUCKETS:
+        buckets.append((str(bound), sum(n for rows, n in calls_by_rows if rows <= bound)))
+    buckets.append(("+Inf", sum(n for _, n in calls_by_rows)))
+    return HistogramMetricFamily(
+        "fpedit_backend_batch_rows",
+        "Rows per backend UNet call (batch sizes formed by the batching device loop).",
+        buckets=buckets,
+        sum_value=sum(rows * n for rows, n in calls_by_rows),
+    )
 
 
 class ServerMetrics:

@@ -8,7 +8,7 @@ the in-process runner; the runner calls Serve deployment handles.
 
 - :class:`EditReplica` is the deployment: one engine per replica (one GPU each with
   ``ray_actor_options={"num_gpus": 1}``), wrapping a :class:`~fpedit.server.runner.LocalRunner` (worker pool,
-  inversion cache) over an engine with the batching device loop when the engine has one.
+  inversion cache) over an engine with the batching device loop (``--no-batching`` turns it off).
 - **Affinity** is Serve model multiplexing with the inversion id as the multiplexed model id. The front makes
   the id of a new inversion itself (Invert, or Edit with an image) and sends that call with
   ``multiplexed_model_id=id``, so the replica that inverts becomes the id's holder and Serve routes later
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import inspect
 import logging
 import queue
 import threading
@@ -137,14 +136,10 @@ def model_args(**overrides: Any) -> dict[str, Any]:
 
 def _build_engine(settings: ReplicaSettings) -> Any:
     from fpedit.cli import engine_from_args, resolve_backend
-    from fpedit.engine import EditEngine
 
-    kwargs: dict[str, Any] = {}
-    if settings.batching and "batching" in inspect.signature(EditEngine.__init__).parameters:
-        kwargs["batching"] = True  # the batching device loop, where the engine has it
     args = argparse.Namespace(**settings.engine_args)
     resolve_backend(args)  # as `fpedit serve` does: an export folder's manifest names its backend
-    return engine_from_args(args, **kwargs)
+    return engine_from_args(args, batching=settings.batching)
 
 
 # --- errors across the Ray boundary -------------------------------------------------------------------------
@@ -737,7 +732,8 @@ def serve_on_ray(
     engine_args = {name: getattr(args, name) for name in model_args()}
     settings = ReplicaSettings(
         engine_args=engine_args,
-        server=replica_server_config(config, DEFAULT_MAX_ONGOING_REQUESTS, batching=True),
+        server=replica_server_config(config, DEFAULT_MAX_ONGOING_REQUESTS, batching=args.batching),
+        batching=args.batching,
     )
     log.info("starting Ray Serve (%s), %d replicas", args.ray_address or "local Ray instance", replicas)
     service = RayService.start(settings, replicas=replicas, address=args.ray_address)
@@ -805,7 +801,8 @@ def settings_from_flags(flags: dict[str, Any]) -> tuple[ServerConfig, ReplicaSet
     config = server_config_from_args(args)
     settings = ReplicaSettings(
         engine_args={name: getattr(args, name) for name in model_args()},
-        server=replica_server_config(config, DEFAULT_MAX_ONGOING_REQUESTS, batching=True),
+        server=replica_server_config(config, DEFAULT_MAX_ONGOING_REQUESTS, batching=args.batching),
+        batching=args.batching,
     )
     return config, settings
 

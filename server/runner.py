@@ -25,7 +25,6 @@ inversions in a byte-bounded :class:`~fpedit.server.cache.InversionCache`.
 
 from __future__ import annotations
 
-import inspect
 import queue
 import threading
 import time
@@ -97,6 +96,10 @@ class RunnerStats:
     cache_misses: int = 0
     cache_evictions: int = 0
     device_memory_bytes: int | None = None  # CUDA bytes allocated by tensors; None without CUDA
+    #: Backend UNet calls of the engine (all requests, merged or not): calls, rows, and calls per row count.
+    backend_calls: int = 0
+    backend_rows: int = 0
+    backend_batch_rows: tuple[tuple[int, int], ...] = ()
 
 
 class Runner(Protocol):
@@ -195,9 +198,6 @@ class LocalRunner:
         engine.max_input_pixels = min(engine.max_input_pixels, config.max_image_pixels)
         engine.image_formats = ACCEPTED_IMAGE_FORMATS
         engine.map_cache_bytes = min(engine.map_cache_bytes, config.cache_bytes)
-        # The engine checks cancellation between its stages once it takes ``cancel_check``; until then the
-        # progress callback (every step) is the only place to stop.
-        self._engine_cancels = "cancel_check" in inspect.signature(engine.edit_real).parameters
         self._device = str(engine.info().get("device", "cpu"))
 
     # --- plumbing -------------------------------------------------------------------------------------------
@@ -218,9 +218,8 @@ class LocalRunner:
             if progress is not None:
                 progress(event)
 
-        kwargs: dict[str, Any] = {"progress": on_progress}
-        if self._engine_cancels:
-            kwargs["cancel_check"] = check
+        # The engine calls ``check`` between its stages and before every UNet call, ``on_progress`` per step.
+        kwargs: dict[str, Any] = {"progress": on_progress, "cancel_check": check}
 
         def task() -> T:
             started.append(time.perf_counter())
@@ -377,6 +376,7 @@ class LocalRunner:
 
     def stats(self) -> RunnerStats:
         counts = self.cache.counters()
+        engine_counts = self.engine.counters()
         running = self.pool.running
         return RunnerStats(
             running=running,
@@ -387,6 +387,9 @@ class LocalRunner:
             cache_misses=counts["misses"],
             cache_evictions=counts["evictions"],
             device_memory_bytes=_device_memory(self._device),
+            backend_calls=engine_counts["unet_calls"],
+            backend_rows=engine_counts["unet_rows"],
+            backend_batch_rows=tuple(sorted(engine_counts["batch_rows"].items())),
         )
 
     def close(self) -> None:

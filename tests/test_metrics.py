@@ -127,3 +127,44 @@ def test_metrics_port_in_use_is_a_clear_error(metrics_engine):
             build_server(metrics_engine, ServerConfig(port=0, metrics_port=taken.getsockname()[1]))
     finally:
         taken.close()
+
+
+def test_batching_server_merges_concurrent_requests_and_exposes_batch_sizes(model_dir):
+    """Four concurrent edits on a batching engine: the backend makes fewer UNet calls than the requests
+    report between them, evaluates exactly their rows, and the batch-size histogram shows merged calls."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine = EditEngine.from_pretrained(model_dir, batching=True)
+    server = build_server(engine, ServerConfig(port=0, metrics_port=0, workers=4, max_queue=4))
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    stub = edit_pb2_grpc.EditServiceStub(channel)
+    options = pb.EditOptions(steps=4)
+    try:
+        inverted = stub.Invert(pb.InvertRequest(image=png(3), options=options), timeout=300)
+        before = scrape(server.metrics_port)
+        prompts = ["a car", "a boat", "a red bus", "a bike"]
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            responses = list(
+                pool.map(
+                    lambda p: stub.Edit(
+                        pb.EditRequest(inversion_id=inverted.inversion_id, target_prompt=p), timeout=300
+                    ),
+                    prompts,
+                )
+            )
+        after = scrape(server.metrics_port)
+    finally:
+        channel.close()
+        server.drain(2)
+        engine.close()
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    request_calls = sum(r.stats.unet_calls for r in responses)
+    request_rows = sum(r.stats.unet_rows for r in responses)
+    assert delta("fpedit_backend_unet_rows_total") == request_rows
+    assert 0 < delta("fpedit_backend_unet_calls_total") < request_calls
+    merged = delta("fpedit_backend_batch_rows_count") - delta("fpedit_backend_batch_rows_bucket", le="2.0")
+    assert merged >= 1  # at least one backend call carried more than one request's two target rows
+    assert delta("fpedit_backend_batch_rows_sum") == request_rows
