@@ -41,6 +41,17 @@ def image_nbytes(image: Image.Image | None) -> int:
     return image.width * image.height * max(1, bands * bits // 8)
 
 
+def tensor_nbytes(value: Any) -> int:
+    """Bytes of a tensor, or of the tensors in a list, tuple or dict (e.g. per-step embeddings)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_nbytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(tensor_nbytes(v) for v in value.values())
+    return 0
+
+
 @dataclass
 class Inversion:
     """A DDIM-inverted image: the whole trajectory and, once an edit computed them, the source's maps.
@@ -115,11 +126,7 @@ class Inversion:
         """Every byte this inversion keeps: the trajectory, the cached maps, the working-size image, the
         reconstruction, and any other tensor attribute (what a cache of inversions must budget)."""
         with self.lock:
-            tensors = sum(
-                value.numel() * value.element_size()
-                for value in vars(self).values()
-                if isinstance(value, torch.Tensor)
-            )
+            tensors = sum(tensor_nbytes(value) for name, value in vars(self).items() if name != "_maps")
             return tensors + self.map_bytes + image_nbytes(self.image) + image_nbytes(self._reconstruction)
 
     def drop_maps(self) -> None:
