@@ -220,6 +220,19 @@ def test_engine_edit_matches_reference(engine, engine_null_text, ref_run, refere
     )
     assert rel_l2(result.source_latents, ref_src) < 3e-3
     assert rel_l2(result.edited_latents, ref_tgt) < 3e-3
+    # The comparison can fail: without the map replacement the reference's target is far from the engine's.
+    _, ref_off = reference_edit_with_nulls(
+        reference,
+        ref_run["traj"][STEPS],
+        SOURCE,
+        TARGET,
+        ref_run["nulls"],
+        STEPS,
+        GUIDANCE,
+        (0.0, 0.0),
+        LAYERS,
+    )
+    assert rel_l2(result.edited_latents, ref_off) >= 10 * 3e-3
     own = engine.edit_real(inv, TARGET, options=options())
     assert rel_l2(own.source_latents, ref_src) < 3e-3
     assert rel_l2(own.edited_latents, ref_tgt) < 3e-3
@@ -332,3 +345,24 @@ def test_engine_cancellation_stops_the_optimisation(engine, image):
             image, options=options(), source_prompt=SOURCE, method="null-text", cancel_check=cancel_check
         )
     assert torch.is_grad_enabled()
+
+
+def test_exported_backend_serves_negative_prompt_and_refuses_null_text(qk_export, engine, image):
+    """On ONNX Runtime the per-step embeddings are ordinary context inputs: negative-prompt edits match the
+    torch engine's; null-text inversion (gradients) is refused naming the field."""
+    from fpedit import EditEngine
+
+    onnx_engine = EditEngine.from_pretrained(qk_export, backend="onnxruntime")
+    with pytest.raises(InvalidInputError) as info:
+        onnx_engine.invert(image, options=options(), source_prompt=SOURCE, method="null-text")
+    assert info.value.field == "method"
+    inv = onnx_engine.invert(image, options=options(), source_prompt=SOURCE, method="negative-prompt")
+    exported = onnx_engine.edit_real(inv, TARGET, options=options())
+    torch_run = engine.edit_real(
+        image, TARGET, options=options(), source_prompt=SOURCE, method="negative-prompt"
+    )
+    assert rel_l2(exported.source_latents, torch_run.source_latents) < 3e-3
+    assert rel_l2(exported.edited_latents, torch_run.edited_latents) < 3e-3
+    again = onnx_engine.edit_real(inv, TARGET, options=options())
+    assert again.stats["unet_rows"] == 2 * STEPS
+    np.testing.assert_array_equal(again.edited_latents, exported.edited_latents)
