@@ -241,10 +241,13 @@ def generate_source(
         rows = context.shape[0]
         capture = tuple(capture_layers) if i in replaced else ()
         call = UNetCall(rows_of(z, rows), ts[i : i + 1].expand(rows), context, map_format, capture)
-        result = yield Step("source", i + 1, n, call)
+        result = yield Step("source_generate", i + 1, n, call)
         if capture:
             assert result.maps is not None
-            maps[i] = result.maps.rows([rows - 1])
+            # A copy of the conditional row: a view would keep a whole (maybe merged) batch alive.
+            maps[i] = AttentionMaps(
+                result.maps.format, {k: t[rows - 1 : rows].clone() for k, t in result.maps.tensors.items()}
+            )
         z = schedule.step(guide(result.noise, guidance), i, z)
     return z, maps
 
@@ -271,7 +274,7 @@ def denoise_target(
             inject = Injection.for_rows(source_maps[i].rows([0, 0]), [False, True], layers)
         context = torch.cat([_null(nulls, source_cond, i), target_cond])
         call = UNetCall(rows_of(z, 2), ts[i : i + 1].expand(2), context, map_format, inject=inject)
-        result = yield Step("denoise", i + 1, n, call)
+        result = yield Step("target_denoise", i + 1, n, call, progress="denoise")
         z = schedule.step(guide(result.noise, guidance), i, z)
     return z
 
