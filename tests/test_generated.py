@@ -10,6 +10,7 @@ from reference import rel_l2
 from fpedit import EditOptions
 
 SRC, TGT = "a photo of a cat", "a photo of a dog"
+TOL = 1e-4  # relative L2 against the reference: float32 reassociation only
 
 
 def z_T(seed: int = 3, size: int = 128) -> torch.Tensor:
@@ -22,7 +23,7 @@ def z_T(seed: int = 3, size: int = 128) -> torch.Tensor:
         (tuple(range(4, 15)), (0.0, 0.8), "qk"),
         (tuple(range(4, 15)), (0.0, 0.8), "probs"),
         ((1, 2, 9, 16), (0.2, 0.7), "qk"),
-        ((3, 5, 7, 13), (0.4, 1.0), "probs"),
+        ((3, 5, 7, 13), (0.25, 1.0), "probs"),  # a late window still moves the edit >= 10x TOL
     ],
 )
 def test_generated_matches_reference(engine, reference, layers, window, map_format):
@@ -33,8 +34,11 @@ def test_generated_matches_reference(engine, reference, layers, window, map_form
     )
     result = engine.edit_generated(SRC, TGT, latents=z, options=opts)
     ref_src, ref_tgt = reference.edit_generated(SRC, TGT, z, steps, g, window, layers)
-    assert rel_l2(result.source_latents, ref_src) < 1e-4
-    assert rel_l2(result.edited_latents, ref_tgt) < 1e-4
+    assert rel_l2(result.source_latents, ref_src) < TOL
+    assert rel_l2(result.edited_latents, ref_tgt) < TOL
+    # The comparison can fail: the same run without injection misses the reference by >= 10x the tolerance.
+    off = engine.edit_generated(SRC, TGT, latents=z, options=opts.replace(replace_window=(0.0, 0.0)))
+    assert rel_l2(off.edited_latents, ref_tgt) >= 10 * TOL
     assert result.edited_latents.shape == (1, 4, 16, 16)
     assert result.edited_latents.dtype == np.float32
 
@@ -44,12 +48,12 @@ def test_replacement_changes_the_edit(engine):
     z = z_T()
     with_maps = engine.edit_generated(SRC, TGT, latents=z, options=EditOptions(steps=6))
     without = engine.edit_generated(SRC, TGT, latents=z, options=EditOptions(steps=6, replace_window=(0, 0)))
-    assert rel_l2(with_maps.edited_latents, without.edited_latents) > 1e-3
+    assert rel_l2(with_maps.edited_latents, without.edited_latents) > 1e-2
     assert rel_l2(with_maps.source_latents, without.source_latents) < 1e-5
 
 
 def test_empty_window_equals_stable_diffusion_pipeline(engine, raw_modules):
-    """With no replacement the target is plain SD sampling with DDIM (DESIGN §1 settings)."""
+    """With no replacement the target is plain SD sampling with DDIM (docs/design.md settings)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     def ddim() -> DDIMScheduler:
@@ -73,7 +77,7 @@ def test_empty_window_equals_stable_diffusion_pipeline(engine, raw_modules):
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    # The pipeline rewrites its scheduler's steps_offset to 1 on construction; DESIGN §1 wants 0.
+    # The pipeline rewrites its scheduler's steps_offset to 1 on construction; docs/design.md wants 0.
     pipe.scheduler = ddim()
     assert pipe.scheduler.config.steps_offset == 0
     pipe.set_progress_bar_config(disable=True)
@@ -120,6 +124,6 @@ def test_generated_rows_per_step(engine):
     steps = 5
     r = engine.edit_generated(SRC, TGT, latents=z_T(), options=EditOptions(steps=steps))
     assert r.stats["unet_rows"] == 4 * steps
-    # The empty source prompt needs one source row (DESIGN §1 shortcut), and it is exact.
+    # The empty source prompt needs one source row (a shortcut of docs/design.md), and it is exact.
     r0 = engine.edit_generated("", TGT, latents=z_T(), options=EditOptions(steps=steps))
     assert r0.stats["unet_rows"] == 3 * steps
