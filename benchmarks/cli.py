@@ -58,11 +58,20 @@ def add_commands(sub: Any) -> None:
     )
     bench.add_argument("--model", help="model (default tiny)")
     bench.add_argument("--device", help="cpu or cuda")
-    bench.add_argument("--backends", nargs="+", choices=("torch", "onnxruntime", "tensorrt"))
-    bench.add_argument("--steps", type=int)
-    bench.add_argument("--size", type=int)
-    bench.add_argument("--warmup", type=int)
-    bench.add_argument("--repeat", type=int)
+    bench.add_argument(
+        "--backends",
+        nargs="+",
+        choices=("torch", "onnxruntime", "tensorrt"),
+        help="backends to time (default: every one that can run here; others are reported as skipped)",
+    )
+    bench.add_argument("--steps", type=int, help="DDIM steps per edit (default 50; 10 with --quick)")
+    bench.add_argument("--size", type=int, help="image side in pixels (default 512; 128 with --quick)")
+    bench.add_argument("--warmup", type=int, help="untimed edits first: CUDA graphs, caches (default 1)")
+    bench.add_argument(
+        "--repeat",
+        type=int,
+        help="timed edits per case, median and p95 over these (default 5; 3 with --quick)",
+    )
     bench.add_argument(
         "--concurrency",
         type=client_counts,
@@ -72,8 +81,8 @@ def add_commands(sub: Any) -> None:
     )
     bench.add_argument("--requests", type=int, help="load-test requests in all")
     bench.add_argument("--load-steps", type=int, help="steps per load-test edit (default: --steps)")
-    bench.add_argument("--no-load-test", action="store_true")
-    bench.add_argument("--no-progress", action="store_true")
+    bench.add_argument("--no-load-test", action="store_true", help="skip the gRPC load test")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bars")
     bench.add_argument("--json", type=Path, help="write JSON, plus .md and .png beside it")
     bench.add_argument(
         "--ray",

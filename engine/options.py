@@ -36,7 +36,7 @@ def check_prompt(
 
 @dataclass(frozen=True)
 class EditOptions:
-    """How to edit. Defaults follow the paper and the authors' notebooks (DESIGN §1).
+    """How to edit. Defaults follow the paper and the authors' notebooks (docs/design.md).
 
     ``layers`` holds 1-based self-attention layer numbers in execution order (down 1-6, mid 7, up 8-16), or a
     preset: ``"paper"`` (4-14) or ``"resolution"`` (layers attending over at most 32x32 tokens at the

@@ -198,7 +198,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--vae-dtype", choices=("float32", "float16", "bfloat16"), help="VAE precision (torch)"
     )
-    group.add_argument("--no-cuda-graphs", action="store_true", help="torch on CUDA: run eagerly")
+    group.add_argument(
+        "--no-cuda-graphs", action="store_true", help="torch and tensorrt on CUDA: no CUDA-graph replay"
+    )
     group.add_argument("--compile", action="store_true", help="torch: torch.compile the UNet (experimental)")
     group.add_argument(
         "--provider", action="append", dest="providers", help="ONNX Runtime provider (repeatable)"
@@ -263,10 +265,10 @@ def engine_from_args(args: argparse.Namespace, **kwargs: Any) -> Any:
     _quiet_libraries()
 
     backend_options: dict[str, Any] = {}
+    if args.backend in ("torch", "tensorrt") and args.no_cuda_graphs:
+        backend_options["cuda_graphs"] = False
     if args.backend == "torch":
         backend_options["vae_dtype"] = args.vae_dtype
-        if args.no_cuda_graphs:
-            backend_options["cuda_graphs"] = False
         if args.compile:
             backend_options["compile_unet"] = True
     return EditEngine.from_pretrained(

@@ -286,7 +286,9 @@ def add_commands(sub: Any) -> None:
     serve = sub.add_parser("serve", help="serve the gRPC EditService")
     add_model_arguments(serve)
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
-    serve.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+    serve.add_argument(
+        "--port", type=int, default=50051, help="gRPC port (default 50051; 0 picks a free one)"
+    )
     serve.add_argument(
         "--workers",
         type=int,
@@ -302,9 +304,16 @@ def add_commands(sub: Any) -> None:
     serve.add_argument(
         "--max-queue", type=int, default=8, help="requests that may wait; more get RESOURCE_EXHAUSTED"
     )
-    serve.add_argument("--max-message-mb", type=int, default=32)
-    serve.add_argument("--cache-gib", type=float, default=4.0, help="inversion cache budget")
-    serve.add_argument("--cache-ttl-s", type=float, default=3600.0)
+    serve.add_argument(
+        "--max-message-mb", type=int, default=32, help="largest request or response message (default 32 MiB)"
+    )
+    serve.add_argument("--cache-gib", type=float, default=4.0, help="inversion cache budget (default 4 GiB)")
+    serve.add_argument(
+        "--cache-ttl-s",
+        type=float,
+        default=3600.0,
+        help="an unused inversion expires after this (default 1 h)",
+    )
     serve.add_argument(
         "--max-image-pixels", type=int, default=4096 * 4096, help="larger images get INVALID_ARGUMENT"
     )

@@ -1,4 +1,4 @@
-"""An independent, unshortened implementation of DESIGN §1, used as ground truth by the tests.
+"""An independent, unshortened implementation of the semantics in docs/design.md, used as ground truth by the tests.
 
 It shares no code with ``fpedit.engine``: its own attention processor (explicit softmax probabilities), its
 own DDIM arithmetic (alphas in float64), and the reference schedule of UNet rows:

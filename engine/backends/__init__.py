@@ -37,9 +37,13 @@ def create_backend(
 
     ``dtype`` (torch backend) defaults to float16 on CUDA and float32 elsewhere; ``backend_options`` go to
     the backend's constructor (torch: ``vae_dtype``, ``cuda_graphs``, ``channels_last``, ``compile_unet``,
-    ``max_batch``).
+    ``max_batch``, ``max_graphs``; tensorrt: ``cuda_graphs``).
     """
     options = dict(backend_options or {})
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidInputError("device", f"must be cpu, cuda or cuda:N, got {device!r}") from exc
     if backend == "torch":
         from ..loading import load_components
         from .torch_backend import TorchBackend
@@ -68,5 +72,5 @@ def create_backend(
     if backend == "tensorrt":
         from .tensorrt_backend import TensorRTBackend
 
-        return TensorRTBackend.load(model, device=device)
+        return TensorRTBackend.load(model, device=device, cuda_graphs=options.get("cuda_graphs", True))
     raise InvalidInputError("backend", f"must be one of {list(BACKENDS)}, got {backend!r}")
