@@ -4,7 +4,7 @@
     python benchmarks/null_text_bench.py --model sd15-random --device cuda --steps 50 --size 512
 
 For each method (``ddim``: Algorithm 2; ``negative-prompt``; ``null-text``: Algorithm 3) it reports the
-inversion's wall time, its UNet forward rows and backward rows (null-text's Adam iterations), and the first
+inversion's wall time (median of ``--repeat`` runs), its UNet forward rows and backward rows (null-text's Adam iterations), and the first
 edit (source branch + target) and a re-edit (target only) of that inversion. ``sd15-random`` is the SD 1.5
 architecture with seeded random weights (latency does not depend on weight values; quality does). The
 null-text figures depend on how soon the optimisation stops early (random weights rarely reach the loss
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ def measure(engine: Any, image: Any, method: str, args: argparse.Namespace) -> d
     from fpedit.engine import EditOptions
 
     options = EditOptions(steps=args.steps, guidance_scale=args.guidance)
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     extra = {} if method == "ddim" else {"source_prompt": args.source_prompt, "method": method}
     t0 = time.perf_counter()
     inversion = engine.invert(image, options=options, null_text_steps=args.inner_steps, **extra)
@@ -60,6 +63,9 @@ def measure(engine: Any, image: Any, method: str, args: argparse.Namespace) -> d
         "first_edit_unet_rows": first.stats["unet_rows"],
         "reedit_s": round(again_s, 3),
         "reedit_unet_rows": again.stats["unet_rows"],
+        # Other processes on a shared machine slow every figure: the 1-minute load before and after.
+        "load_before": load_before,
+        "load_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -72,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--inner-steps", type=int, default=10)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per method; medians are reported")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--source-prompt", default="a photo of a red disc")
     parser.add_argument("--target-prompt", default="a photo of a blue square")
@@ -86,7 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     from fpedit.engine import EditOptions
 
     engine.invert(image, options=EditOptions(steps=2))  # warm-up: allocator, kernels, text cache
-    rows = [measure(engine, image, method, args) for method in args.methods]
+    rows = []
+    for method in args.methods:
+        # Medians over repeats: other processes on a shared machine make single timings jump.
+        runs = [measure(engine, image, method, args) for _ in range(args.repeat)]
+        row = dict(runs[0])
+        for key in ("invert_s", "first_edit_s", "reedit_s"):
+            row[key] = round(statistics.median(r[key] for r in runs), 3)
+            row[f"{key}_all"] = [r[key] for r in runs]
+        rows.append(row)
 
     print(
         f"{args.model} on {args.device}, {args.size} px, {args.steps} steps, inner steps {args.inner_steps}"

@@ -74,7 +74,14 @@ COMMON_FLAGS = {
     "batch": "--batch",
     "image_size": "--image-size",
 }
-EDIT_FLAGS = {"target_prompt": "-p/--prompt", "image": "IMAGE"}
+EDIT_FLAGS = {
+    "target_prompt": "-p/--prompt",
+    "image": "IMAGE",
+    "source_prompt": "--source-prompt",
+    "method": "--inversion",
+    "null_text_steps": "--null-text-steps",
+    "null_text_epsilon": "--null-text-epsilon",
+}
 GENERATE_FLAGS = {"source_prompt": "-s/--source-prompt", "target_prompt": "-t/--target-prompt"}
 
 #: A module a command needs -> the extra that installs it (the bare package and `client` have no torch).
@@ -319,17 +326,37 @@ def _check_model_and_device(args: argparse.Namespace) -> None:
     resolve_backend(args)
 
 
+def _inversion_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The inversion flags as EditEngine keywords, judged before the model loads."""
+    from fpedit.engine.null_text import check_null_text_options
+    from fpedit.engine.options import check_prompt
+
+    source_prompt = check_prompt(args.source_prompt, "source_prompt", allow_empty=True)
+    if args.inversion != "ddim" and not source_prompt.strip():
+        raise InvalidInputError(
+            "source_prompt", f"must describe the image: --inversion {args.inversion} needs one"
+        )
+    steps, epsilon = check_null_text_options(args.null_text_steps, args.null_text_epsilon)
+    return {
+        "source_prompt": source_prompt,
+        "method": args.inversion,
+        "null_text_steps": steps,
+        "null_text_epsilon": epsilon,
+    }
+
+
 def cmd_edit(args: argparse.Namespace) -> int:
     from fpedit.engine.options import check_prompt
 
     options = options_from_args(args)  # validate before loading anything
     check_prompt(args.prompt, "target_prompt", allow_empty=False)
+    inversion = _inversion_from_args(args)
     check_input_image(args.image)
     check_output_path(args.output, "-o/--output")
     check_output_path(args.reconstruction, "--reconstruction")
     _check_model_and_device(args)
     engine = engine_from_args(args, show_progress=not args.no_progress)
-    result = engine.edit_real(args.image, args.prompt, options=options)
+    result = engine.edit_real(args.image, args.prompt, options=options, **inversion)
     _save(result.edited_image, args.output)
     if args.reconstruction:
         _save(result.reconstruction_image, args.reconstruction)
@@ -388,6 +415,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", "-o", type=Path, required=True, help="edited image file (.png, .jpg or .webp)"
     )
     edit.add_argument("--reconstruction", type=Path, help="also write the inversion's reconstruction here")
+    inversion = edit.add_argument_group("inversion (see the README's 'Inversion methods')")
+    inversion.add_argument(
+        "--inversion",
+        choices=("ddim", "null-text", "negative-prompt"),
+        default="ddim",
+        help="ddim (default; no source prompt), null-text (optimised null embeddings; torch backend; "
+        "several times slower) or negative-prompt (the source prompt as null embedding; free)",
+    )
+    inversion.add_argument(
+        "--source-prompt", default="", help="what the image shows (null-text, negative-prompt)"
+    )
+    inversion.add_argument(
+        "--null-text-steps", type=int, default=10, help="Adam iterations per step (default 10)"
+    )
+    inversion.add_argument(
+        "--null-text-epsilon", type=float, default=1e-5, help="early-stop loss threshold (default 1e-5)"
+    )
     add_model_arguments(edit)
     add_edit_arguments(edit)
     edit.set_defaults(func=cmd_edit, flags={**COMMON_FLAGS, **EDIT_FLAGS})

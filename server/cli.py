@@ -102,6 +102,16 @@ def _options(args: argparse.Namespace) -> Any:
     )
 
 
+def _inversion_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The inversion flags given (none: the server's defaults, DDIM)."""
+    given = {
+        "source_prompt": args.source_prompt,
+        "inversion_method": args.inversion,
+        "null_text_steps": args.null_text_steps,
+    }
+    return {k: v for k, v in given.items() if v is not None}
+
+
 class UsageError(Exception):
     """A mistake on the client's command line, reported as one ``fpedit: error:`` line (status 2)."""
 
@@ -193,6 +203,7 @@ def cmd_client_edit(args: argparse.Namespace) -> int:
                 inversion_id=inversion_id,
                 options=_options(args),
                 output_format=output_format,
+                **_inversion_args(args),
             ):
                 if event.HasField("progress"):
                     p = event.progress
@@ -208,6 +219,7 @@ def cmd_client_edit(args: argparse.Namespace) -> int:
                 options=_options(args),
                 output_format=output_format,
                 skip_reconstruction=args.reconstruction is None,
+                **_inversion_args(args),
             )
     _write(args.output, response.edited_image)
     if args.reconstruction and response.reconstruction_image:
@@ -250,7 +262,7 @@ def cmd_client_generate(args: argparse.Namespace) -> int:
 def cmd_client_invert(args: argparse.Namespace) -> int:
     image = _read_image(args.image)
     with _client(args) as client:
-        response = client.invert(image, options=_options(args))
+        response = client.invert(image, options=_options(args), **_inversion_args(args))
     if args.quiet:
         print(response.inversion_id)
         return 0
@@ -369,6 +381,15 @@ def add_commands(sub: Any) -> None:
             "--guidance", type=float, help="classifier-free guidance scale (default: the server's, 7.5)"
         )
 
+    def method_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--source-prompt", help="what the image shows (needed by null-text, negative-prompt)")
+        p.add_argument(
+            "--inversion",
+            choices=("ddim", "null-text", "negative-prompt"),
+            help="inversion method (default ddim); see the README's 'Inversion methods'",
+        )
+        p.add_argument("--null-text-steps", type=int, help="null-text: Adam iterations per step (default 10)")
+
     def edit_options(p: argparse.ArgumentParser) -> None:
         inversion_options(p)
         p.add_argument(
@@ -403,6 +424,7 @@ def add_commands(sub: Any) -> None:
     edit.add_argument("--stream", action="store_true", help="show per-step progress on stderr")
     connection(edit)
     edit_options(edit)
+    method_options(edit)
     edit.set_defaults(func=cmd_client_edit)
 
     gen = client_sub.add_parser("generate", help="generate from a source prompt and edit toward a target")
@@ -430,6 +452,7 @@ def add_commands(sub: Any) -> None:
     )
     connection(inv)
     inversion_options(inv)
+    method_options(inv)
     inv.set_defaults(func=cmd_client_invert)
 
     info = client_sub.add_parser("info", help="server info and health as JSON")

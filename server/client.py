@@ -75,6 +75,35 @@ def edit_options(
     return message
 
 
+#: Engine method names -> the InversionMethod a request carries.
+INVERSION_METHODS = {
+    "ddim": pb.INVERSION_METHOD_DDIM,
+    "null-text": pb.INVERSION_METHOD_NULL_TEXT,
+    "negative-prompt": pb.INVERSION_METHOD_NEGATIVE_PROMPT,
+}
+
+
+def _set_inversion(
+    request: pb.EditRequest | pb.InvertRequest,
+    source_prompt: str,
+    inversion_method: str | None,
+    null_text_steps: int | None,
+    null_text_epsilon: float | None,
+) -> None:
+    """Fill an Invert or image Edit request's inversion fields (unset ones take the server's defaults)."""
+    if inversion_method is not None:
+        if inversion_method not in INVERSION_METHODS:
+            raise ValueError(
+                f"inversion_method must be one of {list(INVERSION_METHODS)}, got {inversion_method!r}"
+            )
+        request.inversion_method = INVERSION_METHODS[inversion_method]
+    request.source_prompt = source_prompt
+    if null_text_steps is not None:
+        request.null_text_steps = null_text_steps
+    if null_text_epsilon is not None:
+        request.null_text_epsilon = null_text_epsilon
+
+
 def _image_bytes(image: bytes | str | os.PathLike | Any) -> bytes:
     """Encoded bytes from bytes, a path, a binary file object or a PIL image (sent as PNG)."""
     if isinstance(image, (bytes, bytearray, memoryview)):
@@ -150,13 +179,18 @@ class EditClient:
         output_format: str = "png",
         skip_reconstruction: bool = False,
         timeout: float | None = None,
+        source_prompt: str = "",
+        inversion_method: str | None = None,
+        null_text_steps: int | None = None,
+        null_text_epsilon: float | None = None,
     ) -> pb.EditResponse:
-        return self.stub.Edit(
-            self._edit_request(
-                target_prompt, image, inversion_id, options, output_format, skip_reconstruction
-            ),
-            **self._kw(timeout),
+        """With an image, ``source_prompt``, ``inversion_method`` ("ddim", "null-text", "negative-prompt")
+        and the null-text options choose how the server inverts it (unset: DDIM)."""
+        request = self._edit_request(
+            target_prompt, image, inversion_id, options, output_format, skip_reconstruction
         )
+        _set_inversion(request, source_prompt, inversion_method, null_text_steps, null_text_epsilon)
+        return self.stub.Edit(request, **self._kw(timeout))
 
     def edit_stream(
         self,
@@ -167,8 +201,13 @@ class EditClient:
         options: pb.EditOptions | None = None,
         output_format: str = "png",
         timeout: float | None = None,
+        source_prompt: str = "",
+        inversion_method: str | None = None,
+        null_text_steps: int | None = None,
+        null_text_epsilon: float | None = None,
     ) -> Iterator[pb.EditEvent]:
         request = self._edit_request(target_prompt, image, inversion_id, options, output_format, False)
+        _set_inversion(request, source_prompt, inversion_method, null_text_steps, null_text_epsilon)
         return self.stub.EditStream(request, **self._kw(timeout))
 
     @staticmethod
@@ -219,9 +258,18 @@ class EditClient:
         return self.stub.GenerateEdit(request, **self._kw(timeout))
 
     def invert(
-        self, image: Any, *, options: pb.EditOptions | None = None, timeout: float | None = None
+        self,
+        image: Any,
+        *,
+        options: pb.EditOptions | None = None,
+        timeout: float | None = None,
+        source_prompt: str = "",
+        inversion_method: str | None = None,
+        null_text_steps: int | None = None,
+        null_text_epsilon: float | None = None,
     ) -> pb.InvertResponse:
         request = pb.InvertRequest(image=_image_bytes(image), options=options or pb.EditOptions())
+        _set_inversion(request, source_prompt, inversion_method, null_text_steps, null_text_epsilon)
         return self.stub.Invert(request, **self._kw(timeout))
 
     def info(self, timeout: float | None = None) -> pb.GetInfoResponse:

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError as FutureCancelled
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from fpedit.engine import EditEngine, EditOptions, ProgressEvent
@@ -65,6 +65,9 @@ class EditCall:
     inversion_id: str = ""
     output_format: int = pb.IMAGE_FORMAT_PNG
     skip_reconstruction: bool = False
+    guidance_given: bool = True  # False: an edit by id of a null-text inversion takes its guidance
+    #: With an image: EditEngine.invert keywords (source_prompt, method, null_text_steps, null_text_epsilon).
+    inversion: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,8 @@ class GenerateCall:
 class InvertCall:
     image: bytes
     options: EditOptions
+    #: EditEngine.invert keywords (source_prompt, method, null_text_steps, null_text_epsilon).
+    inversion: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -248,6 +253,8 @@ class LocalRunner:
                 )
             if not call.steps_given:
                 options = options.replace(steps=inversion.steps)
+            if not call.guidance_given and inversion.guidance_scale is not None:
+                options = options.replace(guidance_scale=inversion.guidance_scale)
             result, queue_ms = self._run(
                 lambda kw: self.engine.edit_real(inversion, call.target_prompt, options=options, **kw),
                 progress,
@@ -257,7 +264,9 @@ class LocalRunner:
             self.cache.refresh(key)  # the edit may have cached the source's maps on the inversion
         else:
             result, queue_ms = self._run(
-                lambda kw: self.engine.edit_real(call.image, call.target_prompt, options=options, **kw),
+                lambda kw: self.engine.edit_real(
+                    call.image, call.target_prompt, options=options, **call.inversion, **kw
+                ),
                 progress,
                 cancel_check,
             )
@@ -334,7 +343,9 @@ class LocalRunner:
         self, call: InvertCall, *, progress: ProgressFn | None = None, cancel_check: CancelCheck | None = None
     ) -> pb.InvertResponse:
         inversion, queue_ms = self._run(
-            lambda kw: self.engine.invert(call.image, options=call.options, **kw), progress, cancel_check
+            lambda kw: self.engine.invert(call.image, options=call.options, **call.inversion, **kw),
+            progress,
+            cancel_check,
         )
         key = self.cache.put(inversion)
         return pb.InvertResponse(

@@ -39,6 +39,7 @@ from fpedit.engine.errors import (
     OverloadedError,
     UnavailableError,
 )
+from fpedit.engine.null_text import DEFAULT_EPSILON, DEFAULT_INNER_STEPS, check_null_text_options
 from fpedit.engine.options import check_prompt
 from fpedit.v1 import edit_pb2 as pb
 
@@ -73,25 +74,49 @@ def _output_format(value: int) -> int:
     return value
 
 
-def _inversion_method(request: pb.EditRequest | pb.InvertRequest, max_prompt_chars: int) -> None:
-    """Only DDIM inversion is wired into the service so far: refuse the others rather than ignore them."""
-    check_prompt(request.source_prompt, "source_prompt", allow_empty=True, max_chars=max_prompt_chars)
-    served = (pb.INVERSION_METHOD_UNSPECIFIED, pb.INVERSION_METHOD_DDIM)
-    if request.inversion_method not in served:
-        known = request.inversion_method in pb.InversionMethod.values()
-        name = (
-            pb.InversionMethod.Name(request.inversion_method)
-            if known
-            else f"value {request.inversion_method}"
+#: InversionMethod -> the engine's method name.
+INVERSION_METHODS = {
+    pb.INVERSION_METHOD_UNSPECIFIED: "ddim",
+    pb.INVERSION_METHOD_DDIM: "ddim",
+    pb.INVERSION_METHOD_NULL_TEXT: "null-text",
+    pb.INVERSION_METHOD_NEGATIVE_PROMPT: "negative-prompt",
+}
+
+
+def _inversion_method(request: pb.EditRequest | pb.InvertRequest, max_prompt_chars: int) -> dict[str, Any]:
+    """EditEngine.invert keywords of an Invert or image Edit request, judged before the request queues."""
+    source_prompt = check_prompt(
+        request.source_prompt, "source_prompt", allow_empty=True, max_chars=max_prompt_chars
+    )
+    method = INVERSION_METHODS.get(request.inversion_method)
+    if method is None:
+        raise InvalidInputError("inversion_method", f"unknown value {request.inversion_method}")
+    if method != "ddim" and not source_prompt.strip():
+        name = pb.InversionMethod.Name(request.inversion_method)
+        raise InvalidInputError(
+            "source_prompt", f"must describe the image: inversion_method {name} needs one"
         )
-        raise InvalidInputError("inversion_method", f"{name} is not served yet; use DDIM (the default)")
+    steps, epsilon = check_null_text_options(
+        request.null_text_steps if request.HasField("null_text_steps") else DEFAULT_INNER_STEPS,
+        request.null_text_epsilon if request.HasField("null_text_epsilon") else DEFAULT_EPSILON,
+    )
+    return {
+        "source_prompt": source_prompt,
+        "method": method,
+        "null_text_steps": steps,
+        "null_text_epsilon": epsilon,
+    }
 
 
 def parse_edit(request: pb.EditRequest, max_prompt_chars: int) -> EditCall:
     has_image, has_id = bool(request.image), bool(request.inversion_id)
     if has_image == has_id:
         raise InvalidInputError("image", "give exactly one of image or inversion_id")
-    _inversion_method(request, max_prompt_chars)
+    inversion = _inversion_method(request, max_prompt_chars)
+    if has_id:
+        for name in ("source_prompt", "inversion_method", "null_text_steps", "null_text_epsilon"):
+            if request.HasField(name) if name.startswith("null_text") else getattr(request, name):
+                raise InvalidInputError(name, "applies to an image; an inversion id carries its own")
     if len(request.inversion_id) > MAX_INVERSION_ID_CHARS:
         raise InvalidInputError("inversion_id", "is not an id this server issued")
     return EditCall(
@@ -104,6 +129,8 @@ def parse_edit(request: pb.EditRequest, max_prompt_chars: int) -> EditCall:
         inversion_id=request.inversion_id,
         output_format=_output_format(request.output_format),
         skip_reconstruction=request.skip_reconstruction,
+        guidance_given=request.options.HasField("guidance_scale"),
+        inversion=inversion if has_image else {},
     )
 
 
@@ -129,8 +156,8 @@ def parse_generate(request: pb.GenerateEditRequest, max_prompt_chars: int) -> Ge
 def parse_invert(request: pb.InvertRequest, max_prompt_chars: int) -> InvertCall:
     if not request.image:
         raise InvalidInputError("image", "is empty")
-    _inversion_method(request, max_prompt_chars)
-    return InvertCall(image=request.image, options=options_from_proto(request.options))
+    inversion = _inversion_method(request, max_prompt_chars)
+    return InvertCall(image=request.image, options=options_from_proto(request.options), inversion=inversion)
 
 
 # --- status mapping (the one place) -------------------------------------------------------------------------

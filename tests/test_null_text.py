@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from reference import (
     reference_conditional_inversion,
     reference_edit_with_nulls,
@@ -366,3 +368,124 @@ def test_exported_backend_serves_negative_prompt_and_refuses_null_text(qk_export
     again = onnx_engine.edit_real(inv, TARGET, options=options())
     assert again.stats["unet_rows"] == 2 * STEPS
     np.testing.assert_array_equal(again.edited_latents, exported.edited_latents)
+
+
+# --- service and command line ------------------------------------------------------------------------------
+
+
+def png_bytes(image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_grpc_invert_and_edit_by_id_with_inversion_methods(model_dir, engine, image, capsys, tmp_path):
+    """A real server on 127.0.0.1: Invert takes the method and source prompt, an edit by id equals the
+    in-process engine's, null-text's guidance carries over to edits by id, and bad fields are named."""
+    import grpc
+
+    from fpedit import EditEngine
+    from fpedit.cli import main
+    from fpedit.server.app import build_server
+    from fpedit.server.client import EditClient, edit_options
+    from fpedit.server.service import ServerConfig
+
+    server = build_server(EditEngine.from_pretrained(model_dir), ServerConfig(port=0, workers=1, max_queue=4))
+    try:
+        with EditClient(f"127.0.0.1:{server.port}", timeout=600) as client:
+            inv = client.invert(
+                png_bytes(image),
+                options=edit_options(steps=STEPS),
+                source_prompt=SOURCE,
+                inversion_method="negative-prompt",
+            )
+            response = client.edit(TARGET, inversion_id=inv.inversion_id, options=edit_options(steps=STEPS))
+            local = engine.edit_real(
+                image,
+                TARGET,
+                options=EditOptions(steps=STEPS),
+                source_prompt=SOURCE,
+                method="negative-prompt",
+            )
+            served = np.asarray(Image.open(io.BytesIO(response.edited_image)).convert("RGB"), np.int16)
+            assert np.abs(served - np.asarray(local.edited_image, np.int16)).max() <= 1
+
+            nt = client.invert(
+                png_bytes(image),
+                options=edit_options(steps=2, guidance_scale=5.0),
+                source_prompt=SOURCE,
+                inversion_method="null-text",
+                null_text_steps=1,
+            )
+            assert "null_text" in nt.stats.stages_ms
+            # No guidance given: the edit takes the one the embeddings were optimised for.
+            by_id = client.edit(TARGET, inversion_id=nt.inversion_id, options=edit_options(steps=2))
+            assert by_id.edited_image
+
+            for call, field in (
+                (lambda: client.invert(png_bytes(image), inversion_method="null-text"), "source_prompt"),
+                (
+                    lambda: client.edit(TARGET, inversion_id=inv.inversion_id, source_prompt=SOURCE),
+                    "source_prompt",
+                ),
+                (
+                    lambda: client.invert(
+                        png_bytes(image),
+                        source_prompt=SOURCE,
+                        inversion_method="null-text",
+                        null_text_steps=0,
+                    ),
+                    "null_text_steps",
+                ),
+            ):
+                with pytest.raises(grpc.RpcError) as info:
+                    call()
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert field in info.value.details()
+
+        src = tmp_path / "in.png"
+        image.save(src)
+        code = main(
+            [
+                "client",
+                "invert",
+                str(src),
+                "--target",
+                f"127.0.0.1:{server.port}",
+                "--steps",
+                "2",
+                "--inversion",
+                "negative-prompt",
+                "--source-prompt",
+                SOURCE,
+            ]
+        )
+        assert code == 0 and '"inversion_id"' in capsys.readouterr().out
+    finally:
+        server.drain(5)
+
+
+def test_cli_edit_with_inversion_methods(tmp_path, capsys, image):
+    from fpedit.cli import main
+
+    src = tmp_path / "in.png"
+    image.save(src)
+    out = tmp_path / "out.png"
+    base = ["edit", str(src), "-p", TARGET, "-o", str(out), "--steps", "2", "--no-progress"]
+    assert main([*base, "--inversion", "negative-prompt", "--source-prompt", SOURCE]) == 0
+    assert out.exists()
+    out.unlink()
+    capsys.readouterr()
+    for extra, flag in (
+        (["--inversion", "null-text"], "--source-prompt"),
+        (
+            ["--inversion", "null-text", "--source-prompt", SOURCE, "--null-text-steps", "0"],
+            "--null-text-steps",
+        ),
+    ):
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("fpedit: error:") and flag in err and len(err.strip().splitlines()) == 1
+        assert not out.exists()
