@@ -42,10 +42,16 @@ class InversionRecord:
     steps: int
     image: np.ndarray  # (H, W, 3) uint8, the working-size image
     fingerprint: str  # engine_fingerprint() of the engine that inverted it
+    #: Algorithm 3 inversions (null-text, negative-prompt) also need what their source branch runs with.
+    method: str = "ddim"
+    source_prompt: str = ""
+    null_embeddings: np.ndarray | None = None  # (steps, L, D) float32
+    guidance_scale: float | None = None
 
     @property
     def nbytes(self) -> int:
-        return int(self.trajectory.nbytes + self.image.nbytes)
+        nulls = self.null_embeddings.nbytes if self.null_embeddings is not None else 0
+        return int(self.trajectory.nbytes + self.image.nbytes + nulls)
 
 
 def engine_fingerprint(info: dict[str, Any]) -> str:
@@ -61,11 +67,20 @@ def engine_fingerprint(info: dict[str, Any]) -> str:
 
 
 def record_from_inversion(inversion: Any, fingerprint: str) -> InversionRecord:
-    """Copy an engine :class:`~fpedit.engine.Inversion` to host memory as a record (trajectory + image)."""
+    """Copy an engine :class:`~fpedit.engine.Inversion` to host memory as a record: trajectory, image and, for
+    Algorithm 3 inversions, the method, source prompt, null embeddings and their guidance."""
     trajectory = inversion.trajectory.detach().float().cpu().numpy()
     image = np.asarray(inversion.image.convert("RGB"), dtype=np.uint8)
+    nulls = inversion.null_embeddings
     return InversionRecord(
-        trajectory=trajectory, steps=int(inversion.steps), image=image, fingerprint=fingerprint
+        trajectory=trajectory,
+        steps=int(inversion.steps),
+        image=image,
+        fingerprint=fingerprint,
+        method=inversion.method,
+        source_prompt=inversion.source_prompt,
+        null_embeddings=nulls.detach().float().cpu().numpy() if nulls is not None else None,
+        guidance_scale=inversion.guidance_scale,
     )
 
 
@@ -77,6 +92,9 @@ def inversion_from_record(engine: Any, record: InversionRecord) -> Any:
     from fpedit.engine import Inversion
 
     trajectory = torch.from_numpy(np.array(record.trajectory, dtype=np.float32)).to(engine.backend.device)
+    nulls = None
+    if record.null_embeddings is not None:
+        nulls = torch.from_numpy(np.array(record.null_embeddings, dtype=np.float32))
     return Inversion(
         trajectory=trajectory,
         steps=record.steps,
@@ -84,6 +102,10 @@ def inversion_from_record(engine: Any, record: InversionRecord) -> Any:
         engine_id=engine.engine_id,
         stats={"restored_from_store": True},
         map_cache_limit=engine.map_cache_bytes,
+        method=record.method,
+        source_prompt=record.source_prompt,
+        null_embeddings=nulls,
+        guidance_scale=record.guidance_scale,
     )
 
 

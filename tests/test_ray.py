@@ -102,6 +102,25 @@ def check_round_trip(holder: EditEngine, other: EditEngine, options: EditOptions
     assert from_store.stats["unet_rows"] > again.stats["unet_rows"]
 
 
+def test_record_keeps_an_algorithm_3_inversion(engine, reference_engine):
+    """A negative-prompt inversion rebuilt on another replica stays one (method, source prompt, per-step
+    null embeddings) and edits identically; a record without them would silently edit as DDIM."""
+    options = EditOptions(steps=STEPS)
+    with torch_threads(1):
+        inversion = engine.invert(
+            make_image(64, 64), options=options, source_prompt="a red disc", method="negative-prompt"
+        )
+        holder_edit = engine.edit_real(inversion, "a blue disc", options=options)
+        record = pickle.loads(pickle.dumps(record_from_inversion(inversion, "fp")))
+        restored = inversion_from_record(reference_engine, record)
+        assert (restored.method, restored.source_prompt) == ("negative-prompt", "a red disc")
+        assert restored.null_embeddings is not None
+        assert np.array_equal(restored.null_embeddings.cpu().numpy(), inversion.null_embeddings.cpu().numpy())
+        other_edit = reference_engine.edit_real(restored, "a blue disc", options=options)
+    assert np.array_equal(pixels(other_edit.edited_image), pixels(holder_edit.edited_image))
+    assert np.array_equal(pixels(other_edit.reconstruction_image), pixels(holder_edit.reconstruction_image))
+
+
 def test_serve_ray_without_the_extra_says_how_to_install(monkeypatch, capsys):
     from fpedit.cli import main
 
