@@ -23,24 +23,13 @@ import threading
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from . import programs
 from .backends.base import Backend
-from .calls import UNetCall
 from .errors import InvalidInputError
-from .executor import ProgressEvent, RequestRun
-from .maps import AttentionMaps, Injection
-from .options import EditOptions
-from .programs import Program, Step, guide, rows_of
-from .results import EditResult, Inversion
 from .schedule import DDIMSchedule
-
-if TYPE_CHECKING:
-    from .pipeline import EditEngine
 
 DEFAULT_INNER_STEPS = 10
 DEFAULT_EPSILON = 1e-5
@@ -196,90 +185,10 @@ def optimize_null_embeddings(
 
 def denoise_steps(schedule: DDIMSchedule) -> list[DenoiseStep]:
     """The N denoising steps of an engine schedule, noisiest first, with their cumulative alphas."""
-    sampler = schedule._sampler  # diffusers' DDIMScheduler with the reference settings
-    r = sampler.config.num_train_timesteps // schedule.steps
-    alphas = sampler.alphas_cumprod
-    final = float(sampler.final_alpha_cumprod)
-    return [
-        DenoiseStep(t, float(alphas[t]), float(alphas[t - r]) if t - r >= 0 else final)
-        for t in schedule.timesteps
-    ]
+    return [DenoiseStep(t, alpha, alpha_prev) for t, alpha, alpha_prev in schedule.denoise_alphas()]
 
 
-# --- Algorithm 3's edit as step programs ----------------------------------------------------------------
-#
-# The source branch does not depend on the target prompt: it runs once (:func:`generate_source`) and its maps
-# can be kept on the inversion, so an edit is the source program (first edit only) and the target program
-# (:func:`denoise_target`). Source and target never share a call, so a re-edit equals a fresh edit exactly.
-
-
-def _null(nulls: torch.Tensor | None, source_cond: torch.Tensor, i: int) -> torch.Tensor:
-    """Step i's null embedding: optimised (null-text) or the source prompt's (negative-prompt)."""
-    return source_cond if nulls is None else nulls[i : i + 1]
-
-
-def generate_source(
-    z_T: torch.Tensor,
-    schedule: DDIMSchedule,
-    source_cond: torch.Tensor,
-    nulls: torch.Tensor | None,
-    replaced: Sequence[int],
-    capture_layers: Sequence[int],
-    map_format: str,
-    guidance: float,
-) -> Program[tuple[torch.Tensor, dict[int, AttentionMaps]]]:
-    """The source branch, generated from ``z_T`` with the source prompt and step i's null embedding
-    (``nulls[i]``; the source prompt's own embedding when ``nulls`` is None, where the two rows are identical
-    and one is run). Captures the conditional row's maps in ``replaced`` steps. Returns (z_0, maps)."""
-    ts = schedule.timestep_tensor(z_T.device)
-    n = schedule.steps
-    replaced = set(replaced)
-    maps: dict[int, AttentionMaps] = {}
-    z = z_T
-    for i in range(n):
-        context = source_cond if nulls is None else torch.cat([nulls[i : i + 1], source_cond])
-        rows = context.shape[0]
-        capture = tuple(capture_layers) if i in replaced else ()
-        call = UNetCall(rows_of(z, rows), ts[i : i + 1].expand(rows), context, map_format, capture)
-        result = yield Step("source_generate", i + 1, n, call)
-        if capture:
-            assert result.maps is not None
-            # A copy of the conditional row: a view would keep a whole (maybe merged) batch alive.
-            maps[i] = AttentionMaps(
-                result.maps.format, {k: t[rows - 1 : rows].clone() for k, t in result.maps.tensors.items()}
-            )
-        z = schedule.step(guide(result.noise, guidance), i, z)
-    return z, maps
-
-
-def denoise_target(
-    z_T: torch.Tensor,
-    schedule: DDIMSchedule,
-    source_cond: torch.Tensor,
-    target_cond: torch.Tensor,
-    nulls: torch.Tensor | None,
-    source_maps: dict[int, AttentionMaps],
-    layers: Sequence[int],
-    map_format: str,
-    guidance: float,
-) -> Program[torch.Tensor]:
-    """The target branch from ``z_T``: rows (step i's null, target prompt); in every step of
-    ``source_maps`` the conditional row attends with the source's map in ``layers``. Returns z_0."""
-    ts = schedule.timestep_tensor(z_T.device)
-    n = schedule.steps
-    z = z_T
-    for i in range(n):
-        inject = None
-        if i in source_maps:
-            inject = Injection.for_rows(source_maps[i].rows([0, 0]), [False, True], layers)
-        context = torch.cat([_null(nulls, source_cond, i), target_cond])
-        call = UNetCall(rows_of(z, 2), ts[i : i + 1].expand(2), context, map_format, inject=inject)
-        result = yield Step("target_denoise", i + 1, n, call, progress="denoise")
-        z = schedule.step(guide(result.noise, guidance), i, z)
-    return z
-
-
-# --- the engine's entry points (called by EditEngine.invert and EditEngine.edit_real) -----------------------
+# --- request checks (EditEngine.invert calls them before any work) ----------------------------------------
 
 
 def check_method(method: object, source_prompt: str, backend: Backend) -> str:
@@ -291,155 +200,10 @@ def check_method(method: object, source_prompt: str, backend: Backend) -> str:
         raise InvalidInputError(
             "source_prompt", f"must describe the image: inversion method {method!r} needs one"
         )
-    if method == "null-text" and backend.name != "torch":
+    if method == "null-text" and not backend.supports_gradients:
         raise InvalidInputError(
             "method",
             f"null-text inversion needs gradients, which the {backend.name} backend does not have: use the "
             "torch backend, or 'negative-prompt' (no optimisation) here",
         )
     return str(method)
-
-
-def _optimisable_unet(backend: Backend) -> torch.nn.Module:
-    """The torch backend's UNet in float32 (the serving module, or its kept float32 copy)."""
-    module = getattr(backend, "_unet", None)
-    if not isinstance(module, torch.nn.Module):
-        raise InvalidInputError("method", f"null-text inversion needs the torch backend, not {backend.name}")
-    return float32_unet(module)
-
-
-def invert_with_source_prompt(
-    engine: EditEngine,
-    z0: torch.Tensor,
-    schedule: DDIMSchedule,
-    guidance: float,
-    source_prompt: str,
-    method: str,
-    inner_steps: int,
-    epsilon: float,
-    run: RequestRun,
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """Conditional-only DDIM inversion with the source prompt, then (null-text) the per-step null embeddings,
-    or (negative-prompt) the source prompt's embedding for every step. Returns (trajectory, nulls as float32
-    (steps, L, D), statistics)."""
-    cond = engine._embed(source_prompt, run)
-    # One conditional row per step: guidance on a single row is the identity, which is the authors' unguided
-    # inversion; the t = 0 step is skipped as for Algorithm 2.
-    trajectory = engine.executor.run(programs.invert(z0, schedule, cond), run)
-    steps = schedule.steps
-    if method == "negative-prompt":
-        nulls = cond.float().expand(steps, -1, -1).contiguous()
-        return trajectory, nulls, {}
-    unet = _optimisable_unet(engine.backend)
-    null_init = engine._embed("", run)
-
-    def progress(done: int, total: int) -> None:
-        if run.progress is not None:
-            run.progress(ProgressEvent("null_text", done, total))
-
-    with run.stage("null_text"):
-        result = optimize_null_embeddings(
-            unet,
-            trajectory,
-            cond,
-            null_init,
-            guidance,
-            denoise_steps(schedule),
-            inner_steps=inner_steps,
-            epsilon=epsilon,
-            progress=progress,
-            cancel_check=run.check,
-        )
-    run.unet_rows += result.unet_forwards
-    stats = {
-        "null_text_iterations": result.total_iterations,
-        "unet_backward_rows": result.unet_backwards,
-        "null_text_final_loss": result.final_losses[-1] if result.final_losses else None,
-    }
-    return trajectory, result.embeddings, stats
-
-
-def edit_with_nulls(
-    engine: EditEngine,
-    inversion: Inversion,
-    target_prompt: str,
-    options: EditOptions,
-    run: RequestRun,
-) -> EditResult:
-    """Algorithm 3 on a null-text or negative-prompt inversion: the source branch (generated once, its maps
-    kept on the inversion within its budget), then the target branch."""
-    if inversion.method == "null-text" and inversion.guidance_scale != options.guidance_scale:
-        raise InvalidInputError(
-            "guidance_scale",
-            f"the null-text inversion was optimised for guidance {inversion.guidance_scale}; the edit must use "
-            f"it (got {options.guidance_scale}), or invert again",
-        )
-    layers = engine._check_request(options, inversion.latent_hw)
-    schedule = engine._schedules(options.steps)
-    replaced = list(options.replaced_steps()) if layers else []
-    source_cond = engine._embed(inversion.source_prompt, run)
-    target_cond = engine._embed(target_prompt, run)
-    nulls = None
-    if inversion.method == "null-text":
-        assert inversion.null_embeddings is not None
-        nulls = inversion.null_embeddings.to(source_cond.device, source_cond.dtype)
-    z_T = inversion.latent(options.steps)
-
-    cached = inversion.cached_maps(options.map_format, frozenset(layers))
-    source_latent = inversion.source_latent
-    have_source = source_latent is not None and all(i in cached for i in replaced)
-    if have_source:
-        source_maps = {i: cached[i] for i in replaced}
-    else:
-        capture_layers = engine.backend.capture_layers(layers)
-        program = generate_source(
-            z_T,
-            schedule,
-            source_cond,
-            nulls,
-            replaced,
-            capture_layers,
-            options.map_format,
-            options.guidance_scale,
-        )
-        source_latent, source_maps = engine.executor.run(program, run)
-        inversion.keep_source(source_latent)
-        inversion.store_maps(options.map_format, frozenset(capture_layers), source_maps)
-    program = denoise_target(
-        z_T,
-        schedule,
-        source_cond,
-        target_cond,
-        nulls,
-        source_maps,
-        layers,
-        options.map_format,
-        options.guidance_scale,
-    )
-    z = engine.executor.run(program, run)
-
-    (edited_image,) = engine._decode(z, run)
-    reconstruction = inversion.reconstruction
-    if reconstruction is None:
-        (reconstruction,) = engine._decode(source_latent, run)
-        inversion.keep_reconstruction(reconstruction)
-    stats = run.stats(
-        steps=options.steps,
-        replaced_steps=replaced,
-        layers=list(layers),
-        map_format=options.map_format,
-        size=list(inversion.size),
-        method=inversion.method,
-        source_maps_cached=len(replaced) if have_source else 0,
-        inversion_bytes=inversion.nbytes,
-    )
-    return EditResult(
-        source_image=reconstruction,
-        edited_image=edited_image,
-        source_latents=source_latent.float().cpu().numpy(),
-        edited_latents=z.float().cpu().numpy(),
-        options=options,
-        stats=stats,
-        reconstruction_image=reconstruction,
-        inversion=inversion,
-    )

@@ -2,7 +2,8 @@
 
 :class:`EditEngine` validates a request, encodes text and images, and runs the algorithms, which are written
 once as step programs in :mod:`.programs` (Algorithm 1: :func:`~.programs.generated_edit`; Algorithm 2:
-:func:`~.programs.invert`, :func:`~.programs.capture_source_maps`, :func:`~.programs.real_edit`), on its
+:func:`~.programs.invert`, :func:`~.programs.capture_source_maps`, :func:`~.programs.denoise_target`;
+Algorithm 3 adds :func:`~.programs.generate_source` and :mod:`.null_text`'s optimisation), on its
 :class:`~.executor.Executor`: alone, or with ``batching=True`` merged with every other running request's
 UNet calls into shared backend calls. Text encoding, VAE encode and decode run in the caller's thread.
 
@@ -359,8 +360,8 @@ class EditEngine:
                 stats=run.stats(steps=options.steps, size=list(pil.size)),
                 map_cache_limit=self.map_cache_bytes,
             )
-        trajectory, nulls, extra = null_text.invert_with_source_prompt(
-            self, z0, schedule, options.guidance_scale, source_prompt, method, inner_steps, epsilon, run
+        trajectory, nulls, extra = self._invert_with_source_prompt(
+            z0, schedule, options.guidance_scale, source_prompt, method, inner_steps, epsilon, run
         )
         return Inversion(
             trajectory=trajectory,
@@ -420,21 +421,46 @@ class EditEngine:
                 image, options=options, progress=progress, cancel_check=cancel_check, **invert_options
             )
             run.absorb(inversion.stats)  # one call did both: report the whole real edit
-        if inversion.method != "ddim":
-            return null_text.edit_with_nulls(self, inversion, target_prompt, options, run)
+        if inversion.method == "null-text" and inversion.guidance_scale != options.guidance_scale:
+            raise InvalidInputError(
+                "guidance_scale",
+                f"the null-text inversion was optimised for guidance {inversion.guidance_scale}; the edit must "
+                f"use it (got {options.guidance_scale}), or invert again",
+            )
         layers = self._check_request(options, inversion.latent_hw)
         schedule = self._schedules(options.steps)
         replaced = list(options.replaced_steps()) if layers else []
+        target_cond = self._embed(target_prompt, run)
 
-        uncond = self._embed("", run)
-        context = torch.cat([uncond, self._embed(target_prompt, run)])
-        source_maps, cached_hits = self._source_maps(
-            inversion, schedule, replaced, layers, options, uncond, run
-        )
-        program = programs.real_edit(
+        if inversion.method == "ddim":  # Algorithm 2: the source is pinned to the trajectory
+            uncond = self._embed("", run)
+            context = torch.cat([uncond, target_cond])
+
+            def context_at(i: int) -> torch.Tensor:
+                return context
+
+            source_maps, cached_hits = self._source_maps(
+                inversion, schedule, replaced, layers, options, uncond, run
+            )
+            source_latent = inversion.latent(0)
+        else:  # Algorithm 3: the source is generated with the source prompt and step i's null embedding
+            source_cond = self._embed(inversion.source_prompt, run)
+            nulls = None  # negative-prompt: the null is the source prompt's own embedding
+            if inversion.method == "null-text":
+                assert inversion.null_embeddings is not None
+                nulls = inversion.null_embeddings.to(source_cond.device, source_cond.dtype)
+
+            def context_at(i: int) -> torch.Tensor:
+                null = source_cond if nulls is None else nulls[i : i + 1]
+                return torch.cat([null, target_cond])
+
+            source_latent, source_maps, cached_hits = self._generated_source(
+                inversion, schedule, replaced, layers, options, source_cond, nulls, run
+            )
+        program = programs.denoise_target(
             inversion.latent(options.steps),
             schedule,
-            context,
+            context_at,
             source_maps,
             layers,
             options.map_format,
@@ -447,7 +473,7 @@ class EditEngine:
         (edited_image,) = self._decode(z, run)
         reconstruction = inversion.reconstruction
         if reconstruction is None:
-            (reconstruction,) = self._decode(inversion.latent(0), run)
+            (reconstruction,) = self._decode(source_latent, run)
             inversion.keep_reconstruction(reconstruction)
 
         stats = run.stats(
@@ -456,13 +482,14 @@ class EditEngine:
             layers=list(layers),
             map_format=options.map_format,
             size=list(inversion.size),
+            method=inversion.method,
             source_maps_cached=cached_hits,
             inversion_bytes=inversion.nbytes,
         )
         return EditResult(
             source_image=reconstruction,
             edited_image=edited_image,
-            source_latents=inversion.latent(0).float().cpu().numpy(),
+            source_latents=source_latent.float().cpu().numpy(),
             edited_latents=z.float().cpu().numpy(),
             options=options,
             stats=stats,
@@ -501,6 +528,87 @@ class EditEngine:
             inversion.store_maps(options.map_format, frozenset(capture_layers), captured)
             maps.update(captured)
         return maps, len(replaced) - len(missing)
+
+    def _generated_source(
+        self,
+        inversion: Inversion,
+        schedule: DDIMSchedule,
+        replaced: Sequence[int],
+        layers: Sequence[int],
+        options: EditOptions,
+        source_cond: torch.Tensor,
+        nulls: torch.Tensor | None,
+        run: RequestRun,
+    ) -> tuple[torch.Tensor, dict[int, AttentionMaps], int]:
+        """Algorithm 3's source branch: what an earlier edit left on the inversion, else generated now and
+        left there (its final latent always, its maps within the budget). Returns (z_0, the replaced steps'
+        maps, how many steps came from the cache)."""
+        cached = inversion.cached_maps(options.map_format, frozenset(layers))
+        source_latent = inversion.source_latent
+        if source_latent is not None and all(i in cached for i in replaced):
+            return source_latent, {i: cached[i] for i in replaced}, len(replaced)
+        capture_layers = self.backend.capture_layers(layers)
+        program = programs.generate_source(
+            inversion.latent(options.steps),
+            schedule,
+            source_cond,
+            nulls,
+            replaced,
+            capture_layers,
+            options.map_format,
+            options.guidance_scale,
+        )
+        source_latent, maps = self.executor.run(program, run)
+        inversion.keep_source(source_latent)
+        inversion.store_maps(options.map_format, frozenset(capture_layers), maps)
+        return source_latent, maps, 0
+
+    def _invert_with_source_prompt(
+        self,
+        z0: torch.Tensor,
+        schedule: DDIMSchedule,
+        guidance: float,
+        source_prompt: str,
+        method: str,
+        inner_steps: int,
+        epsilon: float,
+        run: RequestRun,
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """Conditional-only DDIM inversion with the source prompt, then the per-step null embeddings:
+        optimised (null-text) or the source prompt's own (negative-prompt). Returns (trajectory, nulls as
+        float32 (steps, L, D), statistics)."""
+        cond = self._embed(source_prompt, run)
+        # One conditional row per step: guidance on a single row is the identity, which is the authors'
+        # unguided inversion; the t = 0 step is skipped as for Algorithm 2.
+        trajectory = self.executor.run(programs.invert(z0, schedule, cond), run)
+        if method == "negative-prompt":
+            return trajectory, cond.float().expand(schedule.steps, -1, -1).contiguous(), {}
+        null_init = self._embed("", run)
+
+        def progress(done: int, total: int) -> None:
+            if run.progress is not None:
+                run.progress(ProgressEvent("null_text", done, total))
+
+        with run.stage("null_text"):
+            result = null_text.optimize_null_embeddings(
+                self.backend.float32_unet(),
+                trajectory,
+                cond,
+                null_init,
+                guidance,
+                null_text.denoise_steps(schedule),
+                inner_steps=inner_steps,
+                epsilon=epsilon,
+                progress=progress,
+                cancel_check=run.check,
+            )
+        run.unet_rows += result.unet_forwards
+        stats = {
+            "null_text_iterations": result.total_iterations,
+            "unet_backward_rows": result.unet_backwards,
+            "null_text_final_loss": result.final_losses[-1] if result.final_losses else None,
+        }
+        return trajectory, result.embeddings, stats
 
     def _check_inversion(self, inversion: Inversion, options: EditOptions) -> None:
         if inversion.engine_id != self.engine_id:

@@ -13,7 +13,8 @@ calls are built:
   capture-only calls once the trajectory is known (:func:`capture_source_maps`), and those maps can be
   reused by later edits of the same inversion;
 * a generated edit's replaced step is one call with in-call donors where the backend offers them, or a
-  capture call and an inject call: chosen once, before the loop (:func:`generated_edit`).
+  capture call and an inject call: chosen once, before the loop (:func:`generated_edit`);
+* Algorithm 3's source branch (:func:`generate_source`) runs once per inversion, not per edit.
 """
 
 from __future__ import annotations
@@ -123,17 +124,19 @@ def capture_source_maps(
     return maps
 
 
-def real_edit(
+def denoise_target(
     z_T: torch.Tensor,
     schedule: DDIMSchedule,
-    context: torch.Tensor,
+    context_at: Callable[[int], torch.Tensor],
     source_maps: dict[int, AttentionMaps],
     layers: Sequence[int],
     map_format: str,
     guidance: float,
 ) -> Program[torch.Tensor]:
-    """Denoise the target (uncond, cond rows of ``context``) from ``z_T``; in step i of ``source_maps`` its
-    conditional row attends with the pinned source's map in ``layers``. Returns the final latent."""
+    """Denoise the target from ``z_T`` with rows (uncond, cond) of ``context_at(i)`` at step i; in every step
+    of ``source_maps`` its conditional row attends with the source's map in ``layers``. Returns the final
+    latent. Algorithm 2 gives one context for every step; Algorithm 3 gives step i's null embedding as the
+    unconditional row."""
     ts = schedule.timestep_tensor(z_T.device)
     n = schedule.steps
     z = z_T
@@ -141,7 +144,7 @@ def real_edit(
         inject = None
         if i in source_maps:
             inject = Injection.for_rows(source_maps[i].rows([0, 0]), [False, True], layers)
-        call = UNetCall(rows_of(z, 2), ts[i : i + 1].expand(2), context, map_format, inject=inject)
+        call = UNetCall(rows_of(z, 2), ts[i : i + 1].expand(2), context_at(i), map_format, inject=inject)
         result = yield Step("target_denoise", i + 1, n, call, progress="denoise")
         z = schedule.step(guide(result.noise, guidance), i, z)
     return z
@@ -202,3 +205,44 @@ def generated_edit(
         z_src = schedule.step(guide(eps[:n_src], guidance), i, z_src)
         z_tgt = schedule.step(guide(eps[n_src:], guidance), i, z_tgt)
     return z_src, z_tgt
+
+
+# --- Algorithm 3: real images with a source prompt (null-text or negative-prompt inversion) ---------------
+#
+# The source branch is generated from z_T (not pinned) and does not depend on the target prompt: it runs once
+# (:func:`generate_source`), and its maps and final latent can be kept on the inversion, so a further edit is
+# the target branch alone (:func:`denoise_target` with step i's null embedding as the unconditional row).
+
+
+def generate_source(
+    z_T: torch.Tensor,
+    schedule: DDIMSchedule,
+    source_cond: torch.Tensor,
+    nulls: torch.Tensor | None,
+    replaced: Sequence[int],
+    capture_layers: Sequence[int],
+    map_format: str,
+    guidance: float,
+) -> Program[tuple[torch.Tensor, dict[int, AttentionMaps]]]:
+    """The source branch, generated from ``z_T`` with the source prompt and step i's null embedding
+    (``nulls[i]``; with ``nulls`` None the null is the source prompt's own embedding, the two rows are
+    identical and one is run). Captures the conditional row's maps in ``replaced`` steps. Returns (z_0, maps)."""
+    ts = schedule.timestep_tensor(z_T.device)
+    n = schedule.steps
+    replaced = set(replaced)
+    maps: dict[int, AttentionMaps] = {}
+    z = z_T
+    for i in range(n):
+        context = source_cond if nulls is None else torch.cat([nulls[i : i + 1], source_cond])
+        rows = context.shape[0]
+        capture = tuple(capture_layers) if i in replaced else ()
+        call = UNetCall(rows_of(z, rows), ts[i : i + 1].expand(rows), context, map_format, capture)
+        result = yield Step("source_generate", i + 1, n, call)
+        if capture:
+            assert result.maps is not None
+            # A copy of the conditional row: a view would keep a whole (maybe merged) batch alive.
+            maps[i] = AttentionMaps(
+                result.maps.format, {k: t[rows - 1 : rows].clone() for k, t in result.maps.tensors.items()}
+            )
+        z = schedule.step(guide(result.noise, guidance), i, z)
+    return z, maps

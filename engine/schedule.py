@@ -67,6 +67,14 @@ class DDIMSchedule:
                 tensor = self._on_device[key] = torch.tensor(values, dtype=torch.float32).to(device)
             return tensor
 
+    def denoise_alphas(self) -> list[tuple[int, float, float]]:
+        """Per denoising step, noisiest first: (t, alpha_bar(t), alpha_bar of the level it lands on). What a
+        differentiable DDIM step needs (the null-text optimisation back-propagates through it)."""
+        r = self._sampler.config.num_train_timesteps // self.steps
+        alphas = self._sampler.alphas_cumprod
+        final = float(self._sampler.final_alpha_cumprod)
+        return [(t, float(alphas[t]), float(alphas[t - r]) if t - r >= 0 else final) for t in self.timesteps]
+
     def step(self, noise_pred: torch.Tensor, index: int, sample: torch.Tensor) -> torch.Tensor:
         """One DDIM (eta 0) step from denoising step ``index``'s timestep to the next lower one."""
         return self._sampler.step(noise_pred, self.timesteps[index], sample, eta=0.0).prev_sample

@@ -327,7 +327,7 @@ def test_null_text_needs_gradients_so_exported_backends_refuse_it():
 
     from fpedit.engine.null_text import check_method
 
-    onnx = SimpleNamespace(name="onnxruntime")
+    onnx = SimpleNamespace(name="onnxruntime", supports_gradients=False)
     with pytest.raises(InvalidInputError, match="negative-prompt") as info:
         check_method("null-text", SOURCE, onnx)
     assert info.value.field == "method"

@@ -31,6 +31,8 @@ class Backend(ABC):
     map_layers: tuple[int, ...] | None = None
     #: Map formats this backend can capture and inject.
     map_formats: tuple[str, ...] = ("qk", "probs")
+    #: Whether :meth:`float32_unet` exists: gradient work (null-text inversion) needs a differentiable UNet.
+    supports_gradients: bool = False
     #: Largest UNet batch (rows) one call may take.
     max_batch: int = 8
     #: Whether :meth:`unet` takes ``call.donors``: rows that attend with another row's map of the same call.

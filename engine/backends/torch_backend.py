@@ -31,6 +31,7 @@ class TorchBackend(Backend):
     """
 
     name = "torch"
+    supports_gradients = True
     supports_donors = True
 
     def __init__(
@@ -118,6 +119,13 @@ class TorchBackend(Backend):
         noise = self.forward(call.sample, call.timesteps, call.context, state)
         maps = AttentionMaps(call.map_format, dict(state.captured)) if call.capture else None
         return UNetResult(noise if call.need_noise_pred else None, maps)
+
+    def float32_unet(self) -> torch.nn.Module:
+        """The UNet for gradient work in float32: the serving module itself when it is float32, else one
+        frozen float32 copy made on first use and kept (fp16 gradients underflow in Adam's moments)."""
+        from ..null_text import float32_unet
+
+        return float32_unet(self._unet)
 
     def describe(self) -> dict[str, object]:
         info = super().describe()
