@@ -516,3 +516,22 @@ def test_inversion_cache_reaccounts_an_entry_an_edit_grew(hardening_engine):
     cache.refresh(key)
     assert cache.nbytes == inversion.nbytes > before
     assert cache.nbytes >= held_bytes(inversion)
+
+
+def test_drain_never_deadlocks_with_watchers_that_just_left(hardening_engine):
+    """Watchers cancelled as the drain starts: their close callbacks (on gRPC's polling thread) and the
+    NOT_SERVING sends must not wait for each other (the stock health servicer deadlocked here)."""
+    import threading
+
+    for _ in range(6):
+        server = build_server(hardening_engine, ServerConfig(port=0, workers=1, max_queue=1))
+        c = Conn(server.port)
+        watches = [c.health.Watch(health_pb2.HealthCheckRequest(service="")) for _ in range(16)]
+        assert all(next(w).status == SERVING for w in watches)
+        for w in watches:
+            w.cancel()
+        drain = threading.Thread(target=server.drain, args=(1,), daemon=True)
+        drain.start()
+        drain.join(60)
+        c.close()
+        assert not drain.is_alive(), "drain hung"
