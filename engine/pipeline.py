@@ -54,6 +54,11 @@ log = logging.getLogger(__name__)
 DEFAULT_MAP_CACHE_BYTES = 4 * 1024**3
 #: Prompt embeddings kept (LRU, keyed by token ids): a few MB at SD 1.5's 77 x 768 floats each.
 TEXT_CACHE_SIZE = 256
+#: A Hugging Face fast tokenizer keeps its padding and truncation settings on the shared Rust object and
+#: sets them on every call, so two threads tokenizing at once can get each other's settings (an unpadded
+#: 9-id prompt where 77 were asked for). Tokenizing takes microseconds: one lock for the whole process
+#: also covers engines that share a tokenizer.
+_TOKENIZER_LOCK = threading.Lock()
 
 
 class EditEngine:
@@ -174,14 +179,15 @@ class EditEngine:
         (prompts that tokenize alike share an entry, and a cache key is at most 77 ids)."""
         max_len = self.spec.text_max_length
         with run.stage("text"):
-            full = self.tokenizer(prompt, truncation=False).input_ids
+            with _TOKENIZER_LOCK:
+                full = self.tokenizer(prompt, truncation=False).input_ids
+                ids = self.tokenizer(
+                    prompt, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt"
+                ).input_ids
             if len(full) > max_len:
                 message = f"prompt has {len(full)} tokens; truncated to {max_len}: {prompt[:60]!r}"
                 warnings.warn(message, stacklevel=3)
                 log.warning(message)
-            ids = self.tokenizer(
-                prompt, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt"
-            ).input_ids
             key = tuple(int(i) for i in ids[0])
             with self._text_lock:
                 cached = self._text_cache.get(key)

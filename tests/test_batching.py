@@ -4,6 +4,7 @@ result of its lone run; one request's failing call fails that request only."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -148,9 +149,60 @@ def test_a_failing_call_fails_only_its_request(batching, monkeypatch):
         ]
     )
     assert isinstance(results[0], RuntimeError) and "poisoned" in str(results[0])
-    assert all(hasattr(r, "edited_latents") for r in results[1:])
+    assert all(hasattr(r, "edited_latents") for r in results[1:]), results[1:]
     again = batching.edit_generated("a cat", "a dog", latents=latents(1), options=opts)
     assert rel_l2(again.edited_latents, results[1].edited_latents) < 1e-6
+
+
+class OneCallerTokenizer:
+    """A tokenizer that fails a call made while another thread is inside it: Hugging Face fast tokenizers set
+    padding and truncation on the shared object per call, so overlapping calls can swap settings (seen as an
+    unpadded prompt of 9 ids merged with 77-id ones). The sleep widens the window a real overlap needs."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.inside = 0
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            self.inside += 1
+            self.calls += 1
+            overlapping = self.inside > 1
+        try:
+            if overlapping:
+                raise RuntimeError("two threads inside the tokenizer at once")
+            time.sleep(0.02)
+            return self.tokenizer(*args, **kwargs)
+        finally:
+            with self.lock:
+                self.inside -= 1
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tokenizer, name)
+
+
+@pytest.mark.parametrize("engine_name", ["engine", "batching"])
+def test_concurrent_requests_tokenize_one_at_a_time(engine_name, request, monkeypatch):
+    """Four requests with new prompts at once, alone and batched: each prompt is tokenized while no other
+    thread is in the tokenizer, and every request finishes."""
+    engine = request.getfixturevalue(engine_name)
+    guard = OneCallerTokenizer(engine.tokenizer)
+    monkeypatch.setattr(engine, "tokenizer", guard)
+    opts = EditOptions(steps=1)
+    results = run_concurrently(
+        [
+            (
+                lambda i=i: engine.edit_generated(
+                    f"a {i} cat", f"a {i} dog", latents=latents(i, 8), options=opts
+                )
+            )
+            for i in range(4)
+        ]
+    )
+    assert all(hasattr(r, "edited_latents") for r in results), results
+    assert guard.calls >= 4 * 3  # "", source and target prompts of each request
 
 
 def test_exported_graphs_batch_without_mixing_capture_and_inject(qk_export, engine):
