@@ -9,27 +9,17 @@ from typing import Any
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.ray:
-        from .ray_bench import cmd_ray_bench
-
         return cmd_ray_bench(args)
     from .bench import BenchConfig, markdown, run_bench, write_outputs
 
     overrides = {
-        k: v
-        for k, v in {
-            "model": args.model,
-            "device": args.device,
-            "steps": args.steps,
-            "size": args.size,
-            "warmup": args.warmup,
-            "repeat": args.repeat,
-            "concurrency": max(args.concurrency) if args.concurrency else None,
-            "concurrency_levels": tuple(args.concurrency) if args.concurrency else None,
-            "requests": args.requests,
-            "load_steps": args.load_steps,
-            "backends": tuple(args.backends) if args.backends else None,
-        }.items()
-        if v is not None
+        **shared_overrides(args),
+        **given(
+            warmup=args.warmup,
+            concurrency_levels=tuple(args.concurrency) if args.concurrency else None,
+            load_steps=args.load_steps,
+            backends=tuple(args.backends) if args.backends else None,
+        ),
     }
     cfg = BenchConfig.quick(**overrides) if args.quick else BenchConfig(**overrides)
     report = run_bench(cfg, load=not args.no_load_test, progress=not args.no_progress)
@@ -38,6 +28,39 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for path in write_outputs(report, args.json):
             print(f"wrote {path}")
     return 0
+
+
+def cmd_ray_bench(args: argparse.Namespace) -> int:
+    """``fpedit bench --ray``: the Ray section alone (it starts its own Ray instance)."""
+    from fpedit.server.ray_app import require_ray
+
+    from .ray_bench import RayBenchConfig, markdown, run_ray_bench, write_outputs
+
+    require_ray()
+    report = run_ray_bench(RayBenchConfig(**shared_overrides(args)))
+    print(markdown(report))
+    if args.json:
+        for path in write_outputs(report, args.json):
+            print(f"wrote {path}")
+    return 0
+
+
+def given(**values: Any) -> dict[str, Any]:
+    """The options the user set (argparse leaves the others None): config defaults stay for the rest."""
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def shared_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Options both bench configurations take; a list of client counts gives its largest."""
+    return given(
+        model=args.model,
+        device=args.device,
+        steps=args.steps,
+        size=args.size,
+        repeat=args.repeat,
+        requests=args.requests,
+        concurrency=max(args.concurrency) if args.concurrency else None,
+    )
 
 
 def client_counts(text: str) -> list[int]:

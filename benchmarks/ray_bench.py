@@ -11,12 +11,14 @@ Prints Markdown and writes JSON (``--json``); the figures go in ``benchmarks/REA
 from __future__ import annotations
 
 import io
+import json
 import os
 import statistics
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from .machine import machine_facts
@@ -154,40 +156,10 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def _most(value: Any) -> int | None:
-    """``--concurrency`` is one count or a list of them: the Ray section uses the largest."""
-    if isinstance(value, (list, tuple)):
-        return max(value) if value else None
-    return value
-
-
-def cmd_ray_bench(args: Any) -> int:
-    """``fpedit bench --ray``: the Ray section alone (it starts its own Ray instance)."""
-    import json
-    from pathlib import Path
-
-    from fpedit.server.ray_app import require_ray
-
-    require_ray()
-    overrides = {
-        k: v
-        for k, v in {
-            "model": args.model,
-            "device": args.device,
-            "steps": args.steps,
-            "size": args.size,
-            "repeat": args.repeat,
-            "requests": args.requests,
-            "concurrency": _most(args.concurrency),
-        }.items()
-        if v is not None
-    }
-    report = run_ray_bench(RayBenchConfig(**overrides))
-    print(markdown(report))
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2, default=str))
-        path.with_suffix(".md").write_text(markdown(report) + "\n")
-        print(f"wrote {path} and {path.with_suffix('.md')}")
-    return 0
+def write_outputs(report: dict[str, Any], json_path: Path) -> list[Path]:
+    """The report as JSON and as the Markdown table beside it."""
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(report, indent=2, default=str))
+    md = json_path.with_suffix(".md")
+    md.write_text(markdown(report) + "\n")
+    return [json_path, md]
