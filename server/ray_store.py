@@ -18,14 +18,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import threading
-import time
-from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from .cache import BoundedLRU
 
 #: Default name and namespace of the store actor; every replica of one deployment must use the same pair.
 STORE_NAME = "fpedit-inversion-store"
@@ -109,81 +107,28 @@ def inversion_from_record(engine: Any, record: InversionRecord) -> Any:
     )
 
 
-@dataclass
-class _Held:
-    value: Any
-    nbytes: int
-    created: float
+class BoundedRecords(BoundedLRU[Any]):
+    """The store's records: the server's bounded LRU, except that a record larger than the whole budget is
+    refused (and replaces nothing) rather than kept alone."""
 
-
-@dataclass
-class BoundedRecords:
-    """An LRU map bounded by total bytes and by entry age (``ttl_s`` after it was put)."""
-
-    max_bytes: int
-    ttl_s: float
-    clock: Callable[[], float] = time.monotonic
-    _items: OrderedDict[str, _Held] = field(default_factory=OrderedDict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    hits: int = 0
-    misses: int = 0
-    evicted: int = 0
-
-    def put(self, key: str, value: Any, nbytes: int) -> bool:
-        """Keep ``value``; returns False (and keeps nothing) when it alone exceeds the byte budget."""
-        with self._lock:
-            self._items.pop(key, None)
-            if nbytes > self.max_bytes:
-                return False
-            self._items[key] = _Held(value, int(nbytes), self.clock())
-            self._bound()
-            return True
-
-    def get(self, key: str) -> Any | None:
-        with self._lock:
-            self._expire()
-            held = self._items.get(key)
-            if held is None:
-                self.misses += 1
-                return None
-            self.hits += 1
-            self._items.move_to_end(key)
-            return held.value
-
-    def delete(self, key: str) -> None:
-        with self._lock:
-            self._items.pop(key, None)
-
-    def expires_in(self, key: str) -> float:
-        with self._lock:
-            held = self._items.get(key)
-            return 0.0 if held is None else max(0.0, held.created + self.ttl_s - self.clock())
+    def put(self, key: str, value: Any, nbytes: int) -> bool:  # type: ignore[override]
+        """Keep ``value``; returns False (and keeps nothing under ``key``) when it alone exceeds the budget."""
+        if nbytes > self.max_bytes:
+            self.delete(key)
+            return False
+        super().put(key, value, nbytes)
+        return True
 
     def stats(self) -> dict[str, int]:
-        with self._lock:
-            self._expire()
-            return {
-                "entries": len(self._items),
-                "bytes": sum(h.nbytes for h in self._items.values()),
-                "max_bytes": self.max_bytes,
-                "hits": self.hits,
-                "misses": self.misses,
-                "evicted": self.evicted,
-            }
-
-    def _expire(self) -> None:
-        now = self.clock()
-        for key in [k for k, h in self._items.items() if now - h.created > self.ttl_s]:
-            del self._items[key]
-            self.evicted += 1
-
-    def _bound(self) -> None:
-        self._expire()
-        total = sum(h.nbytes for h in self._items.values())
-        while total > self.max_bytes and self._items:
-            _, held = self._items.popitem(last=False)
-            total -= held.nbytes
-            self.evicted += 1
+        counters = self.counters()
+        return {
+            "entries": counters["entries"],
+            "bytes": counters["bytes"],
+            "max_bytes": self.max_bytes,
+            "hits": counters["hits"],
+            "misses": counters["misses"],
+            "evicted": counters["evictions"] + counters["expirations"],
+        }
 
 
 class InversionStore:
