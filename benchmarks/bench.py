@@ -129,10 +129,6 @@ def bench_engine(engine: EditEngine, cfg: BenchConfig, bar: tqdm | None = None) 
     return {kind: summarize(samples[kind]) for kind in KINDS}
 
 
-def available_backends(requested: Sequence[str], device: str) -> list[str]:
-    return backend_availability(requested, device)[0]
-
-
 def backend_availability(requested: Sequence[str], device: str) -> tuple[list[str], dict[str, str]]:
     """The requested backends that can run here, and for each one that cannot, the reason (reported)."""
     found: list[str] = []
