@@ -191,16 +191,17 @@ def denoise_steps(schedule: DDIMSchedule) -> list[DenoiseStep]:
 # --- request checks (EditEngine.invert calls them before any work) ----------------------------------------
 
 
-def check_method(method: object, source_prompt: str, backend: Backend) -> str:
-    """Refuse an unknown method, a method that needs a source prompt without one, and null-text inversion
-    where there are no gradients, before any work starts."""
+def check_method(method: object, source_prompt: str, backend: Backend | None = None) -> str:
+    """Refuse an unknown method, a method that needs a source prompt without one, and (given the backend)
+    null-text inversion where there are no gradients, before any work starts. The server calls it without a
+    backend before queueing; the engine again with its own."""
     if method not in METHODS:
         raise InvalidInputError("method", f"must be one of {list(METHODS)}, got {method!r}")
     if method != "ddim" and not source_prompt.strip():
         raise InvalidInputError(
             "source_prompt", f"must describe the image: inversion method {method!r} needs one"
         )
-    if method == "null-text" and not backend.supports_gradients:
+    if method == "null-text" and backend is not None and not backend.supports_gradients:
         raise InvalidInputError(
             "method",
             f"null-text inversion needs gradients, which the {backend.name} backend does not have: use the "

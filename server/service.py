@@ -39,7 +39,12 @@ from fpedit.engine.errors import (
     OverloadedError,
     UnavailableError,
 )
-from fpedit.engine.null_text import DEFAULT_EPSILON, DEFAULT_INNER_STEPS, check_null_text_options
+from fpedit.engine.null_text import (
+    DEFAULT_EPSILON,
+    DEFAULT_INNER_STEPS,
+    check_method,
+    check_null_text_options,
+)
 from fpedit.engine.options import check_prompt
 from fpedit.v1 import edit_pb2 as pb
 
@@ -91,11 +96,7 @@ def _inversion_method(request: pb.EditRequest | pb.InvertRequest, max_prompt_cha
     method = INVERSION_METHODS.get(request.inversion_method)
     if method is None:
         raise InvalidInputError("inversion_method", f"unknown value {request.inversion_method}")
-    if method != "ddim" and not source_prompt.strip():
-        name = pb.InversionMethod.Name(request.inversion_method)
-        raise InvalidInputError(
-            "source_prompt", f"must describe the image: inversion_method {name} needs one"
-        )
+    check_method(method, source_prompt)
     steps, epsilon = check_null_text_options(
         request.null_text_steps if request.HasField("null_text_steps") else DEFAULT_INNER_STEPS,
         request.null_text_epsilon if request.HasField("null_text_epsilon") else DEFAULT_EPSILON,
