@@ -52,7 +52,11 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return []
     with path.open(newline="") as f:
         rows = list(csv.DictReader(f))
-    return [row for row in rows if None not in row and row.get("id") and all(row.get(c) is not None for c in COLUMNS)]
+    return [
+        row
+        for row in rows
+        if None not in row and row.get("id") and all(row.get(c) is not None for c in COLUMNS)
+    ]
 
 
 def _format(value: Any) -> str:

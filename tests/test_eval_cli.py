@@ -14,9 +14,27 @@ from eval_models import block_network, clip_dir  # noqa: F401  (fixtures)
 from fpedit.cli import main
 
 PIE = {
-    "000000000000": {"image_path": "0_random/a.png", "original_prompt": "a [red] disc", "editing_prompt": "a [blue] disc", "editing_type_id": "0", "mask": [512 * 100, 512 * 200]},
-    "000000000001": {"image_path": "1_change/b.png", "original_prompt": "a bar", "editing_prompt": "a [green] bar", "editing_type_id": "1", "mask": [512 * 256, 512 * 100]},
-    "000000000002": {"image_path": "1_change/c.png", "original_prompt": "a scene", "editing_prompt": "a [night] scene", "editing_type_id": "1", "mask": [0, 0]},
+    "000000000000": {
+        "image_path": "0_random/a.png",
+        "original_prompt": "a [red] disc",
+        "editing_prompt": "a [blue] disc",
+        "editing_type_id": "0",
+        "mask": [512 * 100, 512 * 200],
+    },
+    "000000000001": {
+        "image_path": "1_change/b.png",
+        "original_prompt": "a bar",
+        "editing_prompt": "a [green] bar",
+        "editing_type_id": "1",
+        "mask": [512 * 256, 512 * 100],
+    },
+    "000000000002": {
+        "image_path": "1_change/c.png",
+        "original_prompt": "a scene",
+        "editing_prompt": "a [night] scene",
+        "editing_type_id": "1",
+        "mask": [0, 0],
+    },
 }
 
 
@@ -47,12 +65,27 @@ def check_summary_is_row_means(folder):
     return rows, summary
 
 
-def test_eval_pie_format_scores_resumes_and_reports_missing_models(pie, model_dir, clip_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_eval_pie_format_scores_resumes_and_reports_missing_models(
+    pie, model_dir, clip_dir, tmp_path, capsys, monkeypatch
+):  # noqa: F811
     block_network(monkeypatch)
     mapping, images = pie
     out = tmp_path / "run"
-    argv = ["eval", str(mapping), "-o", str(out), "--images", str(images), "--model", str(model_dir),
-            "--steps", "2", "--clip", str(clip_dir), "--no-progress"]
+    argv = [
+        "eval",
+        str(mapping),
+        "-o",
+        str(out),
+        "--images",
+        str(images),
+        "--model",
+        str(model_dir),
+        "--steps",
+        "2",
+        "--clip",
+        str(clip_dir),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert "left out structure_distance: needs --dino DIR" in captured.err
@@ -83,7 +116,10 @@ def test_eval_pie_format_scores_resumes_and_reports_missing_models(pie, model_di
 def test_eval_fpe_format_generated_edits_and_interrupt(model_dir, tmp_path, capsys, monkeypatch):
     import fpedit.eval.runner as runner
 
-    pairs = [{"soure_prompt": "a red car", "edit_prompt": "a blue car"}, {"soure_prompt": "a cat", "edit_prompt": "a dog"}]
+    pairs = [
+        {"soure_prompt": "a red car", "edit_prompt": "a blue car"},
+        {"soure_prompt": "a cat", "edit_prompt": "a dog"},
+    ]
     dataset = tmp_path / "pairs.json"
     dataset.write_text(json.dumps(pairs))
     out = tmp_path / "fpe"
@@ -114,8 +150,22 @@ def test_eval_sweep_writes_a_row_per_setting_and_a_contact_sheet(model_dir, tmp_
     dataset = tmp_path / "pairs.json"
     dataset.write_text(json.dumps([{"source_prompt": "a red car", "target_prompt": "a blue car"}]))
     out = tmp_path / "sweep"
-    argv = ["eval", str(dataset), "-o", str(out), "--model", str(model_dir), "--steps", "2", "--no-progress",
-            "--sweep", "--sweep-layers", "4-14", "--sweep-windows", "0-0.5,0-1"]
+    argv = [
+        "eval",
+        str(dataset),
+        "-o",
+        str(out),
+        "--model",
+        str(model_dir),
+        "--steps",
+        "2",
+        "--no-progress",
+        "--sweep",
+        "--sweep-layers",
+        "4-14",
+        "--sweep-windows",
+        "0-0.5,0-1",
+    ]
     assert main(argv) == 0
     table = (out / "sweep.md").read_text()
     assert "layers_4,5,6,7,8,9,10,11,12,13,14__window_0-0.5" in table and "__window_0-1 |" in table
@@ -135,13 +185,45 @@ def test_score_json_has_only_the_computed_metrics(tmp_path, clip_dir, capsys, mo
     from PIL import Image
 
     Image.fromarray(mask).save(tmp_path / "mask.png")
-    argv = ["score", "--source", str(tmp_path / "src.png"), "--edited", str(tmp_path / "out.png"),
-            "--source-prompt", "a disc", "--target-prompt", "a blue disc", "--clip", str(clip_dir), "--json"]
+    argv = [
+        "score",
+        "--source",
+        str(tmp_path / "src.png"),
+        "--edited",
+        str(tmp_path / "out.png"),
+        "--source-prompt",
+        "a disc",
+        "--target-prompt",
+        "a blue disc",
+        "--clip",
+        str(clip_dir),
+        "--json",
+    ]
     assert main([*argv, "--mask", str(tmp_path / "mask.png")]) == 0
     scores = json.loads(capsys.readouterr().out)
-    assert set(scores) == {"psnr_unedit_part", "mse_unedit_part", "ssim_unedit_part",
-                           "clip_similarity_source_image", "clip_similarity_target_image",
-                           "clip_similarity_target_image_edit_part", "clip_directional_similarity"}
-    assert main(["score", "--source", str(tmp_path / "nope.png"), "--edited", str(tmp_path / "out.png"),
-                 "--source-prompt", "a", "--target-prompt", "b"]) == 2
+    assert set(scores) == {
+        "psnr_unedit_part",
+        "mse_unedit_part",
+        "ssim_unedit_part",
+        "clip_similarity_source_image",
+        "clip_similarity_target_image",
+        "clip_similarity_target_image_edit_part",
+        "clip_directional_similarity",
+    }
+    assert (
+        main(
+            [
+                "score",
+                "--source",
+                str(tmp_path / "nope.png"),
+                "--edited",
+                str(tmp_path / "out.png"),
+                "--source-prompt",
+                "a",
+                "--target-prompt",
+                "b",
+            ]
+        )
+        == 2
+    )
     assert "fpedit: error: --source: no such file" in capsys.readouterr().err
