@@ -6,7 +6,6 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-import pytest
 import torch
 
 from fpedit.engine.tiny import write_tiny_tokenizer
@@ -79,13 +78,3 @@ def block_network(monkeypatch) -> None:
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
-
-
-@pytest.fixture(scope="session")
-def clip_dir(tmp_path_factory) -> Path:
-    return save_tiny_clip(tmp_path_factory.mktemp("metric-models") / "clip")
-
-
-@pytest.fixture(scope="session")
-def vit_dir(tmp_path_factory) -> Path:
-    return save_tiny_vit(tmp_path_factory.mktemp("metric-models") / "vit")

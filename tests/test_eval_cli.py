@@ -5,11 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import make_image
-from eval_models import block_network, clip_dir  # noqa: F401  (fixtures)
+from eval_models import block_network, save_tiny_clip
 
 from fpedit.cli import main
 
@@ -50,6 +51,11 @@ def pie(tmp_path):
     return mapping, images
 
 
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory) -> Path:
+    return save_tiny_clip(tmp_path_factory.mktemp("metric-models") / "clip")
+
+
 def rows_of(path):
     with path.open(newline="") as f:
         return list(csv.DictReader(f))
@@ -67,7 +73,7 @@ def check_summary_is_row_means(folder):
 
 def test_eval_pie_format_scores_resumes_and_reports_missing_models(
     pie, model_dir, clip_dir, tmp_path, capsys, monkeypatch
-):  # noqa: F811
+):
     block_network(monkeypatch)
     mapping, images = pie
     out = tmp_path / "run"
@@ -176,7 +182,7 @@ def test_eval_sweep_writes_a_row_per_setting_and_a_contact_sheet(model_dir, tmp_
         assert sheet.width > 200 and sheet.height > 100
 
 
-def test_score_json_has_only_the_computed_metrics(tmp_path, clip_dir, capsys, monkeypatch):  # noqa: F811
+def test_score_json_has_only_the_computed_metrics(tmp_path, clip_dir, capsys, monkeypatch):
     block_network(monkeypatch)
     make_image(64, 64, seed=0).save(tmp_path / "src.png")
     make_image(64, 64, seed=1).save(tmp_path / "out.png")

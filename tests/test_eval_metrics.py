@@ -4,15 +4,26 @@ torchmetrics' functions), masked and unmasked; the RLE decoder against a hand-ma
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from eval_models import block_network, clip_dir, vit_dir  # noqa: F401  (fixtures)
+from eval_models import block_network, save_tiny_clip, save_tiny_vit
 
 from fpedit.eval.masks import decode_rle, resize_mask
 from fpedit.eval.metrics import Scorer
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory) -> Path:
+    return save_tiny_clip(tmp_path_factory.mktemp("metric-models") / "clip")
+
+
+@pytest.fixture(scope="module")
+def vit_dir(tmp_path_factory) -> Path:
+    return save_tiny_vit(tmp_path_factory.mktemp("metric-models") / "vit")
 
 
 def pair(seed: int = 0, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -29,7 +40,7 @@ def box_mask(size: int = 64) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def scorer(clip_dir, vit_dir):  # noqa: F811
+def scorer(clip_dir, vit_dir):
     return Scorer(clip=clip_dir, dino=vit_dir)
 
 
@@ -81,7 +92,7 @@ def reference_clip(folder, images, texts):
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_clip_metrics_match_transformers(scorer, clip_dir, masked, monkeypatch):  # noqa: F811
+def test_clip_metrics_match_transformers(scorer, clip_dir, masked, monkeypatch):
     block_network(monkeypatch)
     source, edited = pair(1)
     mask = box_mask() if masked else None
@@ -106,7 +117,7 @@ def test_clip_metrics_match_transformers(scorer, clip_dir, masked, monkeypatch):
         assert scorer.score(source, edited, "a", "a photo of a dog")["clip_similarity_target_image"] == 0.0
 
 
-def test_structure_distance_matches_vit_keys(scorer, vit_dir, monkeypatch):  # noqa: F811
+def test_structure_distance_matches_vit_keys(scorer, vit_dir, monkeypatch):
     from transformers import ViTModel
 
     block_network(monkeypatch)
