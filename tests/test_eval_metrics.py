@@ -172,3 +172,64 @@ def test_lpips_without_a_working_torchvision_is_reported_not_fatal(tmp_path):
     scorer = Scorer(lpips_weights=weights)
     assert "torchvision" in scorer.unavailable["lpips_unedit_part"]
     assert "mse_unedit_part" in scorer.score(*pair(), "a", "b", box_mask())
+
+
+def fake_squeezenet_features(seed: int = 5) -> torch.nn.Sequential:
+    """13 layers whose slices have SqueezeNet 1.1's channel counts (64, 128, 256, 384, 384, 512, 512)."""
+    nn = torch.nn
+    torch.manual_seed(seed)
+    pool = lambda: nn.MaxPool2d(3, 2, ceil_mode=True)  # noqa: E731
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 3, stride=2), nn.ReLU(), pool(), nn.Conv2d(64, 128, 1), nn.ReLU(), pool(),
+        nn.Conv2d(128, 256, 1), nn.ReLU(), pool(), nn.Conv2d(256, 384, 1), nn.Conv2d(384, 384, 1),
+        nn.Conv2d(384, 512, 1), nn.Conv2d(512, 512, 1),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_lpips_loads_the_backbone_file_and_matches_torchmetrics(tmp_path, monkeypatch, masked):
+    """Where torchvision does not load, a stand-in module provides the SqueezeNet skeleton torchmetrics
+    builds; the weights come from the file (torchvision's key names), the heads from torchmetrics."""
+    import sys
+    import types
+
+    import torchmetrics.functional.image.lpips as tm_lpips
+
+    features = fake_squeezenet_features()
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        fake = types.ModuleType("torchvision")
+        fake.models = types.SimpleNamespace(
+            squeezenet1_1=lambda weights=None: types.SimpleNamespace(features=fake_squeezenet_features(9))
+        )
+        monkeypatch.setitem(sys.modules, "torchvision", fake)
+        monkeypatch.setattr(tm_lpips, "_TORCHVISION_AVAILABLE", True)
+    else:
+        pytest.skip("a real torchvision is installed: the stand-in would not be used")
+    weights = tmp_path / "squeezenet1_1.pth"
+    torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, weights)
+
+    source, edited = pair(4)
+    mask = box_mask() if masked else None
+    got = Scorer(lpips_weights=weights).score(source, edited, "a", "b", mask)[
+        "lpips" + ("_unedit_part" if masked else "")
+    ]
+
+    net = tm_lpips._NoTrainLpips(net="squeeze", pnet_rand=True)
+    for block in net.net.slices:
+        for index, module in block._modules.items():
+            module.load_state_dict(features[int(index)].state_dict())
+    keep = np.ones((64, 64), np.float32) if mask is None else (1 - mask).astype(np.float32)
+    to_input = lambda x: torch.from_numpy(x / 255.0 * keep[:, :, None]).permute(2, 0, 1)[None].float() * 2 - 1  # noqa: E731
+    with torch.no_grad():
+        expected = float(net(to_input(source), to_input(edited)).squeeze())
+    assert expected > 0
+    assert got == pytest.approx(expected, rel=1e-5)
+
+    bad = tmp_path / "other.pth"
+    torch.save({"classifier.weight": torch.zeros(1)}, bad)
+    from fpedit.engine.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="squeezenet1_1"):
+        Scorer(lpips_weights=bad)
