@@ -233,3 +233,10 @@ def test_score_json_has_only_the_computed_metrics(tmp_path, clip_dir, capsys, mo
         == 2
     )
     assert "fpedit: error: --source: no such file" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "nope.json"), "-o", str(tmp_path / "o")]) == 2
+    assert "fpedit: error: DATASET: no such file" in capsys.readouterr().err
+    (tmp_path / "map.json").write_text(json.dumps({"1": {**PIE["000000000000"]}}))
+    assert (
+        main(["eval", str(tmp_path / "map.json"), "-o", str(tmp_path / "o"), "--images", str(tmp_path)]) == 2
+    )
+    assert "fpedit: error: --images: 1 image(s) not found" in capsys.readouterr().err
