@@ -126,9 +126,20 @@ def parse_layer_sets(text: str) -> list[Any]:
 
 
 def _layers_name(layers: Any) -> str:
+    """``(4, 5, 6, 9)`` -> ``"4-6,9"``: short folder and column names."""
     if isinstance(layers, str):
         return layers
-    return ",".join(str(n) for n in layers)
+    parts: list[str] = []
+    numbers = sorted(layers)
+    start = prev = numbers[0]
+    for n in [*numbers[1:], None]:
+        if n is not None and n == prev + 1:
+            prev = n
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if n is not None:
+            start = prev = n
+    return ",".join(parts)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -280,7 +280,7 @@ def contact_sheet(out: Path, items: list[Item], settings: list[Setting], max_ite
     if not rows:
         return None
     columns = 1 + len(settings)
-    fig, axes = plt.subplots(len(rows), columns, figsize=(1.9 * columns, 2.1 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), columns, figsize=(2.0 * columns, 2.3 * len(rows)), squeeze=False)
     for r, (item, source, paths) in enumerate(rows):
         for c, path in enumerate([source, *paths]):
             ax = axes[r][c]
@@ -289,7 +289,8 @@ def contact_sheet(out: Path, items: list[Item], settings: list[Setting], max_ite
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title("source" if c == 0 else settings[c - 1].name, fontsize=8)
+                title = "source" if c == 0 else settings[c - 1].name.replace("__", "\n").replace("_", " ")
+                ax.set_title(title, fontsize=8)
             if c == 0:
                 ax.set_ylabel(_wrap(item.target_prompt), fontsize=7)
     fig.tight_layout()
