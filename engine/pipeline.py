@@ -624,3 +624,15 @@ class EditEngine:
                 "steps",
                 f"the inversion was computed with {inversion.steps} steps, the request asks {options.steps}",
             )
+
+    # --- attention maps (Figure 3) --------------------------------------------------------------------------
+
+    def attention_maps(self, prompt: str, image: ImageInput | None = None, **kwargs: Any) -> Any:
+        """Per-token cross-attention maps and the top SVD components of self-attention maps (the paper's
+        Figure 3) of a generated image (``seed``) or, with ``image``, of that image inverted first; returns an
+        :class:`~.attention_maps.AttentionMapResult`. Keywords: ``seed``, ``steps``, ``guidance_scale``,
+        ``window`` (the steps averaged, as fractions), ``resolution`` (grid side; default latent side / 4,
+        16 at 512 px), ``components``, ``height``, ``width``. Torch backend only."""
+        from .attention_maps import compute_attention_maps
+
+        return compute_attention_maps(self, prompt, image=image, **kwargs)

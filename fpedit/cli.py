@@ -26,7 +26,7 @@ from fpedit.engine.errors import FpeditError, InvalidInputError
 EXIT_USER_ERROR = 2
 
 #: Modules that add subcommands: each has ``add_commands(subparsers)``. Missing extras only hide them.
-SUBSYSTEMS = ("fpedit.export.cli", "fpedit.server.cli", "fpedit.benchmarks.cli")
+SUBSYSTEMS = ("fpedit.export.cli", "fpedit.server.cli", "fpedit.benchmarks.cli", "fpedit.eval.cli")
 
 
 def parse_layers(text: str) -> str | tuple[int, ...]:

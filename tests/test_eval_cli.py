@@ -1,0 +1,242 @@
+"""``fpedit eval`` on PIE-Bench- and FPE-format datasets, ``fpedit score --json``, resume and interruption."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_image
+from eval_models import block_network, save_tiny_clip
+
+from fpedit.cli import main
+
+PIE = {
+    "000000000000": {
+        "image_path": "0_random/a.png",
+        "original_prompt": "a [red] disc",
+        "editing_prompt": "a [blue] disc",
+        "editing_type_id": "0",
+        "mask": [512 * 100, 512 * 200],
+    },
+    "000000000001": {
+        "image_path": "1_change/b.png",
+        "original_prompt": "a bar",
+        "editing_prompt": "a [green] bar",
+        "editing_type_id": "1",
+        "mask": [512 * 256, 512 * 100],
+    },
+    "000000000002": {
+        "image_path": "1_change/c.png",
+        "original_prompt": "a scene",
+        "editing_prompt": "a [night] scene",
+        "editing_type_id": "1",
+        "mask": [0, 0],
+    },
+}
+
+
+@pytest.fixture
+def pie(tmp_path):
+    images = tmp_path / "annotation_images"
+    for i, entry in enumerate(PIE.values()):
+        path = images / entry["image_path"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        make_image(64, 64, seed=i).save(path)
+    mapping = tmp_path / "mapping_file.json"
+    mapping.write_text(json.dumps(PIE))
+    return mapping, images
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory) -> Path:
+    return save_tiny_clip(tmp_path_factory.mktemp("metric-models") / "clip")
+
+
+def rows_of(path):
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def check_summary_is_row_means(folder):
+    rows = rows_of(folder / "results.csv")
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["items"] == len(rows)
+    for name, mean in summary["means"].items():
+        values = [float(r[name]) for r in rows if r[name] and not math.isnan(float(r[name]))]
+        assert mean == pytest.approx(np.mean(values), rel=1e-9), name
+    return rows, summary
+
+
+def test_eval_pie_format_scores_resumes_and_reports_missing_models(
+    pie, model_dir, clip_dir, tmp_path, capsys, monkeypatch
+):
+    block_network(monkeypatch)
+    mapping, images = pie
+    out = tmp_path / "run"
+    argv = [
+        "eval",
+        str(mapping),
+        "-o",
+        str(out),
+        "--images",
+        str(images),
+        "--model",
+        str(model_dir),
+        "--steps",
+        "2",
+        "--clip",
+        str(clip_dir),
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "left out structure_distance: needs --dino DIR" in captured.err
+    rows, summary = check_summary_is_row_means(out)
+    assert [r["id"] for r in rows] == list(PIE)
+    assert [r["edit_type"] for r in rows] == ["0", "1", "1"]
+    assert all(r["clip_similarity_target_image"] and r["psnr_unedit_part"] for r in rows)
+    assert not any(r["structure_distance"] or r["psnr"] for r in rows)
+    type1 = [float(r["mse_unedit_part"]) for r in rows if r["edit_type"] == "1"]
+    assert summary["per_edit_type"]["1"]["means"]["mse_unedit_part"] == pytest.approx(np.mean(type1))
+    assert summary["settings"]["steps"] == 2 and summary["settings"]["format"] == "pie"
+    assert "| all | 3 |" in (out / "summary.md").read_text() and "| all | 3 |" in captured.out
+    assert len(list((out / "images").glob("*.png"))) == 3
+
+    # Resume: drop the last row and leave a torn line; only that item is edited again.
+    kept = (out / "results.csv").read_text().splitlines()[:-1]
+    (out / "results.csv").write_text("\n".join(kept) + "\n000000000002,1,0.5")
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "images").glob("*.png")}
+    assert main(argv) == 0
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "images").glob("*.png")}
+    assert after["000000000000.png"] == stamps["000000000000.png"]
+    assert after["000000000001.png"] == stamps["000000000001.png"]
+    assert after["000000000002.png"] != stamps["000000000002.png"]
+    rows2, _ = check_summary_is_row_means(out)
+    assert [r["id"] for r in rows2] == list(PIE)
+
+
+def test_eval_fpe_format_generated_edits_and_interrupt(model_dir, tmp_path, capsys, monkeypatch):
+    import fpedit.eval.runner as runner
+
+    pairs = [
+        {"soure_prompt": "a red car", "edit_prompt": "a blue car"},
+        {"soure_prompt": "a cat", "edit_prompt": "a dog"},
+    ]
+    dataset = tmp_path / "pairs.json"
+    dataset.write_text(json.dumps(pairs))
+    out = tmp_path / "fpe"
+    argv = ["eval", str(dataset), "-o", str(out), "--model", str(model_dir), "--steps", "1", "--no-progress"]
+    real = runner._edit_and_score
+    calls = []
+
+    def interrupt_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "_edit_and_score", interrupt_second)
+    assert main(argv) == 130
+    rows, _ = check_summary_is_row_means(out)  # a valid file and summary with the finished item
+    assert [r["id"] for r in rows] == ["0000"]
+    monkeypatch.setattr(runner, "_edit_and_score", real)
+    assert main(argv) == 0
+    assert "left out clip_similarity_source_image" in capsys.readouterr().err
+    rows, summary = check_summary_is_row_means(out)
+    assert [r["id"] for r in rows] == ["0000", "0001"]
+    assert summary["settings"]["format"] == "fpe" and "mse" in summary["means"]
+    assert (out / "images" / "0001.source.png").is_file()
+
+
+def test_eval_sweep_writes_a_row_per_setting_and_a_contact_sheet(model_dir, tmp_path):
+    dataset = tmp_path / "pairs.json"
+    dataset.write_text(json.dumps([{"source_prompt": "a red car", "target_prompt": "a blue car"}]))
+    out = tmp_path / "sweep"
+    argv = [
+        "eval",
+        str(dataset),
+        "-o",
+        str(out),
+        "--model",
+        str(model_dir),
+        "--steps",
+        "1",
+        "--no-progress",
+        "--sweep",
+        "--sweep-layers",
+        "4-14",
+        "--sweep-windows",
+        "0-0.5,0-1",
+    ]
+    assert main(argv) == 0
+    table = (out / "sweep.md").read_text()
+    assert "layers_4-14__window_0-0.5" in table and "__window_0-1 |" in table
+    assert len(json.loads((out / "sweep.json").read_text())) == 2
+    from PIL import Image
+
+    with Image.open(out / "contact_sheet.png") as sheet:
+        assert sheet.width > 200 and sheet.height > 100
+
+
+def test_score_json_has_only_the_computed_metrics(tmp_path, clip_dir, capsys, monkeypatch):
+    block_network(monkeypatch)
+    make_image(64, 64, seed=0).save(tmp_path / "src.png")
+    make_image(64, 64, seed=1).save(tmp_path / "out.png")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[10:30, 10:30] = 255
+    from PIL import Image
+
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    argv = [
+        "score",
+        "--source",
+        str(tmp_path / "src.png"),
+        "--edited",
+        str(tmp_path / "out.png"),
+        "--source-prompt",
+        "a disc",
+        "--target-prompt",
+        "a blue disc",
+        "--clip",
+        str(clip_dir),
+        "--json",
+    ]
+    assert main([*argv, "--mask", str(tmp_path / "mask.png")]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert set(scores) == {
+        "psnr_unedit_part",
+        "mse_unedit_part",
+        "ssim_unedit_part",
+        "clip_similarity_source_image",
+        "clip_similarity_target_image",
+        "clip_similarity_target_image_edit_part",
+        "clip_directional_similarity",
+    }
+    assert (
+        main(
+            [
+                "score",
+                "--source",
+                str(tmp_path / "nope.png"),
+                "--edited",
+                str(tmp_path / "out.png"),
+                "--source-prompt",
+                "a",
+                "--target-prompt",
+                "b",
+            ]
+        )
+        == 2
+    )
+    assert "fpedit: error: --source: no such file" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "nope.json"), "-o", str(tmp_path / "o")]) == 2
+    assert "fpedit: error: DATASET: no such file" in capsys.readouterr().err
+    (tmp_path / "map.json").write_text(json.dumps({"1": {**PIE["000000000000"]}}))
+    assert (
+        main(["eval", str(tmp_path / "map.json"), "-o", str(tmp_path / "o"), "--images", str(tmp_path)]) == 2
+    )
+    assert "fpedit: error: --images: 1 image(s) not found" in capsys.readouterr().err
