@@ -77,6 +77,9 @@ class Inversion:
     null_embeddings: torch.Tensor | None = None
     #: The guidance the null embeddings were optimised for (null-text edits must use it).
     guidance_scale: float | None = None
+    #: (width, height) of the image as given (after EXIF orientation): edits come back at this size by
+    #: default. ``None`` means the working size.
+    original_size: tuple[int, int] | None = None
     _source_latent: torch.Tensor | None = field(default=None, repr=False)
     _maps: dict[int, AttentionMaps] = field(default_factory=dict, repr=False)
     _maps_format: str | None = field(default=None, repr=False)
@@ -86,7 +89,13 @@ class Inversion:
 
     @property
     def size(self) -> tuple[int, int]:
+        """The working size (width, height) the image was inverted at."""
         return self.image.size
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """The (width, height) of the image as given: what edits return by default."""
+        return self.original_size or self.image.size
 
     @property
     def latent_hw(self) -> tuple[int, int]:
