@@ -17,20 +17,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-from PIL import Image
-
 from .errors import InvalidInputError
-from .null_text import METHODS
-from .results import Inversion
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
     from .pipeline import EditEngine
+    from .results import Inversion
+
+# Imports stay light (no torch) so that the command line can check a file before it loads a model.
 
 FORMAT = "fpedit-inversion"
 FORMAT_VERSION = "1"
@@ -38,6 +38,8 @@ SUFFIX = ".safetensors"
 #: Fingerprint fields in the order they are compared: the cheapest explanation of a mismatch comes first.
 FINGERPRINT_FIELDS = ("backend", "dtype", "vae_dtype", "scheduler", "weights")
 FIELD = "inversion_file"
+#: A safetensors header longer than this is not one of ours (ours are a few kB).
+MAX_HEADER_BYTES = 16 * 1024 * 1024
 
 
 def engine_fingerprint(engine: EditEngine) -> dict[str, str]:
@@ -70,7 +72,11 @@ def check_save_path(path: str | os.PathLike, field: str = "path") -> Path:
 
 def save_inversion(engine: EditEngine, inversion: Inversion, path: str | os.PathLike) -> Path:
     """Write ``inversion`` (computed by ``engine``) to ``path`` atomically: a reader never sees half a file."""
+    import numpy as np
+    import torch
     from safetensors.torch import save_file
+
+    from .results import Inversion
 
     if not isinstance(inversion, Inversion):
         raise InvalidInputError("inversion", f"expected an Inversion, got {type(inversion).__name__}")
@@ -109,17 +115,29 @@ def save_inversion(engine: EditEngine, inversion: Inversion, path: str | os.Path
     return target
 
 
-def load_inversion(engine: EditEngine, path: str | os.PathLike) -> Inversion:
-    """Read an inversion saved by :func:`save_inversion` for ``engine``; refuse (``InvalidInputError`` on
-    ``inversion_file``) a file that is not one, is damaged, or was saved by an engine with another
-    fingerprint."""
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a saved inversion, read from the safetensors header alone (no tensors, no torch);
+    refuses a missing file, a file that is not safetensors, and a safetensors file that is not an fpedit
+    inversion of this format version."""
     source = Path(path).expanduser()
     if source.is_dir():
         raise InvalidInputError(FIELD, f"{source} is a directory, not a saved inversion")
     if not source.is_file():
         raise InvalidInputError(FIELD, f"no such file: {source}")
-    metadata, tensors = _read(source)
-    if metadata.get("format") != FORMAT:
+    not_ours = InvalidInputError(FIELD, f"{source} is not a safetensors file saved by `--save-inversion`")
+    try:
+        with source.open("rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise not_ours
+            (length,) = struct.unpack("<Q", prefix)
+            if length > MAX_HEADER_BYTES:
+                raise not_ours
+            header = json.loads(handle.read(length))
+    except (ValueError, UnicodeDecodeError):
+        raise not_ours from None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
         raise InvalidInputError(FIELD, f"{source} is not an fpedit inversion (written by `--save-inversion`)")
     if metadata.get("format_version") != FORMAT_VERSION:
         raise InvalidInputError(
@@ -127,6 +145,15 @@ def load_inversion(engine: EditEngine, path: str | os.PathLike) -> Inversion:
             f"{source} has format version {metadata.get('format_version')!r}; this fpedit reads "
             f"{FORMAT_VERSION!r}",
         )
+    return {str(k): str(v) for k, v in metadata.items()}
+
+
+def load_inversion(engine: EditEngine, path: str | os.PathLike) -> Inversion:
+    """Read an inversion saved by :func:`save_inversion` for ``engine``; refuse (``InvalidInputError`` on
+    ``inversion_file``) a file that is not one, is damaged, or was saved by an engine with another
+    fingerprint (checked before any tensor is read)."""
+    source = Path(path).expanduser()
+    metadata = read_metadata(source)
     saved = _json(metadata, "engine", source)
     here = engine.fingerprint
     for name in FINGERPRINT_FIELDS:
@@ -137,19 +164,17 @@ def load_inversion(engine: EditEngine, path: str | os.PathLike) -> Inversion:
                 f"{source} was saved by an engine with another {name} ({_short(theirs)}; this engine: "
                 f"{_short(here[name])}); invert the image again with this model and settings",
             )
-    return _inversion(engine, source, metadata, tensors)
+    return _inversion(engine, source, metadata, _read_tensors(source))
 
 
-def _read(source: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+def _read_tensors(source: Path) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
     try:
         with safe_open(str(source), framework="pt", device="cpu") as handle:
-            metadata = dict(handle.metadata() or {})
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-    except Exception as exc:  # safetensors raises several types for foreign or truncated files
-        raise InvalidInputError(FIELD, f"{source} is not a readable safetensors file ({exc})") from None
-    return metadata, tensors
+            return {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    except Exception as exc:  # safetensors raises several types for truncated or altered files
+        raise InvalidInputError(FIELD, f"{source} is damaged ({exc})") from None
 
 
 def _json(metadata: dict[str, str], key: str, source: Path) -> Any:
@@ -170,6 +195,11 @@ def _inversion(
     engine: EditEngine, source: Path, metadata: dict[str, str], tensors: dict[str, torch.Tensor]
 ) -> Inversion:
     """The checked contents as an :class:`Inversion` owned by ``engine``."""
+    import torch
+    from PIL import Image
+
+    from .null_text import METHODS
+    from .results import Inversion
 
     def damaged(what: str) -> InvalidInputError:
         return InvalidInputError(FIELD, f"{source} is damaged: {what}")
