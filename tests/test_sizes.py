@@ -114,14 +114,14 @@ def test_parse_size_flag():
 
 def test_cli_writes_the_input_size_unless_told(tmp_path, model_dir, capsys):
     src = tmp_path / "in.png"
-    make_image(100, 70).save(src)
+    make_image(130, 66).save(src)  # edited at 128x64
     common = ["--model", str(model_dir), "--steps", str(STEPS), "--no-progress"]
     assert main(["edit", str(src), "-p", "a red car", "-o", str(tmp_path / "a.png"), *common]) == 0
-    assert Image.open(tmp_path / "a.png").size == (100, 70)
+    assert Image.open(tmp_path / "a.png").size == (130, 66)
     out, rec = tmp_path / "w.png", tmp_path / "r.png"
     argv = ["edit", str(src), "-p", "a red car", "-o", str(out), "--reconstruction", str(rec)]
     assert main([*argv, "--size", "working", *common]) == 0
-    assert Image.open(out).size == (192, 128) and Image.open(rec).size == (192, 128)
+    assert Image.open(out).size == (128, 64) and Image.open(rec).size == (128, 64)
     capsys.readouterr()
 
 
