@@ -148,3 +148,14 @@ def test_service_returns_the_input_size(model_dir):
         assert Image.open(io.BytesIO(response.edited_image)).size == (100, 70)
         assert Image.open(io.BytesIO(response.reconstruction_image)).size == (100, 70)
     assert (inverted.width, inverted.height) == (192, 128)  # Invert reports the working size
+
+
+def test_ray_store_records_keep_the_input_size(engine):
+    """A replica that restores an inversion from the shared store still returns the input's size."""
+    from fpedit.server.ray_store import inversion_from_record, record_from_inversion
+
+    inversion = engine.invert(make_image(130, 66), options=EditOptions(steps=STEPS))
+    restored = inversion_from_record(engine, record_from_inversion(inversion, "fingerprint"))
+    assert restored.size == (128, 64) and restored.input_size == (130, 66)
+    result = engine.edit_real(restored, "a red car", options=EditOptions(steps=STEPS))
+    assert result.edited_image.size == (130, 66)
