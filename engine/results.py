@@ -19,7 +19,9 @@ class EditResult:
     """Images, final latents (before VAE decode) and per-stage statistics of one edit.
 
     For a real edit ``source_image`` is the reconstruction (also ``reconstruction_image``); for a generated
-    edit it is the image the source prompt produced and ``reconstruction_image`` is ``None``.
+    edit it is the image the source prompt produced and ``reconstruction_image`` is ``None``. A real edit's
+    images are at the requested ``output_size`` (by default the input's own size); latents are always at the
+    working size (``stats["size"]``).
     """
 
     source_image: Image.Image
