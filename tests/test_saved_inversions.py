@@ -229,3 +229,16 @@ def test_cli_refuses_a_file_from_another_model(tmp_path, model_dir, other_model,
     code, _, err = run_cli(argv, capsys)
     assert code == 2 and "fpedit: error: --inversion-file: " in err and "another weights" in err
     assert not out.exists()
+
+
+def test_exported_engine_saves_loads_and_is_told_apart(qk_export, engine, tmp_path):
+    """An ONNX Runtime engine identifies its weights by the export's source hash: the same digest the torch
+    engine computes for the checkpoint it was exported from, so only the backend field tells them apart."""
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    exported = EditEngine.from_pretrained(qk_export, backend="onnxruntime")
+    inversion = exported.invert(make_image(64, 64), options=OPTIONS)
+    path = exported.save_inversion(inversion, tmp_path / "onnx.safetensors")
+    assert torch.equal(exported.load_inversion(path).trajectory.cpu(), inversion.trajectory.cpu())
+    assert exported.fingerprint["weights"] == engine.fingerprint["weights"]
+    with pytest.raises(InvalidInputError, match=r"^inversion_file: .*another backend \(onnxruntime; "):
+        engine.load_inversion(path)
