@@ -1,15 +1,20 @@
 """Image decoding, the resize policy, and conversions between PIL images and model tensors.
 
-Resize policy (documented in the README): an image whose sides are multiples of 64 and whose longer side is
-at most ``max_side`` is used at its own size. Otherwise it is first scaled down, keeping its aspect ratio,
-until the longer side is ``max_side``, then each side is rounded to the nearest multiple of 64 (at least 64)
-with a Lanczos resample. Results come back at that working size.
+Size policy (documented in the README): an image is edited at a *working size* whose sides are multiples of 64
+(SD 1.x's UNet halves the latent three times, so latent sides must be multiples of 8) and whose aspect ratio
+is within 5 % of the input's. An image whose sides are already multiples of 64 and whose longer side is at
+most ``max_side`` is used as it is. Otherwise it is scaled, aspect kept, so that its longer side fits
+``max_side``, and the sides are rounded to multiples of 64; when that rounding bends the aspect ratio by more
+than 5 % (small images: 128x96 would become 128x128), the longer side grows in steps of 64, up to
+``max_side``, until the rounded shorter side keeps the ratio. Edits are resized back to the input's own size
+by default (``output_size`` in :meth:`~.pipeline.EditEngine.edit_real`).
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import re
 import warnings
@@ -27,6 +32,10 @@ DEFAULT_MAX_SIDE = 1024
 #: Refuse to even decode more pixels than this (decompression bombs): 64 MP.
 DEFAULT_MAX_INPUT_PIXELS = 64 * 1024 * 1024
 MIN_INPUT_SIDE = 8
+#: The working size's aspect ratio may differ from the input's by at most this fraction.
+ASPECT_TOLERANCE = 0.05
+#: ``output_size`` values besides an explicit (width, height): the input's own size, or the working size.
+OUTPUT_SIZES = ("input", "working")
 
 log = logging.getLogger("fpedit.engine")
 
@@ -150,23 +159,68 @@ def to_rgb(image: Image.Image, field: str = "image") -> Image.Image:
 
 
 def working_size(width: int, height: int, max_side: int = DEFAULT_MAX_SIDE) -> tuple[int, int]:
-    """The (width, height) an image is edited at, per the resize policy above."""
-    if width % SIDE_MULTIPLE == 0 and height % SIDE_MULTIPLE == 0 and max(width, height) <= max_side:
-        return width, height
-    scale = min(1.0, max_side / max(width, height))
+    """The (width, height) an image is edited at, per the size policy above."""
     largest = max(SIDE_MULTIPLE, max_side // SIDE_MULTIPLE * SIDE_MULTIPLE)
+    portrait = height > width
+    long_side, short_side = (height, width) if portrait else (width, height)
+    ratio = long_side / short_side
 
     def snap(side: float) -> int:
-        return min(largest, max(SIDE_MULTIPLE, round(side * scale / SIDE_MULTIPLE) * SIDE_MULTIPLE))
+        return min(largest, max(SIDE_MULTIPLE, round(side / SIDE_MULTIPLE) * SIDE_MULTIPLE))
 
-    return snap(width), snap(height)
+    fitted = snap(long_side * min(1.0, max_side / long_side))
+    best: tuple[float, int, int] | None = None
+    for candidate in range(fitted, largest + 1, SIDE_MULTIPLE):
+        other = snap(candidate / ratio)
+        error = abs(math.log(candidate / other / ratio))
+        if best is None or error < best[0]:
+            best = (error, candidate, other)
+        if error <= math.log1p(ASPECT_TOLERANCE) + 1e-9:  # 5 % exactly counts as within
+            break
+    assert best is not None  # the range holds at least ``fitted``
+    _, long_out, short_out = best
+    return (short_out, long_out) if portrait else (long_out, short_out)
 
 
 def prepare_image(image: Image.Image, max_side: int = DEFAULT_MAX_SIDE) -> Image.Image:
+    """``image`` resampled (Lanczos) to its working size; the same object when it is already there."""
     size = working_size(*image.size, max_side=max_side)
     if size != image.size:
         image = image.resize(size, Image.Resampling.LANCZOS)
     return image
+
+
+def check_output_size(value: object, max_pixels: int, field: str = "output_size") -> str | tuple[int, int]:
+    """``"input"``, ``"working"`` or a (width, height) pair of positive ints within ``max_pixels``."""
+    if isinstance(value, str):
+        if value not in OUTPUT_SIZES:
+            raise InvalidInputError(field, f"must be 'input', 'working' or (width, height), got {value!r}")
+        return value
+    try:
+        width, height = value  # type: ignore[misc]
+    except (TypeError, ValueError):
+        raise InvalidInputError(
+            field, f"must be 'input', 'working' or (width, height), got {value!r}"
+        ) from None
+    for side in (width, height):
+        if isinstance(side, bool) or not isinstance(side, int) or side < 1:
+            raise InvalidInputError(field, f"sides must be positive integers, got {value!r}")
+    if width * height > max_pixels:
+        raise InvalidInputError(field, f"{width}x{height} exceeds the limit of {max_pixels} pixels")
+    return int(width), int(height)
+
+
+def output_image(
+    image: Image.Image, original_size: tuple[int, int], output_size: str | tuple[int, int]
+) -> Image.Image:
+    """A decoded working-size image at the size asked for: the input's (``"input"``), as decoded
+    (``"working"``), or an explicit (width, height); resampled with Lanczos only when the size differs."""
+    size = (
+        image.size if output_size == "working" else original_size if output_size == "input" else output_size
+    )
+    if tuple(size) == image.size:
+        return image
+    return image.resize(tuple(size), Image.Resampling.LANCZOS)
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:

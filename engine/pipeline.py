@@ -21,6 +21,7 @@ import uuid
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,10 @@ from .images import (
     DEFAULT_MAX_INPUT_PIXELS,
     DEFAULT_MAX_SIDE,
     ImageInput,
+    check_output_size,
     image_to_tensor,
     load_image,
+    output_image,
     prepare_image,
     tensor_to_images,
 )
@@ -165,6 +168,30 @@ class EditEngine:
     def close(self) -> None:
         """Stop the batching device loop (after the calls already queued); the engine takes no more work."""
         self.executor.close()
+
+    # --- inversions on disk (engine.saved) ------------------------------------------------------------------
+
+    @cached_property
+    def fingerprint(self) -> dict[str, str]:
+        """What a saved inversion must match to be edited here: backend, precision, scheduler betas and a
+        sha256 of the weights (computed on first use: seconds for SD 1.5)."""
+        from .saved import engine_fingerprint
+
+        return engine_fingerprint(self)
+
+    def save_inversion(self, inversion: Inversion, path: str | Path) -> Path:
+        """Write ``inversion`` (computed by this engine) to a ``.safetensors`` file, with this engine's
+        fingerprint; :meth:`load_inversion` on an engine with the same model and settings reads it back."""
+        from .saved import save_inversion
+
+        return save_inversion(self, inversion, path)
+
+    def load_inversion(self, path: str | Path) -> Inversion:
+        """An inversion saved by :meth:`save_inversion`; a file saved by another model or settings is
+        refused (``InvalidInputError`` on ``inversion_file`` naming the fingerprint field that differs)."""
+        from .saved import load_inversion
+
+        return load_inversion(self, path)
 
     def _run(self, progress: ProgressCallback | None, cancel_check: CancelCheck | None) -> RequestRun:
         return RequestRun(self.backend, progress, cancel_check, self.show_progress)
@@ -347,10 +374,8 @@ class EditEngine:
         inner_steps, epsilon = null_text.check_null_text_options(null_text_steps, null_text_epsilon)
         run = self._run(progress, cancel_check)
         run.check()
-        pil = prepare_image(
-            load_image(image, max_input_pixels=self.max_input_pixels, formats=self.image_formats),
-            self.max_side,
-        )
+        given = load_image(image, max_input_pixels=self.max_input_pixels, formats=self.image_formats)
+        pil = prepare_image(given, self.max_side)
         schedule = self._schedules(options.steps)
         with run.stage("vae_encode"):
             mean = self.backend.encode_image(image_to_tensor(pil))
@@ -365,6 +390,7 @@ class EditEngine:
                 engine_id=self.engine_id,
                 stats=run.stats(steps=options.steps, size=list(pil.size)),
                 map_cache_limit=self.map_cache_bytes,
+                original_size=given.size,
             )
         trajectory, nulls, extra = self._invert_with_source_prompt(
             z0, schedule, options.guidance_scale, source_prompt, method, inner_steps, epsilon, run
@@ -380,6 +406,7 @@ class EditEngine:
             source_prompt=source_prompt,
             null_embeddings=nulls,
             guidance_scale=options.guidance_scale,
+            original_size=given.size,
         )
 
     def edit_real(
@@ -394,9 +421,14 @@ class EditEngine:
         method: str | None = None,
         null_text_steps: int | None = None,
         null_text_epsilon: float | None = None,
+        output_size: str | tuple[int, int] = "input",
     ) -> EditResult:
         """Edit a real image (or an :class:`Inversion` of one) toward ``target_prompt``: Algorithm 2 for a
         "ddim" inversion, Algorithm 3 for a "null-text" or "negative-prompt" one.
+
+        The edit runs at the working size (see :mod:`.images`); ``output_size`` says what size the edited
+        image and the reconstruction come back at: ``"input"`` (default: the image's own width and height),
+        ``"working"``, or an explicit ``(width, height)``. Latents stay at the working size.
 
         With an image, ``source_prompt``, ``method``, ``null_text_steps`` and ``null_text_epsilon`` go to
         :meth:`invert` (an inversion already has them). ``cancel_check`` is called before every stage, UNet
@@ -404,6 +436,7 @@ class EditEngine:
         """
         options = options or EditOptions()
         target_prompt = self._check_prompt(target_prompt, "target_prompt", allow_empty=False)
+        output_size = check_output_size(output_size, self.max_input_pixels)
         run = self._run(progress, cancel_check)
         invert_options = {
             name: value
@@ -492,6 +525,10 @@ class EditEngine:
             source_maps_cached=cached_hits,
             inversion_bytes=inversion.nbytes,
         )
+        # Resized after the statistics: the reconstruction kept on the inversion stays at the working size.
+        edited_image = output_image(edited_image, inversion.input_size, output_size)
+        reconstruction = output_image(reconstruction, inversion.input_size, output_size)
+        stats["output_size"] = list(edited_image.size)
         return EditResult(
             source_image=reconstruction,
             edited_image=edited_image,

@@ -19,7 +19,9 @@ class EditResult:
     """Images, final latents (before VAE decode) and per-stage statistics of one edit.
 
     For a real edit ``source_image`` is the reconstruction (also ``reconstruction_image``); for a generated
-    edit it is the image the source prompt produced and ``reconstruction_image`` is ``None``.
+    edit it is the image the source prompt produced and ``reconstruction_image`` is ``None``. A real edit's
+    images are at the requested ``output_size`` (by default the input's own size); latents are always at the
+    working size (``stats["size"]``).
     """
 
     source_image: Image.Image
@@ -77,6 +79,9 @@ class Inversion:
     null_embeddings: torch.Tensor | None = None
     #: The guidance the null embeddings were optimised for (null-text edits must use it).
     guidance_scale: float | None = None
+    #: (width, height) of the image as given (after EXIF orientation): edits come back at this size by
+    #: default. ``None`` means the working size.
+    original_size: tuple[int, int] | None = None
     _source_latent: torch.Tensor | None = field(default=None, repr=False)
     _maps: dict[int, AttentionMaps] = field(default_factory=dict, repr=False)
     _maps_format: str | None = field(default=None, repr=False)
@@ -86,7 +91,13 @@ class Inversion:
 
     @property
     def size(self) -> tuple[int, int]:
+        """The working size (width, height) the image was inverted at."""
         return self.image.size
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """The (width, height) of the image as given: what edits return by default."""
+        return self.original_size or self.image.size
 
     @property
     def latent_hw(self) -> tuple[int, int]:

@@ -81,6 +81,9 @@ EDIT_FLAGS = {
     "method": "--inversion",
     "null_text_steps": "--null-text-steps",
     "null_text_epsilon": "--null-text-epsilon",
+    "output_size": "--size",
+    "inversion_file": "--inversion-file",
+    "save_inversion": "--save-inversion",
 }
 GENERATE_FLAGS = {"source_prompt": "-s/--source-prompt", "target_prompt": "-t/--target-prompt"}
 
@@ -331,36 +334,166 @@ def _inversion_from_args(args: argparse.Namespace) -> dict[str, Any]:
     from fpedit.engine.null_text import check_null_text_options
     from fpedit.engine.options import check_prompt
 
+    method = args.inversion or "ddim"
     source_prompt = check_prompt(args.source_prompt, "source_prompt", allow_empty=True)
-    if args.inversion != "ddim" and not source_prompt.strip():
-        raise InvalidInputError(
-            "source_prompt", f"must describe the image: --inversion {args.inversion} needs one"
-        )
-    steps, epsilon = check_null_text_options(args.null_text_steps, args.null_text_epsilon)
+    if method != "ddim" and not source_prompt.strip():
+        raise InvalidInputError("source_prompt", f"must describe the image: --inversion {method} needs one")
+    steps, epsilon = check_null_text_options(
+        10 if args.null_text_steps is None else args.null_text_steps,
+        1e-5 if args.null_text_epsilon is None else args.null_text_epsilon,
+    )
     return {
         "source_prompt": source_prompt,
-        "method": args.inversion,
+        "method": method,
         "null_text_steps": steps,
         "null_text_epsilon": epsilon,
     }
 
 
+def parse_output_size(text: str) -> str | tuple[int, int]:
+    """``input``, ``working`` or ``WxH`` (e.g. ``640x480``)."""
+    text = text.strip().lower()
+    if text in ("input", "working"):
+        return text
+    match = re.fullmatch(r"(\d+)x(\d+)", text)
+    if not match or int(match[1]) < 1 or int(match[2]) < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be input, working or WIDTHxHEIGHT (e.g. 640x480), got {text!r}"
+        )
+    return int(match[1]), int(match[2])
+
+
+OUTPUT_PLACEHOLDERS = ("i", "prompt")
+
+
+def prompt_slug(prompt: str, limit: int = 48) -> str:
+    """A prompt as a file-name piece: lower-case ASCII letters and digits joined by '-'."""
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:limit].strip("-")
+    return slug or "prompt"
+
+
+def edit_outputs(template: Path, prompts: Sequence[str]) -> list[Path]:
+    """One output path per prompt from ``-o``: ``{i}`` is the prompt's 0-based index, ``{prompt}`` its slug
+    (``{{``/``}}`` for literal braces). Several prompts need a placeholder, and the paths must differ."""
+    import string
+
+    text = str(template)
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
+    except ValueError as exc:
+        raise InvalidInputError("output", f"{text}: {exc} (write {{{{ and }}}} for literal braces)") from None
+    unknown = sorted(fields - set(OUTPUT_PLACEHOLDERS))
+    if unknown:
+        raise InvalidInputError(
+            "output", f"{text}: unknown placeholder {{{unknown[0]}}}; use {{i}} or {{prompt}}"
+        )
+    if len(prompts) > 1 and not fields:
+        raise InvalidInputError(
+            "output",
+            f"{len(prompts)} prompts need a placeholder in {text}, e.g. out/{{i}}.png ({{i}}: 0, 1, ...; "
+            "{prompt}: the prompt as a file name)",
+        )
+    try:
+        paths = [Path(text.format(i=i, prompt=prompt_slug(p))) for i, p in enumerate(prompts)]
+    except (ValueError, IndexError, KeyError) as exc:
+        raise InvalidInputError("output", f"{text}: {exc}") from None
+    seen: dict[Path, int] = {}
+    for i, path in enumerate(paths):
+        resolved = path.expanduser().resolve()
+        if resolved in seen:
+            raise InvalidInputError(
+                "output",
+                f"prompts {seen[resolved]} and {i} would both write {path}; use {{i}} to tell them apart",
+            )
+        seen[resolved] = i
+    return paths
+
+
+def _saved_inversion_from_args(args: argparse.Namespace) -> dict[str, str] | None:
+    """With ``--inversion-file``: its metadata (read without loading a model); the inversion flags and an
+    image do not apply, and ``--steps``/``--guidance`` default to the file's."""
+    from fpedit.engine.saved import read_metadata
+
+    if args.inversion_file is None:
+        if args.image is None:
+            raise InvalidInputError("image", "give an input image, or --inversion-file FILE")
+        return None
+    if args.image is not None:
+        raise InvalidInputError("inversion_file", "edits a saved inversion: leave out IMAGE")
+    given = [
+        flag
+        for flag, value in (
+            ("--inversion", args.inversion),
+            ("--source-prompt", args.source_prompt or None),
+            ("--null-text-steps", args.null_text_steps),
+            ("--null-text-epsilon", args.null_text_epsilon),
+            ("--save-inversion", args.save_inversion),
+        )
+        if value is not None
+    ]
+    if given:
+        raise InvalidInputError(
+            "inversion_file", f"the saved inversion has its own settings; leave out {given[0]}"
+        )
+    metadata = read_metadata(args.inversion_file)
+    steps = int(metadata.get("steps", 0))
+    if args.steps is not None and args.steps != steps:
+        raise InvalidInputError(
+            "steps",
+            f"{args.inversion_file} was inverted with {steps} steps; leave out --steps or give {steps}",
+        )
+    args.steps = steps
+    guidance = metadata.get("guidance_scale", "null")
+    if args.guidance is None and metadata.get("method") == "null-text" and guidance != "null":
+        args.guidance = float(guidance)  # null-text embeddings were optimised for this guidance
+    return metadata
+
+
 def cmd_edit(args: argparse.Namespace) -> int:
     from fpedit.engine.options import check_prompt
+    from fpedit.engine.saved import check_save_path
 
+    saved = _saved_inversion_from_args(args)
+    args.steps = 50 if args.steps is None else args.steps
+    args.guidance = 7.5 if args.guidance is None else args.guidance
     options = options_from_args(args)  # validate before loading anything
-    check_prompt(args.prompt, "target_prompt", allow_empty=False)
-    inversion = _inversion_from_args(args)
-    check_input_image(args.image)
-    check_output_path(args.output, "-o/--output")
+    for prompt in args.prompt:
+        check_prompt(prompt, "target_prompt", allow_empty=False)
+    inversion = {} if saved is not None else _inversion_from_args(args)
+    if saved is None:
+        check_input_image(args.image)
+    outputs = edit_outputs(args.output, args.prompt)
+    for output in outputs:
+        check_output_path(output, "-o/--output")
     check_output_path(args.reconstruction, "--reconstruction")
+    if args.reconstruction and args.reconstruction.expanduser().resolve() in {
+        o.expanduser().resolve() for o in outputs
+    }:
+        raise InvalidInputError(
+            "reconstruction", f"{args.reconstruction} is also an edit's output; give another file"
+        )
+    if args.save_inversion is not None:
+        check_save_path(args.save_inversion, "save_inversion")
     _check_model_and_device(args)
     engine = engine_from_args(args, show_progress=not args.no_progress)
-    result = engine.edit_real(args.image, args.prompt, options=options, **inversion)
-    _save(result.edited_image, args.output)
-    if args.reconstruction:
-        _save(result.reconstruction_image, args.reconstruction)
-    _print_stats(args, result.stats)
+    source = args.image if saved is None else engine.load_inversion(args.inversion_file)
+    edits = []
+    for i, (prompt, output) in enumerate(zip(args.prompt, outputs, strict=True)):
+        result = engine.edit_real(source, prompt, options=options, output_size=args.size, **inversion)
+        if i == 0:
+            source, inversion = result.inversion, {}  # every later prompt re-edits the same inversion
+            if args.save_inversion is not None:
+                engine.save_inversion(source, args.save_inversion)
+                print(f"wrote {args.save_inversion}", file=sys.stderr)
+            if args.reconstruction:
+                _save(result.reconstruction_image, args.reconstruction)
+        if len(outputs) > 1:
+            what = "inversion included" if i == 0 and saved is None else "re-edit" if i else "from the file"
+            seconds = result.stats.get("total_ms", 0.0) / 1000
+            print(f"edit {i + 1}/{len(outputs)} {prompt!r}: {seconds:.2f} s ({what})", file=sys.stderr)
+        _save(result.edited_image, output)
+        edits.append({"prompt": prompt, "output": str(output), **result.stats})
+    _print_stats(args, edits[0] if len(edits) == 1 else {"edits": edits})
     return 0
 
 
@@ -408,33 +541,65 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    edit = sub.add_parser("edit", help="edit a real image toward a target prompt (invert + FPE)")
-    edit.add_argument("image", type=Path, help="input image (PNG, JPEG, WebP, ...)")
-    edit.add_argument("--prompt", "-p", required=True, help="target prompt (what the image should show)")
+    edit = sub.add_parser("edit", help="edit a real image toward target prompts (invert once + FPE)")
     edit.add_argument(
-        "--output", "-o", type=Path, required=True, help="edited image file (.png, .jpg or .webp)"
+        "image",
+        type=Path,
+        nargs="?",
+        help="input image (PNG, JPEG, WebP, ...); leave out with --inversion-file",
+    )
+    edit.add_argument(
+        "--prompt",
+        "-p",
+        required=True,
+        action="append",
+        help="target prompt (what the image should show); repeat it for several edits of one inversion",
+    )
+    edit.add_argument(
+        "--output",
+        "-o",
+        type=Path,
+        required=True,
+        help="edited image file (.png, .jpg or .webp); with several prompts it needs {i} (0, 1, ...) or "
+        "{prompt} (the prompt as a file name), e.g. out/{i}.png",
     )
     edit.add_argument("--reconstruction", type=Path, help="also write the inversion's reconstruction here")
+    edit.add_argument(
+        "--size",
+        type=parse_output_size,
+        default="input",
+        help="size of the written images: input (default: the input's width and height), working (the "
+        "multiple-of-64 size the edit ran at) or WIDTHxHEIGHT",
+    )
     inversion = edit.add_argument_group("inversion (see the README's 'Inversion methods')")
     inversion.add_argument(
         "--inversion",
         choices=("ddim", "null-text", "negative-prompt"),
-        default="ddim",
-        help="ddim (default; no source prompt), null-text (optimised null embeddings; torch backend; "
-        "several times slower) or negative-prompt (the source prompt as null embedding; free)",
+        help="method: ddim (default; no source prompt), null-text (optimised null embeddings; torch "
+        "backend; several times slower) or negative-prompt (the source prompt as null embedding; free)",
     )
     inversion.add_argument(
         "--source-prompt", default="", help="what the image shows (null-text, negative-prompt)"
     )
+    inversion.add_argument("--null-text-steps", type=int, help="Adam iterations per step (default 10)")
+    inversion.add_argument("--null-text-epsilon", type=float, help="early-stop loss threshold (default 1e-5)")
     inversion.add_argument(
-        "--null-text-steps", type=int, default=10, help="Adam iterations per step (default 10)"
+        "--save-inversion",
+        type=Path,
+        metavar="FILE",
+        help="also write the inversion to FILE (.safetensors) to edit it again later with --inversion-file",
     )
     inversion.add_argument(
-        "--null-text-epsilon", type=float, default=1e-5, help="early-stop loss threshold (default 1e-5)"
+        "--inversion-file",
+        type=Path,
+        metavar="FILE",
+        help="edit an inversion saved by --save-inversion instead of IMAGE (same model and settings; "
+        "--steps, and --guidance for null-text, default to the file's)",
     )
     add_model_arguments(edit)
     add_edit_arguments(edit)
-    edit.set_defaults(func=cmd_edit, flags={**COMMON_FLAGS, **EDIT_FLAGS})
+    # None = not given: with --inversion-file the file's values apply, else 50 and 7.5 (cmd_edit).
+    edit.set_defaults(func=cmd_edit, flags={**COMMON_FLAGS, **EDIT_FLAGS}, steps=None, guidance=None)
 
     gen = sub.add_parser("generate", help="generate from a source prompt and edit toward a target prompt")
     gen.add_argument("--source-prompt", "-s", required=True, help="prompt the source image is generated from")

@@ -45,6 +45,8 @@ class InversionRecord:
     source_prompt: str = ""
     null_embeddings: np.ndarray | None = None  # (steps, L, D) float32
     guidance_scale: float | None = None
+    #: (width, height) of the image as given: edits of a restored inversion come back at this size.
+    original_size: tuple[int, int] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -79,6 +81,7 @@ def record_from_inversion(inversion: Any, fingerprint: str) -> InversionRecord:
         source_prompt=inversion.source_prompt,
         null_embeddings=nulls.detach().float().cpu().numpy() if nulls is not None else None,
         guidance_scale=inversion.guidance_scale,
+        original_size=tuple(inversion.input_size),
     )
 
 
@@ -104,6 +107,7 @@ def inversion_from_record(engine: Any, record: InversionRecord) -> Any:
         source_prompt=record.source_prompt,
         null_embeddings=nulls,
         guidance_scale=record.guidance_scale,
+        original_size=record.original_size,
     )
 
 

@@ -49,7 +49,7 @@ def test_edit_writes_images(tmp_path, model_dir, capsys):
         ]
     )
     assert code == 0
-    assert Image.open(out).size == (128, 64) and Image.open(rec).size == (128, 64)
+    assert Image.open(out).size == (100, 70) and Image.open(rec).size == (100, 70)  # the input's size
     captured = capsys.readouterr()
     stats = json.loads(captured.out)  # stdout holds the JSON alone, so it pipes into jq
     assert stats["unet_rows"] == 2 + 2 + 6

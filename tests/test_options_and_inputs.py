@@ -155,8 +155,8 @@ def test_resize_policy(size, expected):
 def test_odd_sized_image_edits_at_working_size(engine):
     img = make_image(100, 70)
     result = engine.edit_real(img, "a red car", options=EditOptions(steps=2))
-    assert result.edited_image.size == (128, 64)
-    assert result.edited_latents.shape == (1, 4, 8, 16)
+    assert result.edited_image.size == (100, 70)  # returned at the input's size
+    assert result.edited_latents.shape == (1, 4, 16, 24)  # edited at 192x128: 1.5 against 100/70 = 1.43
 
 
 @pytest.mark.parametrize(

@@ -109,6 +109,11 @@ class Backend(ABC):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def weights_digest(self) -> str:
+        """A digest of the weights this backend runs (configs included), independent of file layout: saved
+        inversions record it so that a trajectory is only edited by the model that computed it."""
+        raise NotImplementedError(f"the {self.name} backend cannot identify its weights")
+
     def describe(self) -> dict[str, Any]:
         return {
             "backend": self.name,

@@ -196,6 +196,10 @@ class GraphBackend(Backend):
         feeds[MAP_GATE] = gate
         return feeds
 
+    def weights_digest(self) -> str:
+        """The exported model's source hash (sha256 over the source checkpoint's configs and weights)."""
+        return self.manifest.source_hash
+
     def describe(self) -> dict[str, Any]:
         info = super().describe()
         info.update(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import torch
 
 from ..calls import UNetCall, UNetResult
@@ -126,6 +129,21 @@ class TorchBackend(Backend):
         from ..null_text import float32_unet
 
         return float32_unet(self._unet)
+
+    def weights_digest(self) -> str:
+        """sha256 over the three modules' configs and weights as float32 (seconds for SD 1.5; callers cache
+        it): the same checkpoint gives the same digest in any process."""
+        digest = hashlib.sha256()
+        for module in (self._unet, self._vae, self._text):
+            config = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
+            config = {
+                k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"
+            }
+            digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+            for key, tensor in sorted(module.state_dict().items()):
+                digest.update(key.encode())
+                digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return "sha256:" + digest.hexdigest()
 
     def describe(self) -> dict[str, object]:
         info = super().describe()
