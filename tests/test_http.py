@@ -412,6 +412,20 @@ def test_client_disconnect_cancels_the_work(http_engine, caplog):
     assert len(steps) == 2 and all("transport=http" in line for line in steps)
 
 
+def test_http_port_in_use_is_one_clear_error(http_engine):
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot serve HTTP on 127.0.0.1:{port}"):
+            build_server(http_engine, ServerConfig(port=0, http_port=port))
+    finally:
+        taken.close()
+
+
 def test_serve_flag_errors_name_the_flag():
     from fpedit.server.cli import server_config_from_args
 

@@ -88,7 +88,7 @@ def test_page_edits_an_uploaded_image_like_the_api(page, server, tmp_path):
     api_again = httpx.post(server.http.url + "v1/edit", json=by_id, timeout=300).json()
     assert np.array_equal(pixels(again), pixels(api_again["editedImage"]))
     assert "by id" in page.inner_text("#runs tbody tr:first-child")
-    assert "faster" in page.inner_text("#speedup")
+    assert page.text_content("#speedup").startswith("edit by id: ")  # with both timings
     assert page.locator("#error").is_hidden()
 
 
