@@ -48,10 +48,17 @@ def server(model_dir):
 def page(browser, server):
     context = browser.new_context(viewport={"width": 1280, "height": 860})
     page = context.new_page()
-    page.route(
-        "**/*",
-        lambda route: route.continue_() if route.request.url.startswith(server.http.url) else route.abort(),
-    )
+    blocked: list[str] = []  # the page must work offline: anything from another origin is refused and noted
+
+    def only_this_server(route) -> None:
+        if route.request.url.startswith(server.http.url) or route.request.url.startswith("data:"):
+            route.continue_()
+        else:
+            blocked.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_this_server)
+    page.blocked = blocked
     page.goto(server.http.url)
     yield page
     context.close()
@@ -90,6 +97,7 @@ def test_page_edits_an_uploaded_image_like_the_api(page, server, tmp_path):
     assert "by id" in page.inner_text("#runs tbody tr:first-child")
     assert page.text_content("#speedup").startswith("edit by id: ")  # with both timings
     assert page.locator("#error").is_hidden()
+    assert page.blocked == []
 
 
 def test_page_shows_the_api_error_message(page, server, tmp_path):
