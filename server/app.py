@@ -119,6 +119,7 @@ class RunningServer:
     health: HealthServicer
     metrics: ServerMetrics
     metrics_port: int | None = None
+    http: Any = None  # the HTTP/JSON front (fpedit.server.http.HttpFront) with --http-port
 
     def drain(self, grace_s: float) -> None:
         """Drain: health says NOT_SERVING and new work gets UNAVAILABLE while in-flight work finishes (up to
@@ -129,6 +130,8 @@ class RunningServer:
             log.warning("grace period over: aborting %d in-flight requests", self.servicer.in_flight)
             self.servicer.abort_in_flight()
             self.servicer.wait_idle(ABORT_WAIT_S)
+        if self.http is not None:
+            self.http.close()
         self.server.stop(1).wait()
         self.runner.close()
         self.metrics.close()
@@ -182,6 +185,17 @@ def build_server(target: EditEngine | Runner, config: ServerConfig) -> RunningSe
             server.stop(None)
             runner.close()
             raise
+    http = None
+    if config.http_port is not None:  # the same servicer: one validation path, queue, cache and metrics
+        from .http import start_http_front
+
+        try:
+            http = start_http_front(servicer, config)
+        except BaseException:
+            server.stop(None)
+            runner.close()
+            metrics.close()
+            raise
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -195,7 +209,9 @@ def build_server(target: EditEngine | Runner, config: ServerConfig) -> RunningSe
         if metrics_port is not None
         else "",
     )
-    return RunningServer(server, port, servicer, runner, health_servicer, metrics, metrics_port)
+    if http is not None:
+        log.info("HTTP/JSON front and editor page on %s", http.url)
+    return RunningServer(server, port, servicer, runner, health_servicer, metrics, metrics_port, http)
 
 
 def _tls_credentials(config: ServerConfig) -> grpc.ServerCredentials:

@@ -40,6 +40,8 @@ def server_config_from_args(args: argparse.Namespace) -> Any:
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
         log_format=args.log_format,
+        http_port=getattr(args, "http_port", None),
+        http_host=getattr(args, "http_host", None),
     ).validate()  # before the model loads: a bad flag fails in a second, not after a minute
 
 
@@ -66,6 +68,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if running.metrics_port is not None:
             host = config.metrics_host or config.host
             print(f"fpedit metrics on http://{host}:{running.metrics_port}/metrics", flush=True)
+        if running.http is not None:
+            print(f"fpedit HTTP/JSON and editor page on {running.http.url}", flush=True)
 
     if args.ray:
         from .ray_app import serve_on_ray
@@ -343,6 +347,12 @@ def add_commands(sub: Any) -> None:
         "--metrics-port", type=int, help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)"
     )
     serve.add_argument("--metrics-host", help="metrics bind address (default: --host)")
+    serve.add_argument(
+        "--http-port",
+        type=int,
+        help="also serve HTTP/JSON and the editor page at http://HOST:PORT/ (default: off; 0 picks a port)",
+    )
+    serve.add_argument("--http-host", help="HTTP bind address (default: --host)")
     serve.add_argument(
         "--log-format", choices=("text", "json"), default="text", help="json: one object per request"
     )

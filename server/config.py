@@ -30,6 +30,8 @@ class ServerConfig:
     metrics_port: int | None = None  # None: no metrics endpoint; 0 picks a free port
     metrics_host: str | None = None  # default: the gRPC host
     log_format: str = "text"
+    http_port: int | None = None  # None: no HTTP/JSON front; 0 picks a free port
+    http_host: str | None = None  # default: the gRPC host
 
     def validate(self) -> ServerConfig:
         """Raise :class:`InvalidInputError` naming the flag of the first unusable setting."""
@@ -47,6 +49,11 @@ class ServerConfig:
                 "metrics-port",
                 self.metrics_port is None or 0 <= self.metrics_port <= 65535,
                 "must be in 0..65535",
+            ),
+            (
+                "http-port",
+                self.http_port is None or 0 <= self.http_port <= 65535,
+                "must be in 0..65535 (0 picks a free port)",
             ),
             ("log-format", self.log_format in LOG_FORMATS, f"must be one of {LOG_FORMATS}"),
             ("tls", bool(self.tls_cert) == bool(self.tls_key), "give both --tls-cert and --tls-key"),

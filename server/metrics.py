@@ -102,12 +102,15 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "fpedit_requests", "Finished RPCs by method and status code.", ["method", "code"], registry=r
+            "fpedit_requests",
+            "Finished requests by method, status code and transport (grpc or http).",
+            ["method", "code", "transport"],
+            registry=r,
         )
         self.request_seconds = Histogram(
             "fpedit_request_duration_seconds",
-            "Wall time of an RPC in the server, by method.",
-            ["method"],
+            "Wall time of a request in the server, by method and transport.",
+            ["method", "transport"],
             buckets=SECONDS_BUCKETS,
             registry=r,
         )
@@ -145,9 +148,11 @@ class ServerMetrics:
             r.register(_RunnerCollector(runner_stats))
         self._http: Any = None
 
-    def observe(self, method: str, code: str, seconds: float, stats: pb.Stats | None) -> None:
-        self.requests.labels(method, code).inc()
-        self.request_seconds.labels(method).observe(seconds)
+    def observe(
+        self, method: str, code: str, seconds: float, stats: pb.Stats | None, transport: str = "grpc"
+    ) -> None:
+        self.requests.labels(method, code, transport).inc()
+        self.request_seconds.labels(method, transport).observe(seconds)
         if stats is None:
             return
         self.queue_seconds.labels(method).observe(stats.queue_ms / 1e3)

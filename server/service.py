@@ -65,6 +65,9 @@ MAX_INVERSION_ID_CHARS = 64  # ids are 32 hex digits; anything much longer is no
 
 
 def parse(message_type: type[Message], raw: bytes) -> Any:
+    decode = getattr(raw, "decode_as", None)
+    if decode is not None:  # a front with another encoding (HTTP/JSON) decodes into the same message
+        return decode(message_type)
     try:
         return message_type.FromString(raw)
     except DecodeError as exc:
@@ -293,6 +296,8 @@ class EditServicer:
         if inversion_id:
             fields["inversion_id"] = inversion_id
         fields["peer"] = context.peer()
+        transport = getattr(context, "transport", "grpc")  # the HTTP front's context says "http"
+        fields["transport"] = transport
         if detail:
             fields["detail"] = detail
         text = " ".join(
@@ -301,7 +306,7 @@ class EditServicer:
         )
         log.info("%s", text, extra={"fpedit_request": fields})
         if self.metrics is not None:
-            self.metrics.observe(method, code.name, seconds, stats)
+            self.metrics.observe(method, code.name, seconds, stats, transport=transport)
 
     def _failure(
         self, method: str, exc: BaseException, context: grpc.ServicerContext

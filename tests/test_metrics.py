@@ -71,11 +71,11 @@ def test_counters_move_by_the_requests_made(metrics_engine):
     def delta(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
-    assert delta("fpedit_requests_total", method="Edit", code="OK") == 2
-    assert delta("fpedit_requests_total", method="Invert", code="OK") == 1
-    assert delta("fpedit_requests_total", method="Edit", code="INVALID_ARGUMENT") == 1
-    assert delta("fpedit_requests_total", method="Edit", code="NOT_FOUND") == 1
-    assert delta("fpedit_request_duration_seconds_count", method="Edit") == 4
+    assert delta("fpedit_requests_total", method="Edit", code="OK", transport="grpc") == 2
+    assert delta("fpedit_requests_total", method="Invert", code="OK", transport="grpc") == 1
+    assert delta("fpedit_requests_total", method="Edit", code="INVALID_ARGUMENT", transport="grpc") == 1
+    assert delta("fpedit_requests_total", method="Edit", code="NOT_FOUND", transport="grpc") == 1
+    assert delta("fpedit_request_duration_seconds_count", method="Edit", transport="grpc") == 4
     # Queue and engine time: one observation per successful request, sums equal to the responses' stats.
     assert delta("fpedit_queue_wait_seconds_count", method="Edit") == 2
     assert delta("fpedit_engine_seconds_count", method="Invert") == 1
@@ -107,8 +107,18 @@ def test_servers_in_one_process_keep_their_own_metrics(metrics_engine, model_dir
         assert a.metrics_port != b.metrics_port
         with grpc.insecure_channel(f"127.0.0.1:{a.port}") as channel:
             edit_pb2_grpc.EditServiceStub(channel).GetInfo(pb.GetInfoRequest(), timeout=30)
-        assert value(scrape(a.metrics_port), "fpedit_requests_total", method="GetInfo", code="OK") == 1
-        assert value(scrape(b.metrics_port), "fpedit_requests_total", method="GetInfo", code="OK") == 0
+        assert (
+            value(
+                scrape(a.metrics_port), "fpedit_requests_total", method="GetInfo", code="OK", transport="grpc"
+            )
+            == 1
+        )
+        assert (
+            value(
+                scrape(b.metrics_port), "fpedit_requests_total", method="GetInfo", code="OK", transport="grpc"
+            )
+            == 0
+        )
     finally:
         a.drain(2)
         b.drain(2)

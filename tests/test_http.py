@@ -1,0 +1,441 @@
+"""The HTTP/JSON front against real servers on 127.0.0.1 (httpx), compared with the gRPC service beside it."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+import urllib.request
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+from conftest import make_image
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from fpedit import EditEngine
+from fpedit.engine.errors import InvalidInputError
+from fpedit.server.app import build_server
+from fpedit.server.config import ServerConfig
+from fpedit.server.runner import LocalRunner
+from fpedit.v1 import edit_pb2 as pb
+from fpedit.v1 import edit_pb2_grpc
+
+STEPS = 2
+
+
+def png(width: int = 64, height: int = 64, seed: int = 0) -> bytes:
+    buf = io.BytesIO()
+    make_image(width, height, seed=seed).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def pixels(data: bytes | str) -> np.ndarray:
+    raw = base64.b64decode(data) if isinstance(data, str) else data
+    return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+@pytest.fixture(scope="module")
+def http_engine(model_dir):
+    return EditEngine.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def running(http_engine):
+    config = ServerConfig(port=0, http_port=0, metrics_port=0, max_queue=8, max_message_bytes=1 << 20)
+    server = build_server(http_engine, config)
+    yield server
+    server.drain(5)
+
+
+@pytest.fixture(scope="module")
+def http(running):
+    with httpx.Client(base_url=running.http.url, timeout=300) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def stub(running):
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    yield edit_pb2_grpc.EditServiceStub(channel)
+    channel.close()
+
+
+@pytest.fixture(scope="module")
+def grpc_edit(stub):
+    """The gRPC result of the edit the HTTP tests repeat."""
+    request = pb.EditRequest(image=png(), target_prompt="a red car", options=pb.EditOptions(steps=STEPS))
+    return stub.Edit(request, timeout=300)
+
+
+EDIT_JSON = {"image": b64(png()), "targetPrompt": "a red car", "options": {"steps": STEPS}}
+
+
+def test_edit_json_and_multipart_equal_grpc_then_edit_by_id(http, stub, grpc_edit):
+    response = http.post("/v1/edit", json=EDIT_JSON)
+    assert response.status_code == 200 and response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert set(body) == {"editedImage", "reconstructionImage", "inversionId", "width", "height", "stats"}
+    assert np.array_equal(pixels(body["editedImage"]), pixels(grpc_edit.edited_image))
+    assert np.array_equal(pixels(body["reconstructionImage"]), pixels(grpc_edit.reconstruction_image))
+    assert (body["width"], body["height"]) == (64, 64) and body["stats"]["steps"] == STEPS
+    assert body["inversionId"] != grpc_edit.inversion_id  # a new inversion in the shared cache
+
+    # curl -F: the image as a file part, the rest as JSON.
+    request = json.dumps({"targetPrompt": "a red car", "options": {"steps": STEPS}})
+    multipart = http.post(
+        "/v1/edit", files={"image": ("in.png", png(), "image/png")}, data={"request": request}
+    )
+    assert multipart.status_code == 200, multipart.text
+    assert np.array_equal(pixels(multipart.json()["editedImage"]), pixels(grpc_edit.edited_image))
+
+    # An id from HTTP serves a gRPC edit and the other way round: one cache behind both.
+    by_id = http.post("/v1/edit", json={"inversionId": grpc_edit.inversion_id, "targetPrompt": "a boat"})
+    assert by_id.status_code == 200, by_id.text
+    assert (
+        "reconstructionImage" in by_id.json()
+        and by_id.json()["stats"]["unetRows"] < body["stats"]["unetRows"]
+    )
+    over_grpc = stub.Edit(
+        pb.EditRequest(inversion_id=body["inversionId"], target_prompt="a boat"), timeout=300
+    )
+    assert np.array_equal(pixels(by_id.json()["editedImage"]), pixels(over_grpc.edited_image))
+
+
+def test_stream_sends_progress_in_order_then_the_result(http, grpc_edit):
+    with http.stream("POST", "/v1/edit:stream", json=EDIT_JSON) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    events = [json.loads(line[len("data: ") :]) for line in lines]
+    assert all(set(e) == {"progress"} for e in events[:-1]) and set(events[-1]) == {"result"}
+    stages = [(e["progress"]["stage"], e["progress"]["step"]) for e in events[:-1]]
+    # DDIM inversion of N steps runs N-1 UNet steps (the last latent is x_T), then the edit's N steps.
+    assert [s for s in stages if s[0] == "inversion"] == [("inversion", i) for i in range(1, STEPS)]
+    assert [s for s in stages if s[0] == "denoise"] == [("denoise", i) for i in range(1, STEPS + 1)]
+    assert stages.index(("denoise", 1)) > stages.index(("inversion", STEPS - 1))
+    assert np.array_equal(pixels(events[-1]["result"]["editedImage"]), pixels(grpc_edit.edited_image))
+
+
+def test_generate_and_invert_equal_grpc(http, stub):
+    request = {"sourcePrompt": "a cat", "targetPrompt": "a dog", "seed": "11", "width": 64, "height": 64,
+               "options": {"steps": STEPS}}  # fmt: skip
+    response = http.post("/v1/generate", json=request)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["seed"] == "11"  # uint64 travels as a string in proto3 JSON
+    over_grpc = stub.GenerateEdit(
+        pb.GenerateEditRequest(source_prompt="a cat", target_prompt="a dog", seed=11, width=64, height=64,
+                               options=pb.EditOptions(steps=STEPS)), timeout=300,
+    )  # fmt: skip
+    assert np.array_equal(pixels(body["sourceImage"]), pixels(over_grpc.source_image))
+    assert np.array_equal(pixels(body["editedImage"]), pixels(over_grpc.edited_image))
+
+    inverted = http.post(
+        "/v1/invert", files={"image": ("in.png", png(seed=4), "image/png")},
+        data={"request": json.dumps({"options": {"steps": STEPS}})},
+    )  # fmt: skip
+    assert inverted.status_code == 200, inverted.text
+    assert inverted.json()["steps"] == STEPS and inverted.json()["expiresInS"] > 0
+    edited = stub.Edit(
+        pb.EditRequest(inversion_id=inverted.json()["inversionId"], target_prompt="x"), timeout=300
+    )
+    assert edited.width == 64
+
+
+def test_info_health_and_openapi(http, running):
+    info = http.get("/v1/info").json()
+    assert info["backend"] == "torch" and info["defaults"]["steps"] == 50 and info["limits"]["maxQueue"] == 8
+    assert http.get("/healthz").status_code == 200 and http.get("/readyz").json() == {"status": "SERVING"}
+    document = http.get("/openapi.json").json()
+    expected = {
+        "/v1/edit": "post", "/v1/edit:stream": "post", "/v1/generate": "post", "/v1/invert": "post",
+        "/v1/info": "get", "/healthz": "get", "/readyz": "get", "/": "get",
+    }  # fmt: skip
+    assert {path: next(iter(ops)) for path, ops in document["paths"].items()} == expected
+    edit_request = document["components"]["schemas"]["EditRequest"]["properties"]
+    assert edit_request["targetPrompt"] == {"type": "string"}
+    assert edit_request["image"] == {"type": "string", "format": "byte"}
+    assert edit_request["inversionMethod"] == {"$ref": "#/components/schemas/InversionMethod"}
+    assert document["components"]["schemas"]["GenerateEditRequest"]["properties"]["seed"]["type"] == "string"
+    assert "multipart/form-data" in document["paths"]["/v1/edit"]["post"]["requestBody"]["content"]
+    docs = http.get("/docs")
+    assert docs.status_code == 200 and "<script" not in docs.text and "http://" not in docs.text.lower()
+    for path in expected:
+        assert f"<code>{path}</code>" in docs.text
+    page = http.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'src="http' not in page.text and 'href="http' not in page.text  # nothing from another host
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ('{"targetPrompt": "a", "bogus": 1}', 400, 'request: Message type "fpedit.v1.EditRequest" has no field named "bogus"'),
+        ("{not json", 400, "request: is not JSON"),
+        ("[1, 2]", 400, "request: must be a JSON object"),
+        ('{"targetPrompt": 5}', 400, "request: Failed to parse targetPrompt field"),
+        ('{"options": {"steps": "many"}}', 400, "request: Failed to parse options field"),
+        (b'{"targetPrompt": "\xff"}', 400, "request: is not JSON"),
+        ('{"targetPrompt": "a"}', 400, "image: give exactly one of image or inversion_id"),
+        ('{"inversionId": "' + "0" * 32 + '", "targetPrompt": "a"}', 404, "inversion_id '" + "0" * 32 + "' is unknown"),
+        ('{"inversionId": "abc", "targetPrompt": "a", "options": {"steps": 5000}}', 400, "steps: "),
+    ],
+)  # fmt: skip
+def test_errors_map_to_http_statuses(http, body, status, message):
+    response = http.post("/v1/edit", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == status
+    error = response.json()["error"]
+    names = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND"}
+    assert error["code"] == status and error["status"] == names[status]
+    assert error["message"].startswith(message), error["message"]
+
+
+def test_transport_errors_deadline_and_size(http, running):
+    assert http.get("/nope").json()["error"] == {
+        "code": 404, "status": "NOT_FOUND", "message": "no route GET /nope; see /docs"
+    }  # fmt: skip
+    assert http.get("/v1/edit").status_code == 405
+    late = http.post("/v1/edit", json=EDIT_JSON, headers={"X-Server-Timeout": "0"})
+    assert late.status_code == 504 and late.json()["error"]["status"] == "DEADLINE_EXCEEDED"
+    bad_header = http.post("/v1/edit", json=EDIT_JSON, headers={"X-Server-Timeout": "soon"})
+    assert bad_header.status_code == 400 and "x-server-timeout" in bad_header.json()["error"]["message"]
+    wrong_part = http.post("/v1/edit", files={"picture": ("a.png", png(), "image/png")})
+    assert wrong_part.status_code == 400 and "'picture'" in wrong_part.json()["error"]["message"]
+    # Larger than --max-message-mb (1 MiB here; 4/3 of it for base64): refused from Content-Length, unread.
+    limit = running.servicer.config.max_message_bytes * 4 // 3 + 64 * 1024
+    big = b'{"image": "' + b"A" * limit + b'"}'
+    too_big = http.post("/v1/edit", content=big, headers={"content-type": "application/json"})
+    assert too_big.status_code == 413 and too_big.json()["error"]["status"] == "RESOURCE_EXHAUSTED"
+
+    def chunks():  # no Content-Length: counted while read
+        yield b'{"image": "'
+        for _ in range(limit // (1 << 16) + 1):
+            yield b"A" * (1 << 16)
+
+    chunked = http.post("/v1/edit", content=chunks(), headers={"content-type": "application/json"})
+    assert chunked.status_code == 413
+
+
+class _BrokenRunner(LocalRunner):
+    """A runner with a bug in GetInfo: the answer must be a bare 500 without the exception's text."""
+
+    def info(self) -> pb.GetInfoResponse:
+        raise KeyError("secret internal detail /srv/keys")
+
+
+def test_internal_error_is_500_without_internals(http_engine):
+    config = ServerConfig(port=0, http_port=0)
+    server = build_server(_BrokenRunner(http_engine, config), config)
+    try:
+        response = httpx.get(server.http.url + "v1/info", timeout=30)
+        assert response.status_code == 500
+        error = response.json()["error"]
+        assert error["status"] == "INTERNAL" and "secret" not in response.text and "/srv" not in response.text
+    finally:
+        server.drain(2)
+
+
+def test_metrics_count_http_requests_with_their_transport(running, http, stub):
+    before = scrape(running.metrics_port)
+    assert http.post("/v1/edit", json=EDIT_JSON).status_code == 200
+    assert http.post("/v1/edit", json={"targetPrompt": "a"}).status_code == 400
+    assert http.post("/v1/edit", content="{oops").status_code == 400
+    assert http.get("/v1/info").status_code == 200
+    stub.GetInfo(pb.GetInfoRequest(), timeout=30)
+    after = scrape(running.metrics_port)
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, frozenset(labels.items()))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta("fpedit_requests_total", method="Edit", code="OK", transport="http") == 1
+    assert delta("fpedit_requests_total", method="Edit", code="INVALID_ARGUMENT", transport="http") == 2
+    assert delta("fpedit_requests_total", method="GetInfo", code="OK", transport="http") == 1
+    assert delta("fpedit_requests_total", method="GetInfo", code="OK", transport="grpc") == 1
+    assert delta("fpedit_request_duration_seconds_count", method="Edit", transport="http") == 3
+    assert delta("fpedit_unet_rows_total", method="Edit") > 0  # the engine work of the HTTP edit
+
+
+def test_log_line_names_the_transport(http, caplog):
+    with caplog.at_level("INFO", logger="fpedit.server"):
+        http.post("/v1/edit", json={"targetPrompt": "a"})
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("rpc=Edit ")]
+    assert lines and "status=INVALID_ARGUMENT" in lines[-1] and "transport=http" in lines[-1]
+    assert "peer=ipv4:127.0.0.1:" in lines[-1]
+
+
+def _self_signed(tmp_path):
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_path, key_path
+
+
+def test_token_and_tls_are_the_grpc_settings(http_engine, tmp_path):
+    cert, key = _self_signed(tmp_path)
+    config = ServerConfig(port=0, http_port=0, token="s3cret", tls_cert=str(cert), tls_key=str(key))
+    server = build_server(http_engine, config)
+    try:
+        assert server.http.url.startswith("https://")
+        with httpx.Client(base_url=server.http.url, verify=str(cert), timeout=60) as client:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+                denied = client.post(
+                    "/v1/edit", content="{garbage", headers=headers
+                )  # checked before parsing
+                assert denied.status_code == 401
+                assert denied.json()["error"]["status"] == "UNAUTHENTICATED"
+                assert client.get("/v1/info", headers=headers).status_code == 401
+            for path in ("/healthz", "/readyz", "/", "/docs", "/openapi.json"):
+                assert client.get(path).status_code == 200, path  # probes, the page and the docs are open
+            ok = client.get("/v1/info", headers={"Authorization": "Bearer s3cret"})
+            assert ok.status_code == 200 and ok.json()["backend"] == "torch"
+        with pytest.raises(httpx.TransportError):  # TLS only: a plaintext client gets no answer
+            httpx.get(server.http.url.replace("https", "http"), timeout=10).raise_for_status()
+            pytest.fail("plaintext HTTP was answered")
+    finally:
+        server.drain(2)
+
+
+def _first_progress(lines) -> dict:
+    for line in lines:
+        if line.startswith("data: "):
+            return json.loads(line[6:])
+    raise AssertionError("the stream ended without an event")
+
+
+def test_queue_full_drain_and_readyz(http_engine):
+    """One worker, no queue: a second edit while one streams is 429; draining is 503 with /readyz 503."""
+    server = build_server(http_engine, ServerConfig(port=0, http_port=0, workers=1, max_queue=0))
+    url = server.http.url
+    drained = threading.Thread(target=server.drain, args=(60,))
+    try:
+        with httpx.Client(base_url=url, timeout=300) as client:
+            body = {**EDIT_JSON, "options": {"steps": 6}}
+            with client.stream("POST", "/v1/edit:stream", json=body) as stream:
+                lines = stream.iter_lines()
+                assert "progress" in _first_progress(lines)  # the only worker is busy now
+                busy = client.post("/v1/edit", json=EDIT_JSON)
+                assert busy.status_code == 429 and busy.json()["error"]["status"] == "RESOURCE_EXHAUSTED"
+                drained.start()
+                deadline = time.monotonic() + 30
+                while not server.servicer.draining and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                ready = client.get("/readyz")
+                assert ready.status_code == 503 and ready.json()["status"] == "NOT_SERVING"
+                assert client.get("/healthz").status_code == 200
+                refused = client.post("/v1/edit", json=EDIT_JSON)
+                assert refused.status_code == 503 and refused.json()["error"]["status"] == "UNAVAILABLE"
+                rest = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+            assert "result" in rest[-1]  # the in-flight stream finished during the drain
+    finally:
+        if drained.is_alive() or not drained.ident:
+            if not drained.ident:
+                drained.start()
+            drained.join(90)
+    assert not drained.is_alive()
+    with pytest.raises(httpx.ConnectError):  # the drain closed the HTTP port
+        httpx.get(url + "healthz", timeout=5)
+
+
+def test_client_disconnect_cancels_the_work(http_engine, caplog):
+    server = build_server(http_engine, ServerConfig(port=0, http_port=0, metrics_port=0, workers=1))
+    body = {**EDIT_JSON, "options": {"steps": 200}}  # long enough to be running when the client leaves
+    try:
+        with caplog.at_level("INFO", logger="fpedit.server"):
+            with httpx.Client(base_url=server.http.url, timeout=300) as client:
+                with client.stream("POST", "/v1/edit:stream", json=body) as stream:
+                    assert "progress" in _first_progress(stream.iter_lines())
+                # The stream is closed: the work stops at its next step.
+                with pytest.raises(httpx.ReadTimeout):
+                    client.post("/v1/edit", json=body, timeout=httpx.Timeout(300, read=1.5))
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                samples = scrape(server.metrics_port)
+                cancelled = samples.get(
+                    ("fpedit_requests_total", frozenset({"method": "Edit", "code": "CANCELLED", "transport": "http"}.items())), 0
+                )  # fmt: skip
+                streams = samples.get(
+                    ("fpedit_requests_total",
+                     frozenset({"method": "EditStream", "code": "CANCELLED", "transport": "http"}.items())), 0,
+                )  # fmt: skip
+                if cancelled == 1 and streams == 1 and server.servicer.in_flight == 0:
+                    break
+                time.sleep(0.1)
+            assert (cancelled, streams, server.servicer.in_flight) == (1, 1, 0)
+            assert samples.get(("fpedit_requests_running", frozenset()), 0) == 0
+    finally:
+        server.drain(5)
+    steps = [r.getMessage() for r in caplog.records if "status=CANCELLED" in r.getMessage()]
+    assert len(steps) == 2 and all("transport=http" in line for line in steps)
+
+
+def test_http_port_in_use_is_one_clear_error(http_engine):
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot serve HTTP on 127.0.0.1:{port}"):
+            build_server(http_engine, ServerConfig(port=0, http_port=port))
+    finally:
+        taken.close()
+
+
+def test_serve_flag_errors_name_the_flag():
+    from fpedit.server.cli import server_config_from_args
+
+    class Args:
+        host, port, workers, batching, max_queue, max_message_mb = "127.0.0.1", 0, 1, False, 1, 32
+        cache_gib, cache_ttl_s, max_image_pixels, max_prompt_chars = 1.0, 10.0, 1 << 20, 100
+        token = tls_cert = tls_key = metrics_port = metrics_host = None
+        grace_s, log_format, http_port, http_host = 1.0, "text", 70000, None
+
+    with pytest.raises(InvalidInputError, match="http-port"):
+        server_config_from_args(Args())
+    Args.http_port = 8080
+    assert server_config_from_args(Args()).http_port == 8080

@@ -1,0 +1,118 @@
+"""The editor page in a real headless Chromium (Debian's, driven by Playwright), against a real server."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+
+import httpx
+import numpy as np
+import pytest
+from conftest import make_image
+from PIL import Image
+
+from fpedit import EditEngine
+from fpedit.server.app import build_server
+from fpedit.server.config import ServerConfig
+
+STEPS = 2
+#: The system browser (.ci/run installs Debian's chromium); Playwright never downloads its own.
+CHROMIUM = os.environ.get("FPEDIT_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def pixels(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (test extra)")
+    if CHROMIUM is None:
+        pytest.skip("no chromium binary (apt-get install chromium, as .ci/run does)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    running = build_server(EditEngine.from_pretrained(model_dir), ServerConfig(port=0, http_port=0))
+    yield running
+    running.drain(5)
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1280, "height": 860})
+    page = context.new_page()
+    blocked: list[str] = []  # the page must work offline: anything from another origin is refused and noted
+
+    def only_this_server(route) -> None:
+        if route.request.url.startswith(server.http.url) or route.request.url.startswith("data:"):
+            route.continue_()
+        else:
+            blocked.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_this_server)
+    page.blocked = blocked
+    page.goto(server.http.url)
+    yield page
+    context.close()
+
+
+def test_page_edits_an_uploaded_image_like_the_api(page, server, tmp_path):
+    path = tmp_path / "photo.png"
+    make_image(64, 64, seed=9).save(path)
+    page.wait_for_function("document.getElementById('server-info').textContent.includes('torch')")
+    page.set_input_files("#file", str(path))
+    page.fill("#prompt", "a red car")
+    page.click("summary")
+    page.fill("#steps", str(STEPS))
+    page.click("#run")
+    page.wait_for_selector("#f-edited img", timeout=240_000)
+    shown_edit = page.get_attribute("#f-edited img", "src")
+    shown_recon = page.get_attribute("#f-recon img", "src")
+    assert shown_edit.startswith("data:image/png;base64,")
+    # The same request over the API.
+    body = {"image": base64.b64encode(path.read_bytes()).decode(), "targetPrompt": "a red car",
+            "options": {"steps": STEPS}}  # fmt: skip
+    api = httpx.post(server.http.url + "v1/edit", json=body, timeout=300).json()
+    assert np.array_equal(pixels(shown_edit.split(",", 1)[1]), pixels(api["editedImage"]))
+    assert np.array_equal(pixels(shown_recon.split(",", 1)[1]), pixels(api["reconstructionImage"]))
+    assert page.get_attribute("#download", "href") == shown_edit
+    assert page.locator("#runs tbody tr").count() == 1
+
+    # Edit again: by the inversion id, the target branch only; the page says how much faster it was.
+    page.fill("#prompt", "a blue boat")
+    page.click("#again")
+    page.wait_for_function("document.querySelectorAll('#runs tbody tr').length === 2", timeout=240_000)
+    again = page.get_attribute("#f-edited img", "src").split(",", 1)[1]
+    by_id = {"inversionId": api["inversionId"], "targetPrompt": "a blue boat", "options": {"steps": STEPS}}
+    api_again = httpx.post(server.http.url + "v1/edit", json=by_id, timeout=300).json()
+    assert np.array_equal(pixels(again), pixels(api_again["editedImage"]))
+    assert "by id" in page.inner_text("#runs tbody tr:first-child")
+    assert page.text_content("#speedup").startswith("edit by id: ")  # with both timings
+    assert page.locator("#error").is_hidden()
+    assert page.blocked == []
+
+
+def test_page_shows_the_api_error_message(page, server, tmp_path):
+    path = tmp_path / "photo.png"
+    make_image(64, 64, seed=2).save(path)
+    page.set_input_files("#file", str(path))
+    page.click("summary")
+    page.fill("#steps", "5000")
+    page.fill("#prompt", "a cat")
+    page.click("#run")
+    page.wait_for_selector("#error-message", timeout=60_000)
+    body = {"image": base64.b64encode(path.read_bytes()).decode(), "targetPrompt": "a cat",
+            "options": {"steps": 5000}}  # fmt: skip
+    api = httpx.post(server.http.url + "v1/edit", json=body, timeout=60)
+    assert api.status_code == 400
+    assert page.inner_text("#error-message") == api.json()["error"]["message"]
+    assert "INVALID_ARGUMENT" in page.inner_text("#error")
+    assert page.locator("#f-edited img").count() == 0
