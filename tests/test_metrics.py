@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import urllib.request
 
 import grpc
 import pytest
-from conftest import make_image
+from helpers import make_image, png_bytes
 from prometheus_client.parser import text_string_to_metric_families
 
 from fpedit import EditEngine
@@ -18,9 +17,7 @@ from fpedit.v1 import edit_pb2_grpc
 
 
 def png(seed: int = 0) -> bytes:
-    buf = io.BytesIO()
-    make_image(64, 64, seed=seed).save(buf, format="PNG")
-    return buf.getvalue()
+    return png_bytes(make_image(64, 64, seed=seed))
 
 
 def scrape(port: int) -> dict[tuple[str, frozenset], float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from helpers import model_input
 from reference import rel_l2
 
 from fpedit import EditEngine, EditOptions
@@ -22,11 +23,9 @@ def test_single_row_for_empty_source_prompt_is_exact(engine, reference):
 
 
 def test_skipped_identity_inversion_step_is_exact(engine, reference, image):
-    from test_real import pixels
-
     steps = 6
     inv = engine.invert(image, options=EditOptions(steps=steps))
-    traj = reference.invert(reference.encode(pixels(image)), steps, 7.5)  # runs the t = 0 step
+    traj = reference.invert(reference.encode(model_input(image)), steps, 7.5)  # runs the t = 0 step
     assert rel_l2(traj[1], traj[0]) < 1e-6  # the t = 0 step is the identity map...
     assert inv.stats["unet_rows"] == steps - 1  # ...so the engine skips it
     assert rel_l2(inv.latent(steps), traj[steps]) < 1e-4
