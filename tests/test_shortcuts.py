@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from helpers import model_input
+from helpers import BATCH_SHAPE_TOL, model_input
 from reference import rel_l2
 
 from fpedit import EditEngine, EditOptions
@@ -44,13 +44,19 @@ def test_capture_only_calls_stop_early_with_identical_maps(engine):
 
 
 def test_batched_source_capture_equals_one_row_per_step(model_dir, image):
-    """Once the trajectory is known the source rows are independent: batching them is exact."""
+    """Once the trajectory is known the source rows are independent: batching them changes float rounding
+    only (kernels block by batch shape), while giving each step another step's row would not."""
     opts = EditOptions(steps=8)
     one = EditEngine.from_pretrained(model_dir, capture_batch=1)
     many = EditEngine.from_pretrained(model_dir, capture_batch=8)
     a = one.edit_real(image, "a red car", options=opts)
     b = many.edit_real(image, "a red car", options=opts)
-    assert rel_l2(a.edited_latents, b.edited_latents) < 1e-5
+    assert rel_l2(a.edited_latents, b.edited_latents) < BATCH_SHAPE_TOL
+    maps = b.inversion.cached_maps(opts.map_format, frozenset(opts.layers))
+    b.inversion.drop_maps()
+    b.inversion.store_maps(opts.map_format, frozenset(opts.layers), {i: maps[max(i - 1, 0)] for i in maps})
+    misplaced = many.edit_real(b.inversion, "a red car", options=opts)
+    assert rel_l2(misplaced.edited_latents, b.edited_latents) >= 10 * BATCH_SHAPE_TOL
     assert a.stats["unet_calls"] > b.stats["unet_calls"]
     assert a.stats["unet_rows"] == b.stats["unet_rows"]
 
@@ -74,6 +80,6 @@ def test_fused_generated_step_equals_capture_then_inject(model_dir):
         opts = EditOptions(steps=6, map_format=fmt, layers=(2, 7, 12, 16))
         a = fused.edit_generated("a cat", "a dog", latents=z, options=opts)
         b = piped.edit_generated("a cat", "a dog", latents=z, options=opts)
-        assert rel_l2(a.edited_latents, b.edited_latents) < 1e-5
+        assert rel_l2(a.edited_latents, b.edited_latents) < BATCH_SHAPE_TOL  # 4-row calls vs 2-row calls
         assert a.stats["unet_rows"] == b.stats["unet_rows"] == 4 * 6
         assert a.stats["unet_calls"] == 6 < b.stats["unet_calls"]
