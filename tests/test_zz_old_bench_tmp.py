@@ -1,0 +1,68 @@
+"""The benchmark entry points run and write what they promise (figures themselves are not asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from fpedit.benchmarks.bench import BenchConfig, run_bench, write_outputs
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_bench_writes_the_documented_json(model_dir, tmp_path):
+    cfg = BenchConfig.quick(
+        model=str(model_dir),
+        steps=3,
+        size=64,
+        repeat=1,
+        requests=4,
+        concurrency=4,
+        backends=("torch", "onnxruntime", "tensorrt"),
+    )
+    report = run_bench(cfg, progress=False)
+    paths = write_outputs(report, tmp_path / "bench.json")
+    data = json.loads(paths[0].read_text())
+    for backend in ("torch", "onnxruntime"):
+        for kind in ("real_edit", "cached_edit", "generated_edit"):
+            entry = data["engine"][backend][kind]
+            assert {"median_ms", "p95_ms", "stages_ms", "unet_rows"} <= set(entry)
+            assert entry["median_ms"] > 0
+        assert data["engine"][backend]["cached_edit"]["unet_rows"] == 2 * 3
+        assert data["engine"][backend]["real_edit"]["unet_rows"] == 2 + 2 + 2 * 3
+    grpc = data["grpc"]
+    assert {
+        "concurrency",
+        "requests",
+        "errors",
+        "p50_ms",
+        "p95_ms",
+        "p99_ms",
+        "throughput_rps",
+        "overhead_ms",
+    } <= set(grpc)
+    assert grpc["concurrency"] >= 4 and grpc["errors"] == 0 and grpc["completed"] == 4
+    assert data["machine"]["cpu_count"] >= 1 and "torch" in data["machine"]["versions"]
+    assert "| torch | real_edit |" in paths[1].read_text()
+    # A backend that cannot run here is reported with its reason, never dropped silently.
+    if "tensorrt" not in data["engine"]:
+        assert "TensorRT" in data["skipped_backends"]["tensorrt"]
+        assert "| tensorrt | skipped: " in paths[1].read_text()
+    assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _skip_gpu_script_dry_run(tmp_path):
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--dry-run", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["mode"] == "dry-run"
+    assert {"real_edit", "re_edit", "generated_edit"} <= set(data["latency"])
+    assert "SUMMARY dry-run" in proc.stdout
