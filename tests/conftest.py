@@ -73,6 +73,12 @@ def engine(model_dir) -> EditEngine:
 
 
 @pytest.fixture(scope="session")
+def ort_engine(qk_export) -> EditEngine:
+    """ONNX Runtime on ``qk_export``, one per session: tests that only run edits on it share it."""
+    return EditEngine.from_pretrained(qk_export, backend="onnxruntime")
+
+
+@pytest.fixture(scope="session")
 def raw_modules(model_dir):
     """The same checkpoint loaded with diffusers/transformers directly, for the reference implementation."""
     from diffusers import AutoencoderKL, UNet2DConditionModel

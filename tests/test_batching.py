@@ -212,12 +212,12 @@ def test_concurrent_requests_tokenize_one_at_a_time(engine_name, request, monkey
     assert guard.calls >= 4 * 3  # "", source and target prompts of each request
 
 
-def test_exported_graphs_batch_without_mixing_capture_and_inject(qk_export, engine):
+def test_exported_graphs_batch_without_mixing_capture_and_inject(ort_engine, engine):
     """ONNX Runtime's variants are plain, capture and inject: merged calls never mix the last two (the
     backend refuses such a call), and every request still equals its lone run."""
     from fpedit.engine.calls import UNetCall
 
-    lone = EditEngine.from_pretrained(qk_export, backend="onnxruntime")
+    lone = ort_engine
     shared = EditEngine(lone.backend, lone.tokenizer, batching=True, max_wait_ms=30)
     image = make_image(64, 64, seed=4)
     opts = EditOptions(steps=3)

@@ -339,12 +339,10 @@ def test_engine_cancellation_stops_the_optimisation(engine, image):
     assert torch.is_grad_enabled()
 
 
-def test_exported_backend_serves_negative_prompt_and_refuses_null_text(qk_export, engine, image):
+def test_exported_backend_serves_negative_prompt_and_refuses_null_text(ort_engine, engine, image):
     """On ONNX Runtime the per-step embeddings are ordinary context inputs: negative-prompt edits match the
     torch engine's; null-text inversion (gradients) is refused naming the field."""
-    from fpedit import EditEngine
-
-    onnx_engine = EditEngine.from_pretrained(qk_export, backend="onnxruntime")
+    onnx_engine = ort_engine
     with pytest.raises(InvalidInputError) as info:
         onnx_engine.invert(image, options=options(), source_prompt=SOURCE, method="null-text")
     assert info.value.field == "method"

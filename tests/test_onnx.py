@@ -31,11 +31,6 @@ def probs_export(model_dir, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def ort_engine(qk_export):
-    return EditEngine.from_pretrained(qk_export, backend="onnxruntime")
-
-
 def dims(value_info) -> list:
     return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
 
