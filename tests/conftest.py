@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
-from PIL import Image
+# Threads per test process, set before torch (or onnxruntime's OpenMP) is imported and exported so that every
+# process a test starts (`fpedit serve` subprocesses, Ray's raylet and workers) inherits the same cap: uncapped
+# processes each take every core, and two suites (or a suite and a server) on one machine then thrash. One
+# thread by default; FPEDIT_TEST_THREADS (or an OMP_NUM_THREADS already set) chooses otherwise.
+TEST_THREADS = int(os.environ.get("FPEDIT_TEST_THREADS") or os.environ.get("OMP_NUM_THREADS") or 1)
+for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[_name] = str(TEST_THREADS)
 
-from fpedit import EditEngine
-from fpedit.engine.tiny import save_tiny_model
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from helpers import make_image  # noqa: E402  (re-exported: test modules import it from conftest)
+from PIL import Image  # noqa: E402
 
-torch.set_num_threads(2)
+from fpedit import EditEngine  # noqa: E402
+from fpedit.engine.tiny import save_tiny_model  # noqa: E402
+
+torch.set_num_threads(TEST_THREADS)
 
 
 #: Scales of the self-attention Q/K projections and the cross-attention V projection of the test checkpoint.
@@ -64,6 +73,12 @@ def engine(model_dir) -> EditEngine:
 
 
 @pytest.fixture(scope="session")
+def ort_engine(qk_export) -> EditEngine:
+    """ONNX Runtime on ``qk_export``, one per session: tests that only run edits on it share it."""
+    return EditEngine.from_pretrained(qk_export, backend="onnxruntime")
+
+
+@pytest.fixture(scope="session")
 def raw_modules(model_dir):
     """The same checkpoint loaded with diffusers/transformers directly, for the reference implementation."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -83,22 +98,6 @@ def reference(raw_modules):
 
     mods = {k: copy.deepcopy(v) for k, v in raw_modules.items()}
     return ReferenceFPE(mods["unet"], mods["vae"], mods["text_encoder"], mods["tokenizer"])
-
-
-def make_image(width: int = 128, height: int = 128, seed: int = 0) -> Image.Image:
-    """A structured RGB test image: gradients, a disc and a bar, plus mild noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    r = 255 * x / max(width - 1, 1)
-    g = 255 * y / max(height - 1, 1)
-    b = np.full_like(x, 80.0)
-    disc = (x - width * 0.4) ** 2 + (y - height * 0.55) ** 2 < (min(width, height) * 0.22) ** 2
-    bar = (np.abs(x - width * 0.75) < width * 0.06) & (y > height * 0.2)
-    rgb = np.stack([r, g, b], axis=-1)
-    rgb[disc] = (230, 40, 40)
-    rgb[bar] = (20, 20, 200)
-    rgb += rng.normal(0, 6, rgb.shape)
-    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
 
 
 @pytest.fixture

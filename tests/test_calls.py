@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import BATCH_SHAPE_TOL
 from reference import rel_l2
 
 from fpedit import EditEngine, EditOptions
@@ -163,5 +164,6 @@ def test_generated_edit_with_small_max_batch(model_dir, engine):
     opts = EditOptions(steps=4)
     a = small.edit_generated("a cat", "a dog", latents=z, options=opts)
     b = engine.edit_generated("a cat", "a dog", latents=z, options=opts)
-    assert rel_l2(a.edited_latents, b.edited_latents) < 1e-5
+    # 2-row piped calls vs 4-row fused ones over 4 steps: equal up to the rounding of other batch shapes.
+    assert rel_l2(a.edited_latents, b.edited_latents) < BATCH_SHAPE_TOL
     assert max(small.counters()["batch_rows"]) <= 3

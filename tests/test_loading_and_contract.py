@@ -38,7 +38,7 @@ def test_other_widths_and_per_block_heads_load(tmp_path):
 
 def test_execution_order_numbering(engine):
     """Layers 1..16 follow the order self-attention modules actually run (not named_modules order)."""
-    unet = engine.backend._unet
+    unet = engine.backend.unet_module
     order: list[str] = []
     names = {module: name for name, module in unet.named_modules()}
     hooks = [

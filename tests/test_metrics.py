@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import urllib.request
 
 import grpc
 import pytest
-from conftest import make_image
+from helpers import make_image, png_bytes
 from prometheus_client.parser import text_string_to_metric_families
 
 from fpedit import EditEngine
@@ -18,9 +17,7 @@ from fpedit.v1 import edit_pb2_grpc
 
 
 def png(seed: int = 0) -> bytes:
-    buf = io.BytesIO()
-    make_image(64, 64, seed=seed).save(buf, format="PNG")
-    return buf.getvalue()
+    return png_bytes(make_image(64, 64, seed=seed))
 
 
 def scrape(port: int) -> dict[tuple[str, frozenset], float]:
@@ -39,13 +36,8 @@ def value(samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
-@pytest.fixture(scope="module")
-def metrics_engine(model_dir):
-    return EditEngine.from_pretrained(model_dir)
-
-
-def test_counters_move_by_the_requests_made(metrics_engine):
-    server = build_server(metrics_engine, ServerConfig(port=0, metrics_port=0))
+def test_counters_move_by_the_requests_made(engine):
+    server = build_server(engine, ServerConfig(port=0, metrics_port=0))
     assert server.metrics_port
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     stub = edit_pb2_grpc.EditServiceStub(channel)
@@ -99,9 +91,9 @@ def test_counters_move_by_the_requests_made(metrics_engine):
     assert not any(name == "fpedit_gpu_memory_allocated_bytes" for name, _ in after)  # CPU engine
 
 
-def test_servers_in_one_process_keep_their_own_metrics(metrics_engine, model_dir):
+def test_servers_in_one_process_keep_their_own_metrics(engine, model_dir):
     other_engine = EditEngine.from_pretrained(model_dir)
-    a = build_server(metrics_engine, ServerConfig(port=0, metrics_port=0))
+    a = build_server(engine, ServerConfig(port=0, metrics_port=0))
     b = build_server(other_engine, ServerConfig(port=0, metrics_port=0))
     try:
         assert a.metrics_port != b.metrics_port
@@ -126,7 +118,7 @@ def test_servers_in_one_process_keep_their_own_metrics(metrics_engine, model_dir
         urllib.request.urlopen(f"http://127.0.0.1:{a.metrics_port}/metrics", timeout=2)
 
 
-def test_metrics_port_in_use_is_a_clear_error(metrics_engine):
+def test_metrics_port_in_use_is_a_clear_error(engine):
     import socket
 
     taken = socket.socket()
@@ -134,7 +126,7 @@ def test_metrics_port_in_use_is_a_clear_error(metrics_engine):
     taken.listen()
     try:
         with pytest.raises(OSError, match="cannot serve metrics"):
-            build_server(metrics_engine, ServerConfig(port=0, metrics_port=taken.getsockname()[1]))
+            build_server(engine, ServerConfig(port=0, metrics_port=taken.getsockname()[1]))
     finally:
         taken.close()
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import decoded_pixels, make_image, model_input, png_bytes
 from reference import (
     reference_conditional_inversion,
     reference_edit_with_nulls,
@@ -28,11 +27,6 @@ SOURCE = "a photo of a disc"
 STEPS, GUIDANCE, INNER = 4, 7.5, 10
 
 
-def pixels(image) -> torch.Tensor:
-    arr = np.asarray(image, dtype=np.float64) / 127.5 - 1.0
-    return torch.tensor(arr, dtype=torch.float32).permute(2, 0, 1)[None]
-
-
 def reference_steps(reference, steps: int) -> list[DenoiseStep]:
     """Denoising steps from the reference's own float64 alphas (no engine schedule code)."""
     r = reference.T // steps
@@ -42,9 +36,7 @@ def reference_steps(reference, steps: int) -> list[DenoiseStep]:
 @pytest.fixture(scope="module")
 def ref_run(reference):
     """The reference's conditional inversion and null optimisation of the test image."""
-    from conftest import make_image
-
-    z0 = reference.encode(pixels(make_image()))
+    z0 = reference.encode(model_input(make_image()))
     traj = reference_conditional_inversion(reference, z0, SOURCE, STEPS)
     nulls, iterations = reference_null_optimization(reference, traj, SOURCE, STEPS, GUIDANCE, INNER)
     return {"z0": z0, "traj": traj, "nulls": nulls, "iterations": iterations}
@@ -54,7 +46,7 @@ def test_optimisation_matches_reference(engine, reference, ref_run):
     traj = torch.cat(ref_run["traj"])
     done = []
     result = optimize_null_embeddings(
-        engine.backend._unet,
+        engine.backend.float32_unet(),
         traj,
         reference.embed(SOURCE),
         reference.embed(""),
@@ -76,7 +68,7 @@ def test_optimisation_matches_reference(engine, reference, ref_run):
 
 
 def test_no_autograd_state_leaks(engine, reference, ref_run):
-    unet = engine.backend._unet
+    unet = engine.backend.float32_unet()
     traj = torch.cat(ref_run["traj"])
     args = (
         unet,
@@ -109,7 +101,7 @@ def test_cancellation_between_iterations(engine, reference, ref_run):
 
     with pytest.raises(CancelledError):
         optimize_null_embeddings(
-            engine.backend._unet,
+            engine.backend.float32_unet(),
             torch.cat(ref_run["traj"]),
             reference.embed(SOURCE),
             reference.embed(""),
@@ -175,8 +167,6 @@ def options(**changes) -> EditOptions:
 @pytest.fixture(scope="module")
 def engine_null_text(engine):
     """The engine's null-text inversion of the test image, with the progress events it reported."""
-    from conftest import make_image
-
     events = []
     inv = engine.invert(
         make_image(), options=options(), source_prompt=SOURCE, method="null-text", progress=events.append
@@ -283,7 +273,7 @@ def test_negative_prompt_uses_the_source_embedding_every_step(engine, reference,
         assert rel_l2(inv.null_embeddings[i], e_s[0]) < 1e-5, i
     assert "null_text" not in inv.stats["stages_ms"] and inv.stats["unet_rows"] == STEPS - 1
     result = engine.edit_real(inv, TARGET, options=options())
-    traj = reference_conditional_inversion(reference, reference.encode(pixels(image)), SOURCE, STEPS)
+    traj = reference_conditional_inversion(reference, reference.encode(model_input(image)), SOURCE, STEPS)
     ref_src, ref_tgt = reference_edit_with_nulls(
         reference, traj[STEPS], SOURCE, TARGET, e_s.expand(STEPS, -1, -1), STEPS, GUIDANCE, WINDOW, LAYERS
     )
@@ -349,12 +339,10 @@ def test_engine_cancellation_stops_the_optimisation(engine, image):
     assert torch.is_grad_enabled()
 
 
-def test_exported_backend_serves_negative_prompt_and_refuses_null_text(qk_export, engine, image):
+def test_exported_backend_serves_negative_prompt_and_refuses_null_text(ort_engine, engine, image):
     """On ONNX Runtime the per-step embeddings are ordinary context inputs: negative-prompt edits match the
     torch engine's; null-text inversion (gradients) is refused naming the field."""
-    from fpedit import EditEngine
-
-    onnx_engine = EditEngine.from_pretrained(qk_export, backend="onnxruntime")
+    onnx_engine = ort_engine
     with pytest.raises(InvalidInputError) as info:
         onnx_engine.invert(image, options=options(), source_prompt=SOURCE, method="null-text")
     assert info.value.field == "method"
@@ -371,14 +359,6 @@ def test_exported_backend_serves_negative_prompt_and_refuses_null_text(qk_export
 
 
 # --- service and command line ------------------------------------------------------------------------------
-
-
-def png_bytes(image) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def test_grpc_invert_and_edit_by_id_with_inversion_methods(model_dir, engine, image, capsys, tmp_path):
@@ -409,7 +389,7 @@ def test_grpc_invert_and_edit_by_id_with_inversion_methods(model_dir, engine, im
                 source_prompt=SOURCE,
                 method="negative-prompt",
             )
-            served = np.asarray(Image.open(io.BytesIO(response.edited_image)).convert("RGB"), np.int16)
+            served = decoded_pixels(response.edited_image)
             assert np.abs(served - np.asarray(local.edited_image, np.int16)).max() <= 1
 
             nt = client.invert(

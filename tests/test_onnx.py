@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import make_image
+from helpers import make_image, model_input
 from reference import rel_l2
 
 from fpedit import EditEngine, EditOptions, InvalidInputError, ModelLoadError
@@ -29,11 +29,6 @@ def probs_export(model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx") / "probs"
     export_onnx(model_dir, out, map_format="probs", image_size=SIZES)
     return out
-
-
-@pytest.fixture(scope="module")
-def ort_engine(qk_export):
-    return EditEngine.from_pretrained(qk_export, backend="onnxruntime")
 
 
 def dims(value_info) -> list:
@@ -93,12 +88,10 @@ def test_ort_generated_edit_matches_reference(ort_engine, reference):
 
 
 def test_ort_real_edit_and_reedit_match_reference(ort_engine, reference):
-    from test_real import pixels
-
     image = make_image()
     opts = EditOptions(steps=6)
     inv = ort_engine.invert(image, options=opts)
-    z0 = reference.encode(pixels(image))
+    z0 = reference.encode(model_input(image))
     for prompt, layers in (("a red car", PAPER_LAYERS), ("a blue boat", (6, 7, 12))):
         o = opts.replace(layers=layers)
         r = ort_engine.edit_real(inv, prompt, options=o)
@@ -373,8 +366,6 @@ def test_tensorrt_backend_on_gpu(qk_export, tmp_path, reference, image):
     pytest.importorskip("tensorrt", reason="TensorRT is not installed (no NVIDIA GPU stack here)")
     if not torch.cuda.is_available():
         pytest.skip("TensorRT needs a CUDA GPU")
-    from test_real import pixels
-
     from fpedit.export.tensorrt_build import build_engines
 
     tolerance = 1e-2  # TensorRT may use TF32 for float32 layers
@@ -383,7 +374,7 @@ def test_tensorrt_backend_on_gpu(qk_export, tmp_path, reference, image):
     opts = EditOptions(steps=6)
     r = trt_engine.edit_real(image, "a red car", options=opts)
     _, _, ref_tgt = reference.edit_real(
-        reference.encode(pixels(image)), "a red car", 6, 7.5, opts.replace_window, PAPER_LAYERS
+        reference.encode(model_input(image)), "a red car", 6, 7.5, opts.replace_window, PAPER_LAYERS
     )
     assert rel_l2(r.edited_latents, ref_tgt) < tolerance
     off = trt_engine.edit_real(r.inversion, "a red car", options=opts.replace(replace_window=(0, 0)))

@@ -7,7 +7,6 @@ A standalone server over an in-process engine is the reference for pixels and fo
 from __future__ import annotations
 
 import contextlib
-import io
 import pickle
 import socket
 import subprocess
@@ -21,8 +20,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import make_image
-from PIL import Image
+from helpers import decoded_pixels as pixels
+from helpers import make_image, png_bytes
 
 from fpedit import EditEngine, EditOptions
 from fpedit.server.ray_store import (
@@ -48,17 +47,6 @@ def torch_threads(count: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def pixels(data: bytes | Image.Image) -> np.ndarray:
-    image = data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data))
-    return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
 # --- without Ray: the store's bounds and the record round trip ----------------------------------------------

@@ -19,7 +19,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import make_image
+from helpers import decoded_pixels as decode
+from helpers import make_image, png_bytes
 from PIL import Image
 
 from fpedit import EditEngine, EditOptions
@@ -28,16 +29,6 @@ from fpedit.server.client import EditClient, edit_options
 from fpedit.server.service import ServerConfig
 
 STEPS = 6
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def decode(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
 
 
 @pytest.fixture(scope="module")

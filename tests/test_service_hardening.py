@@ -16,8 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from conftest import make_image
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import make_image
+from helpers import png_bytes as png
 from PIL import Image
 
 from fpedit import EditEngine, EditOptions
@@ -30,12 +31,6 @@ from fpedit.v1 import edit_pb2_grpc
 EDIT = "/fpedit.v1.EditService/Edit"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def png(image: Image.Image | None = None, **save_args) -> bytes:
-    buf = io.BytesIO()
-    (image or make_image(64, 64)).save(buf, format="PNG", **save_args)
-    return buf.getvalue()
 
 
 def opts(steps: int = 2, **fields) -> pb.EditOptions:

@@ -123,6 +123,12 @@ class TorchBackend(Backend):
         maps = AttentionMaps(call.map_format, dict(state.captured)) if call.capture else None
         return UNetResult(noise if call.need_noise_pred else None, maps)
 
+    @property
+    def unet_module(self) -> torch.nn.Module:
+        """The serving UNet module with the map processors installed, for inspection (hooks, parameters,
+        layer order) without reaching into the backend's private state."""
+        return self._unet
+
     def float32_unet(self) -> torch.nn.Module:
         """The UNet for gradient work in float32: the serving module itself when it is float32, else one
         frozen float32 copy made on first use and kept (fp16 gradients underflow in Adam's moments)."""
