@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import sys
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from importlib import import_module
@@ -24,6 +25,7 @@ from fpedit.engine.contract import LAYER_PRESETS, MAP_FORMATS
 from fpedit.engine.errors import FpeditError, InvalidInputError
 
 EXIT_USER_ERROR = 2
+log = logging.getLogger("fpedit.cli")
 
 #: Modules that add subcommands: each has ``add_commands(subparsers)``. Missing extras only hide them.
 SUBSYSTEMS = ("fpedit.export.cli", "fpedit.server.cli", "fpedit.benchmarks.cli")
@@ -99,7 +101,10 @@ MISSING_EXTRAS = {
     "grpc_health": "client",
     "grpc_reflection": "server",
     "google": "client",
+    "tqdm": "engine",
     "matplotlib": "bench",
+    "prometheus_client": "server",
+    "ray": "ray",
 }
 BACKEND_BY_FORMAT = {"fpedit-onnx": "onnxruntime", "fpedit-tensorrt": "tensorrt"}
 DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
@@ -155,6 +160,20 @@ def check_output_path(path: Path | None, flag: str) -> None:
         raise InvalidInputError(flag, f"{path.parent} is not a directory")
 
 
+def check_distinct_outputs(*outputs: tuple[Path | None, str]) -> None:
+    """Refuse two outputs that name one file: the later write would silently replace the earlier result."""
+    seen: dict[Path, str] = {}
+    for path, flag in outputs:
+        if path is None:
+            continue
+        key = path.expanduser().resolve()
+        if key in seen:
+            raise InvalidInputError(
+                flag, f"{path} is also the {seen[key]} file; give each output its own file name"
+            )
+        seen[key] = flag
+
+
 def check_input_image(path: Path, flag: str = "IMAGE") -> None:
     if path.is_dir():
         raise InvalidInputError(flag, f"{path} is a directory, not an image file")
@@ -200,22 +219,31 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--dtype",
         choices=("float32", "float16", "bfloat16"),
-        help="UNet/text precision (default: fp16 on CUDA)",
+        help="UNet/text precision (default: float16 on CUDA, float32 on CPU; an export's own precision)",
     )
     group.add_argument(
-        "--vae-dtype", choices=("float32", "float16", "bfloat16"), help="VAE precision (torch)"
+        "--vae-dtype",
+        choices=("float32", "float16", "bfloat16"),
+        help="VAE decoder precision, torch backend (default: bfloat16 on CUDA, float32 on CPU)",
     )
     group.add_argument(
-        "--no-cuda-graphs", action="store_true", help="torch and tensorrt on CUDA: no CUDA-graph replay"
+        "--no-cuda-graphs",
+        action="store_true",
+        help="torch and tensorrt on CUDA: no CUDA-graph replay (default: replay where supported)",
     )
-    group.add_argument("--compile", action="store_true", help="torch: torch.compile the UNet (experimental)")
     group.add_argument(
-        "--provider", action="append", dest="providers", help="ONNX Runtime provider (repeatable)"
+        "--compile", action="store_true", help="torch: torch.compile the UNet (experimental; default: off)"
+    )
+    group.add_argument(
+        "--provider",
+        action="append",
+        dest="providers",
+        help="ONNX Runtime provider (repeatable; default: CUDA then CPU on --device cuda, CPU on cpu)",
     )
     group.add_argument(
         "--allow-pickle",
         action="store_true",
-        help="allow pickled (.bin/.ckpt) weights; only for trusted files",
+        help="allow pickled (.bin/.ckpt) weights; only for trusted files (default: safetensors only)",
     )
 
 
@@ -246,11 +274,11 @@ def add_edit_arguments(parser: argparse.ArgumentParser) -> None:
         choices=MAP_FORMATS,
         help="how maps travel: qk (projected Q and K, default) or probs (explicit softmax probabilities)",
     )
-    group.add_argument("--no-progress", action="store_true", help="no progress bar")
+    group.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
     group.add_argument(
         "--stats",
         action="store_true",
-        help="print timing statistics as JSON on stdout (messages go to stderr)",
+        help="print timing statistics as JSON on stdout (messages go to stderr; default: off)",
     )
 
 
@@ -278,7 +306,9 @@ def engine_from_args(args: argparse.Namespace, **kwargs: Any) -> Any:
         backend_options["vae_dtype"] = args.vae_dtype
         if args.compile:
             backend_options["compile_unet"] = True
-    return EditEngine.from_pretrained(
+    log.info("loading model %s (backend %s, device %s)", args.model, args.backend, args.device)
+    started = time.perf_counter()
+    engine = EditEngine.from_pretrained(
         args.model,
         backend=args.backend,
         device=args.device,
@@ -287,6 +317,28 @@ def engine_from_args(args: argparse.Namespace, **kwargs: Any) -> Any:
         providers=args.providers,
         backend_options=backend_options,
         **kwargs,
+    )
+    described = engine.info()
+    log.info(
+        "model loaded in %.2f s: backend %s on %s, %s",
+        time.perf_counter() - started,
+        described.get("backend"),
+        described.get("device"),
+        described.get("dtype"),
+    )
+    return engine
+
+
+def _log_stats(what: str, stats: dict[str, Any]) -> None:
+    """``-v``: each stage's time and the UNet work, so a slow run shows where its time went."""
+    stages = stats.get("stages_ms") or {}
+    log.info(
+        "%s in %.0f ms: %s; %s UNet rows in %s calls",
+        what,
+        stats.get("total_ms", 0.0),
+        ", ".join(f"{stage} {ms:.0f} ms" for stage, ms in stages.items()) or "no stages",
+        stats.get("unet_rows"),
+        stats.get("unet_calls"),
     )
 
 
@@ -326,6 +378,16 @@ def _check_model_and_device(args: argparse.Namespace) -> None:
     resolve_backend(args)
 
 
+def _check_source_prompt_is_used(args: argparse.Namespace) -> None:
+    """DDIM inversion takes no source prompt: refuse one rather than drop it without a word."""
+    if args.inversion == "ddim" and args.source_prompt.strip():
+        raise InvalidInputError(
+            "source_prompt",
+            "DDIM inversion (the default) does not use a source prompt; add --inversion negative-prompt or "
+            "--inversion null-text to use it, or leave it out",
+        )
+
+
 def _inversion_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The inversion flags as EditEngine keywords, judged before the model loads."""
     from fpedit.engine.null_text import check_null_text_options
@@ -348,15 +410,20 @@ def _inversion_from_args(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_edit(args: argparse.Namespace) -> int:
     from fpedit.engine.options import check_prompt
 
-    options = options_from_args(args)  # validate before loading anything
-    check_prompt(args.prompt, "target_prompt", allow_empty=False)
-    inversion = _inversion_from_args(args)
+    # Paths first: these checks import nothing heavy, so a typo fails in a fraction of a second.
     check_input_image(args.image)
     check_output_path(args.output, "-o/--output")
     check_output_path(args.reconstruction, "--reconstruction")
+    check_distinct_outputs((args.output, "-o/--output"), (args.reconstruction, "--reconstruction"))
+    _check_source_prompt_is_used(args)
+    options = options_from_args(args)  # validate before loading anything
+    check_prompt(args.prompt, "target_prompt", allow_empty=False)
+    inversion = _inversion_from_args(args)
     _check_model_and_device(args)
     engine = engine_from_args(args, show_progress=not args.no_progress)
+    log.info("editing %s (%s inversion, %d steps)", args.image, args.inversion, options.steps)
     result = engine.edit_real(args.image, args.prompt, options=options, **inversion)
+    _log_stats("edit done", result.stats)
     _save(result.edited_image, args.output)
     if args.reconstruction:
         _save(result.reconstruction_image, args.reconstruction)
@@ -364,16 +431,24 @@ def cmd_edit(args: argparse.Namespace) -> int:
     return 0
 
 
+def source_output_path(output: Path, source_output: Path | None) -> Path:
+    """Where ``generate`` writes the source image: ``--source-output``, else ``OUTPUT.source.EXT``."""
+    return source_output or output.with_name(f"{output.stem}.source{output.suffix}")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from fpedit.engine.options import check_prompt
 
+    source_path = source_output_path(args.output, args.source_output)
+    check_output_path(args.output, "-o/--output")
+    check_output_path(args.source_output, "--source-output")
+    check_distinct_outputs((args.output, "-o/--output"), (source_path, "--source-output"))
     options = options_from_args(args)
     check_prompt(args.source_prompt, "source_prompt", allow_empty=True)
     check_prompt(args.target_prompt, "target_prompt", allow_empty=False)
-    check_output_path(args.output, "-o/--output")
-    check_output_path(args.source_output, "--source-output")
     _check_model_and_device(args)
     engine = engine_from_args(args, show_progress=not args.no_progress)
+    log.info("generating and editing (seed %d, %d steps)", args.seed, options.steps)
     result = engine.edit_generated(
         args.source_prompt,
         args.target_prompt,
@@ -382,9 +457,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         height=args.height,
         width=args.width,
     )
-    source_path = args.source_output or args.output.with_name(
-        f"{args.output.stem}.source{args.output.suffix}"
-    )
+    _log_stats("generate done", result.stats)
     _save(result.source_image, source_path)
     _save(result.edited_image, args.output)
     _print_stats(args, result.stats)
@@ -405,7 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = FpeditParser(prog="fpedit", description="Free-Prompt-Editing for Stable Diffusion 1.x")
     parser.add_argument("--version", action="version", version=f"fpedit {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log stages, model load and timings at INFO level"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     edit = sub.add_parser("edit", help="edit a real image toward a target prompt (invert + FPE)")
@@ -414,7 +489,11 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument(
         "--output", "-o", type=Path, required=True, help="edited image file (.png, .jpg or .webp)"
     )
-    edit.add_argument("--reconstruction", type=Path, help="also write the inversion's reconstruction here")
+    edit.add_argument(
+        "--reconstruction",
+        type=Path,
+        help="also write the inversion's reconstruction here (default: not written)",
+    )
     inversion = edit.add_argument_group("inversion (see the README's 'Inversion methods')")
     inversion.add_argument(
         "--inversion",
@@ -424,7 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
         "several times slower) or negative-prompt (the source prompt as null embedding; free)",
     )
     inversion.add_argument(
-        "--source-prompt", default="", help="what the image shows (null-text, negative-prompt)"
+        "--source-prompt",
+        default="",
+        help="what the image shows; needed by null-text and negative-prompt, refused with ddim (default: none)",
     )
     inversion.add_argument(
         "--null-text-steps", type=int, default=10, help="Adam iterations per step (default 10)"
@@ -456,7 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_edit_arguments(gen)
     gen.set_defaults(func=cmd_generate, flags={**COMMON_FLAGS, **GENERATE_FLAGS})
 
-    info = sub.add_parser("info", help="describe a model and backend as JSON")
+    info = sub.add_parser(
+        "info", help="describe a model and backend as JSON (the keys `fpedit client info` uses too)"
+    )
     add_model_arguments(info)
     info.set_defaults(func=cmd_info)
 
