@@ -3,11 +3,48 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
 from typing import Any
 
+from fpedit.engine.errors import FpeditError
+
+#: What `fpedit bench` imports -> the extra that installs it. Checked before anything runs, so that a
+#: client-only install hears everything it lacks in one line instead of a traceback for the first module.
+ENGINE_MODULES = {"torch": "engine", "diffusers": "engine", "transformers": "engine", "tqdm": "engine"}
+LOAD_TEST_MODULES = {"grpc": "server", "grpc_reflection": "server", "prometheus_client": "server"}
+PLOT_MODULES = {"matplotlib": "bench"}
+
+
+def missing_modules(needed: dict[str, str]) -> dict[str, str]:
+    """The modules of ``needed`` that cannot be imported here, with their extras."""
+    missing = {}
+    for name, extra in needed.items():
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError, AttributeError):  # a broken or blocked install counts as missing
+            found = False
+        if not found:
+            missing[name] = extra
+    return missing
+
+
+def require_bench_modules(args: argparse.Namespace) -> None:
+    needed = dict(ENGINE_MODULES)
+    if args.ray or not args.no_load_test:
+        needed.update(LOAD_TEST_MODULES)
+    if args.json:
+        needed.update(PLOT_MODULES)  # the .png beside the JSON
+    missing = missing_modules(needed)
+    if missing:
+        extras = ",".join(sorted(set(missing.values()), key=["engine", "server", "bench"].index))
+        raise FpeditError(
+            f"fpedit bench needs {', '.join(missing)}, not installed here: pip install 'fpedit[{extras}]'"
+        )
+
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    require_bench_modules(args)
     if args.ray:
         return cmd_ray_bench(args)
     from .bench import BenchConfig, markdown, run_bench, write_outputs
@@ -80,7 +117,7 @@ def add_commands(sub: Any) -> None:
         "--quick", action="store_true", help="tiny model, 10 steps, 128 px: minutes on a laptop CPU"
     )
     bench.add_argument("--model", help="model (default tiny)")
-    bench.add_argument("--device", help="cpu or cuda")
+    bench.add_argument("--device", help="cpu or cuda (default cpu)")
     bench.add_argument(
         "--backends",
         nargs="+",
@@ -102,11 +139,15 @@ def add_commands(sub: Any) -> None:
         help="client counts, e.g. 1,2,4,8: adds the batching table (edits/s and p50/p95 per count, batching "
         "off and on, real edits and re-edits); the load test uses the largest (default 4, no table)",
     )
-    bench.add_argument("--requests", type=int, help="load-test requests in all")
+    bench.add_argument("--requests", type=int, help="load-test requests in all (default 16; 12 with --quick)")
     bench.add_argument("--load-steps", type=int, help="steps per load-test edit (default: --steps)")
-    bench.add_argument("--no-load-test", action="store_true", help="skip the gRPC load test")
-    bench.add_argument("--no-progress", action="store_true", help="no progress bars")
-    bench.add_argument("--json", type=Path, help="write JSON, plus .md and .png beside it")
+    bench.add_argument(
+        "--no-load-test", action="store_true", help="skip the gRPC load test (default: run it)"
+    )
+    bench.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown)")
+    bench.add_argument(
+        "--json", type=Path, help="write JSON, plus .md and .png beside it (default: markdown on stdout only)"
+    )
     bench.add_argument(
         "--ray",
         action="store_true",

@@ -230,7 +230,7 @@ class EditEngine:
 
     # --- shared steps ---------------------------------------------------------------------------------------
 
-    def _check_request(self, options: EditOptions, latent_hw: tuple[int, int]) -> tuple[int, ...]:
+    def _check_request(self, options: EditOptions, latent_hw: tuple[int, int] | None) -> tuple[int, ...]:
         layers = options.layer_numbers(self.spec, latent_hw)
         if options.replaced_steps() and layers:
             self.backend.check_map_request(layers, options.map_format)
@@ -456,6 +456,8 @@ class EditEngine:
             inversion = image
             self._check_inversion(inversion, options)
         else:
+            if options.layers != "resolution":  # that preset needs the image's size; others are checked now
+                self._check_request(options, None)  # before the inversion, not after it ran for nothing
             inversion = self.invert(
                 image, options=options, progress=progress, cancel_check=cancel_check, **invert_options
             )

@@ -117,7 +117,7 @@ def add_commands(sub: Any) -> None:
         "--external-data",
         default="auto",
         choices=("auto", "always", "never"),
-        help="store weights beside the graph (auto: only past 2 GB)",
+        help="store weights beside the graph (default auto: only past 2 GB)",
     )
     export.add_argument("--graphs", nargs="+", choices=GRAPHS, help="export only these graphs")
     export.add_argument(

@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import secrets
 import shutil
 import tempfile
 import warnings
@@ -262,7 +263,9 @@ def staging_dir(out_dir: Path) -> Iterator[Path]:
     so no half-written folder ever looks like a model.
     """
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    # Not tempfile.mkdtemp: its 0700 would become the export's permissions; mkdir honours the umask.
+    stage = out_dir.parent / f".{out_dir.name}.partial-{secrets.token_hex(6)}"
+    stage.mkdir()
     try:
         yield stage
         old = None

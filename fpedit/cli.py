@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import sys
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from importlib import import_module
@@ -24,6 +25,7 @@ from fpedit.engine.contract import LAYER_PRESETS, MAP_FORMATS
 from fpedit.engine.errors import FpeditError, InvalidInputError
 
 EXIT_USER_ERROR = 2
+log = logging.getLogger("fpedit.cli")
 
 #: Modules that add subcommands: each has ``add_commands(subparsers)``. Missing extras only hide them.
 SUBSYSTEMS = ("fpedit.export.cli", "fpedit.server.cli", "fpedit.benchmarks.cli", "fpedit.eval.cli")
@@ -102,7 +104,10 @@ MISSING_EXTRAS = {
     "grpc_health": "client",
     "grpc_reflection": "server",
     "google": "client",
+    "tqdm": "engine",
     "matplotlib": "bench",
+    "prometheus_client": "server",
+    "ray": "ray",
 }
 BACKEND_BY_FORMAT = {"fpedit-onnx": "onnxruntime", "fpedit-tensorrt": "tensorrt"}
 DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
@@ -158,6 +163,20 @@ def check_output_path(path: Path | None, flag: str) -> None:
         raise InvalidInputError(flag, f"{path.parent} is not a directory")
 
 
+def check_distinct_outputs(*outputs: tuple[Path | None, str]) -> None:
+    """Refuse two outputs that name one file: the later write would silently replace the earlier result."""
+    seen: dict[Path, str] = {}
+    for path, flag in outputs:
+        if path is None:
+            continue
+        key = path.expanduser().resolve()
+        if key in seen:
+            raise InvalidInputError(
+                flag, f"{path} is also the {seen[key]} file; give each output its own file name"
+            )
+        seen[key] = flag
+
+
 def check_input_image(path: Path, flag: str = "IMAGE") -> None:
     if path.is_dir():
         raise InvalidInputError(flag, f"{path} is a directory, not an image file")
@@ -203,22 +222,31 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--dtype",
         choices=("float32", "float16", "bfloat16"),
-        help="UNet/text precision (default: fp16 on CUDA)",
+        help="UNet/text precision (default: float16 on CUDA, float32 on CPU; an export's own precision)",
     )
     group.add_argument(
-        "--vae-dtype", choices=("float32", "float16", "bfloat16"), help="VAE precision (torch)"
+        "--vae-dtype",
+        choices=("float32", "float16", "bfloat16"),
+        help="VAE decoder precision, torch backend (default: bfloat16 on CUDA, float32 on CPU)",
     )
     group.add_argument(
-        "--no-cuda-graphs", action="store_true", help="torch and tensorrt on CUDA: no CUDA-graph replay"
+        "--no-cuda-graphs",
+        action="store_true",
+        help="torch and tensorrt on CUDA: no CUDA-graph replay (default: replay where supported)",
     )
-    group.add_argument("--compile", action="store_true", help="torch: torch.compile the UNet (experimental)")
     group.add_argument(
-        "--provider", action="append", dest="providers", help="ONNX Runtime provider (repeatable)"
+        "--compile", action="store_true", help="torch: torch.compile the UNet (experimental; default: off)"
+    )
+    group.add_argument(
+        "--provider",
+        action="append",
+        dest="providers",
+        help="ONNX Runtime provider (repeatable; default: CUDA then CPU on --device cuda, CPU on cpu)",
     )
     group.add_argument(
         "--allow-pickle",
         action="store_true",
-        help="allow pickled (.bin/.ckpt) weights; only for trusted files",
+        help="allow pickled (.bin/.ckpt) weights; only for trusted files (default: safetensors only)",
     )
 
 
@@ -249,11 +277,11 @@ def add_edit_arguments(parser: argparse.ArgumentParser) -> None:
         choices=MAP_FORMATS,
         help="how maps travel: qk (projected Q and K, default) or probs (explicit softmax probabilities)",
     )
-    group.add_argument("--no-progress", action="store_true", help="no progress bar")
+    group.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
     group.add_argument(
         "--stats",
         action="store_true",
-        help="print timing statistics as JSON on stdout (messages go to stderr)",
+        help="print timing statistics as JSON on stdout (messages go to stderr; default: off)",
     )
 
 
@@ -281,7 +309,9 @@ def engine_from_args(args: argparse.Namespace, **kwargs: Any) -> Any:
         backend_options["vae_dtype"] = args.vae_dtype
         if args.compile:
             backend_options["compile_unet"] = True
-    return EditEngine.from_pretrained(
+    log.info("loading model %s (backend %s, device %s)", args.model, args.backend, args.device)
+    started = time.perf_counter()
+    engine = EditEngine.from_pretrained(
         args.model,
         backend=args.backend,
         device=args.device,
@@ -290,6 +320,28 @@ def engine_from_args(args: argparse.Namespace, **kwargs: Any) -> Any:
         providers=args.providers,
         backend_options=backend_options,
         **kwargs,
+    )
+    described = engine.info()
+    log.info(
+        "model loaded in %.2f s: backend %s on %s, %s",
+        time.perf_counter() - started,
+        described.get("backend"),
+        described.get("device"),
+        described.get("dtype"),
+    )
+    return engine
+
+
+def _log_stats(what: str, stats: dict[str, Any]) -> None:
+    """``-v``: each stage's time and the UNet work, so a slow run shows where its time went."""
+    stages = stats.get("stages_ms") or {}
+    log.info(
+        "%s in %.0f ms: %s; %s UNet rows in %s calls",
+        what,
+        stats.get("total_ms", 0.0),
+        ", ".join(f"{stage} {ms:.0f} ms" for stage, ms in stages.items()) or "no stages",
+        stats.get("unet_rows"),
+        stats.get("unet_calls"),
     )
 
 
@@ -327,6 +379,16 @@ def _print_stats(args: argparse.Namespace, stats: dict[str, Any]) -> None:
 
 def _check_model_and_device(args: argparse.Namespace) -> None:
     resolve_backend(args)
+
+
+def _check_source_prompt_is_used(args: argparse.Namespace) -> None:
+    """DDIM inversion takes no source prompt: refuse one rather than drop it without a word."""
+    if (args.inversion or "ddim") == "ddim" and args.source_prompt.strip():
+        raise InvalidInputError(
+            "source_prompt",
+            "DDIM inversion (the default) does not use a source prompt; add --inversion negative-prompt or "
+            "--inversion null-text to use it, or leave it out",
+        )
 
 
 def _inversion_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -453,33 +515,41 @@ def cmd_edit(args: argparse.Namespace) -> int:
     from fpedit.engine.options import check_prompt
     from fpedit.engine.saved import check_save_path
 
+    # Paths first: these checks import nothing heavy, so a typo fails in a fraction of a second.
     saved = _saved_inversion_from_args(args)
-    args.steps = 50 if args.steps is None else args.steps
-    args.guidance = 7.5 if args.guidance is None else args.guidance
-    options = options_from_args(args)  # validate before loading anything
-    for prompt in args.prompt:
-        check_prompt(prompt, "target_prompt", allow_empty=False)
-    inversion = {} if saved is not None else _inversion_from_args(args)
     if saved is None:
         check_input_image(args.image)
     outputs = edit_outputs(args.output, args.prompt)
     for output in outputs:
         check_output_path(output, "-o/--output")
     check_output_path(args.reconstruction, "--reconstruction")
-    if args.reconstruction and args.reconstruction.expanduser().resolve() in {
-        o.expanduser().resolve() for o in outputs
-    }:
-        raise InvalidInputError(
-            "reconstruction", f"{args.reconstruction} is also an edit's output; give another file"
-        )
+    check_distinct_outputs(
+        *((output, "-o/--output") for output in outputs), (args.reconstruction, "--reconstruction")
+    )
     if args.save_inversion is not None:
         check_save_path(args.save_inversion, "save_inversion")
+    if saved is None:
+        _check_source_prompt_is_used(args)
+    args.steps = 50 if args.steps is None else args.steps
+    args.guidance = 7.5 if args.guidance is None else args.guidance
+    options = options_from_args(args)  # validate before loading anything
+    for prompt in args.prompt:
+        check_prompt(prompt, "target_prompt", allow_empty=False)
+    inversion = {} if saved is not None else _inversion_from_args(args)
     _check_model_and_device(args)
     engine = engine_from_args(args, show_progress=not args.no_progress)
     source = args.image if saved is None else engine.load_inversion(args.inversion_file)
+    log.info(
+        "editing %s (%s inversion, %d steps, %d prompts)",
+        args.image or args.inversion_file,
+        (saved or {}).get("method") or args.inversion or "ddim",
+        options.steps,
+        len(args.prompt),
+    )
     edits = []
     for i, (prompt, output) in enumerate(zip(args.prompt, outputs, strict=True)):
         result = engine.edit_real(source, prompt, options=options, output_size=args.size, **inversion)
+        _log_stats(f"edit {i + 1}/{len(outputs)} done", result.stats)
         if i == 0:
             source, inversion = result.inversion, {}  # every later prompt re-edits the same inversion
             if args.save_inversion is not None:
@@ -497,16 +567,24 @@ def cmd_edit(args: argparse.Namespace) -> int:
     return 0
 
 
+def source_output_path(output: Path, source_output: Path | None) -> Path:
+    """Where ``generate`` writes the source image: ``--source-output``, else ``OUTPUT.source.EXT``."""
+    return source_output or output.with_name(f"{output.stem}.source{output.suffix}")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from fpedit.engine.options import check_prompt
 
+    source_path = source_output_path(args.output, args.source_output)
+    check_output_path(args.output, "-o/--output")
+    check_output_path(args.source_output, "--source-output")
+    check_distinct_outputs((args.output, "-o/--output"), (source_path, "--source-output"))
     options = options_from_args(args)
     check_prompt(args.source_prompt, "source_prompt", allow_empty=True)
     check_prompt(args.target_prompt, "target_prompt", allow_empty=False)
-    check_output_path(args.output, "-o/--output")
-    check_output_path(args.source_output, "--source-output")
     _check_model_and_device(args)
     engine = engine_from_args(args, show_progress=not args.no_progress)
+    log.info("generating and editing (seed %d, %d steps)", args.seed, options.steps)
     result = engine.edit_generated(
         args.source_prompt,
         args.target_prompt,
@@ -515,9 +593,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         height=args.height,
         width=args.width,
     )
-    source_path = args.source_output or args.output.with_name(
-        f"{args.output.stem}.source{args.output.suffix}"
-    )
+    _log_stats("generate done", result.stats)
     _save(result.source_image, source_path)
     _save(result.edited_image, args.output)
     _print_stats(args, result.stats)
@@ -538,7 +614,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = FpeditParser(prog="fpedit", description="Free-Prompt-Editing for Stable Diffusion 1.x")
     parser.add_argument("--version", action="version", version=f"fpedit {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log stages, model load and timings at INFO level"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     edit = sub.add_parser("edit", help="edit a real image toward target prompts (invert once + FPE)")
@@ -563,7 +641,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="edited image file (.png, .jpg or .webp); with several prompts it needs {i} (0, 1, ...) or "
         "{prompt} (the prompt as a file name), e.g. out/{i}.png",
     )
-    edit.add_argument("--reconstruction", type=Path, help="also write the inversion's reconstruction here")
+    edit.add_argument(
+        "--reconstruction",
+        type=Path,
+        help="also write the inversion's reconstruction here (default: not written)",
+    )
     edit.add_argument(
         "--size",
         type=parse_output_size,
@@ -579,7 +661,9 @@ def build_parser() -> argparse.ArgumentParser:
         "backend; several times slower) or negative-prompt (the source prompt as null embedding; free)",
     )
     inversion.add_argument(
-        "--source-prompt", default="", help="what the image shows (null-text, negative-prompt)"
+        "--source-prompt",
+        default="",
+        help="what the image shows; needed by null-text and negative-prompt, refused with ddim (default: none)",
     )
     inversion.add_argument("--null-text-steps", type=int, help="Adam iterations per step (default 10)")
     inversion.add_argument("--null-text-epsilon", type=float, help="early-stop loss threshold (default 1e-5)")
@@ -621,7 +705,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_edit_arguments(gen)
     gen.set_defaults(func=cmd_generate, flags={**COMMON_FLAGS, **GENERATE_FLAGS})
 
-    info = sub.add_parser("info", help="describe a model and backend as JSON")
+    info = sub.add_parser(
+        "info", help="describe a model and backend as JSON (the keys `fpedit client info` uses too)"
+    )
     add_model_arguments(info)
     info.set_defaults(func=cmd_info)
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import socket
+import ssl
 from dataclasses import dataclass
+from pathlib import Path
 
 from fpedit.engine.errors import InvalidInputError
 from fpedit.engine.options import DEFAULT_MAX_PROMPT_CHARS
@@ -56,9 +60,101 @@ class ServerConfig:
                 "must be in 0..65535 (0 picks a free port)",
             ),
             ("log-format", self.log_format in LOG_FORMATS, f"must be one of {LOG_FORMATS}"),
-            ("tls", bool(self.tls_cert) == bool(self.tls_key), "give both --tls-cert and --tls-key"),
+            ("tls-key", bool(self.tls_key) or not self.tls_cert, "--tls-cert needs --tls-key as well"),
+            ("tls-cert", bool(self.tls_cert) or not self.tls_key, "--tls-key needs --tls-cert as well"),
         ]
         for flag, ok, message in checks:
             if not ok:
                 raise InvalidInputError(flag, message)
         return self
+
+
+def check_can_start(config: ServerConfig) -> None:
+    """What would otherwise fail only after the model loaded, each named by its flag: the TLS pair, whether
+    the host resolves and whether the gRPC and metrics ports are free. (A port can still be taken between
+    this check and the bind; the server then reports that itself.)"""
+    if config.tls_cert and config.tls_key:
+        check_tls_pair(config.tls_cert, config.tls_key)
+    check_bindable(config.host, config.port, "host", "port")
+    if config.metrics_port is not None:
+        host_flag = "metrics-host" if config.metrics_host else "host"
+        check_bindable(config.metrics_host or config.host, config.metrics_port, host_flag, "metrics-port")
+
+
+def check_bindable(host: str, port: int, host_flag: str, port_flag: str) -> None:
+    """Refuse a host that does not resolve or is not this machine's, and a port something already uses."""
+    name = host.strip("[]")  # gRPC takes "[::]"; the socket API takes "::"
+    try:
+        addresses = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise InvalidInputError(
+            host_flag, f"cannot bind {host}:{port}: {host} does not resolve ({reason})"
+        ) from None
+    failures: list[OSError] = []
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server's own bind
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise InvalidInputError(
+                        port_flag, f"cannot bind {host}:{port}: the port is in use by another process"
+                    ) from None
+                failures.append(exc)
+    if failures and len(failures) == len(addresses):
+        exc = failures[0]
+        if exc.errno == errno.EADDRNOTAVAIL:
+            reason = f"{host} is not an address of this machine"
+        elif exc.errno == errno.EACCES:
+            reason = "permission denied (ports below 1024 need privileges)"
+        else:
+            reason = exc.strerror or str(exc)
+        flag = port_flag if exc.errno == errno.EACCES else host_flag
+        raise InvalidInputError(flag, f"cannot bind {host}:{port}: {reason}")
+
+
+def _no_password() -> bytes:
+    """Never prompt on the terminal for a key's passphrase (OpenSSL would): an encrypted key is refused."""
+    raise ValueError("encrypted")
+
+
+def check_tls_pair(cert: str, key: str) -> None:
+    """Refuse an unreadable file, a file that is not PEM, swapped files and a key that is not the
+    certificate's, each said as what it is."""
+    pems: dict[str, bytes] = {}
+    for flag, path in (("tls-key", key), ("tls-cert", cert)):
+        try:
+            pems[flag] = Path(path).read_bytes()
+        except OSError as exc:
+            raise InvalidInputError(flag, f"cannot read {path}: {exc.strerror or exc}") from None
+    for flag, path in (("tls-cert", cert), ("tls-key", key)):
+        if b"-----BEGIN" not in pems[flag]:
+            raise InvalidInputError(flag, f"{path} is not a PEM file")
+    cert_pem, key_pem = pems["tls-cert"], pems["tls-key"]
+    if b"CERTIFICATE-----" not in cert_pem:
+        hint = " (are --tls-cert and --tls-key swapped?)" if b"PRIVATE KEY-----" in cert_pem else ""
+        raise InvalidInputError("tls-cert", f"{cert} holds no certificate{hint}")
+    if b"PRIVATE KEY-----" not in key_pem:
+        hint = " (are --tls-cert and --tls-key swapped?)" if b"CERTIFICATE-----" in key_pem else ""
+        raise InvalidInputError("tls-key", f"{key} holds no private key{hint}")
+    if b"ENCRYPTED" in key_pem:
+        raise InvalidInputError("tls-key", f"{key} is encrypted; the server needs an unencrypted PEM key")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key, password=_no_password)
+    except ssl.SSLError as exc:
+        text = f"{exc.reason or ''} {exc}"
+        if "KEY_VALUES_MISMATCH" in text or "key values mismatch" in text:
+            raise InvalidInputError(
+                "tls-key",
+                f"{key} is not the private key of the certificate in {cert} (the pair does not match)",
+            ) from None
+        raise InvalidInputError(
+            "tls-cert", f"cannot load the certificate {cert} with the key {key}: {exc.reason or exc}"
+        ) from None
+    except ValueError:
+        raise InvalidInputError(
+            "tls-key", f"{key} is encrypted; the server needs an unencrypted PEM key"
+        ) from None

@@ -116,11 +116,13 @@ def parse_edit(request: pb.EditRequest, max_prompt_chars: int) -> EditCall:
     has_image, has_id = bool(request.image), bool(request.inversion_id)
     if has_image == has_id:
         raise InvalidInputError("image", "give exactly one of image or inversion_id")
-    inversion = _inversion_method(request, max_prompt_chars)
-    if has_id:
+    if has_id:  # first: judging these options would only confuse (a null-text method wants a prompt...)
         for name in ("source_prompt", "inversion_method", "null_text_steps", "null_text_epsilon"):
             if request.HasField(name) if name.startswith("null_text") else getattr(request, name):
-                raise InvalidInputError(name, "applies to an image; an inversion id carries its own")
+                raise InvalidInputError(
+                    name, "inversion options do not apply to an inversion id: the inversion carries its own"
+                )
+    inversion = _inversion_method(request, max_prompt_chars)
     if len(request.inversion_id) > MAX_INVERSION_ID_CHARS:
         raise InvalidInputError("inversion_id", "is not an id this server issued")
     return EditCall(

@@ -310,7 +310,7 @@ def test_client_mistakes_are_one_line_before_any_call(tmp_path, capsys):
         assert code == 2, (args, err)
         assert_one_line(err, *fragments)
     code, err = run_cli(["client", "info", *target], capsys)
-    assert code == 1
+    assert code == 3  # unreachable: distinct from a mistake (2) and from a server's refusal (1)
     assert_one_line(err, "UNAVAILABLE", "is `fpedit serve` running at 127.0.0.1:1?")
 
 
