@@ -278,15 +278,21 @@ def add_commands(sub: Any) -> None:
     )
     ev.add_argument("--images", type=Path, help="folder the dataset's image paths are relative to")
     ev.add_argument("--limit", type=int, help="only the first N items")
-    ev.add_argument("--seed", type=parse_seed, default=0, help="generated items: item i uses seed SEED+i")
+    ev.add_argument(
+        "--seed", type=parse_seed, default=0, help="generated items: item i uses seed SEED+i (default 0)"
+    )
     ev.add_argument(
         "--inversion",
         choices=("ddim", "null-text", "negative-prompt"),
         default="ddim",
         help="real images: ddim (default), null-text or negative-prompt (with each item's source prompt)",
     )
-    ev.add_argument("--null-text-steps", type=int, default=10, help="Adam iterations per step (null-text)")
-    ev.add_argument("--null-text-epsilon", type=float, default=1e-5, help="early-stop loss (null-text)")
+    ev.add_argument(
+        "--null-text-steps", type=int, default=10, help="Adam iterations per step (null-text; default 10)"
+    )
+    ev.add_argument(
+        "--null-text-epsilon", type=float, default=1e-5, help="early-stop loss (null-text; default 1e-5)"
+    )
     ev.add_argument("--sweep", action="store_true", help="run every --sweep-layers x --sweep-windows setting")
     ev.add_argument(
         "--sweep-layers",

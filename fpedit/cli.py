@@ -519,6 +519,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     saved = _saved_inversion_from_args(args)
     if saved is None:
         check_input_image(args.image)
+    for prompt in args.prompt:
+        check_prompt(prompt, "target_prompt", allow_empty=False)
     outputs = edit_outputs(args.output, args.prompt)
     for output in outputs:
         check_output_path(output, "-o/--output")
@@ -533,8 +535,6 @@ def cmd_edit(args: argparse.Namespace) -> int:
     args.steps = 50 if args.steps is None else args.steps
     args.guidance = 7.5 if args.guidance is None else args.guidance
     options = options_from_args(args)  # validate before loading anything
-    for prompt in args.prompt:
-        check_prompt(prompt, "target_prompt", allow_empty=False)
     inversion = {} if saved is not None else _inversion_from_args(args)
     _check_model_and_device(args)
     engine = engine_from_args(args, show_progress=not args.no_progress)
@@ -549,7 +549,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     edits = []
     for i, (prompt, output) in enumerate(zip(args.prompt, outputs, strict=True)):
         result = engine.edit_real(source, prompt, options=options, output_size=args.size, **inversion)
-        _log_stats(f"edit {i + 1}/{len(outputs)} done", result.stats)
+        _log_stats("edit done" if len(outputs) == 1 else f"edit {i + 1}/{len(outputs)} done", result.stats)
         if i == 0:
             source, inversion = result.inversion, {}  # every later prompt re-edits the same inversion
             if args.save_inversion is not None:
