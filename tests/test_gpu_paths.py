@@ -521,11 +521,11 @@ def test_provider_error_names_the_library_that_fails_to_load(tmp_path):
 # --- the GPU smoke script ------------------------------------------------------------------------------------
 
 
-def test_gpu_smoke_dry_run_passes_on_the_cpu(tmp_path, capsys):
+def test_gpu_smoke_dry_run_passes_on_the_cpu(model_dir, tmp_path, capsys):
     from fpedit.benchmarks.gpu_smoke import main
 
     out = tmp_path / "smoke.json"
-    assert main(["--dry-run", "--json", str(out)]) == 0
+    assert main(["--dry-run", "--json", str(out), "--model", str(model_dir)]) == 0
     report = json.loads(out.read_text())
     lines = capsys.readouterr().out
     checks = report["checks"]
@@ -539,6 +539,7 @@ def test_gpu_smoke_dry_run_passes_on_the_cpu(tmp_path, capsys):
     }
     assert all(c["status"] in ("PASS", "SKIP") for c in checks), checks
     assert all(c["reason"] for c in checks if c["status"] == "SKIP")
-    assert sum(c["status"] == "PASS" for c in checks) >= 4
+    passed = {c["name"] for c in checks if c["status"] == "PASS"}
+    assert {"torch_graphs_vs_eager", "torch_batching_concurrent", "onnx_fp16_export"} <= passed
     for check in checks:
         assert f"{check['status']} {check['name']}" in lines
