@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import torch
 
 from .backends.base import Backend
+from .backends.capture import CAPTURE_GATE
 from .calls import UNetCall, UNetResult
 from .programs import Program, Step
 
@@ -204,7 +205,11 @@ class Executor:
         stage, started = None, 0.0
         self._enter()
         try:
-            step = next(program)
+            # A program's own steps touch the device (scheduler updates on device latents): never beside a
+            # capture. The gate is held only while the program computes, never while its call waits for
+            # the device loop (which may be capturing).
+            with CAPTURE_GATE.shared():
+                step = next(program)
             while True:
                 if step.stage != stage:
                     if stage is not None:
@@ -214,7 +219,8 @@ class Executor:
                 run.check()
                 result = self._call(step.call, run)
                 run.step_done(step)
-                step = program.send(result)
+                with CAPTURE_GATE.shared():
+                    step = program.send(result)
         except StopIteration as finished:
             return finished.value
         finally:
@@ -253,7 +259,8 @@ class Executor:
             try:
                 if result is not None:
                     run.step_done(steps[j])
-                step = next(program) if result is None else program.send(result)
+                with CAPTURE_GATE.shared():  # the program's own device work (see run)
+                    step = next(program) if result is None else program.send(result)
                 run.check()
                 steps[j] = step
             except StopIteration as finished:

@@ -31,6 +31,7 @@ from PIL import Image
 
 from . import null_text, programs
 from .backends.base import Backend
+from .backends.capture import CAPTURE_GATE
 from .contract import ModelSpec
 from .errors import InvalidInputError
 from .executor import CancelCheck, Executor, ProgressCallback, ProgressEvent, RequestRun
@@ -634,7 +635,8 @@ class EditEngine:
             if run.progress is not None:
                 run.progress(ProgressEvent("null_text", done, total))
 
-        with run.stage("null_text"):
+        # Gradient work on the device outside the backend's entry points: never beside a graph capture.
+        with run.stage("null_text"), CAPTURE_GATE.shared():
             result = null_text.optimize_null_embeddings(
                 self.backend.float32_unet(),
                 trajectory,

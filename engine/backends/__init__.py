@@ -37,7 +37,7 @@ def create_backend(
 
     ``dtype`` (torch backend) defaults to float16 on CUDA and float32 elsewhere; ``backend_options`` go to
     the backend's constructor (torch: ``vae_dtype``, ``cuda_graphs``, ``channels_last``, ``compile_unet``,
-    ``max_batch``, ``max_graphs``; tensorrt: ``cuda_graphs``).
+    ``max_batch``, ``max_graphs``; tensorrt: ``cuda_graphs``, ``max_graphs``).
     """
     options = dict(backend_options or {})
     try:
@@ -72,5 +72,10 @@ def create_backend(
     if backend == "tensorrt":
         from .tensorrt_backend import TensorRTBackend
 
-        return TensorRTBackend.load(model, device=device, cuda_graphs=options.get("cuda_graphs", True))
+        return TensorRTBackend.load(
+            model,
+            device=device,
+            cuda_graphs=options.get("cuda_graphs", True),
+            max_graphs=options.get("max_graphs"),
+        )
     raise InvalidInputError("backend", f"must be one of {list(BACKENDS)}, got {backend!r}")

@@ -17,6 +17,11 @@ import torch
 from ..calls import UNetCall, UNetResult
 from ..contract import ModelSpec
 from ..maps import AttentionMaps, Injection
+from .capture import device_work
+
+#: The entry points that touch the device: every subclass's own definitions run inside a shared section of
+#: the process's capture gate (:mod:`.capture`), so no backend can forget it.
+DEVICE_METHODS = ("encode_text", "encode_image", "decode_latents", "unet", "synchronize")
 
 
 class Backend(ABC):
@@ -37,6 +42,13 @@ class Backend(ABC):
     max_batch: int = 8
     #: Whether :meth:`unet` takes ``call.donors``: rows that attend with another row's map of the same call.
     supports_donors: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in DEVICE_METHODS:
+            method = cls.__dict__.get(name)
+            if callable(method) and not getattr(method, "__isabstractmethod__", False):
+                setattr(cls, name, device_work(method))
 
     @abstractmethod
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -104,8 +116,10 @@ class Backend(ABC):
                     f"{list(self.map_layers)}; re-export with --layers to include them",
                 )
 
+    @device_work
     def synchronize(self) -> None:
-        """Wait for queued device work (stage timings)."""
+        """Wait for queued device work (stage timings). Never while a graph is being captured: a device-wide
+        synchronization from any thread invalidates a capture in progress (hence the gate)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

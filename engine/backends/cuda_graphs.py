@@ -13,6 +13,9 @@ The cache is an LRU of at most ``max_graphs`` graphs (default :data:`DEFAULT_MAX
 one memory pool, so their intermediates cost the largest graph's, not the sum; that is safe because one lock
 covers every copy-in, replay and copy-out (a graph's static outputs may live where another graph keeps
 intermediates, and they are cloned before any other graph runs). The GPU runs one UNet at a time anyway.
+Every capture (warm-up runs included) runs inside the process's :data:`~.capture.CAPTURE_GATE` exclusive
+section, so no other thread's VAE, text encoder, program step or synchronize can break it; the CPU stand-in
+takes the same path.
 
 Without CUDA (the tests) a "graph" replays by running the eager forward on its static buffers, so the
 padding, dense state, keys, copy-in/out and eviction run on the CPU exactly as they do around a real graph.
@@ -32,6 +35,7 @@ from ..calls import UNetCall, UNetResult
 from ..contract import NUM_SELF_ATTENTION_LAYERS, PAPER_LAYERS, ModelSpec
 from ..maps import AttentionMaps
 from .attention import CallState
+from .capture import CAPTURE_GATE
 
 WARMUP_RUNS = 2
 #: Graphs kept per backend: 4 batch sizes x a few variants x a size or two fits; older ones are evicted.
@@ -116,26 +120,38 @@ class UNetGraphs:
         inputs = CallState.dense(padded, layers, self.spec, self.device)
         with self._lock:
             entry = self._graphs.get(key)
+            if entry is not None:
+                self._graphs.move_to_end(key)
+                return self._replay(entry, call, padded, inputs)
+        # A new key: capture with no other CUDA work in the process (the gate first, then our lock: a thread
+        # inside the gate's shared section may be waiting for our lock).
+        with CAPTURE_GATE.exclusive(), self._lock:
+            entry = self._graphs.get(key)
             if entry is None:
                 entry = self._capture(padded, inputs)
                 self._graphs[key] = entry
                 while len(self._graphs) > self.max_graphs:
                     self._graphs.popitem(last=False)
-            else:
+            else:  # another thread captured it while this one waited
                 self._graphs.move_to_end(key)
-            entry.sample.copy_(padded.sample)
-            entry.timestep.copy_(padded.timesteps)
-            entry.context.copy_(padded.context)
-            entry.state.load(inputs)
-            entry.replay(self.forward)
-            noise = None
-            if call.need_noise_pred and entry.noise is not None:
-                noise = entry.noise[:rows].clone()
-            maps = None
-            if call.capture:
-                maps = AttentionMaps(
-                    call.map_format, {layer: entry.captured[layer][:rows].clone() for layer in call.capture}
-                )
+            return self._replay(entry, call, padded, inputs)
+
+    def _replay(self, entry: _Graph, call: UNetCall, padded: UNetCall, inputs: CallState) -> UNetResult:
+        """Copy in, replay, copy out (under ``self._lock``: the graphs share one pool)."""
+        rows = call.rows
+        entry.sample.copy_(padded.sample)
+        entry.timestep.copy_(padded.timesteps)
+        entry.context.copy_(padded.context)
+        entry.state.load(inputs)
+        entry.replay(self.forward)
+        noise = None
+        if call.need_noise_pred and entry.noise is not None:
+            noise = entry.noise[:rows].clone()
+        maps = None
+        if call.capture:
+            maps = AttentionMaps(
+                call.map_format, {layer: entry.captured[layer][:rows].clone() for layer in call.capture}
+            )
         return UNetResult(noise, maps)
 
     def _capture(self, call: UNetCall, inputs: CallState) -> _Graph:
@@ -161,7 +177,8 @@ class UNetGraphs:
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        # thread_local: other requests may use the GPU (VAE, text) from their threads while this captures.
+        # The gate keeps every engine thread's CUDA work out; thread_local keeps a stray launch elsewhere in the
+        # process (allowed onto other streams) from failing this capture.
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             entry.noise = self.forward(entry.sample, entry.timestep, entry.context, inputs)
         entry.graph = graph

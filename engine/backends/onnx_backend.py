@@ -2,10 +2,17 @@
 
 I/O binding hands ONNX Runtime the torch tensors' memory directly (inputs and preallocated outputs), so no
 copies are made on the CPU and, with the CUDA or TensorRT execution providers, nothing leaves the GPU.
+
+ONNX Runtime falls back to the CPU with only a log line when a GPU provider's libraries fail to load, and
+``get_available_providers()`` lists the providers compiled in, not the loadable ones; binding GPU pointers to
+such a session would then be wrong. So on CUDA the backend first calls ``onnxruntime.preload_dlls()`` (1.21+:
+loads the CUDA and cuDNN libraries of the nvidia wheels or torch), then checks every session's
+``get_providers()`` against the request and, when a provider is missing, says which library failed to load.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +28,42 @@ from .graph_backend import GraphBackend, load_export_tokenizer, read_manifest
 log = logging.getLogger(__name__)
 
 NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+
+
+#: The shared library each GPU provider lives in (``onnxruntime/capi/libonnxruntime_providers_<name>.so``).
+PROVIDER_LIBRARIES = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "tensorrt"}
+
+
+def preload_gpu_libraries(ort: Any) -> None:
+    """``onnxruntime.preload_dlls()`` where this onnxruntime has it (1.21+); its own failures are left to the
+    provider check, which names the library."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception as exc:  # onnxruntime raises various types; the session check reports what matters
+        log.warning("onnxruntime.preload_dlls() failed: %s", exc)
+
+
+def provider_load_error(ort: Any, provider: str) -> str:
+    """Why ``provider`` is not active: its library is absent (a CPU build) or fails to load (and why)."""
+    short = PROVIDER_LIBRARIES.get(provider)
+    if short is None:
+        return f"{provider} could not be created (see onnxruntime's log)"
+    capi = Path(ort.__file__).parent / "capi"
+    libraries = sorted(capi.glob(f"*onnxruntime_providers_{short}.*"))
+    if not libraries:
+        return (
+            f"this onnxruntime ({getattr(ort, '__version__', '?')}) has no {provider} library in {capi}: a CPU "
+            "build, or the CPU `onnxruntime` wheel shadowing `onnxruntime-gpu` (pip uninstall onnxruntime "
+            "onnxruntime-gpu && pip install onnxruntime-gpu)"
+        )
+    try:
+        ctypes.CDLL(str(libraries[0]))
+    except OSError as exc:
+        return f"{libraries[0].name} failed to load: {exc}"
+    return f"{libraries[0].name} loads, but {provider} could not be created (see onnxruntime's log)"
 
 
 def default_providers(device: torch.device) -> list[str]:
@@ -44,6 +87,8 @@ class OnnxRuntimeBackend(GraphBackend):
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise InvalidInputError("device", "CUDA was requested but torch sees no GPU")
         chosen = list(providers or default_providers(self.device))
+        if any(p in PROVIDER_LIBRARIES for p in chosen):
+            preload_gpu_libraries(ort)
         missing = [p for p in chosen if p not in ort.get_available_providers()]
         if missing:
             raise InvalidInputError(
@@ -67,9 +112,17 @@ class OnnxRuntimeBackend(GraphBackend):
             if not path.is_file():
                 raise ModelLoadError(f"missing {path} (listed in the manifest)")
             try:
-                self._sessions[graph] = ort.InferenceSession(str(path), options, providers=provider_args)
+                session = ort.InferenceSession(str(path), options, providers=provider_args)
             except Exception as exc:  # onnxruntime raises its own exception types
                 raise ModelLoadError(f"onnxruntime cannot load {path}: {exc}") from exc
+            active = list(session.get_providers())
+            lost = [p for p in chosen if p not in active]
+            if lost:  # onnxruntime fell back (to the CPU) with only a log line: refuse instead
+                reasons = "; ".join(provider_load_error(ort, p) for p in lost)
+                raise ModelLoadError(
+                    f"onnxruntime runs {graph} on {active}, not the requested {lost}: {reasons}"
+                )
+            self._sessions[graph] = session
 
     @classmethod
     def load(

@@ -2,70 +2,143 @@
 
 All contract logic (variants, maps, gate, shapes) is :class:`GraphBackend`'s and is verified on the CPU
 through ONNX Runtime; this adapter only deserializes engines, binds tensor addresses and replays CUDA graphs.
-It uses only calls present in both TensorRT 10.x and 11.x (``Runtime.deserialize_cuda_engine``,
-``ICudaEngine.create_execution_context``, ``IExecutionContext.set_input_shape`` / ``set_tensor_address`` /
-``execute_async_v3``). It needs an NVIDIA GPU and was not executed on the machines this project is
-developed on (see the README).
+It uses calls present in both TensorRT 10.x (10.1 and later) and 11.x: ``Runtime.deserialize_cuda_engine``,
+``ICudaEngine.create_execution_context(ExecutionContextAllocationStrategy.USER_MANAGED)``,
+``ICudaEngine.device_memory_size_v2``, ``IExecutionContext.set_device_memory(ptr, size)`` /
+``set_input_shape`` / ``set_tensor_address`` / ``infer_shapes`` / ``execute_async_v3``. Every one that reports
+failure by returning ``False`` or ``None`` is checked and raises a message naming the graph and tensor.
 
-CUDA graphs: TensorRT allows capturing ``execute_async_v3`` into a CUDA graph once the context's input shapes
-and addresses are set and one ordinary launch has flushed the shape-dependent set-up; the graph is valid for
-exactly those shapes and addresses. So each distinct (graph, input shapes) call gets static input and output
-buffers, one eager warm-up launch, then a capture; later calls with the same shapes copy their inputs into the
-static buffers and replay. The number of distinct shapes is bounded by the profile (batch sizes × image sizes
-a server actually sees), and all graphs share one memory pool.
+Design, for correctness by construction:
+
+* **One execution context per captured input-shape set.** A CUDA graph captured from ``execute_async_v3``
+  depends on its context's state; binding another shape on the same context leaves earlier graphs undefined.
+  So each (graph, input shapes) key owns a context, its static buffers and its graph, in an LRU of at most
+  ``max_graphs`` entries (evicting one frees all three). Eager launches (``cuda_graphs=False``) use one context
+  per graph and re-bind freely, which TensorRT allows outside graphs.
+* **One user-managed activation block.** Contexts are created with the ``USER_MANAGED`` strategy and all get
+  the same device block, sized for the largest engine (``device_memory_size_v2``), instead of one block of the
+  largest profile per context. Sharing is safe because every launch and replay runs under one lock on one
+  dedicated (non-default) stream, so no two contexts use the block at once.
+* **A dedicated stream.** TensorRT on the default stream adds device-wide synchronizations, which would also
+  break another thread's capture. Launches run on the backend's stream, ordered against the caller's stream
+  on both sides.
+* **Captures under the process's capture gate** (:mod:`.capture`), in ``thread_local`` mode, so no other
+  thread's CUDA work can invalidate them.
+* **256-byte aligned addresses.** ``set_tensor_address`` needs 256-byte alignment; a slice such as
+  ``t[k:k+1]`` keeps an offset. Every bound address is checked; an unaligned input is copied into an aligned
+  buffer and an unaligned output is written through one.
+
+The device-specific parts (stream, graph capture) are thin; with a stand-in ``runtime`` module (tests) the
+same bookkeeping runs on the CPU, a "graph" replaying by launching its own context again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 
 from ..contract import ENGINE_FORMAT
 from ..errors import InvalidInputError, ModelLoadError
+from .capture import CAPTURE_GATE
 from .graph_backend import GraphBackend, load_export_tokenizer, read_manifest
+
+#: ``IExecutionContext.setTensorAddress``: "The pointer must have at least 256-byte alignment."
+ADDRESS_ALIGNMENT = 256
+#: Captured shape sets kept (each holds a context, static buffers and a graph); older ones are evicted.
+DEFAULT_MAX_GRAPHS = 24
+
+
+class TensorRTError(RuntimeError):
+    """A TensorRT call reported failure."""
+
+
+def is_aligned(tensor: torch.Tensor, alignment: int = ADDRESS_ALIGNMENT) -> bool:
+    return tensor.data_ptr() % alignment == 0
+
+
+def aligned_empty(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, alignment: int = ADDRESS_ALIGNMENT
+) -> torch.Tensor:
+    """An empty contiguous tensor whose address is a multiple of ``alignment`` (CUDA's allocator already
+    gives 512 bytes; the CPU allocator only 64, hence the offset)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    count = 1
+    for size in shape:
+        count *= size
+    raw = torch.empty(count * itemsize + alignment, dtype=torch.uint8, device=device)
+    offset = (-raw.data_ptr()) % alignment
+    return raw[offset : offset + count * itemsize].view(dtype).view(shape)
+
+
+def aligned_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself when contiguous and aligned, else an aligned contiguous copy."""
+    if tensor.is_contiguous() and is_aligned(tensor):
+        return tensor
+    return aligned_empty(tuple(tensor.shape), tensor.dtype, tensor.device).copy_(tensor)
 
 
 @dataclass
 class _Replay:
-    """One captured launch: the buffers its addresses point at, and the graph itself."""
+    """One captured shape set: its own context, the buffers its addresses point at, and the graph."""
 
+    name: str
+    context: Any
     inputs: dict[str, torch.Tensor]
     outputs: dict[str, torch.Tensor]
-    graph: torch.cuda.CUDAGraph
+    graph: torch.cuda.CUDAGraph | None  # None: the CPU stand-in, which launches the context again
 
 
 class TensorRTBackend(GraphBackend):
     name = "tensorrt"
 
     def __init__(
-        self, folder: Path, device: str | torch.device = "cuda", *, cuda_graphs: bool = True
+        self,
+        folder: Path,
+        device: str | torch.device = "cuda",
+        *,
+        cuda_graphs: bool = True,
+        max_graphs: int | None = None,
+        runtime: ModuleType | None = None,
     ) -> None:
+        """``runtime`` stands in for the ``tensorrt`` module (tests run this adapter on the CPU with one)."""
         manifest = read_manifest(folder, ENGINE_FORMAT)
         device = torch.device(device)
-        if device.type != "cuda" or not torch.cuda.is_available():
-            raise InvalidInputError(
-                "device", "the tensorrt backend needs device='cuda' and a visible NVIDIA GPU"
-            )
-        try:
-            import tensorrt as trt
-        except ImportError as exc:
-            raise ModelLoadError(
-                "the tensorrt backend needs TensorRT 10 or 11 (pip install 'fpedit[tensorrt]')"
-            ) from exc
+        if runtime is None:
+            if device.type != "cuda" or not torch.cuda.is_available():
+                raise InvalidInputError(
+                    "device", "the tensorrt backend needs device='cuda' and a visible NVIDIA GPU"
+                )
+            try:
+                import tensorrt as runtime
+            except ImportError as exc:
+                raise ModelLoadError(
+                    "the tensorrt backend needs TensorRT 10 or 11 (pip install 'fpedit[tensorrt]')"
+                ) from exc
         super().__init__(manifest, device)
+        self._trt = runtime
         self.cuda_graphs = cuda_graphs
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
+        self.max_graphs = max(1, int(max_graphs or DEFAULT_MAX_GRAPHS))
+        self._logger = runtime.Logger(runtime.Logger.WARNING)
+        self._runtime = runtime.Runtime(self._logger)
+        if self._runtime is None:
+            raise ModelLoadError("TensorRT could not create a runtime (see its log above)")
         self._engines: dict[str, Any] = {}
-        self._contexts: dict[str, Any] = {}
-        self._locks: dict[str, threading.Lock] = {}
-        self._replays: dict[tuple, _Replay] = {}
+        self._eager: dict[str, Any] = {}  # graph -> context (cuda_graphs=False)
+        self._replays: OrderedDict[tuple[Any, ...], _Replay] = OrderedDict()
+        #: One lock for every launch, replay and binding: all contexts share one activation block.
+        self._lock = threading.Lock()
         self._pool: Any = None
-        with torch.cuda.device(device):
+        #: Shape sets captured so far (evicted ones included).
+        self.captures = 0
+        on_cuda = device.type == "cuda"
+        with torch.cuda.device(device) if on_cuda else contextlib.nullcontext():
             for graph, file in manifest.files.items():
                 path = folder / file
                 if not path.is_file():
@@ -74,72 +147,171 @@ class TensorRTBackend(GraphBackend):
                 if engine is None:
                     raise ModelLoadError(f"TensorRT could not deserialize {path} (built by another version?)")
                 self._engines[graph] = engine
-                self._contexts[graph] = engine.create_execution_context()
-                self._locks[graph] = threading.Lock()
+            self._memory_size = max(self._engine_memory(g, e) for g, e in self._engines.items())
+            self._memory = aligned_empty((max(1, self._memory_size),), torch.uint8, device)
+            self._stream = torch.cuda.Stream(device) if on_cuda else None
 
     @classmethod
     def load(
-        cls, folder: str | Path, *, device: str = "cuda", cuda_graphs: bool = True
+        cls,
+        folder: str | Path,
+        *,
+        device: str = "cuda",
+        cuda_graphs: bool = True,
+        max_graphs: int | None = None,
     ) -> tuple[TensorRTBackend, Any, str]:
         folder = Path(folder).expanduser()
-        backend = cls(folder, device=device if device != "cpu" else "cuda", cuda_graphs=cuda_graphs)
+        backend = cls(
+            folder,
+            device=device if device != "cpu" else "cuda",
+            cuda_graphs=cuda_graphs,
+            max_graphs=max_graphs,
+        )
         return backend, load_export_tokenizer(folder), str(folder.resolve())
 
-    def _bind(self, graph: str, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
-        context = self._contexts[graph]
+    # --- TensorRT calls, each checked ----------------------------------------------------------------------
+
+    @staticmethod
+    def _engine_memory(graph: str, engine: Any) -> int:
+        """Activation bytes a context of ``engine`` needs (``device_memory_size_v2``: TensorRT 10.1+, 11)."""
+        size = getattr(engine, "device_memory_size_v2", None)
+        if size is None:
+            raise ModelLoadError(
+                f"{graph}: this TensorRT has no ICudaEngine.device_memory_size_v2; install TensorRT >= 10.1"
+            )
+        return int(size)
+
+    def _new_context(self, graph: str) -> Any:
+        """A context on the shared activation block (created without memory of its own)."""
+        strategy = self._trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        context = self._engines[graph].create_execution_context(strategy)
+        if context is None:
+            raise TensorRTError(
+                f"TensorRT could not create an execution context for {graph} (out of device memory?)"
+            )
+        context.set_device_memory(self._memory.data_ptr(), self._memory_size)
+        return context
+
+    def _bind(
+        self, graph: str, context: Any, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]
+    ) -> None:
+        """Shapes and addresses; every tensor here is already aligned (checked again: TensorRT would fail)."""
         for name, tensor in inputs.items():
             if not context.set_input_shape(name, tuple(tensor.shape)):
                 raise InvalidInputError(
                     "shape", f"{graph}: {name} {tuple(tensor.shape)} is outside the engine profile"
                 )
-            context.set_tensor_address(name, tensor.data_ptr())
-        for name, tensor in outputs.items():
-            context.set_tensor_address(name, tensor.data_ptr())
+        for name, tensor in (*inputs.items(), *outputs.items()):
+            if not is_aligned(tensor):
+                raise TensorRTError(
+                    f"{graph}: {name} at {tensor.data_ptr():#x} is not {ADDRESS_ALIGNMENT}-byte aligned"
+                )
+            if not context.set_tensor_address(name, tensor.data_ptr()):
+                raise TensorRTError(f"TensorRT refused the address of {graph}:{name} (unknown tensor name?)")
+        missing = context.infer_shapes()
+        if missing:
+            raise TensorRTError(f"{graph}: TensorRT has no shape for {list(missing)}")
 
-    def _launch(self, graph: str, stream: torch.cuda.Stream) -> None:
-        if not self._contexts[graph].execute_async_v3(stream.cuda_stream):
-            raise RuntimeError(f"TensorRT failed to execute {graph}")
+    def _launch(self, graph: str, context: Any, stream: Any) -> None:
+        handle = stream.cuda_stream if stream is not None else 0
+        if not context.execute_async_v3(handle):
+            raise TensorRTError(f"TensorRT failed to execute {graph} (see its log above)")
+
+    # --- running ---------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _on_stream(self) -> Any:
+        """Run the body on the backend's stream, ordered after and before the caller's stream."""
+        if self._stream is None:
+            yield None
+            return
+        caller = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(caller)
+        try:
+            with torch.cuda.stream(self._stream):
+                yield self._stream
+        finally:
+            caller.wait_stream(self._stream)
 
     def _run(self, graph: str, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
-        stream = torch.cuda.current_stream(self.device)
-        with self._locks[graph]:  # an execution context holds shapes and addresses: one call at a time
-            if not self.cuda_graphs:
-                self._bind(graph, inputs, outputs)
-                self._launch(graph, stream)
+        if not self.cuda_graphs:
+            with self._lock, self._on_stream() as stream:
+                context = self._eager.get(graph)
+                if context is None:
+                    context = self._eager[graph] = self._new_context(graph)
+                bound_in = {name: aligned_copy(t) for name, t in inputs.items()}
+                bound_out = {name: t if is_aligned(t) else aligned_copy(t) for name, t in outputs.items()}
+                self._bind(graph, context, bound_in, bound_out)
+                self._launch(graph, context, stream)
+                for name, tensor in outputs.items():
+                    if bound_out[name] is not tensor:
+                        tensor.copy_(bound_out[name])
+            return
+        key = (graph, *((name, tuple(t.shape), t.dtype) for name, t in sorted(inputs.items())))
+        with self._lock:
+            replay = self._replays.get(key)
+            if replay is not None:
+                self._replays.move_to_end(key)
+                self._replay(replay, inputs, outputs)
                 return
-            key = (graph, *((name, tuple(t.shape)) for name, t in sorted(inputs.items())))
+        # A new shape set: capture with no other CUDA work in the process (gate first, then our lock).
+        with CAPTURE_GATE.exclusive(), self._lock:
             replay = self._replays.get(key)
             if replay is None:
                 replay = self._capture(graph, inputs, outputs)
                 self._replays[key] = replay
-            else:
-                for name, tensor in inputs.items():
-                    replay.inputs[name].copy_(tensor, non_blocking=True)
+                if len(self._replays) > self.max_graphs:
+                    if self._stream is not None:  # nothing of the evicted entry may still be running
+                        self._stream.synchronize()
+                    while len(self._replays) > self.max_graphs:
+                        self._replays.popitem(last=False)  # its context, buffers and graph go with it
+            self._replay(replay, inputs, outputs)
+
+    def _replay(
+        self, replay: _Replay, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]
+    ) -> None:
+        with self._on_stream() as stream:
+            for name, tensor in inputs.items():
+                replay.inputs[name].copy_(tensor)
+            if replay.graph is not None:
                 replay.graph.replay()
+            else:
+                self._launch(replay.name, replay.context, stream)
             for name, tensor in outputs.items():
-                tensor.copy_(replay.outputs[name], non_blocking=True)
+                tensor.copy_(replay.outputs[name])
 
     def _capture(
         self, graph: str, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]
     ) -> _Replay:
-        """Static buffers, one eager launch (computes this call and flushes shape set-up), then capture."""
-        static_in = {name: tensor.clone() for name, tensor in inputs.items()}
-        static_out = {name: torch.empty_like(tensor) for name, tensor in outputs.items()}
-        self._bind(graph, static_in, static_out)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            self._launch(graph, side)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        cuda_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(cuda_graph, pool=self._pool):
-            self._launch(graph, torch.cuda.current_stream(self.device))
-        # The warm-up launch already computed this call's outputs into static_out; the capture only recorded.
-        return _Replay(static_in, static_out, cuda_graph)
+        """A context of its own, aligned static buffers, one eager launch (flushes TensorRT's shape set-up),
+        then the capture on the backend's stream."""
+        context = self._new_context(graph)
+        static_in = {name: aligned_copy(t.clone()) for name, t in inputs.items()}
+        static_out = {name: aligned_empty(tuple(t.shape), t.dtype, t.device) for name, t in outputs.items()}
+        self._bind(graph, context, static_in, static_out)
+        self.captures += 1
+        cuda_graph = None
+        with self._on_stream() as stream:
+            self._launch(graph, context, stream)
+            if stream is not None:
+                if self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()
+                cuda_graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(
+                    cuda_graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"
+                ):
+                    self._launch(graph, context, stream)
+        return _Replay(graph, context, static_in, static_out, cuda_graph)
+
+    def __len__(self) -> int:
+        return len(self._replays)
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()
-        info.update(cuda_graphs=self.cuda_graphs, captured_shapes=len(self._replays))
+        info.update(
+            cuda_graphs=self.cuda_graphs,
+            captured_shapes=len(self._replays),
+            max_graphs=self.max_graphs,
+            activation_bytes=self._memory_size,
+        )
         return info
