@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fpedit.engine import EditEngine
@@ -25,6 +25,7 @@ from fpedit.engine.errors import InvalidInputError
 from fpedit.v1 import edit_pb2
 
 from .config import ServerConfig
+from .health import HealthServicer
 from .metrics import ServerMetrics
 from .runner import LocalRunner, Runner
 from .service import EditServicer
@@ -75,35 +76,6 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
             request_deserializer=None,
             response_serializer=handler.response_serializer,
         )
-
-
-class HealthServicer(health.HealthServicer):
-    """grpc's health servicer, with Watch updates sent *outside* its lock.
-
-    The stock ``set`` sends to every watcher while holding the lock, and a send waits for the server's
-    polling thread; a watcher that went away at that moment has its close callback run on that same polling
-    thread, which then waits for the lock: a deadlock (seen as a drain that never ended). Here the status is
-    changed under the lock and the sends happen after it is released.
-    """
-
-    def set(self, service: str, status: int) -> None:
-        with self._lock:
-            if self._gracefully_shutting_down:
-                return
-            self._server_status[service] = status
-            watchers = list(self._send_response_callbacks.get(service, ()))
-        for send in watchers:
-            send(health_pb2.HealthCheckResponse(status=status))
-
-    def enter_graceful_shutdown(self) -> None:
-        with self._lock:
-            if self._gracefully_shutting_down:
-                return
-            services = list(self._server_status)
-        for service in services:
-            self.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        with self._lock:
-            self._gracefully_shutting_down = True
 
 
 #: After the grace period, how long aborted requests get to notice and answer before the port closes.
@@ -160,7 +132,7 @@ def build_server(target: EditEngine | Runner, config: ServerConfig) -> RunningSe
         ],
     )
     server.add_generic_rpc_handlers((servicer.rpc_handler(),))
-    health_servicer = HealthServicer(experimental_non_blocking=True)
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
     try:

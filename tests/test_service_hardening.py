@@ -518,20 +518,45 @@ def test_inversion_cache_reaccounts_an_entry_an_edit_grew(hardening_engine):
     assert cache.nbytes >= held_bytes(inversion)
 
 
-def test_drain_never_deadlocks_with_watchers_that_just_left(hardening_engine):
-    """Watchers cancelled as the drain starts: their close callbacks (on gRPC's polling thread) and the
-    NOT_SERVING sends must not wait for each other (the stock health servicer deadlocked here)."""
-    import threading
-
-    for _ in range(6):
-        server = build_server(hardening_engine, ServerConfig(port=0, workers=1, max_queue=1))
-        c = Conn(server.port)
-        watches = [c.health.Watch(health_pb2.HealthCheckRequest(service="")) for _ in range(16)]
-        assert all(next(w).status == SERVING for w in watches)
+def _churn_watchers(c: Conn, stop: threading.Event) -> None:
+    """Open eight health watches and cancel them at once, until ``stop``."""
+    while not stop.is_set():
+        try:
+            watches = [c.health.Watch(health_pb2.HealthCheckRequest(service="")) for _ in range(8)]
+        except ValueError:  # the channel closed under us at the end of the round
+            return
         for w in watches:
             w.cancel()
-        drain = threading.Thread(target=server.drain, args=(1,), daemon=True)
-        drain.start()
-        drain.join(60)
-        c.close()
-        assert not drain.is_alive(), "drain hung"
+
+
+def test_drain_never_deadlocks_with_watchers_that_just_left(hardening_engine):
+    """Watchers opened and cancelled at a high rate, health checked meanwhile, then a drain.
+
+    grpc's own health servicer sends a new watcher its first status while holding its lock; a send waits for
+    gRPC's polling thread, which runs the close callback of a watcher that just left, which waits for that
+    lock: the polling thread stalls for good, Check stops answering and the drain hangs. With watchers only
+    cancelled before the drain (the first form of this test) the window was narrow (1 failure in many runs);
+    churning them from several threads hits it in most rounds.
+    """
+    for _ in range(4):
+        server = build_server(hardening_engine, ServerConfig(port=0, workers=1, max_queue=1))
+        c = Conn(server.port)
+        stop = threading.Event()
+        churners = [threading.Thread(target=_churn_watchers, args=(c, stop), daemon=True) for _ in range(3)]
+        for t in churners:
+            t.start()
+        try:
+            checks = []
+            for _ in range(10):
+                time.sleep(0.05)
+                checks.append(c.health.Check(health_pb2.HealthCheckRequest(), timeout=5).status)
+            assert checks == [SERVING] * 10
+            drain = threading.Thread(target=server.drain, args=(1,), daemon=True)
+            drain.start()
+            drain.join(30)
+            assert not drain.is_alive(), "drain hung"
+        finally:
+            stop.set()
+            for t in churners:
+                t.join(10)
+            c.close()
