@@ -39,15 +39,17 @@ HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 class TokenAuthInterceptor(grpc.ServerInterceptor):
     """Requires ``authorization: Bearer <token>`` on every RPC except health checks."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, metrics: ServerMetrics | None = None) -> None:
         self._expected = f"Bearer {token}".encode()
+        self._metrics = metrics
 
-    @staticmethod
-    def _denier(method: str) -> Callable[[Any, grpc.ServicerContext], Any]:
+    def _denier(self, method: str) -> Callable[[Any, grpc.ServicerContext], Any]:
         name = method.rsplit("/", 1)[-1]
 
         def deny(request: Any, context: grpc.ServicerContext) -> Any:
             log.info("rpc=%s status=UNAUTHENTICATED peer=%s", name, context.peer())
+            if self._metrics is not None:  # token guessing shows in fpedit_requests_total
+                self._metrics.observe(name, grpc.StatusCode.UNAUTHENTICATED.name, 0.0, None)
             context.abort(
                 grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (authorization metadata)"
             )
@@ -118,10 +120,12 @@ def build_server(target: EditEngine | Runner, config: ServerConfig) -> RunningSe
     runner: Runner = LocalRunner(target, config) if isinstance(target, EditEngine) else target
     metrics = ServerMetrics(runner.stats)
     servicer = EditServicer(runner, config, metrics)
-    interceptors = [TokenAuthInterceptor(config.token)] if config.token else []
-    # Handler threads mostly wait on the runner, and admission control is the runner's queue (refusals are
-    # immediate). No gRPC-wide concurrency cap: it would refuse health checks and reflection under load.
-    threads = config.workers + config.max_queue + 16
+    interceptors = [TokenAuthInterceptor(config.token, metrics)] if config.token else []
+    # Handler threads mostly wait on the runner, and admission control is the runner's (refusals are
+    # immediate), so every admitted call has a thread; health runs on its own pool (``health.py``). No
+    # gRPC-wide concurrency cap: it would refuse health checks and reflection under load.
+    admitted = getattr(runner, "capacity", None) or config.workers + config.max_queue
+    threads = admitted + 16
     server = grpc.server(
         ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fpedit-rpc"),
         interceptors=interceptors,

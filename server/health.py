@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -40,6 +41,13 @@ class _Watcher:
         self.sent: int | None = None
 
 
+#: Health calls run on threads of their own, so that a server whose handler threads are all busy with work
+#: (a burst larger than its admission, a slow runner) still answers probes in milliseconds. Check never
+#: blocks; Watch only while its first status is sent.
+_CHECK_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fpedit-health-check")
+_WATCH_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fpedit-health-watch")
+
+
 class HealthServicer(health_pb2_grpc.HealthServicer):
     """Check and Watch over per-service statuses; :meth:`set` and :meth:`enter_graceful_shutdown` as grpc's."""
 
@@ -56,6 +64,8 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
             context.set_code(grpc.StatusCode.NOT_FOUND)
             return health_pb2.HealthCheckResponse()
         return health_pb2.HealthCheckResponse(status=status)
+
+    Check.experimental_thread_pool = _CHECK_POOL  # type: ignore[attr-defined]
 
     def Watch(
         self,
@@ -75,6 +85,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
 
     # The handler returns at once and sends later through the callback (grpc's non-blocking streaming).
     Watch.experimental_non_blocking = True  # type: ignore[attr-defined]
+    Watch.experimental_thread_pool = _WATCH_POOL  # type: ignore[attr-defined]
 
     def set(self, service: str, status: int) -> None:
         """Set a service's status and tell its watchers (in the background); ignored after shutdown began."""

@@ -32,6 +32,7 @@ import logging
 import queue
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -270,12 +271,19 @@ class EditReplica:
     # --- inversions -----------------------------------------------------------------------------------------
 
     async def _load_inversion(self, inversion_id: str) -> _Held:
-        """Multiplexed loader: an id this replica just made, else a rebuild from the shared store."""
+        """Multiplexed loader: an id this replica just made, else a rebuild from the shared store.
+
+        An id the store does not know is held as empty rather than raised: Serve logs a loader's exception
+        as a model that failed to load (at ERROR, naming the id), while an unknown id is the client's
+        mistake; :meth:`_edit_held` answers it with NOT_FOUND."""
         local_key = self._fresh.pop(inversion_id, None)
         if local_key is None:
-            local_key = await asyncio.get_running_loop().run_in_executor(
-                self._threads, self._restore, inversion_id
-            )
+            try:
+                local_key = await asyncio.get_running_loop().run_in_executor(
+                    self._threads, self._restore, inversion_id
+                )
+            except NotFoundError:
+                local_key = ""
         return _Held(local_key)
 
     def _restore(self, inversion_id: str) -> str:
@@ -308,6 +316,8 @@ class EditReplica:
         await self._hold(inversion_id)  # registers the id here: Serve routes its edits to this replica
 
     def _edit_held(self, call: EditCall, held: _Held, **kw: Any) -> pb.EditResponse:
+        if not held.local_key:  # unknown when first asked for: look again (NotFoundError if still unknown)
+            held.local_key = self._restore(call.inversion_id)
         try:
             return self.runner.edit(dataclasses.replace(call, inversion_id=held.local_key), **kw)
         except NotFoundError:  # this replica's cache evicted it since: rebuild from the store
@@ -364,8 +374,9 @@ class EditReplica:
                 response.inversion_id = call.inversion_id
             else:
                 response = await self._in_thread(self.runner.edit, call, **kw)
-                await self._adopt(new_id, response.inversion_id)
-                response.inversion_id = new_id
+                if response.inversion_id:  # "": too big for the cache, so it has no id to route by
+                    await self._adopt(new_id, response.inversion_id)
+                    response.inversion_id = new_id
             self._mark(response.stats)
             return response
 
@@ -411,7 +422,7 @@ class EditReplica:
     async def invert(self, call: InvertCall, new_id: str) -> pb.InvertResponse:
         async def work(cancel_check: Callable[[], None]) -> pb.InvertResponse:
             response = await self._in_thread(self.runner.invert, call, cancel_check=cancel_check)
-            await self._adopt(new_id, response.inversion_id)
+            await self._adopt(new_id, response.inversion_id)  # the runner refused one too big to keep
             response.inversion_id = new_id
             self._mark(response.stats)
             return response
@@ -458,23 +469,49 @@ class EditReplica:
 class RayRunner:
     """A runner (see :mod:`fpedit.server.runner`) whose calls go to the Serve deployment's replicas."""
 
-    def __init__(self, handle: Any, store: Any | None = None) -> None:
+    def __init__(
+        self,
+        handle: Any,
+        store: Any | None = None,
+        *,
+        max_running: int | None = None,
+        max_queue: int | None = None,
+    ) -> None:
+        """``max_running`` (replicas x requests each) and ``max_queue`` bound the calls this front has in
+        flight: beyond their sum a call is refused at once (RESOURCE_EXHAUSTED), as the local runner's queue
+        does, so handler threads never pile up behind Serve; GetInfo reports the same two figures."""
         self.handle = handle
         self.store = store
+        self.max_running = max_running
+        self.max_queue = max_queue
+        self.capacity = None if max_running is None else max_running + (max_queue or 0)
         self._lock = threading.Lock()
         self._in_flight = 0
+
+    def _enter(self, admit: bool = True) -> None:
+        with self._lock:
+            if admit and self.capacity is not None and self._in_flight >= self.capacity:
+                raise OverloadedError(
+                    f"server busy: {self._in_flight} requests running or queued (limit {self.capacity})"
+                )
+            self._in_flight += 1
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
 
     # --- plumbing -------------------------------------------------------------------------------------------
 
     def _routed(self, inversion_id: str) -> Any:
         return self.handle.options(multiplexed_model_id=inversion_id)
 
-    def _wait(self, send: Callable[[], Any], cancel_check: Callable[[], None] | None) -> Any:
+    def _wait(
+        self, send: Callable[[], Any], cancel_check: Callable[[], None] | None, admit: bool = True
+    ) -> Any:
         """Send a call and return its result; polls ``cancel_check`` meanwhile (cancelling the replica's work
         when it raises). A call whose replica died is sent once more: Serve routes it to a live replica, and
         every call is safe to repeat (an edit is a pure function of its inputs; a new id is reused)."""
-        with self._lock:
-            self._in_flight += 1
+        self._enter(admit)
         try:
             for attempt in (1, 2):
                 response = send()
@@ -490,8 +527,7 @@ class RayRunner:
                 return result
             raise AssertionError("unreachable")
         finally:
-            with self._lock:
-                self._in_flight -= 1
+            self._leave()
 
     @staticmethod
     def _result(response: Any, cancel_check: Callable[[], None] | None) -> Any:
@@ -534,6 +570,15 @@ class RayRunner:
         self, call: EditCall, *, cancel_check: Callable[[], None] | None = None
     ) -> Iterator[pb.EditEvent]:
         new_id = "" if call.inversion_id else uuid.uuid4().hex
+        self._enter()  # before anything is sent: a refused call costs the replicas nothing
+        try:
+            yield from self._stream_events(call, new_id, cancel_check)
+        finally:
+            self._leave()
+
+    def _stream_events(
+        self, call: EditCall, new_id: str, cancel_check: Callable[[], None] | None
+    ) -> Iterator[pb.EditEvent]:
         stream = (
             self._routed(call.inversion_id or new_id).options(stream=True).edit_stream.remote(call, new_id)
         )
@@ -548,31 +593,25 @@ class RayRunner:
                 events.put(("error", exc))
 
         threading.Thread(target=pump, name="fpedit-ray-stream", daemon=True).start()
-        with self._lock:
-            self._in_flight += 1
-        try:
-            while True:
-                try:
-                    kind, value = events.get(timeout=CANCEL_POLL_S)
-                except queue.Empty:
-                    if cancel_check is not None:
-                        try:
-                            cancel_check()
-                        except CancelledError:
-                            stream.cancel()
-                            raise
-                    continue
-                if kind == "event" and isinstance(value, ReplicaError):
-                    raise value.unwrap()
-                if kind == "event":
-                    yield value
-                elif kind == "error":
-                    raise _translate(value) from None
-                else:
-                    return
-        finally:
-            with self._lock:
-                self._in_flight -= 1
+        while True:
+            try:
+                kind, value = events.get(timeout=CANCEL_POLL_S)
+            except queue.Empty:
+                if cancel_check is not None:
+                    try:
+                        cancel_check()
+                    except CancelledError:
+                        stream.cancel()
+                        raise
+                continue
+            if kind == "event" and isinstance(value, ReplicaError):
+                raise value.unwrap()
+            if kind == "event":
+                yield value
+            elif kind == "error":
+                raise _translate(value) from None
+            else:
+                return
 
     def generate(
         self,
@@ -595,7 +634,11 @@ class RayRunner:
         return self._wait(lambda: routed.invert.remote(call, new_id), cancel_check)
 
     def info(self) -> pb.GetInfoResponse:
-        return self._wait(lambda: self.handle.info.remote(), None)
+        info = self._wait(lambda: self.handle.info.remote(), None, admit=False)
+        if self.max_running is not None:  # the front's admission, not one replica's runner
+            info.limits.workers = self.max_running
+            info.limits.max_queue = self.max_queue or 0
+        return info
 
     def replica_stats(self) -> list[dict[str, Any]]:
         """Every live replica's figures (a control-plane broadcast; not for the request path)."""
@@ -607,16 +650,34 @@ class RayRunner:
             replicas = self.replica_stats()
         except Exception:  # a scrape must not fail while replicas restart
             replicas = []
-        total = {f.name: 0 for f in dataclasses.fields(RunnerStats) if f.name != "device_memory_bytes"}
-        for figures in replicas:
-            for name in total:
-                total[name] += int(figures.get(name) or 0)
+        return sum_replica_stats(replicas, self.in_flight)
+
+    @property
+    def in_flight(self) -> int:
+        """Calls this front has sent and not yet had answered."""
         with self._lock:
-            total["queued"] += max(0, self._in_flight - total["running"] - total["queued"])
-        return RunnerStats(**total)
+            return self._in_flight
 
     def close(self) -> None:
         """Nothing to stop here: the application's owner deletes it (``RayService.close``)."""
+
+
+def sum_replica_stats(replicas: list[dict[str, Any]], front_in_flight: int = 0) -> RunnerStats:
+    """One :class:`RunnerStats` from every replica's figures: counts add up, calls per batch size merge by
+    size; calls the front has in flight that no replica reports yet count as queued."""
+    counts = {
+        f.name: 0
+        for f in dataclasses.fields(RunnerStats)
+        if f.name not in ("device_memory_bytes", "backend_batch_rows")
+    }
+    batch_rows: Counter[int] = Counter()
+    for figures in replicas:
+        for name in counts:
+            counts[name] += int(figures.get(name) or 0)
+        for rows, calls in figures.get("backend_batch_rows") or ():
+            batch_rows[int(rows)] += int(calls)
+    counts["queued"] += max(0, front_in_flight - counts["running"] - counts["queued"])
+    return RunnerStats(**counts, backend_batch_rows=tuple(sorted(batch_rows.items())))
 
 
 # --- assembling and running the application -----------------------------------------------------------------
@@ -701,7 +762,14 @@ class RayService:
         )
         handle = serve.run(app, name=app_name, route_prefix=None)
         store = ray.get_actor(settings.store_name, namespace=settings.store_namespace)
-        return cls(RayRunner(handle, store), settings, app_name, owns_ray)
+        most_replicas = (autoscaling or {}).get("max_replicas", replicas or 1)
+        runner = RayRunner(
+            handle,
+            store,
+            max_running=int(most_replicas) * max_ongoing_requests,
+            max_queue=max_queued_requests,
+        )
+        return cls(runner, settings, app_name, owns_ray)
 
     def close(self) -> None:
         import ray

@@ -270,7 +270,7 @@ class LocalRunner:
                 progress,
                 cancel_check,
             )
-            key = self.cache.put(result.inversion)
+            key = self.cache.put(result.inversion)  # "": too big to keep; the response carries no id
         response = pb.EditResponse(
             edited_image=encode_image(result.edited_image, call.output_format),
             inversion_id=key,
@@ -348,6 +348,12 @@ class LocalRunner:
             cancel_check,
         )
         key = self.cache.put(inversion)
+        if not key:
+            raise OverloadedError(
+                f"the inversion ({inversion.nbytes} bytes) exceeds the whole inversion cache "
+                f"({self.cache.max_bytes} bytes, --cache-gib): it cannot be kept for edits by id; "
+                "send Edit with the image instead, or use fewer steps or a smaller image"
+            )
         return pb.InvertResponse(
             inversion_id=key,
             width=inversion.size[0],

@@ -560,3 +560,30 @@ def test_drain_never_deadlocks_with_watchers_that_just_left(hardening_engine):
             for t in churners:
                 t.join(10)
             c.close()
+
+
+# --- issue 16 item 10: a damaged file says so ---------------------------------------------------------------
+
+
+def test_png_with_a_bad_checksum_is_called_corrupt(conn):
+    data = bytearray(png())
+    data[29] ^= 0xFF  # the IHDR chunk's CRC (8-byte signature, length, type, 13 data bytes, then the CRC)
+    code, detail = status_of(conn.stub.Edit, pb.EditRequest(image=bytes(data), target_prompt="a car"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert detail.startswith("image") and "corrupt" in detail and "PNG" in detail, detail
+    code, detail = status_of(conn.stub.Edit, pb.EditRequest(image=b"GIF89a" + bytes(64), target_prompt="a"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "expected PNG, JPEG, WEBP" in detail, detail
+
+
+# --- issue 16 item 7: no prompt text in logs ----------------------------------------------------------------
+
+
+def test_long_prompts_are_not_quoted_in_logs(hardening_engine, caplog):
+    secret = "zebra-violet-marker " * 30  # far more than 77 tokens
+    with caplog.at_level(logging.DEBUG), pytest.warns(UserWarning) as warned:
+        hardening_engine.edit_generated(
+            secret, "a car", seed=1, options=EditOptions(steps=1), height=64, width=64
+        )
+    texts = [r.getMessage() for r in caplog.records] + [str(w.message) for w in warned]
+    assert any("truncated to 77" in t for t in texts), texts  # the truncation is still reported
+    assert not any("zebra" in t for t in texts), texts
