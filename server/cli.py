@@ -40,6 +40,7 @@ def server_config_from_args(args: argparse.Namespace) -> Any:
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
         log_format=args.log_format,
+        threads_per_worker=args.threads_per_worker,
     ).validate()  # before the model loads: a bad flag fails in a second, not after a minute
 
 
@@ -312,6 +313,11 @@ def add_commands(sub: Any) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="merge the UNet calls of concurrent requests into shared backend calls (default: on)",
+    )
+    serve.add_argument(
+        "--threads-per-worker",
+        type=int,
+        help="CPU: torch intra-op threads (default: all cores with batching, else cores // --workers)",
     )
     serve.add_argument(
         "--max-queue", type=int, default=8, help="requests that may wait; more get RESOURCE_EXHAUSTED"

@@ -30,6 +30,10 @@ class ServerConfig:
     metrics_port: int | None = None  # None: no metrics endpoint; 0 picks a free port
     metrics_host: str | None = None  # default: the gRPC host
     log_format: str = "text"
+    #: CPU intra-op threads of the engine (torch's, process-wide). None: all cores with batching (one device
+    #: loop computes every merged call), else cores // workers so that concurrent requests share the cores
+    #: instead of each spinning up every OpenMP thread (workers x threads <= cores).
+    threads_per_worker: int | None = None
 
     def validate(self) -> ServerConfig:
         """Raise :class:`InvalidInputError` naming the flag of the first unusable setting."""
@@ -50,6 +54,11 @@ class ServerConfig:
             ),
             ("log-format", self.log_format in LOG_FORMATS, f"must be one of {LOG_FORMATS}"),
             ("tls", bool(self.tls_cert) == bool(self.tls_key), "give both --tls-cert and --tls-key"),
+            (
+                "threads-per-worker",
+                self.threads_per_worker is None or self.threads_per_worker >= 1,
+                "must be at least 1",
+            ),
         ]
         for flag, ok, message in checks:
             if not ok:

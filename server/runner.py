@@ -204,6 +204,7 @@ class LocalRunner:
         engine.image_formats = ACCEPTED_IMAGE_FORMATS
         engine.map_cache_bytes = min(engine.map_cache_bytes, config.cache_bytes)
         self._device = str(engine.info().get("device", "cpu"))
+        self.threads = cpu_threads(config, engine, self._device)
 
     # --- plumbing -------------------------------------------------------------------------------------------
 
@@ -411,6 +412,29 @@ class LocalRunner:
 
     def close(self) -> None:
         self.pool.shutdown()
+
+
+def cpu_threads(config: ServerConfig, engine: EditEngine, device: str) -> int | None:
+    """Set and return torch's intra-op threads for a CPU engine (``None`` on other devices: untouched).
+
+    torch's setting is process-wide, not per thread, so the share is set once at start-up: without batching
+    each of ``workers`` requests computes on its own, so each gets ``cores // workers`` threads; with
+    batching one device loop computes every merged call, so it gets every core. ``threads_per_worker``
+    overrides both. OMP_NUM_THREADS, when set, caps the default (the operator already chose).
+    """
+    if device != "cpu":
+        return None
+    import os
+
+    import torch
+
+    cores = os.cpu_count() or 1
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        cores = max(1, min(cores, int(os.environ["OMP_NUM_THREADS"])))
+    batching = bool(getattr(getattr(engine, "executor", None), "batching", False))
+    threads = config.threads_per_worker or (cores if batching else max(1, cores // config.workers))
+    torch.set_num_threads(threads)
+    return threads
 
 
 def _device_memory(device: str) -> int | None:

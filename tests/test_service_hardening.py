@@ -587,3 +587,34 @@ def test_long_prompts_are_not_quoted_in_logs(hardening_engine, caplog):
     texts = [r.getMessage() for r in caplog.records] + [str(w.message) for w in warned]
     assert any("truncated to 77" in t for t in texts), texts  # the truncation is still reported
     assert not any("zebra" in t for t in texts), texts
+
+
+# --- issue 16 item 9: CPU threads shared between workers ----------------------------------------------------
+
+
+def test_cpu_threads_are_shared_between_workers(hardening_engine, monkeypatch):
+    """Without batching each worker computes on its own: workers x threads <= cores (here a pretend 8-core
+    machine), unless --threads-per-worker says otherwise."""
+    import os
+
+    import torch
+
+    from fpedit.server.runner import LocalRunner
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    before = torch.get_num_threads()
+    try:
+        for config, expected in (
+            (ServerConfig(workers=4, max_queue=0), 2),
+            (ServerConfig(workers=3, max_queue=0), 2),
+            (ServerConfig(workers=16, max_queue=0), 1),
+            (ServerConfig(workers=2, max_queue=0, threads_per_worker=3), 3),
+        ):
+            runner = LocalRunner(hardening_engine, config)
+            runner.close()
+            assert (runner.threads, torch.get_num_threads()) == (expected, expected), config
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(Exception, match="threads-per-worker"):
+        ServerConfig(threads_per_worker=0).validate()
