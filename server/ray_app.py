@@ -804,7 +804,12 @@ def serve_on_ray(
         batching=args.batching,
     )
     log.info("starting Ray Serve (%s), %d replicas", args.ray_address or "local Ray instance", replicas)
-    service = RayService.start(settings, replicas=replicas, address=args.ray_address)
+    service = RayService.start(
+        settings,
+        replicas=replicas,
+        address=args.ray_address,
+        max_queued_requests=max(1, config.max_queue),  # --max-queue is the front's queue, as standalone
+    )
     try:
         serve(service.runner, config, ready=ready)
     finally:
