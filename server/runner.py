@@ -196,6 +196,16 @@ class WorkerPool:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
 
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which containers and taskset narrow), at least 1."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def trim_heap() -> None:
     """Give the C heap's free pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
 
@@ -460,7 +470,7 @@ def cpu_threads(config: ServerConfig, engine: EditEngine, device: str) -> int | 
 
     import torch
 
-    cores = os.cpu_count() or 1
+    cores = available_cores()
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
         cores = max(1, min(cores, int(os.environ["OMP_NUM_THREADS"])))
     batching = bool(getattr(getattr(engine, "executor", None), "batching", False))

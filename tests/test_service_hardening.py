@@ -595,14 +595,13 @@ def test_long_prompts_are_not_quoted_in_logs(hardening_engine, caplog):
 def test_cpu_threads_are_shared_between_workers(hardening_engine, monkeypatch):
     """Without batching each worker computes on its own: workers x threads <= cores (here a pretend 8-core
     machine), unless --threads-per-worker says otherwise."""
-    import os
-
     import torch
 
+    from fpedit.server import runner as runner_module
     from fpedit.server.runner import LocalRunner
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(runner_module, "available_cores", lambda: 8)
     before = torch.get_num_threads()
     try:
         for config, expected in (
