@@ -41,7 +41,6 @@ from typing import Any, TypeVar
 from fpedit.engine import ProgressEvent
 from fpedit.engine.errors import (
     CancelledError,
-    DeadlineExceededError,
     InvalidInputError,
     NotFoundError,
     OverloadedError,
@@ -50,6 +49,7 @@ from fpedit.engine.errors import (
 from fpedit.v1 import edit_pb2 as pb
 
 from .config import ServerConfig
+from .outcomes import CLIENT_ERRORS, is_out_of_memory
 from .ray_store import (
     DEFAULT_STORE_BYTES,
     DEFAULT_STORE_TTL_S,
@@ -162,10 +162,10 @@ class ReplicaError(Exception):
         """The transportable form of ``exc`` (unexpected errors stay as they are: they become INTERNAL)."""
         if isinstance(exc, InvalidInputError):
             return cls("InvalidInputError", exc.reason, exc.field)
-        for kind in (DeadlineExceededError, CancelledError, NotFoundError, OverloadedError, UnavailableError):
+        for kind, _ in CLIENT_ERRORS:
             if isinstance(exc, kind):
                 return cls(kind.__name__, str(exc))
-        if isinstance(exc, MemoryError) or _is_device_oom(exc):
+        if is_out_of_memory(exc):
             return cls("MemoryError", f"out of memory on replica: {exc}")
         return exc
 
@@ -174,19 +174,8 @@ class ReplicaError(Exception):
             return InvalidInputError(self.field, self.message)
         if self.kind == "MemoryError":
             return MemoryError(self.message)
-        kinds = {
-            k.__name__: k for k in (DeadlineExceededError, CancelledError, NotFoundError, OverloadedError)
-        }
+        kinds = {kind.__name__: kind for kind, _ in CLIENT_ERRORS}
         return kinds.get(self.kind, UnavailableError)(self.message)
-
-
-def _is_device_oom(exc: BaseException) -> bool:
-    try:
-        import torch
-
-        return isinstance(exc, torch.OutOfMemoryError)
-    except (ImportError, AttributeError):
-        return False
 
 
 def _translate(exc: BaseException) -> BaseException:
