@@ -60,7 +60,15 @@ from .ray_store import (
     open_store,
     record_from_inversion,
 )
-from .runner import EditCall, GenerateCall, InvertCall, LocalRunner, RunnerStats
+from .runner import (
+    EditCall,
+    GenerateCall,
+    InvertCall,
+    LocalRunner,
+    RunnerStats,
+    progress_event,
+    progress_message,
+)
 
 log = logging.getLogger("fpedit.server")
 T = TypeVar("T")
@@ -377,9 +385,7 @@ class EditReplica:
         events: asyncio.Queue[pb.EditEvent] = asyncio.Queue()
 
         def progress(event: ProgressEvent) -> None:
-            message = pb.EditEvent(
-                progress=pb.Progress(stage=event.stage, step=event.step, total=event.total)
-            )
+            message = progress_message(event)
             loop.call_soon_threadsafe(events.put_nowait, message)
 
         task = asyncio.ensure_future(self.edit(call, new_id, progress))
@@ -546,8 +552,7 @@ class RayRunner:
         if progress is not None:  # progress comes back only on a stream
             for event in self.edit_stream(call, cancel_check=cancel_check):
                 if event.HasField("progress"):
-                    p = event.progress
-                    progress(ProgressEvent(stage=p.stage, step=p.step, total=p.total))
+                    progress(progress_event(event.progress))
                 else:
                     return event.result
             raise UnavailableError("the replica's stream ended without a result; retry")

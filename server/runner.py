@@ -140,6 +140,16 @@ def _never() -> None:
     return None
 
 
+def progress_message(event: ProgressEvent) -> pb.EditEvent:
+    """An engine progress event as the stream's message (the one place this conversion is written)."""
+    return pb.EditEvent(progress=pb.Progress(stage=event.stage, step=event.step, total=event.total))
+
+
+def progress_event(message: pb.Progress) -> ProgressEvent:
+    """The inverse of :func:`progress_message`, for a runner that receives streams (the Ray front)."""
+    return ProgressEvent(stage=message.stage, step=message.step, total=message.total)
+
+
 # --- the in-process runner ----------------------------------------------------------------------------------
 
 
@@ -332,9 +342,7 @@ class LocalRunner:
         outcome: dict[str, Any] = {}
 
         def on_progress(event: ProgressEvent) -> None:
-            events.put(
-                pb.EditEvent(progress=pb.Progress(stage=event.stage, step=event.step, total=event.total))
-            )
+            events.put(progress_message(event))
 
         def run() -> None:  # waits on the pool while the caller's thread streams progress
             try:
