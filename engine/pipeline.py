@@ -213,7 +213,8 @@ class EditEngine:
                     prompt, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt"
                 ).input_ids
             if len(full) > max_len:
-                message = f"prompt has {len(full)} tokens; truncated to {max_len}: {prompt[:60]!r}"
+                # No prompt text: server logs must not carry what users write.
+                message = f"prompt has {len(full)} tokens; truncated to {max_len}"
                 warnings.warn(message, stacklevel=3)
                 log.warning(message)
             key = tuple(int(i) for i in ids[0])
@@ -438,7 +439,6 @@ class EditEngine:
         options = options or EditOptions()
         target_prompt = self._check_prompt(target_prompt, "target_prompt", allow_empty=False)
         output_size = check_output_size(output_size, self.max_input_pixels)
-        run = self._run(progress, cancel_check)
         invert_options = {
             name: value
             for name, value in (
@@ -456,12 +456,15 @@ class EditEngine:
                 )
             inversion = image
             self._check_inversion(inversion, options)
+            run = self._run(progress, cancel_check)
         else:
             if options.layers != "resolution":  # that preset needs the image's size; others are checked now
                 self._check_request(options, None)  # before the inversion, not after it ran for nothing
             inversion = self.invert(
                 image, options=options, progress=progress, cancel_check=cancel_check, **invert_options
             )
+            # Started after the inversion, which absorb() prepends: its time is counted once, not twice.
+            run = self._run(progress, cancel_check)
             run.absorb(inversion.stats)  # one call did both: report the whole real edit
         if inversion.method == "null-text" and inversion.guidance_scale != options.guidance_scale:
             raise InvalidInputError(

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fpedit.engine import EditEngine
@@ -25,6 +25,7 @@ from fpedit.engine.errors import InvalidInputError
 from fpedit.v1 import edit_pb2
 
 from .config import ServerConfig
+from .health import HealthServicer
 from .metrics import ServerMetrics
 from .runner import LocalRunner, Runner
 from .service import EditServicer
@@ -38,15 +39,17 @@ HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 class TokenAuthInterceptor(grpc.ServerInterceptor):
     """Requires ``authorization: Bearer <token>`` on every RPC except health checks."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, metrics: ServerMetrics | None = None) -> None:
         self._expected = f"Bearer {token}".encode()
+        self._metrics = metrics
 
-    @staticmethod
-    def _denier(method: str) -> Callable[[Any, grpc.ServicerContext], Any]:
+    def _denier(self, method: str) -> Callable[[Any, grpc.ServicerContext], Any]:
         name = method.rsplit("/", 1)[-1]
 
         def deny(request: Any, context: grpc.ServicerContext) -> Any:
             log.info("rpc=%s status=UNAUTHENTICATED peer=%s", name, context.peer())
+            if self._metrics is not None:  # token guessing shows in fpedit_requests_total
+                self._metrics.observe(name, grpc.StatusCode.UNAUTHENTICATED.name, 0.0, None)
             context.abort(
                 grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (authorization metadata)"
             )
@@ -75,35 +78,6 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
             request_deserializer=None,
             response_serializer=handler.response_serializer,
         )
-
-
-class HealthServicer(health.HealthServicer):
-    """grpc's health servicer, with Watch updates sent *outside* its lock.
-
-    The stock ``set`` sends to every watcher while holding the lock, and a send waits for the server's
-    polling thread; a watcher that went away at that moment has its close callback run on that same polling
-    thread, which then waits for the lock: a deadlock (seen as a drain that never ended). Here the status is
-    changed under the lock and the sends happen after it is released.
-    """
-
-    def set(self, service: str, status: int) -> None:
-        with self._lock:
-            if self._gracefully_shutting_down:
-                return
-            self._server_status[service] = status
-            watchers = list(self._send_response_callbacks.get(service, ()))
-        for send in watchers:
-            send(health_pb2.HealthCheckResponse(status=status))
-
-    def enter_graceful_shutdown(self) -> None:
-        with self._lock:
-            if self._gracefully_shutting_down:
-                return
-            services = list(self._server_status)
-        for service in services:
-            self.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        with self._lock:
-            self._gracefully_shutting_down = True
 
 
 #: After the grace period, how long aborted requests get to notice and answer before the port closes.
@@ -149,10 +123,12 @@ def build_server(target: EditEngine | Runner, config: ServerConfig) -> RunningSe
     runner: Runner = LocalRunner(target, config) if isinstance(target, EditEngine) else target
     metrics = ServerMetrics(runner.stats)
     servicer = EditServicer(runner, config, metrics)
-    interceptors = [TokenAuthInterceptor(config.token)] if config.token else []
-    # Handler threads mostly wait on the runner, and admission control is the runner's queue (refusals are
-    # immediate). No gRPC-wide concurrency cap: it would refuse health checks and reflection under load.
-    threads = config.workers + config.max_queue + 16
+    interceptors = [TokenAuthInterceptor(config.token, metrics)] if config.token else []
+    # Handler threads mostly wait on the runner, and admission control is the runner's (refusals are
+    # immediate), so every admitted call has a thread; health runs on its own pool (``health.py``). No
+    # gRPC-wide concurrency cap: it would refuse health checks and reflection under load.
+    admitted = getattr(runner, "capacity", None) or config.workers + config.max_queue
+    threads = admitted + 16
     server = grpc.server(
         ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fpedit-rpc"),
         interceptors=interceptors,
@@ -163,7 +139,7 @@ def build_server(target: EditEngine | Runner, config: ServerConfig) -> RunningSe
         ],
     )
     server.add_generic_rpc_handlers((servicer.rpc_handler(),))
-    health_servicer = HealthServicer(experimental_non_blocking=True)
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
     try:

@@ -140,11 +140,13 @@ class InversionCache:
 
     Every entry is sized by ``Inversion.nbytes`` (all the memory it keeps) when it is put and again whenever
     an edit may have added maps to it (:meth:`refresh`). An entry too big for the budget with its maps keeps
-    only its trajectory.
+    only its trajectory; one too big even without them is not kept at all (:meth:`put` returns ``""``), so
+    that one large request cannot hold more than the budget nor push every other entry out.
     """
 
     def __init__(self, max_bytes: int, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._entries: BoundedLRU[Inversion] = BoundedLRU(max_bytes, ttl_s, clock)
+        self.refused = 0  # inversions larger than the whole budget, not kept
 
     @property
     def max_bytes(self) -> int:
@@ -155,8 +157,14 @@ class InversionCache:
         return self._entries.evictions
 
     def put(self, inversion: Inversion) -> str:
+        """Keep ``inversion`` under a new id; ``""`` (nothing kept, nothing evicted) when it exceeds the whole
+        budget even without its maps."""
+        nbytes = self._size(inversion)
+        if nbytes > self.max_bytes:
+            self.refused += 1
+            return ""
         key = uuid.uuid4().hex
-        self._entries.put(key, inversion, self._size(inversion))
+        self._entries.put(key, inversion, nbytes)
         return key
 
     def get(self, key: str) -> Inversion | None:

@@ -42,6 +42,7 @@ def server_config_from_args(args: argparse.Namespace) -> Any:
         log_format=args.log_format,
         http_port=getattr(args, "http_port", None),
         http_host=getattr(args, "http_host", None),
+        threads_per_worker=args.threads_per_worker,
     ).validate()  # before the model loads: a bad flag fails in a second, not after a minute
 
 
@@ -431,6 +432,11 @@ def add_commands(sub: Any) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="merge the UNet calls of concurrent requests into shared backend calls (default: on)",
+    )
+    serve.add_argument(
+        "--threads-per-worker",
+        type=int,
+        help="CPU: torch intra-op threads (default: all cores with batching, else cores // --workers)",
     )
     serve.add_argument(
         "--max-queue",

@@ -36,6 +36,10 @@ class ServerConfig:
     log_format: str = "text"
     http_port: int | None = None  # None: no HTTP/JSON front; 0 picks a free port
     http_host: str | None = None  # default: the gRPC host
+    #: CPU intra-op threads of the engine (torch's, process-wide). None: all cores with batching (one device
+    #: loop computes every merged call), else cores // workers so that concurrent requests share the cores
+    #: instead of each spinning up every OpenMP thread (workers x threads <= cores).
+    threads_per_worker: int | None = None
 
     def validate(self) -> ServerConfig:
         """Raise :class:`InvalidInputError` naming the flag of the first unusable setting."""
@@ -62,6 +66,11 @@ class ServerConfig:
             ("log-format", self.log_format in LOG_FORMATS, f"must be one of {LOG_FORMATS}"),
             ("tls-key", bool(self.tls_key) or not self.tls_cert, "--tls-cert needs --tls-key as well"),
             ("tls-cert", bool(self.tls_cert) or not self.tls_key, "--tls-key needs --tls-cert as well"),
+            (
+                "threads-per-worker",
+                self.threads_per_worker is None or self.threads_per_worker >= 1,
+                "must be at least 1",
+            ),
         ]
         for flag, ok, message in checks:
             if not ok:

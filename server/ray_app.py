@@ -32,6 +32,7 @@ import logging
 import queue
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,7 +41,6 @@ from typing import Any, TypeVar
 from fpedit.engine import ProgressEvent
 from fpedit.engine.errors import (
     CancelledError,
-    DeadlineExceededError,
     InvalidInputError,
     NotFoundError,
     OverloadedError,
@@ -49,6 +49,7 @@ from fpedit.engine.errors import (
 from fpedit.v1 import edit_pb2 as pb
 
 from .config import ServerConfig
+from .outcomes import CLIENT_ERRORS, is_out_of_memory
 from .ray_store import (
     DEFAULT_STORE_BYTES,
     DEFAULT_STORE_TTL_S,
@@ -59,7 +60,15 @@ from .ray_store import (
     open_store,
     record_from_inversion,
 )
-from .runner import EditCall, GenerateCall, InvertCall, LocalRunner, RunnerStats
+from .runner import (
+    EditCall,
+    GenerateCall,
+    InvertCall,
+    LocalRunner,
+    RunnerStats,
+    progress_event,
+    progress_message,
+)
 
 log = logging.getLogger("fpedit.server")
 T = TypeVar("T")
@@ -161,10 +170,10 @@ class ReplicaError(Exception):
         """The transportable form of ``exc`` (unexpected errors stay as they are: they become INTERNAL)."""
         if isinstance(exc, InvalidInputError):
             return cls("InvalidInputError", exc.reason, exc.field)
-        for kind in (DeadlineExceededError, CancelledError, NotFoundError, OverloadedError, UnavailableError):
+        for kind, _ in CLIENT_ERRORS:
             if isinstance(exc, kind):
                 return cls(kind.__name__, str(exc))
-        if isinstance(exc, MemoryError) or _is_device_oom(exc):
+        if is_out_of_memory(exc):
             return cls("MemoryError", f"out of memory on replica: {exc}")
         return exc
 
@@ -173,19 +182,8 @@ class ReplicaError(Exception):
             return InvalidInputError(self.field, self.message)
         if self.kind == "MemoryError":
             return MemoryError(self.message)
-        kinds = {
-            k.__name__: k for k in (DeadlineExceededError, CancelledError, NotFoundError, OverloadedError)
-        }
+        kinds = {kind.__name__: kind for kind, _ in CLIENT_ERRORS}
         return kinds.get(self.kind, UnavailableError)(self.message)
-
-
-def _is_device_oom(exc: BaseException) -> bool:
-    try:
-        import torch
-
-        return isinstance(exc, torch.OutOfMemoryError)
-    except (ImportError, AttributeError):
-        return False
 
 
 def _translate(exc: BaseException) -> BaseException:
@@ -270,12 +268,19 @@ class EditReplica:
     # --- inversions -----------------------------------------------------------------------------------------
 
     async def _load_inversion(self, inversion_id: str) -> _Held:
-        """Multiplexed loader: an id this replica just made, else a rebuild from the shared store."""
+        """Multiplexed loader: an id this replica just made, else a rebuild from the shared store.
+
+        An id the store does not know is held as empty rather than raised: Serve logs a loader's exception
+        as a model that failed to load (at ERROR, naming the id), while an unknown id is the client's
+        mistake; :meth:`_edit_held` answers it with NOT_FOUND."""
         local_key = self._fresh.pop(inversion_id, None)
         if local_key is None:
-            local_key = await asyncio.get_running_loop().run_in_executor(
-                self._threads, self._restore, inversion_id
-            )
+            try:
+                local_key = await asyncio.get_running_loop().run_in_executor(
+                    self._threads, self._restore, inversion_id
+                )
+            except NotFoundError:
+                local_key = ""
         return _Held(local_key)
 
     def _restore(self, inversion_id: str) -> str:
@@ -308,6 +313,8 @@ class EditReplica:
         await self._hold(inversion_id)  # registers the id here: Serve routes its edits to this replica
 
     def _edit_held(self, call: EditCall, held: _Held, **kw: Any) -> pb.EditResponse:
+        if not held.local_key:  # unknown when first asked for: look again (NotFoundError if still unknown)
+            held.local_key = self._restore(call.inversion_id)
         try:
             return self.runner.edit(dataclasses.replace(call, inversion_id=held.local_key), **kw)
         except NotFoundError:  # this replica's cache evicted it since: rebuild from the store
@@ -364,8 +371,9 @@ class EditReplica:
                 response.inversion_id = call.inversion_id
             else:
                 response = await self._in_thread(self.runner.edit, call, **kw)
-                await self._adopt(new_id, response.inversion_id)
-                response.inversion_id = new_id
+                if response.inversion_id:  # "": too big for the cache, so it has no id to route by
+                    await self._adopt(new_id, response.inversion_id)
+                    response.inversion_id = new_id
             self._mark(response.stats)
             return response
 
@@ -377,9 +385,7 @@ class EditReplica:
         events: asyncio.Queue[pb.EditEvent] = asyncio.Queue()
 
         def progress(event: ProgressEvent) -> None:
-            message = pb.EditEvent(
-                progress=pb.Progress(stage=event.stage, step=event.step, total=event.total)
-            )
+            message = progress_message(event)
             loop.call_soon_threadsafe(events.put_nowait, message)
 
         task = asyncio.ensure_future(self.edit(call, new_id, progress))
@@ -411,7 +417,7 @@ class EditReplica:
     async def invert(self, call: InvertCall, new_id: str) -> pb.InvertResponse:
         async def work(cancel_check: Callable[[], None]) -> pb.InvertResponse:
             response = await self._in_thread(self.runner.invert, call, cancel_check=cancel_check)
-            await self._adopt(new_id, response.inversion_id)
+            await self._adopt(new_id, response.inversion_id)  # the runner refused one too big to keep
             response.inversion_id = new_id
             self._mark(response.stats)
             return response
@@ -458,23 +464,49 @@ class EditReplica:
 class RayRunner:
     """A runner (see :mod:`fpedit.server.runner`) whose calls go to the Serve deployment's replicas."""
 
-    def __init__(self, handle: Any, store: Any | None = None) -> None:
+    def __init__(
+        self,
+        handle: Any,
+        store: Any | None = None,
+        *,
+        max_running: int | None = None,
+        max_queue: int | None = None,
+    ) -> None:
+        """``max_running`` (replicas x requests each) and ``max_queue`` bound the calls this front has in
+        flight: beyond their sum a call is refused at once (RESOURCE_EXHAUSTED), as the local runner's queue
+        does, so handler threads never pile up behind Serve; GetInfo reports the same two figures."""
         self.handle = handle
         self.store = store
+        self.max_running = max_running
+        self.max_queue = max_queue
+        self.capacity = None if max_running is None else max_running + (max_queue or 0)
         self._lock = threading.Lock()
         self._in_flight = 0
+
+    def _enter(self, admit: bool = True) -> None:
+        with self._lock:
+            if admit and self.capacity is not None and self._in_flight >= self.capacity:
+                raise OverloadedError(
+                    f"server busy: {self._in_flight} requests running or queued (limit {self.capacity})"
+                )
+            self._in_flight += 1
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
 
     # --- plumbing -------------------------------------------------------------------------------------------
 
     def _routed(self, inversion_id: str) -> Any:
         return self.handle.options(multiplexed_model_id=inversion_id)
 
-    def _wait(self, send: Callable[[], Any], cancel_check: Callable[[], None] | None) -> Any:
+    def _wait(
+        self, send: Callable[[], Any], cancel_check: Callable[[], None] | None, admit: bool = True
+    ) -> Any:
         """Send a call and return its result; polls ``cancel_check`` meanwhile (cancelling the replica's work
         when it raises). A call whose replica died is sent once more: Serve routes it to a live replica, and
         every call is safe to repeat (an edit is a pure function of its inputs; a new id is reused)."""
-        with self._lock:
-            self._in_flight += 1
+        self._enter(admit)
         try:
             for attempt in (1, 2):
                 response = send()
@@ -490,8 +522,7 @@ class RayRunner:
                 return result
             raise AssertionError("unreachable")
         finally:
-            with self._lock:
-                self._in_flight -= 1
+            self._leave()
 
     @staticmethod
     def _result(response: Any, cancel_check: Callable[[], None] | None) -> Any:
@@ -521,8 +552,7 @@ class RayRunner:
         if progress is not None:  # progress comes back only on a stream
             for event in self.edit_stream(call, cancel_check=cancel_check):
                 if event.HasField("progress"):
-                    p = event.progress
-                    progress(ProgressEvent(stage=p.stage, step=p.step, total=p.total))
+                    progress(progress_event(event.progress))
                 else:
                     return event.result
             raise UnavailableError("the replica's stream ended without a result; retry")
@@ -534,6 +564,15 @@ class RayRunner:
         self, call: EditCall, *, cancel_check: Callable[[], None] | None = None
     ) -> Iterator[pb.EditEvent]:
         new_id = "" if call.inversion_id else uuid.uuid4().hex
+        self._enter()  # before anything is sent: a refused call costs the replicas nothing
+        try:
+            yield from self._stream_events(call, new_id, cancel_check)
+        finally:
+            self._leave()
+
+    def _stream_events(
+        self, call: EditCall, new_id: str, cancel_check: Callable[[], None] | None
+    ) -> Iterator[pb.EditEvent]:
         stream = (
             self._routed(call.inversion_id or new_id).options(stream=True).edit_stream.remote(call, new_id)
         )
@@ -548,31 +587,25 @@ class RayRunner:
                 events.put(("error", exc))
 
         threading.Thread(target=pump, name="fpedit-ray-stream", daemon=True).start()
-        with self._lock:
-            self._in_flight += 1
-        try:
-            while True:
-                try:
-                    kind, value = events.get(timeout=CANCEL_POLL_S)
-                except queue.Empty:
-                    if cancel_check is not None:
-                        try:
-                            cancel_check()
-                        except CancelledError:
-                            stream.cancel()
-                            raise
-                    continue
-                if kind == "event" and isinstance(value, ReplicaError):
-                    raise value.unwrap()
-                if kind == "event":
-                    yield value
-                elif kind == "error":
-                    raise _translate(value) from None
-                else:
-                    return
-        finally:
-            with self._lock:
-                self._in_flight -= 1
+        while True:
+            try:
+                kind, value = events.get(timeout=CANCEL_POLL_S)
+            except queue.Empty:
+                if cancel_check is not None:
+                    try:
+                        cancel_check()
+                    except CancelledError:
+                        stream.cancel()
+                        raise
+                continue
+            if kind == "event" and isinstance(value, ReplicaError):
+                raise value.unwrap()
+            if kind == "event":
+                yield value
+            elif kind == "error":
+                raise _translate(value) from None
+            else:
+                return
 
     def generate(
         self,
@@ -595,7 +628,11 @@ class RayRunner:
         return self._wait(lambda: routed.invert.remote(call, new_id), cancel_check)
 
     def info(self) -> pb.GetInfoResponse:
-        return self._wait(lambda: self.handle.info.remote(), None)
+        info = self._wait(lambda: self.handle.info.remote(), None, admit=False)
+        if self.max_running is not None:  # the front's admission, not one replica's runner
+            info.limits.workers = self.max_running
+            info.limits.max_queue = self.max_queue or 0
+        return info
 
     def replica_stats(self) -> list[dict[str, Any]]:
         """Every live replica's figures (a control-plane broadcast; not for the request path)."""
@@ -607,16 +644,34 @@ class RayRunner:
             replicas = self.replica_stats()
         except Exception:  # a scrape must not fail while replicas restart
             replicas = []
-        total = {f.name: 0 for f in dataclasses.fields(RunnerStats) if f.name != "device_memory_bytes"}
-        for figures in replicas:
-            for name in total:
-                total[name] += int(figures.get(name) or 0)
+        return sum_replica_stats(replicas, self.in_flight)
+
+    @property
+    def in_flight(self) -> int:
+        """Calls this front has sent and not yet had answered."""
         with self._lock:
-            total["queued"] += max(0, self._in_flight - total["running"] - total["queued"])
-        return RunnerStats(**total)
+            return self._in_flight
 
     def close(self) -> None:
         """Nothing to stop here: the application's owner deletes it (``RayService.close``)."""
+
+
+def sum_replica_stats(replicas: list[dict[str, Any]], front_in_flight: int = 0) -> RunnerStats:
+    """One :class:`RunnerStats` from every replica's figures: counts add up, calls per batch size merge by
+    size; calls the front has in flight that no replica reports yet count as queued."""
+    counts = {
+        f.name: 0
+        for f in dataclasses.fields(RunnerStats)
+        if f.name not in ("device_memory_bytes", "backend_batch_rows")
+    }
+    batch_rows: Counter[int] = Counter()
+    for figures in replicas:
+        for name in counts:
+            counts[name] += int(figures.get(name) or 0)
+        for rows, calls in figures.get("backend_batch_rows") or ():
+            batch_rows[int(rows)] += int(calls)
+    counts["queued"] += max(0, front_in_flight - counts["running"] - counts["queued"])
+    return RunnerStats(**counts, backend_batch_rows=tuple(sorted(batch_rows.items())))
 
 
 # --- assembling and running the application -----------------------------------------------------------------
@@ -701,7 +756,14 @@ class RayService:
         )
         handle = serve.run(app, name=app_name, route_prefix=None)
         store = ray.get_actor(settings.store_name, namespace=settings.store_namespace)
-        return cls(RayRunner(handle, store), settings, app_name, owns_ray)
+        most_replicas = (autoscaling or {}).get("max_replicas", replicas or 1)
+        runner = RayRunner(
+            handle,
+            store,
+            max_running=int(most_replicas) * max_ongoing_requests,
+            max_queue=max_queued_requests,
+        )
+        return cls(runner, settings, app_name, owns_ray)
 
     def close(self) -> None:
         import ray
@@ -736,7 +798,12 @@ def serve_on_ray(
         batching=args.batching,
     )
     log.info("starting Ray Serve (%s), %d replicas", args.ray_address or "local Ray instance", replicas)
-    service = RayService.start(settings, replicas=replicas, address=args.ray_address)
+    service = RayService.start(
+        settings,
+        replicas=replicas,
+        address=args.ray_address,
+        max_queued_requests=max(1, config.max_queue),  # --max-queue is the front's queue, as standalone
+    )
     try:
         serve(service.runner, config, ready=ready)
     finally:

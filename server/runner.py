@@ -25,6 +25,7 @@ inversions in a byte-bounded :class:`~fpedit.server.cache.InversionCache`.
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import time
@@ -139,6 +140,16 @@ def _never() -> None:
     return None
 
 
+def progress_message(event: ProgressEvent) -> pb.EditEvent:
+    """An engine progress event as the stream's message (the one place this conversion is written)."""
+    return pb.EditEvent(progress=pb.Progress(stage=event.stage, step=event.step, total=event.total))
+
+
+def progress_event(message: pb.Progress) -> ProgressEvent:
+    """The inverse of :func:`progress_message`, for a runner that receives streams (the Ray front)."""
+    return ProgressEvent(stage=message.stage, step=message.step, total=message.total)
+
+
 # --- the in-process runner ----------------------------------------------------------------------------------
 
 
@@ -176,6 +187,9 @@ class WorkerPool:
     def _release(self, _: Future) -> None:
         with self._lock:
             self._pending -= 1
+            idle = self._pending == 0
+        if idle:
+            trim_heap()
 
     @property
     def pending(self) -> int:
@@ -192,6 +206,44 @@ class WorkerPool:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
 
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which containers and taskset narrow), at least 1."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    A large CPU request (512 px, hundreds of steps) leaves its freed activations in glibc's arenas: RSS stays
+    up after it ends, though nothing is held (repeats plateau: an allocator effect, not a leak). Trimming
+    when the pool goes idle returns them, at a cost of milliseconds, never during work.
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc() -> Any:
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim  # noqa: B018  (musl has none)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
 class LocalRunner:
     """An in-process engine behind a bounded worker pool, with the server-side inversion cache."""
 
@@ -204,6 +256,7 @@ class LocalRunner:
         engine.image_formats = ACCEPTED_IMAGE_FORMATS
         engine.map_cache_bytes = min(engine.map_cache_bytes, config.cache_bytes)
         self._device = str(engine.info().get("device", "cpu"))
+        self.threads = cpu_threads(config, engine, self._device)
 
     # --- plumbing -------------------------------------------------------------------------------------------
 
@@ -270,7 +323,7 @@ class LocalRunner:
                 progress,
                 cancel_check,
             )
-            key = self.cache.put(result.inversion)
+            key = self.cache.put(result.inversion)  # "": too big to keep; the response carries no id
         response = pb.EditResponse(
             edited_image=encode_image(result.edited_image, call.output_format),
             inversion_id=key,
@@ -289,9 +342,7 @@ class LocalRunner:
         outcome: dict[str, Any] = {}
 
         def on_progress(event: ProgressEvent) -> None:
-            events.put(
-                pb.EditEvent(progress=pb.Progress(stage=event.stage, step=event.step, total=event.total))
-            )
+            events.put(progress_message(event))
 
         def run() -> None:  # waits on the pool while the caller's thread streams progress
             try:
@@ -348,6 +399,12 @@ class LocalRunner:
             cancel_check,
         )
         key = self.cache.put(inversion)
+        if not key:
+            raise OverloadedError(
+                f"the inversion ({inversion.nbytes} bytes) exceeds the whole inversion cache "
+                f"({self.cache.max_bytes} bytes, --cache-gib): it cannot be kept for edits by id; "
+                "send Edit with the image instead, or use fewer steps or a smaller image"
+            )
         return pb.InvertResponse(
             inversion_id=key,
             width=inversion.size[0],
@@ -405,6 +462,29 @@ class LocalRunner:
 
     def close(self) -> None:
         self.pool.shutdown()
+
+
+def cpu_threads(config: ServerConfig, engine: EditEngine, device: str) -> int | None:
+    """Set and return torch's intra-op threads for a CPU engine (``None`` on other devices: untouched).
+
+    torch's setting is process-wide, not per thread, so the share is set once at start-up: without batching
+    each of ``workers`` requests computes on its own, so each gets ``cores // workers`` threads; with
+    batching one device loop computes every merged call, so it gets every core. ``threads_per_worker``
+    overrides both. OMP_NUM_THREADS, when set, caps the default (the operator already chose).
+    """
+    if device != "cpu":
+        return None
+    import os
+
+    import torch
+
+    cores = available_cores()
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        cores = max(1, min(cores, int(os.environ["OMP_NUM_THREADS"])))
+    batching = bool(getattr(getattr(engine, "executor", None), "batching", False))
+    threads = config.threads_per_worker or (cores if batching else max(1, cores // config.workers))
+    torch.set_num_threads(threads)
+    return threads
 
 
 def _device_memory(device: str) -> int | None:

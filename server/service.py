@@ -31,14 +31,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from fpedit.engine import InvalidInputError
-from fpedit.engine.errors import (
-    CancelledError,
-    DeadlineExceededError,
-    FpeditError,
-    NotFoundError,
-    OverloadedError,
-    UnavailableError,
-)
+from fpedit.engine.errors import CancelledError, DeadlineExceededError, UnavailableError
 from fpedit.engine.null_text import (
     DEFAULT_EPSILON,
     DEFAULT_INNER_STEPS,
@@ -51,6 +44,7 @@ from fpedit.v1 import edit_pb2 as pb
 from .config import ServerConfig
 from .convert import IMAGE_FORMATS, options_from_proto
 from .metrics import ServerMetrics
+from .outcomes import outcome_of
 from .runner import ACCEPTED_IMAGE_FORMATS, EditCall, GenerateCall, InvertCall, Runner
 
 __all__ = ["ACCEPTED_IMAGE_FORMATS", "EditServicer", "ServerConfig", "status_of"]
@@ -170,36 +164,14 @@ def parse_invert(request: pb.InvertRequest, max_prompt_chars: int) -> InvertCall
 
 
 def status_of(exc: BaseException, context: grpc.ServicerContext | None = None) -> tuple[grpc.StatusCode, str]:
-    """The status code and client-facing message for an exception raised while serving a request."""
-    if isinstance(exc, InvalidInputError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, NotFoundError):
-        return grpc.StatusCode.NOT_FOUND, str(exc)
-    if isinstance(exc, OverloadedError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-    if isinstance(exc, UnavailableError):
-        return grpc.StatusCode.UNAVAILABLE, str(exc)
-    if isinstance(exc, DeadlineExceededError):
-        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
-    if isinstance(exc, CancelledError):
-        remaining = context.time_remaining() if context is not None else None
+    """The status code and client-facing message for an exception raised while serving a request (the
+    outcome table is :mod:`fpedit.server.outcomes`; a cancellation whose deadline passed is DEADLINE_EXCEEDED)."""
+    outcome, detail = outcome_of(exc)
+    if outcome == "CANCELLED" and context is not None:
+        remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             return grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed"
-        return grpc.StatusCode.CANCELLED, str(exc)
-    if isinstance(exc, MemoryError) or _is_device_oom(exc):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, "out of memory; retry with a smaller image or fewer steps"
-    if isinstance(exc, FpeditError):
-        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
-    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
-
-
-def _is_device_oom(exc: BaseException) -> bool:
-    try:
-        import torch
-
-        return isinstance(exc, torch.OutOfMemoryError)
-    except (ImportError, AttributeError):
-        return False
+    return grpc.StatusCode[outcome], detail
 
 
 # --- the servicer -------------------------------------------------------------------------------------------

@@ -170,3 +170,48 @@ def test_batching_server_merges_concurrent_requests_and_exposes_batch_sizes(mode
     merged = delta("fpedit_backend_batch_rows_count") - delta("fpedit_backend_batch_rows_bucket", le="2.0")
     assert merged >= 1  # at least one backend call carried more than one request's two target rows
     assert delta("fpedit_backend_batch_rows_sum") == request_rows
+
+
+def test_engine_time_of_an_image_edit_counts_the_inversion_once(metrics_engine):
+    """Issue 16 item 3: an Edit with an image reported its inversion twice in engine_ms and
+    fpedit_engine_seconds (engine_ms exceeded the client's own wall time). The engine runs inside the RPC,
+    so its time can never exceed the wall time the client measures around the call."""
+    import time
+
+    server = build_server(metrics_engine, ServerConfig(port=0, metrics_port=0))
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    stub = edit_pb2_grpc.EditServiceStub(channel)
+    try:
+        request = pb.EditRequest(image=png(5), target_prompt="a car", options=pb.EditOptions(steps=4))
+        started = time.perf_counter()
+        response = stub.Edit(request, timeout=300)
+        wall_ms = (time.perf_counter() - started) * 1e3
+        assert "vae_encode" in response.stats.stages_ms  # the image was encoded and inverted in this call
+        assert response.stats.engine_ms <= wall_ms, (response.stats.engine_ms, wall_ms)
+        assert sum(response.stats.stages_ms.values()) <= response.stats.engine_ms
+        samples = scrape(server.metrics_port)
+        assert value(samples, "fpedit_engine_seconds_count", method="Edit") == 1
+        assert value(samples, "fpedit_engine_seconds_sum", method="Edit") * 1e3 <= wall_ms
+    finally:
+        channel.close()
+        server.drain(2)
+
+
+def test_token_refusals_are_counted(metrics_engine):
+    """Issue 16 item 4: calls denied by the token check reach fpedit_requests_total."""
+    server = build_server(metrics_engine, ServerConfig(port=0, metrics_port=0, token="s3cret"))
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    stub = edit_pb2_grpc.EditServiceStub(channel)
+    try:
+        for metadata in ((), (("authorization", "Bearer guess"),), (("authorization", "Bearer s3cre"),)):
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.GetInfo(pb.GetInfoRequest(), timeout=30, metadata=metadata)
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError):
+            stub.Edit(pb.EditRequest(target_prompt="a"), timeout=30)
+        samples = scrape(server.metrics_port)
+        assert value(samples, "fpedit_requests_total", method="GetInfo", code="UNAUTHENTICATED") == 3
+        assert value(samples, "fpedit_requests_total", method="Edit", code="UNAUTHENTICATED") == 1
+    finally:
+        channel.close()
+        server.drain(2)

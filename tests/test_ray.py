@@ -11,6 +11,7 @@ import pickle
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -496,3 +497,121 @@ def test_concurrent_edits_by_id_batch_on_the_holder(client, ray_service):
     # A re-edit with cached maps calls the UNet with 2 rows (unconditional + conditional target) per step:
     # a call with more rows ran several requests at once.
     assert sum(merged.values()) > 0, (before, after)
+
+
+# --- issue 16: the Ray front's metrics, health under a burst, admission, unknown ids -------------------------
+
+
+def test_front_metrics_scrape_after_real_work(ray_service):
+    """Item 1: the Ray front's /metrics answered HTTP 500 (batch sizes summed as integers); now it answers
+    before any work and after it, with the counters moved by the calls made."""
+    from test_metrics import scrape, value
+
+    from fpedit.server.app import build_server
+    from fpedit.server.client import EditClient, edit_options
+    from fpedit.server.config import ServerConfig
+
+    front = build_server(ray_service.runner, ServerConfig(port=0, metrics_port=0))
+    try:
+        before = scrape(front.metrics_port)  # asserts HTTP 200
+        with EditClient(f"127.0.0.1:{front.port}", timeout=120) as c:
+            inverted = c.invert(png_bytes(make_image(64, 64, seed=31)), options=edit_options(steps=2))
+            edited = c.edit(
+                "a red car", image=png_bytes(make_image(64, 64, seed=32)), options=edit_options(steps=2)
+            )
+        after = scrape(front.metrics_port)
+    finally:
+        front.drain(2)
+    assert inverted.inversion_id and edited.edited_image
+    for method in ("Invert", "Edit"):
+        assert value(after, "fpedit_requests_total", method=method, code="OK") == 1
+    calls = value(after, "fpedit_backend_unet_calls_total") - value(before, "fpedit_backend_unet_calls_total")
+    assert calls >= edited.stats.unet_calls + inverted.stats.unet_calls > 0
+    # The batch-size histogram counts every backend call once, summed over the replicas.
+    assert value(after, "fpedit_backend_batch_rows_count") == value(after, "fpedit_backend_unet_calls_total")
+    assert value(after, "fpedit_backend_batch_rows_sum") == value(after, "fpedit_backend_unet_rows_total")
+
+
+def test_health_answers_within_200_ms_during_a_48_client_burst(ray_service):
+    """Item 2: 48 clients at once against a Ray front admitting 8 running + 4 queued calls; health is polled
+    with a 200 ms deadline throughout and never misses; the calls beyond admission are refused at once
+    (RESOURCE_EXHAUSTED), and GetInfo reports the admission the front applies."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from fpedit.server.app import build_server
+    from fpedit.server.config import ServerConfig
+    from fpedit.server.ray_app import RayRunner
+    from fpedit.v1 import edit_pb2 as pb
+    from fpedit.v1 import edit_pb2_grpc
+
+    shared = ray_service.runner
+    runner = RayRunner(shared.handle, shared.store, max_running=8, max_queue=4)
+    front = build_server(runner, ServerConfig(port=0, max_queue=4))
+    image = png_bytes(make_image(64, 64, seed=41))
+    stop = threading.Event()
+    checks: list[str] = []
+
+    def poll_health() -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{front.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while not stop.is_set():
+                try:
+                    status = health.Check(health_pb2.HealthCheckRequest(), timeout=0.2).status
+                    checks.append(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+                except grpc.RpcError as exc:
+                    checks.append(exc.code().name)
+                time.sleep(0.05)
+
+    def one_edit(i: int) -> grpc.StatusCode:
+        with grpc.insecure_channel(f"127.0.0.1:{front.port}") as channel:
+            stub = edit_pb2_grpc.EditServiceStub(channel)
+            request = pb.EditRequest(
+                image=image,
+                target_prompt=f"car {i}",
+                options=pb.EditOptions(steps=2),
+                skip_reconstruction=True,
+            )
+            try:
+                stub.Edit(request, timeout=300)
+                return grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                return exc.code()
+
+    poller = threading.Thread(target=poll_health, daemon=True)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{front.port}") as channel:
+            limits = edit_pb2_grpc.EditServiceStub(channel).GetInfo(pb.GetInfoRequest(), timeout=60).limits
+        assert (limits.workers, limits.max_queue) == (8, 4)
+        poller.start()
+        with ThreadPoolExecutor(48) as pool:
+            codes = list(pool.map(one_edit, range(48)))
+    finally:
+        stop.set()
+        poller.join(10)
+        front.drain(5)
+    assert len(checks) >= 5
+    assert checks == ["SERVING"] * len(checks), checks
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert codes.count(grpc.StatusCode.OK) >= 8 and grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+
+
+def test_unknown_inversion_id_is_a_client_error_in_the_replica_logs(client):
+    """Item 10: an unknown id was raised from Serve's multiplexed loader, which logs it at ERROR as a model
+    that failed to load; now it is a NOT_FOUND answer and no replica logs it as a failure."""
+    import uuid
+
+    import ray
+
+    unknown = uuid.uuid4().hex
+    with pytest.raises(grpc.RpcError) as caught:
+        client.edit("a car", inversion_id=unknown)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    time.sleep(1.0)  # replica log lines are flushed to their files asynchronously
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    mentions = [
+        line
+        for path in logs.rglob("*.log")
+        for line in path.read_text(errors="replace").splitlines()
+        if unknown in line and ("ERROR" in line or "Failed to load" in line)
+    ]
+    assert mentions == []

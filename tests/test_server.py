@@ -503,3 +503,34 @@ def test_inversion_cache_budget_age_and_oversize(server_engine):
     assert cache.get(key) is None  # least recently used went first
     now[0] = 11.0
     assert cache.get(others[-1]) is None and len(cache) == 0
+
+
+def test_inversion_larger_than_the_whole_cache_is_not_kept(server_engine, model_dir):
+    """Issue 16 item 5: an entry that exceeds the budget even without its maps is refused (nothing kept,
+    nothing evicted) instead of being kept alone over the budget."""
+    from fpedit.server.cache import InversionCache
+
+    opts = EditOptions(steps=4)
+    small = server_engine.invert(make_image(64, 64, seed=1), options=opts)
+    big = server_engine.invert(make_image(128, 128, seed=2), options=opts)
+    assert big.nbytes > 2 * small.nbytes
+    cache = InversionCache(max_bytes=small.nbytes + 1, ttl_s=60)
+    kept = cache.put(small)
+    assert cache.put(big) == ""
+    assert cache.get(kept) is small and cache.nbytes == small.nbytes and cache.evictions == 0
+
+    # Through the server: Invert says why it cannot keep it; Edit with the image works and carries no id.
+    budget_gib = (small.nbytes + 1) / 1024**3
+    server = build_server(server_engine, ServerConfig(port=0, cache_bytes=int(budget_gib * 1024**3)))
+    try:
+        with EditClient(f"127.0.0.1:{server.port}", timeout=300) as c:
+            image = png_bytes(make_image(128, 128, seed=2))
+            with pytest.raises(grpc.RpcError) as caught:
+                c.invert(image, options=edit_options(steps=4))
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "exceeds the whole inversion cache" in caught.value.details()
+            edited = c.edit("a car", image=image, options=edit_options(steps=4))
+            assert edited.edited_image and edited.inversion_id == ""
+            assert server.runner.cache.nbytes <= server.runner.cache.max_bytes
+    finally:
+        server.drain(2)
