@@ -108,6 +108,10 @@ def load_components(
     loras: Sequence[Any] = (),
 ) -> Components:
     """Load ``model`` and fuse ``loras`` (``FILE[:SCALE]`` strings, paths or (path, scale) pairs) into it."""
+    if loras:
+        from .lora import check_loras
+
+        check_loras(loras)  # a typo in a LoRA path fails before the model loads
     parts = _load_components(
         model, allow_pickle=allow_pickle, model_config=model_config, prediction_type=prediction_type
     )
