@@ -145,7 +145,7 @@ def _load_components(
     folder = Path(model).expanduser()
     if not folder.is_dir():
         raise ModelLoadError(
-            f"model {str(model)!r} is neither 'tiny', a folder nor a .safetensors file; point it at a local "
+            f"model {str(model)!r} is neither 'tiny' nor a folder nor a .safetensors file; point it at a local "
             "diffusers-layout folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/) or an SD 1.x checkpoint"
         )
     if model_config is not None:

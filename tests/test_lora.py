@@ -194,3 +194,15 @@ def test_onnx_export_with_lora_matches_torch_with_it(model_dir, factors, tmp_pat
     assert rel_l2(got, want) < 1e-4
     assert rel_l2(got, off) > 1e-2
     np.testing.assert_equal(tuple(got.shape), tuple(want.shape))
+
+
+def test_bench_and_cli_take_lora(model_dir, factors, tmp_path, capsys):
+    """``fpedit bench --lora`` reaches the engine it times; ``fpedit info --lora`` reports it."""
+    from fpedit.benchmarks.bench import BenchConfig, load_engine
+
+    lora = write_peft_lora(tmp_path / "peft.safetensors", factors[0], 4.0)
+    engine = load_engine("torch", BenchConfig(model=str(model_dir), loras=(f"{lora}:0.5",)), tmp_path)
+    assert engine.info()["loras"] == [{"file": str(lora), "scale": 0.5}]
+    assert main(["info", "--model", str(model_dir), "--lora", str(lora)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["loras"] == [{"file": str(lora), "scale": 1.0}] and info["prediction_type"] == "epsilon"
