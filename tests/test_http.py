@@ -454,7 +454,7 @@ def test_serve_flag_errors_name_the_flag():
     class Args:
         host, port, workers, batching, max_queue, max_message_mb = "127.0.0.1", 0, 1, False, 1, 32
         cache_gib, cache_ttl_s, max_image_pixels, max_prompt_chars = 1.0, 10.0, 1 << 20, 100
-        token = tls_cert = tls_key = metrics_port = metrics_host = None
+        token = tls_cert = tls_key = metrics_port = metrics_host = threads_per_worker = None
         grace_s, log_format, http_port, http_host = 1.0, "text", 70000, None
 
     with pytest.raises(InvalidInputError, match="http-port"):
