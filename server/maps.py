@@ -96,8 +96,6 @@ def parse_maps(raw: Any, max_prompt_chars: int) -> MapsCall:
         image_bytes = base64.b64decode(image, validate=True) if image else b""
     except (binascii.Error, ValueError):
         raise InvalidInputError("image", "is not base64") from None
-    if image_bytes and not image_bytes.strip():
-        raise InvalidInputError("image", "is empty")
     options: dict[str, Any] = {}
     seed = _integer(data, "seed", 0, 2**63 - 1)
     width, height = _integer(data, "width", 8, 4096), _integer(data, "height", 8, 4096)

@@ -96,6 +96,13 @@ def test_page_edits_an_uploaded_image_like_the_api(page, server, tmp_path):
     assert np.array_equal(pixels(again), pixels(api_again["editedImage"]))
     assert "by id" in page.inner_text("#runs tbody tr:first-child")
     assert page.text_content("#speedup").startswith("edit by id: ")  # with both timings
+    # The maps of the edited inversion (by id: nothing inverted again) for the prompt now typed.
+    page.click("#maps-btn")
+    page.wait_for_selector("#maps-grid figure", timeout=240_000)
+    maps = httpx.post(server.http.url + "v1/maps", json={"prompt": "a blue boat", "inversionId": api["inversionId"]},
+                      timeout=300).json()  # fmt: skip
+    captions = page.locator("#maps-grid figcaption").all_inner_texts()
+    assert captions == maps["tokens"] and len(captions) == page.locator("#maps-grid img.heat").count()
     assert page.locator("#error").is_hidden()
     assert page.blocked == []
 
