@@ -119,7 +119,9 @@ def test_invert_then_edit_twice_equals_fresh_edits_and_runs_less(client):
     second = by_id["a green tractor"]
     # Work, not wall time (which a shared CI machine makes noisy): the re-edit runs the target rows alone.
     assert second.stats.unet_rows == 2 * steps < fresh["a green tractor"].stats.unet_rows
-    assert "inversion" not in second.stats.stages_ms and "inversion" in fresh["a green tractor"].stats.stages_ms
+    assert (
+        "inversion" not in second.stats.stages_ms and "inversion" in fresh["a green tractor"].stats.stages_ms
+    )
 
 
 def test_generate_edit_equals_in_process(client, reference_engine):
