@@ -91,7 +91,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
-    from fpedit.cli import parse_layers
+    from fpedit.args import parse_layers
 
     export = sub.add_parser("export", help="export UNet variants with map I/O, text encoder and VAE to ONNX")
     export.add_argument("--model", required=True, help="diffusers SD 1.x folder or 'tiny'")
