@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidInputError
+from .lora import parse_lora
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -57,13 +58,20 @@ class EngineConfig:
     ``backend=None`` takes the one the model folder's manifest names (torch for a diffusers folder or
     ``"tiny"``); ``dtype=None`` the backend's default (float16 on CUDA, float32 on the CPU, an export's own).
     ``backend_options`` tune the backend (torch: ``vae_dtype``, ``cuda_graphs``, ``compile_unet``, ...).
-    The engine limits left ``None`` take the engine's defaults.
+    ``model_config``, ``prediction_type`` and ``loras`` describe a single-file checkpoint and what is fused
+    into it (torch; README "Your own model"). The engine limits left ``None`` take the engine's defaults.
     """
 
     model: str = "tiny"
     backend: str | None = None
     device: str = "cpu"
     dtype: str | None = None
+    #: A single-file checkpoint's description: a diffusers folder with its configs and tokenizer (torch).
+    model_config: str | None = None
+    #: ``epsilon`` or ``v_prediction`` where the checkpoint does not say (torch).
+    prediction_type: str | None = None
+    #: LoRA files fused into the weights at load, as (path, scale) pairs (``FILE[:SCALE]`` strings accepted).
+    loras: tuple[tuple[str, float], ...] = ()
     allow_pickle: bool = False
     providers: tuple[str, ...] | None = None
     backend_options: Mapping[str, Any] = field(default_factory=dict)
@@ -81,6 +89,10 @@ class EngineConfig:
         # Device, dtype and backend names are judged where they are used (create_backend), with the same
         # messages for a config as for from_pretrained's keywords; the CLI's choices refuse them earlier.
         object.__setattr__(self, "model", str(self.model))
+        if self.model_config is not None:
+            object.__setattr__(self, "model_config", str(self.model_config))
+        pairs = tuple((str(spec.path), spec.scale) for spec in map(parse_lora, self.loras or ()))
+        object.__setattr__(self, "loras", pairs)
         if self.providers is not None:
             object.__setattr__(self, "providers", tuple(self.providers))
         if self.image_formats is not None:
@@ -104,6 +116,9 @@ class EngineConfig:
             "allow_pickle": self.allow_pickle,
             "providers": list(self.providers) if self.providers is not None else None,
             "backend_options": dict(self.backend_options),
+            "model_config": self.model_config,
+            "prediction_type": self.prediction_type,
+            "loras": list(self.loras),
         }
 
     def engine_kwargs(self) -> dict[str, Any]:

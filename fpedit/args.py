@@ -43,6 +43,9 @@ COMMON_FLAGS = {
     "dtype": "--dtype",
     "backend": "--backend",
     "model": "--model",
+    "model_config": "--model-config",
+    "prediction_type": "--prediction-type",
+    "loras": "--lora",
     "seed": "--seed",
     "height": "--height",
     "width": "--width",
@@ -272,6 +275,28 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow pickled (.bin/.ckpt) weights; only for trusted files (default: safetensors only)",
     )
+    add_checkpoint_arguments(group)
+
+
+def add_checkpoint_arguments(group: Any) -> None:
+    """Flags describing a single-file checkpoint and LoRAs fused at load (README 'Your own model')."""
+    group.add_argument(
+        "--model-config",
+        type=Path,
+        help="a diffusers folder whose configs and tokenizer describe a non-standard single-file checkpoint",
+    )
+    group.add_argument(
+        "--prediction-type",
+        choices=("epsilon", "v_prediction"),
+        help="what the UNet predicts, when the checkpoint does not say (v-prediction fine-tunes)",
+    )
+    group.add_argument(
+        "--lora",
+        action="append",
+        dest="loras",
+        metavar="FILE[:SCALE]",
+        help="fuse a LoRA (.safetensors, diffusers/PEFT or kohya keys) into the weights at load; repeatable",
+    )
 
 
 def add_edit_arguments(parser: argparse.ArgumentParser, *, defaults: bool = True) -> None:
@@ -406,6 +431,9 @@ def engine_config_from_args(args: argparse.Namespace, **engine: Any) -> EngineCo
         backend=backend,
         device=args.device,
         dtype=args.dtype,
+        model_config=args.model_config,
+        prediction_type=args.prediction_type,
+        loras=tuple(args.loras or ()),
         allow_pickle=args.allow_pickle,
         providers=tuple(args.providers) if args.providers else None,
         backend_options=backend_options,

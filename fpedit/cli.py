@@ -28,6 +28,7 @@ from fpedit.args import (
     MISSING_EXTRAS,
     OUTPUT_FORMATS,
     FpeditParser,
+    add_checkpoint_arguments,
     add_edit_arguments,
     add_generate_arguments,
     add_inversion_arguments,
@@ -42,6 +43,7 @@ from fpedit.args import (
     inversion_options_from_args,
     parse_layers,
     parse_output_size,
+    quiet_libraries,
     source_output_path,
 )
 from fpedit.engine.errors import FpeditError, InvalidInputError
@@ -253,6 +255,22 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from fpedit.engine.conversion import convert
+
+    quiet_libraries()
+    out = convert(
+        args.src,
+        args.dst,
+        model_config=args.model_config,
+        prediction_type=args.prediction_type,
+        allow_pickle=args.allow_pickle,
+        loras=args.loras or (),
+    )
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fpedit import __version__
 
@@ -323,6 +341,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_edit_arguments(gen)
     add_run_arguments(gen)
     gen.set_defaults(func=cmd_generate, flags={**COMMON_FLAGS, **GENERATE_FLAGS})
+
+    convert = sub.add_parser(
+        "convert",
+        help="single-file checkpoint -> diffusers folder, or diffusers folder -> single .safetensors file",
+    )
+    convert.add_argument("src", type=Path, help="a .safetensors checkpoint or a diffusers folder")
+    convert.add_argument("dst", type=Path, help="a new folder, or a new .safetensors file")
+    convert.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="allow a pickled (.ckpt) source; only trusted files (default: safetensors only)",
+    )
+    add_checkpoint_arguments(convert)
+    convert.set_defaults(func=cmd_convert)
 
     info = sub.add_parser(
         "info", help="describe a model and backend as JSON (the keys `fpedit client info` uses too)"

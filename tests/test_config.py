@@ -41,6 +41,14 @@ def test_model_flags_map_to_an_engine_config(tmp_path):
         backend_options={"cuda_graphs": False, "vae_dtype": "bfloat16", "compile_unet": True},
         batching=True,
     )
+    checkpoint = engine_config_from_args(
+        model_flags(
+            "--model", "sd.safetensors", "--model-config", "cfg", "--prediction-type", "v_prediction",
+            "--lora", "a.safetensors:0.5", "--lora", "b.safetensors",
+        )
+    )  # fmt: skip
+    assert (checkpoint.model_config, checkpoint.prediction_type) == ("cfg", "v_prediction")
+    assert checkpoint.loras == (("a.safetensors", 0.5), ("b.safetensors", 1.0))
     onnx = engine_config_from_args(
         model_flags("--backend", "onnxruntime", "--provider", "CPUExecutionProvider")
     )
