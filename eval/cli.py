@@ -258,6 +258,7 @@ def add_commands(sub: Any) -> None:
         parse_seed,
         parse_side,
     )
+    from fpedit.engine.options import INVERSION_METHODS
 
     flags = {**COMMON_FLAGS, **METRIC_FLAGS}
 
@@ -290,7 +291,7 @@ def add_commands(sub: Any) -> None:
     )
     ev.add_argument(
         "--inversion",
-        choices=("ddim", "null-text", "negative-prompt"),
+        choices=INVERSION_METHODS,
         default="ddim",
         help="real images: ddim (default), null-text or negative-prompt (with each item's source prompt)",
     )

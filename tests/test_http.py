@@ -434,6 +434,7 @@ def test_serve_flag_errors_name_the_flag():
         cache_gib, cache_ttl_s, max_image_pixels, max_prompt_chars = 1.0, 10.0, 1 << 20, 100
         token = tls_cert = tls_key = metrics_port = metrics_host = None
         grace_s, log_format, http_port, http_host = 1.0, "text", 70000, None
+        threads_per_worker = None
 
     with pytest.raises(InvalidInputError, match="http-port"):
         server_config_from_args(Args())
