@@ -117,7 +117,7 @@ def test_serve_ray_without_the_extra_says_how_to_install(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray.serve", None)
     assert main(["serve", "--ray", "--replicas", "2", "--port", "0"]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert lines == [f"fpedit: error: ray: {RAY_MISSING}"]
+    assert lines == [f"fpedit: error: --ray: {RAY_MISSING}"]
 
 
 def test_serve_refuses_ray_flags_without_ray(capsys):
@@ -125,7 +125,8 @@ def test_serve_refuses_ray_flags_without_ray(capsys):
 
     assert main(["serve", "--replicas", "2", "--port", "0"]) == 2
     assert (
-        capsys.readouterr().err.strip() == "fpedit: error: replicas: --replicas and --ray-address need --ray"
+        capsys.readouterr().err.strip()
+        == "fpedit: error: --replicas: --replicas and --ray-address need --ray"
     )
 
 
