@@ -27,6 +27,7 @@ from .programs import guide
 if TYPE_CHECKING:
     from .images import ImageInput
     from .pipeline import EditEngine
+    from .results import Inversion
 
 #: Figure 3 shows the top 6 components.
 DEFAULT_COMPONENTS = 6
@@ -141,7 +142,7 @@ def compute_attention_maps(
     engine: EditEngine,
     prompt: str,
     *,
-    image: ImageInput | None = None,
+    image: ImageInput | Inversion | None = None,
     seed: int = 0,
     steps: int = 50,
     guidance_scale: float = 7.5,
@@ -150,8 +151,12 @@ def compute_attention_maps(
     components: int = DEFAULT_COMPONENTS,
     height: int | None = None,
     width: int | None = None,
+    progress: Any = None,
+    cancel_check: Any = None,
 ) -> AttentionMapResult:
     """See :meth:`EditEngine.attention_maps`."""
+    from .results import Inversion
+
     backend = engine.backend
     if not hasattr(backend, "_unet") or not hasattr(backend, "forward"):
         raise InvalidInputError("backend", "attention maps need the torch backend")
@@ -163,13 +168,17 @@ def compute_attention_maps(
     if isinstance(components, bool) or not isinstance(components, int) or components < 1:
         raise InvalidInputError("components", f"must be a positive integer, got {components!r}")
 
-    run = engine._run(None, None)
+    run = engine._run(progress, cancel_check)
     with torch.inference_mode():
         if image is None:
             z, _ = engine._initial_latents(seed, None, height, width)
             inversion = None
+        elif isinstance(image, Inversion):  # a kept inversion (a server's cache): no inverting again
+            engine._check_inversion(image, options)
+            inversion = image
+            z = inversion.latent(steps)
         else:
-            inversion = engine.invert(image, options=options)
+            inversion = engine.invert(image, options=options, progress=progress, cancel_check=cancel_check)
             z = inversion.latent(steps)
         latent_h, latent_w = int(z.shape[-2]), int(z.shape[-1])
         downsamples = sorted({layer.downsample for layer in engine.spec.layers})

@@ -705,10 +705,12 @@ class EditEngine:
 
     def attention_maps(self, prompt: str, image: ImageInput | None = None, **kwargs: Any) -> Any:
         """Per-token cross-attention maps and the top SVD components of self-attention maps (the paper's
-        Figure 3) of a generated image (``seed``) or, with ``image``, of that image inverted first; returns an
+        Figure 3) of a generated image (``seed``) or, with ``image``, of that image inverted first (or of an
+        :class:`~.results.Inversion` already computed, with its step count); returns an
         :class:`~.attention_maps.AttentionMapResult`. Keywords: ``seed``, ``steps``, ``guidance_scale``,
         ``window`` (the steps averaged, as fractions), ``resolution`` (grid side; default latent side / 4,
-        16 at 512 px), ``components``, ``height``, ``width``. Torch backend only."""
+        16 at 512 px), ``components``, ``height``, ``width``, ``progress``, ``cancel_check``. Torch backend
+        only."""
         from .attention_maps import compute_attention_maps
 
         return compute_attention_maps(self, prompt, image=image, **kwargs)

@@ -154,10 +154,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     fmt, items = load_dataset(args.dataset, args.images, seed=args.seed)
     items = items[: args.limit] if args.limit else items
     missing = [str(item.image) for item in items if item.image is not None and not item.image.is_file()]
-    if missing:
+    if missing and len(missing) == sum(item.image is not None for item in items):  # a wrong folder, surely
         raise InvalidInputError(
             "images", f"{len(missing)} image(s) not found, e.g. {missing[0]} (point --images at the folder)"
         )
+    if missing:  # some: those items fail (recorded in results.csv), the others run
+        print(f"fpedit: warning: {len(missing)} image(s) not found, e.g. {missing[0]}", file=sys.stderr)
     if args.inversion != "ddim" and any(not item.source_prompt.strip() for item in items if item.image):
         raise InvalidInputError(
             "method", f"--inversion {args.inversion} needs a source prompt for every image"
@@ -202,6 +204,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.sweep:
         sheet = contact_sheet(args.output, items, settings)
         print(f"wrote {args.output / 'sweep.md'}" + (f", {sheet}" if sheet else ""), file=sys.stderr)
+    failed = sum(summary["failed"] for summary in summaries.values())
+    if failed:
+        print(
+            f"fpedit: warning: {failed} edit(s) failed (the error column of results.csv says why); "
+            "run the same command again to retry them",
+            file=sys.stderr,
+        )
+        return 1
     return 0 if summaries else 2
 
 

@@ -667,7 +667,7 @@ def server_config_from_args(args: argparse.Namespace) -> Any:
         log_format=args.log_format,
         http_port=getattr(args, "http_port", None),
         http_host=getattr(args, "http_host", None),
-        threads_per_worker=args.threads_per_worker,
+        threads_per_worker=getattr(args, "threads_per_worker", None),
     ).validate()  # before the model loads: a bad flag fails in a second, not after a minute
 
 

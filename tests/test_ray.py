@@ -526,7 +526,7 @@ def test_front_metrics_scrape_after_real_work(ray_service):
         front.drain(2)
     assert inverted.inversion_id and edited.edited_image
     for method in ("Invert", "Edit"):
-        assert value(after, "fpedit_requests_total", method=method, code="OK") == 1
+        assert value(after, "fpedit_requests_total", method=method, code="OK", transport="grpc") == 1
     calls = value(after, "fpedit_backend_unet_calls_total") - value(before, "fpedit_backend_unet_calls_total")
     assert calls >= edited.stats.unet_calls + inverted.stats.unet_calls > 0
     # The batch-size histogram counts every backend call once, summed over the replicas.
