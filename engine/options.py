@@ -160,30 +160,3 @@ class InversionOptions:
     def replace(self, **changes: object) -> InversionOptions:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
-
-
-def inversion_options(
-    inversion: InversionOptions | None = None,
-    *,
-    method: str | None = None,
-    source_prompt: str | None = None,
-    null_text_steps: int | None = None,
-    null_text_epsilon: float | None = None,
-) -> InversionOptions:
-    """``inversion``, or the one the separate keywords describe (the engine's older keyword form; unset
-    keywords take the defaults). Both at once is a mistake in the calling code."""
-    given = {
-        name: value
-        for name, value in (
-            ("method", method),
-            ("source_prompt", source_prompt),
-            ("null_text_steps", null_text_steps),
-            ("null_text_epsilon", null_text_epsilon),
-        )
-        if value is not None
-    }
-    if inversion is not None:
-        if given:
-            raise TypeError(f"give inversion=InversionOptions(...) or {next(iter(given))}=, not both")
-        return inversion
-    return InversionOptions(**given)

@@ -48,7 +48,7 @@ from .images import (
     tensor_to_images,
 )
 from .maps import AttentionMaps
-from .options import DEFAULT_MAX_PROMPT_CHARS, EditOptions, InversionOptions, check_prompt, inversion_options
+from .options import DEFAULT_MAX_PROMPT_CHARS, EditOptions, InversionOptions, check_prompt
 from .results import EditResult, Inversion
 from .schedule import DDIMSchedule, ScheduleCache
 
@@ -63,6 +63,8 @@ TEXT_CACHE_SIZE = 256
 #: 9-id prompt where 77 were asked for). Tokenizing takes microseconds: one lock for the whole process
 #: also covers engines that share a tokenizer.
 _TOKENIZER_LOCK = threading.Lock()
+#: An inversion keyword left out (``None`` is a value, and refused as a method).
+_NOT_GIVEN: Any = object()
 
 
 class EditEngine:
@@ -377,10 +379,10 @@ class EditEngine:
         progress: ProgressCallback | None = None,
         cancel_check: CancelCheck | None = None,
         inversion: InversionOptions | None = None,
-        source_prompt: str | None = None,
-        method: str | None = None,
-        null_text_steps: int | None = None,
-        null_text_epsilon: float | None = None,
+        source_prompt: str = _NOT_GIVEN,
+        method: str = _NOT_GIVEN,
+        null_text_steps: int = _NOT_GIVEN,
+        null_text_epsilon: float = _NOT_GIVEN,
     ) -> Inversion:
         """Invert ``image`` over ``options.steps`` steps; keep the whole trajectory.
 
@@ -392,15 +394,21 @@ class EditEngine:
         the same inversion with the source prompt's embedding as every step's null embedding (no optimisation).
         """
         options = options or EditOptions()
-        if source_prompt is not None:  # judged by this engine's prompt limit before the options' rules
+        given = {
+            name: value
+            for name, value in (
+                ("source_prompt", source_prompt),
+                ("method", method),
+                ("null_text_steps", null_text_steps),
+                ("null_text_epsilon", null_text_epsilon),
+            )
+            if value is not _NOT_GIVEN
+        }
+        if inversion is not None and given:
+            raise TypeError(f"give inversion=InversionOptions(...) or {next(iter(given))}=, not both")
+        if "source_prompt" in given:  # judged by this engine's prompt limit before the options' rules
             self._check_prompt(source_prompt, "source_prompt", allow_empty=True)
-        how = inversion_options(
-            inversion,
-            method=method,
-            source_prompt=source_prompt,
-            null_text_steps=null_text_steps,
-            null_text_epsilon=null_text_epsilon,
-        )
+        how = inversion if inversion is not None else InversionOptions(**given)
         source_prompt = self._check_prompt(how.source_prompt, "source_prompt", allow_empty=True)
         method = null_text.check_method(how.method, source_prompt, self.backend)
         inner_steps, epsilon = how.null_text_steps, how.null_text_epsilon
