@@ -317,7 +317,9 @@ def add_edit_arguments(parser: argparse.ArgumentParser, *, defaults: bool = True
         default = dict.fromkeys(("steps", "guidance", "window", "layers", "map_format"))
         said = "default: the server's, {}"
     window = " ".join(f"{x:g}" if x else "0.0" for x in paper.replace_window)
-    group.add_argument("--steps", type=int, default=default["steps"], help=f"DDIM steps ({said.format(50)})")
+    group.add_argument(
+        "--steps", type=int, default=default["steps"], help=f"DDIM steps ({said.format(paper.steps)})"
+    )
     group.add_argument(
         "--guidance",
         type=float,
