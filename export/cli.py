@@ -95,7 +95,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
-    from fpedit.cli import add_checkpoint_arguments, parse_layers
+    from fpedit.args import add_checkpoint_arguments, parse_layers
 
     export = sub.add_parser("export", help="export UNet variants with map I/O, text encoder and VAE to ONNX")
     export.add_argument(

@@ -180,11 +180,12 @@ def ray_metrics_port() -> int:
 @pytest.fixture(scope="module")
 def ray_service(model_dir, ray_metrics_port):
     pytest.importorskip("ray.serve", reason=RAY_MISSING)
+    from fpedit.engine.config import EngineConfig
     from fpedit.server.config import ServerConfig
-    from fpedit.server.ray_app import RayService, ReplicaSettings, model_args, replica_server_config
+    from fpedit.server.ray_app import RayService, ReplicaSettings, replica_server_config
 
     settings = ReplicaSettings(
-        engine_args=model_args(model=str(model_dir), backend="torch"),
+        engine=EngineConfig(model=str(model_dir), backend="torch", batching=True),
         server=replica_server_config(ServerConfig(), max_ongoing_requests=4, batching=True),
     )
     service = RayService.start(
