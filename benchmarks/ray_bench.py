@@ -87,7 +87,7 @@ def run_ray_bench(cfg: RayBenchConfig) -> dict[str, Any]:
     from fpedit.engine import EditEngine
     from fpedit.server.app import build_server
     from fpedit.server.config import ServerConfig
-    from fpedit.server.ray_app import RayService, ReplicaSettings, model_args, replica_server_config
+    from fpedit.server.ray import RayService, ReplicaSettings, model_args, replica_server_config
 
     cpus = os.cpu_count() or 1
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)

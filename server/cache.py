@@ -3,7 +3,7 @@
 :class:`BoundedLRU` is the one policy: values by key, the least recently used evicted while the total exceeds
 ``max_bytes``, every value expiring ``ttl_s`` after it was put. :class:`InversionCache` (a server's own
 inversions, so that ``Edit`` by id runs the target branch only) and the Ray store's records
-(:mod:`fpedit.server.ray_store`) both keep their entries in one. Plain Python: no torch is imported here.
+(:mod:`fpedit.server.ray.store`) both keep their entries in one. Plain Python: no torch is imported here.
 """
 
 from __future__ import annotations

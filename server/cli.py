@@ -60,7 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.ray:
         if args.replicas is not None and args.replicas < 1:
             raise InvalidInputError("replicas", "must be at least 1")
-        from .ray_app import require_ray
+        from .ray import require_ray
 
         require_ray()  # before anything loads: one line saying how to install the extra
     elif args.replicas is not None or args.ray_address:
@@ -77,7 +77,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"fpedit HTTP/JSON and editor page on {running.http.url}", flush=True)
 
     if args.ray:
-        from .ray_app import serve_on_ray
+        from .ray import serve_on_ray
 
         serve_on_ray(args, config, ready=ready)
     else:

@@ -25,7 +25,7 @@ from helpers import decoded_pixels as pixels
 from helpers import make_image, png_bytes
 
 from fpedit import EditEngine, EditOptions
-from fpedit.server.ray_store import (
+from fpedit.server.ray.store import (
     BoundedRecords,
     engine_fingerprint,
     inversion_from_record,
@@ -117,7 +117,7 @@ def test_serve_ray_without_the_extra_says_how_to_install(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray.serve", None)
     assert main(["serve", "--ray", "--replicas", "2", "--port", "0"]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert lines == [f"fpedit: error: ray: {RAY_MISSING}"]
+    assert lines == [f"fpedit: error: --ray: {RAY_MISSING}"]
 
 
 def test_serve_refuses_ray_flags_without_ray(capsys):
@@ -125,7 +125,7 @@ def test_serve_refuses_ray_flags_without_ray(capsys):
 
     assert main(["serve", "--replicas", "2", "--port", "0"]) == 2
     assert (
-        capsys.readouterr().err.strip() == "fpedit: error: replicas: --replicas and --ray-address need --ray"
+        capsys.readouterr().err.strip() == "fpedit: error: --replicas: --replicas and --ray-address need --ray"
     )
 
 
@@ -142,7 +142,7 @@ def test_replica_errors_come_back_as_the_runners_errors():
         OverloadedError,
         UnavailableError,
     )
-    from fpedit.server.ray_app import ReplicaError, _translate
+    from fpedit.server.ray.errors import ReplicaError, _translate
 
     for original in (
         InvalidInputError("steps", "must be in 1..1000"),
@@ -180,7 +180,7 @@ def ray_metrics_port() -> int:
 def ray_service(model_dir, ray_metrics_port):
     pytest.importorskip("ray.serve", reason=RAY_MISSING)
     from fpedit.server.config import ServerConfig
-    from fpedit.server.ray_app import RayService, ReplicaSettings, model_args, replica_server_config
+    from fpedit.server.ray import RayService, ReplicaSettings, model_args, replica_server_config
 
     settings = ReplicaSettings(
         engine_args=model_args(model=str(model_dir), backend="torch"),
@@ -524,7 +524,7 @@ def test_front_metrics_scrape_after_real_work(ray_service):
         front.drain(2)
     assert inverted.inversion_id and edited.edited_image
     for method in ("Invert", "Edit"):
-        assert value(after, "fpedit_requests_total", method=method, code="OK") == 1
+        assert value(after, "fpedit_requests_total", method=method, code="OK", transport="grpc") == 1
     calls = value(after, "fpedit_backend_unet_calls_total") - value(before, "fpedit_backend_unet_calls_total")
     assert calls >= edited.stats.unet_calls + inverted.stats.unet_calls > 0
     # The batch-size histogram counts every backend call once, summed over the replicas.
@@ -540,7 +540,7 @@ def test_health_answers_within_200_ms_during_a_48_client_burst(ray_service):
 
     from fpedit.server.app import build_server
     from fpedit.server.config import ServerConfig
-    from fpedit.server.ray_app import RayRunner
+    from fpedit.server.ray import RayRunner
     from fpedit.v1 import edit_pb2 as pb
     from fpedit.v1 import edit_pb2_grpc
 
