@@ -7,6 +7,7 @@ A standalone server over an in-process engine is the reference for pixels and fo
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import pickle
 import socket
 import subprocess
@@ -25,12 +26,16 @@ from helpers import decoded_pixels as pixels
 from helpers import make_image, png_bytes
 
 from fpedit import EditEngine, EditOptions
+from fpedit.server.ray.install import local_ray_on_loopback
 from fpedit.server.ray.store import (
     BoundedRecords,
     engine_fingerprint,
     inversion_from_record,
     record_from_inversion,
 )
+
+# As `fpedit serve --ray` does before it first imports Ray: the module's local instance keeps to loopback.
+local_ray_on_loopback()
 
 STEPS = 3
 REPO = Path(__file__).resolve().parents[1]
@@ -125,7 +130,8 @@ def test_serve_refuses_ray_flags_without_ray(capsys):
 
     assert main(["serve", "--replicas", "2", "--port", "0"]) == 2
     assert (
-        capsys.readouterr().err.strip() == "fpedit: error: --replicas: --replicas and --ray-address need --ray"
+        capsys.readouterr().err.strip()
+        == "fpedit: error: --replicas: --replicas and --ray-address need --ray"
     )
 
 
@@ -615,3 +621,45 @@ def test_unknown_inversion_id_is_a_client_error_in_the_replica_logs(client):
         if unknown in line and ("ERROR" in line or "Failed to load" in line)
     ]
     assert mentions == []
+
+
+def is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip.split("%")[0])
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+def test_a_local_ray_listens_on_loopback_but_for_serves_replica_servers(ray_service):
+    """Issue 16 item 6: a local Ray instance listened on every interface (GCS, raylet, workers) and on the
+    machine's outside address (agents). Now fpedit's own ports and every Ray process of this instance listen on
+    loopback, except what Ray 2.60 hard-codes: each Serve replica's internal gRPC server on ``[::]:0``."""
+    import psutil
+
+    from fpedit.server.app import build_server
+    from fpedit.server.config import ServerConfig
+
+    front = build_server(ray_service.runner, ServerConfig(port=0, metrics_port=0, http_port=0))
+    try:
+        me = psutil.Process()
+        tree = {me.pid} | {child.pid for child in me.children(recursive=True)}  # this test's Ray instance
+        listening = [
+            c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in tree
+        ]
+        ours = {c.laddr.port: c.laddr.ip for c in listening if c.pid == me.pid}
+        for port in (front.port, front.metrics_port, front.http.port):
+            assert is_loopback(ours[port]), f"fpedit's port {port} listens on {ours[port]}"
+        outside = []
+        for c in listening:
+            if is_loopback(c.laddr.ip):
+                continue
+            command = "?"
+            with contextlib.suppress(psutil.Error):
+                command = " ".join(psutil.Process(c.pid).cmdline())
+            outside.append((c.laddr.ip, c.laddr.port, command[:80]))
+        assert len({c.pid for c in listening}) >= 4  # the driver, GCS, raylet, workers: the scan saw them
+        hard_coded = [
+            o for o in outside if ipaddress.ip_address(o[0]).is_unspecified and "ServeReplica" in o[2]
+        ]
+        assert outside == hard_coded, f"listening outside loopback: {sorted(set(outside) - set(hard_coded))}"
+    finally:
+        front.drain(2)

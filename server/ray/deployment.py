@@ -4,6 +4,7 @@ tooling (``serve run`` / ``serve deploy`` with :func:`build_app`, the front as t
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import threading
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from fpedit.engine.errors import InvalidInputError
 
 from ..config import ServerConfig
 from .front import RayRunner
-from .install import require_ray
+from .install import LOCAL_ONLY_ENV, local_ray_on_loopback, require_ray, starts_local_ray
 from .replica import EditReplica
 from .settings import (
     DEFAULT_MAX_ONGOING_REQUESTS,
@@ -26,6 +27,7 @@ from .settings import (
 from .store import open_store
 
 log = logging.getLogger("fpedit.server")
+LOOPBACK = "127.0.0.1"
 
 APP_NAME = "fpedit"
 DEPLOYMENT_NAME = "EditReplica"
@@ -74,6 +76,19 @@ def replica_deployment(
     return serve.deployment(EditReplica).options(**options).bind(settings)
 
 
+def local_node_address(host: str) -> str:
+    """The node address of a Ray instance ``fpedit serve --ray`` starts itself: the front's ``--host`` when
+    that is one IPv4 address, else loopback (a wildcard, a name or IPv6). A local instance serves this
+    machine only, so its agents and object transfers have no reason to listen on an outside address."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return LOOPBACK
+    if address.version != 4 or address.is_unspecified:
+        return LOOPBACK
+    return str(address)
+
+
 @dataclass
 class RayService:
     """A deployed application and the front's runner; :meth:`close` deletes what :meth:`start` created."""
@@ -96,14 +111,27 @@ class RayService:
         max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS,
         ray_actor_options: dict[str, Any] | None = None,
         ray_init: dict[str, Any] | None = None,
+        host: str = LOOPBACK,
     ) -> RayService:
-        """Join (``address``) or start a local Ray instance, deploy the replicas, wait until they serve."""
+        """Join (``address``) or start a local Ray instance, deploy the replicas, wait until they serve.
+
+        A local instance gets its node address from ``host`` (the front's, see :func:`local_node_address`)
+        and no dashboard, so that only what Ray hard-codes listens beyond it."""
         import ray
         from ray import serve
 
         owns_ray = not ray.is_initialized()
         if owns_ray:
-            ray.init(address=address, include_dashboard=False, **(ray_init or {}))
+            init: dict[str, Any] = {"include_dashboard": False, **(ray_init or {})}
+            if starts_local_ray(address):
+                if not local_ray_on_loopback():
+                    log.warning(
+                        "Ray was imported before fpedit could keep its local instance on loopback: Ray's "
+                        "processes listen on this machine's outside address (set %s=0 before starting)",
+                        LOCAL_ONLY_ENV,
+                    )
+                init.setdefault("_node_ip_address", local_node_address(host))
+            ray.init(address=address, **init)
         serve.start(proxy_location="Disabled")  # clients reach the gRPC front, never Serve's proxies
         open_store(settings.store_name, settings.store_namespace, settings.store_bytes, settings.store_ttl_s)
         app = replica_deployment(
@@ -145,7 +173,7 @@ def serve_on_ray(
 ) -> None:
     """``fpedit serve --ray``: deploy ``--replicas`` engine replicas on Ray Serve and serve the gRPC front on
     ``--host``/``--port`` until SIGTERM or SIGINT; then drain the front and delete the application."""
-    require_ray()
+    require_ray(local=starts_local_ray(args.ray_address))
     replicas = 1 if args.replicas is None else args.replicas
     if replicas < 1:
         raise InvalidInputError("replicas", "must be at least 1")
@@ -162,6 +190,7 @@ def serve_on_ray(
         settings,
         replicas=replicas,
         address=args.ray_address,
+        host=config.host,
         max_queued_requests=max(1, config.max_queue),  # --max-queue is the front's queue, as standalone
     )
     try:
