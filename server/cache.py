@@ -156,14 +156,14 @@ class InversionCache:
     def evictions(self) -> int:
         return self._entries.evictions
 
-    def put(self, inversion: Inversion) -> str:
-        """Keep ``inversion`` under a new id; ``""`` (nothing kept, nothing evicted) when it exceeds the whole
-        budget even without its maps."""
+    def put(self, inversion: Inversion, key: str = "") -> str:
+        """Keep ``inversion`` under ``key`` (a new id when empty) and return it; ``""`` (nothing kept, nothing
+        evicted) when it exceeds the whole budget even without its maps."""
         nbytes = self._size(inversion)
         if nbytes > self.max_bytes:
             self.refused += 1
             return ""
-        key = uuid.uuid4().hex
+        key = key or uuid.uuid4().hex
         self._entries.put(key, inversion, nbytes)
         return key
 

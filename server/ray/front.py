@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import queue
 import threading
 import uuid
 from collections import Counter
@@ -13,9 +12,10 @@ from typing import Any
 
 from fpedit.engine import ProgressEvent
 from fpedit.engine.errors import CancelledError, OverloadedError, UnavailableError
-from fpedit.v1 import edit_pb2 as pb
 
-from ..runner import EditCall, GenerateCall, InvertCall, RunnerStats, progress_event
+from ..results import EditOutcome, GenerateOutcome, InfoOutcome, InvertOutcome
+from ..runner import EditCall, GenerateCall, InvertCall, RunnerStats
+from ..streaming import stream_of
 from .errors import ReplicaError, _translate
 
 log = logging.getLogger("fpedit.server")
@@ -113,13 +113,13 @@ class RayRunner:
         *,
         progress: Callable[[ProgressEvent], None] | None = None,
         cancel_check: Callable[[], None] | None = None,
-    ) -> pb.EditResponse:
+    ) -> EditOutcome:
         if progress is not None:  # progress comes back only on a stream
-            for event in self.edit_stream(call, cancel_check=cancel_check):
-                if event.HasField("progress"):
-                    progress(progress_event(event.progress))
+            for item in self.edit_stream(call, cancel_check=cancel_check):
+                if isinstance(item, ProgressEvent):
+                    progress(item)
                 else:
-                    return event.result
+                    return item
             raise UnavailableError("the replica's stream ended without a result; retry")
         new_id = "" if call.inversion_id else uuid.uuid4().hex
         routed = self._routed(call.inversion_id or new_id)
@@ -127,7 +127,7 @@ class RayRunner:
 
     def edit_stream(
         self, call: EditCall, *, cancel_check: Callable[[], None] | None = None
-    ) -> Iterator[pb.EditEvent]:
+    ) -> Iterator[ProgressEvent | EditOutcome]:
         new_id = "" if call.inversion_id else uuid.uuid4().hex
         self._enter()  # before anything is sent: a refused call costs the replicas nothing
         try:
@@ -137,40 +137,32 @@ class RayRunner:
 
     def _stream_events(
         self, call: EditCall, new_id: str, cancel_check: Callable[[], None] | None
-    ) -> Iterator[pb.EditEvent]:
+    ) -> Iterator[ProgressEvent | EditOutcome]:
         stream = (
             self._routed(call.inversion_id or new_id).options(stream=True).edit_stream.remote(call, new_id)
         )
-        events: queue.Queue[tuple[str, Any]] = queue.Queue()
 
-        def pump() -> None:  # the generator blocks; a thread lets the caller poll its cancel check
+        def produce(emit: Callable[[object], None]) -> None:  # Serve's stream blocks between items
             try:
-                for event in stream:
-                    events.put(("event", event))
-                events.put(("end", None))
-            except BaseException as exc:
-                events.put(("error", exc))
+                for item in stream:
+                    emit(item)
+            except Exception as exc:
+                raise _translate(exc) from None
 
-        threading.Thread(target=pump, name="fpedit-ray-stream", daemon=True).start()
-        while True:
-            try:
-                kind, value = events.get(timeout=CANCEL_POLL_S)
-            except queue.Empty:
-                if cancel_check is not None:
-                    try:
-                        cancel_check()
-                    except CancelledError:
-                        stream.cancel()
-                        raise
-                continue
-            if kind == "event" and isinstance(value, ReplicaError):
-                raise value.unwrap()
-            if kind == "event":
-                yield value
-            elif kind == "error":
-                raise _translate(value) from None
-            else:
+        def idle() -> None:  # the caller's cancel check, polled while the replica works
+            if cancel_check is not None:
+                try:
+                    cancel_check()
+                except CancelledError:
+                    stream.cancel()
+                    raise
+
+        for item in stream_of(produce, idle=idle, poll_s=CANCEL_POLL_S, name="fpedit-ray-stream"):
+            if isinstance(item, ReplicaError):
+                raise item.unwrap()
+            if item is None:  # produce returned: the replica's stream ended
                 return
+            yield item
 
     def generate(
         self,
@@ -178,7 +170,7 @@ class RayRunner:
         *,
         progress: Callable[[ProgressEvent], None] | None = None,
         cancel_check: Callable[[], None] | None = None,
-    ) -> pb.GenerateEditResponse:
+    ) -> GenerateOutcome:
         return self._wait(lambda: self.handle.generate.remote(call), cancel_check)
 
     def invert(
@@ -187,17 +179,18 @@ class RayRunner:
         *,
         progress: Callable[[ProgressEvent], None] | None = None,
         cancel_check: Callable[[], None] | None = None,
-    ) -> pb.InvertResponse:
+    ) -> InvertOutcome:
         new_id = uuid.uuid4().hex
         routed = self._routed(new_id)
         return self._wait(lambda: routed.invert.remote(call, new_id), cancel_check)
 
-    def info(self) -> pb.GetInfoResponse:
+    def info(self) -> InfoOutcome:
         info = self._wait(lambda: self.handle.info.remote(), None, admit=False)
-        if self.max_running is not None:  # the front's admission, not one replica's runner
-            info.limits.workers = self.max_running
-            info.limits.max_queue = self.max_queue or 0
-        return info
+        if self.max_running is None:
+            return info
+        # The front's admission, not one replica's runner.
+        limits = dataclasses.replace(info.limits, workers=self.max_running, max_queue=self.max_queue or 0)
+        return dataclasses.replace(info, limits=limits)
 
     def replica_stats(self) -> list[dict[str, Any]]:
         """Every live replica's figures (a control-plane broadcast; not for the request path)."""

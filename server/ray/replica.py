@@ -13,9 +13,9 @@ from typing import Any, TypeVar
 
 from fpedit.engine import ProgressEvent
 from fpedit.engine.errors import CancelledError, NotFoundError
-from fpedit.v1 import edit_pb2 as pb
 
-from ..runner import EditCall, GenerateCall, InvertCall, LocalRunner, progress_message
+from ..results import EditOutcome, GenerateOutcome, InfoOutcome, InvertOutcome
+from ..runner import EditCall, GenerateCall, InvertCall, LocalRunner
 from .errors import ReplicaError
 from .settings import ReplicaSettings, _build_engine
 from .store import engine_fingerprint, inversion_from_record, open_store, record_from_inversion
@@ -47,14 +47,14 @@ class EditReplica:
         from ray.serve import metrics
 
         self.settings = settings
+        self.name = ray.get_runtime_context().get_actor_name() or "local"
         self.engine = _build_engine(settings)
-        self.runner = LocalRunner(self.engine, settings.server)
+        self.runner = LocalRunner(self.engine, settings.server, replica=self.name)
         self.fingerprint = engine_fingerprint(self.engine.info())
         self.store = open_store(
             settings.store_name, settings.store_namespace, settings.store_bytes, settings.store_ttl_s
         )
-        self.name = ray.get_runtime_context().get_actor_name() or "local"
-        self._fresh: dict[str, str] = {}  # ids this replica just made, waiting to be registered
+        self._fresh: set[str] = set()  # ids this replica just made, waiting to be registered
         self._threads = ThreadPoolExecutor(
             max_workers=settings.server.workers + settings.server.max_queue + 2,
             thread_name_prefix="fpedit-replica",
@@ -93,8 +93,10 @@ class EditReplica:
         An id the store does not know is held as empty rather than raised: Serve logs a loader's exception
         as a model that failed to load (at ERROR, naming the id), while an unknown id is the client's
         mistake; :meth:`_edit_held` answers it with NOT_FOUND."""
-        local_key = self._fresh.pop(inversion_id, None)
-        if local_key is None:
+        if inversion_id in self._fresh:
+            self._fresh.discard(inversion_id)
+            local_key = inversion_id
+        else:
             try:
                 local_key = await asyncio.get_running_loop().run_in_executor(
                     self._threads, self._restore, inversion_id
@@ -116,11 +118,13 @@ class EditReplica:
             )
         self.restores += 1
         self._restored.inc()
-        return self.runner.cache.put(inversion_from_record(self.engine, record))
+        # Kept under the front's id, as the runner keeps the inversions this replica makes.
+        return self.runner.cache.put(inversion_from_record(self.engine, record), inversion_id)
 
-    async def _adopt(self, inversion_id: str, local_key: str) -> None:
-        """Publish a new inversion under the front's id: into the shared store, then held here."""
-        inversion = self.runner.cache.get(local_key)
+    async def _adopt(self, inversion_id: str) -> None:
+        """Publish a new inversion (kept by the runner under the front's id): into the shared store, then
+        held here."""
+        inversion = self.runner.cache.get(inversion_id)
         if inversion is not None:
             record = await asyncio.get_running_loop().run_in_executor(
                 self._threads, record_from_inversion, inversion, self.fingerprint
@@ -129,10 +133,10 @@ class EditReplica:
                 log.warning(
                     "inversion %s (%d bytes) exceeds the shared store's budget", inversion_id, record.nbytes
                 )
-        self._fresh[inversion_id] = local_key
+        self._fresh.add(inversion_id)
         await self._hold(inversion_id)  # registers the id here: Serve routes its edits to this replica
 
-    def _edit_held(self, call: EditCall, held: _Held, **kw: Any) -> pb.EditResponse:
+    def _edit_held(self, call: EditCall, held: _Held, **kw: Any) -> EditOutcome:
         if not held.local_key:  # unknown when first asked for: look again (NotFoundError if still unknown)
             held.local_key = self._restore(call.inversion_id)
         try:
@@ -180,33 +184,28 @@ class EditReplica:
 
     async def edit(
         self, call: EditCall, new_id: str, progress: Callable[[ProgressEvent], None] | None = None
-    ) -> pb.EditResponse:
+    ) -> EditOutcome:
         """Edit by id (routed here by the id) or by image (``new_id`` names the new inversion)."""
 
-        async def work(cancel_check: Callable[[], None]) -> pb.EditResponse:
+        async def work(cancel_check: Callable[[], None]) -> EditOutcome:
             kw = {"progress": progress, "cancel_check": cancel_check}
             if call.inversion_id:
                 held = await self._hold(call.inversion_id)
-                response = await self._in_thread(self._edit_held, call, held, **kw)
-                response.inversion_id = call.inversion_id
-            else:
-                response = await self._in_thread(self.runner.edit, call, **kw)
-                if response.inversion_id:  # "": too big for the cache, so it has no id to route by
-                    await self._adopt(new_id, response.inversion_id)
-                    response.inversion_id = new_id
-            self._mark(response.stats)
-            return response
+                return await self._in_thread(self._edit_held, call, held, **kw)
+            outcome = await self._in_thread(self.runner.edit, dataclasses.replace(call, new_id=new_id), **kw)
+            if outcome.inversion_id:  # "": too big for the cache, so it has no id to route by
+                await self._adopt(outcome.inversion_id)
+            return outcome
 
         return await self._call("edit", work)
 
     async def edit_stream(self, call: EditCall, new_id: str):
         """Progress events per step, then the result (``handle.options(stream=True)``)."""
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[pb.EditEvent] = asyncio.Queue()
+        events: asyncio.Queue[ProgressEvent] = asyncio.Queue()
 
         def progress(event: ProgressEvent) -> None:
-            message = progress_message(event)
-            loop.call_soon_threadsafe(events.put_nowait, message)
+            loop.call_soon_threadsafe(events.put_nowait, event)
 
         task = asyncio.ensure_future(self.edit(call, new_id, progress))
         try:
@@ -220,31 +219,27 @@ class EditReplica:
                 while not events.empty():
                     yield events.get_nowait()
                 break
-            result = task.result()
-            yield result if isinstance(result, ReplicaError) else pb.EditEvent(result=result)
+            yield task.result()  # the EditOutcome, or the ReplicaError
         finally:
             if not task.done():
                 task.cancel()  # the caller went away: stop the engine
 
-    async def generate(self, call: GenerateCall) -> pb.GenerateEditResponse:
-        async def work(cancel_check: Callable[[], None]) -> pb.GenerateEditResponse:
-            response = await self._in_thread(self.runner.generate, call, cancel_check=cancel_check)
-            self._mark(response.stats)
-            return response
+    async def generate(self, call: GenerateCall) -> GenerateOutcome:
+        async def work(cancel_check: Callable[[], None]) -> GenerateOutcome:
+            return await self._in_thread(self.runner.generate, call, cancel_check=cancel_check)
 
         return await self._call("generate", work)
 
-    async def invert(self, call: InvertCall, new_id: str) -> pb.InvertResponse:
-        async def work(cancel_check: Callable[[], None]) -> pb.InvertResponse:
-            response = await self._in_thread(self.runner.invert, call, cancel_check=cancel_check)
-            await self._adopt(new_id, response.inversion_id)  # the runner refused one too big to keep
-            response.inversion_id = new_id
-            self._mark(response.stats)
-            return response
+    async def invert(self, call: InvertCall, new_id: str) -> InvertOutcome:
+        async def work(cancel_check: Callable[[], None]) -> InvertOutcome:
+            call_named = dataclasses.replace(call, new_id=new_id)
+            outcome = await self._in_thread(self.runner.invert, call_named, cancel_check=cancel_check)
+            await self._adopt(outcome.inversion_id)  # the runner refused one too big to keep
+            return outcome
 
         return await self._call("invert", work)
 
-    async def info(self) -> pb.GetInfoResponse:
+    async def info(self) -> InfoOutcome:
         return self.runner.info()
 
     async def stats(self) -> dict[str, Any]:
@@ -261,10 +256,6 @@ class EditReplica:
             "cancelled": self.cancelled,
             **dataclasses.asdict(self.runner.stats()),
         }
-
-    def _mark(self, stats: pb.Stats) -> None:
-        if "replica" in pb.Stats.DESCRIPTOR.fields_by_name:
-            stats.replica = self.name
 
     def _publish_gauges(self) -> None:
         stats = self.runner.stats()
