@@ -369,7 +369,8 @@ def test_errors_have_the_standalone_servers_codes(fronts):
     assert codes_of(fronts["standalone"].port) == ray_codes
 
 
-def test_deadline_stops_the_replicas_work(client, ray_service):
+@pytest.mark.parametrize("streamed", [False, True], ids=["unary", "stream"])
+def test_deadline_stops_the_replicas_work(client, ray_service, streamed):
     from fpedit.server.client import edit_options
 
     def cancelled() -> int:
@@ -378,7 +379,12 @@ def test_deadline_stops_the_replicas_work(client, ray_service):
     before = cancelled()
     image = png_bytes(make_image(64, 64, seed=9))
     with pytest.raises(grpc.RpcError) as caught:
-        client.edit("a green car", image=image, options=edit_options(steps=1000), timeout=1.0)
+        if streamed:  # the front cancels Serve's stream; the replica's generator stops the engine
+            list(
+                client.edit_stream("a green car", image=image, options=edit_options(steps=1000), timeout=1.0)
+            )
+        else:
+            client.edit("a green car", image=image, options=edit_options(steps=1000), timeout=1.0)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     # The replica's engine stopped at a cancel check (a finished edit would not count as cancelled).
     deadline = time.monotonic() + 60
