@@ -81,6 +81,9 @@ def _throughput(port: int, image: bytes, cfg: RayBenchConfig) -> dict[str, Any]:
 
 
 def run_ray_bench(cfg: RayBenchConfig) -> dict[str, Any]:
+    from fpedit.server.ray.install import local_ray_on_loopback
+
+    local_ray_on_loopback()  # before Ray is imported: the bench's own instance keeps to this machine
     import ray
     import torch
 

@@ -669,3 +669,19 @@ def test_a_local_ray_listens_on_loopback_but_for_serves_replica_servers(ray_serv
         assert outside == hard_coded, f"listening outside loopback: {sorted(set(outside) - set(hard_coded))}"
     finally:
         front.drain(2)
+
+
+@pytest.mark.parametrize(
+    ("host", "node"),
+    [
+        ("127.0.0.1", "127.0.0.1"),
+        ("0.0.0.0", "127.0.0.1"),  # a wildcard front: Ray still keeps to loopback
+        ("::", "127.0.0.1"),
+        ("localhost", "127.0.0.1"),
+        ("10.1.2.3", "10.1.2.3"),  # a front on one outside address: Ray's node address is that one
+    ],
+)
+def test_a_local_ray_takes_its_node_address_from_the_fronts_host(host, node):
+    from fpedit.server.ray.deployment import local_node_address
+
+    assert local_node_address(host) == node
