@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -126,9 +127,10 @@ class RayService:
             if starts_local_ray(address):
                 if not local_ray_on_loopback():
                     log.warning(
-                        "Ray was imported before fpedit could keep its local instance on loopback: Ray's "
-                        "processes listen on this machine's outside address (set %s=0 before starting)",
+                        "the local Ray instance listens on this machine's outside address: %s is %r, or Ray "
+                        "was imported before fpedit set it to 0",
                         LOCAL_ONLY_ENV,
+                        os.environ.get(LOCAL_ONLY_ENV),
                     )
                 init.setdefault("_node_ip_address", local_node_address(host))
             ray.init(address=address, **init)
