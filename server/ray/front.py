@@ -149,20 +149,24 @@ class RayRunner:
             except Exception as exc:
                 raise _translate(exc) from None
 
-        def idle() -> None:  # the caller's cancel check, polled while the replica works
+        def check() -> None:  # the caller's cancel check: while the replica is silent, and between items
             if cancel_check is not None:
-                try:
-                    cancel_check()
-                except CancelledError:
-                    stream.cancel()
-                    raise
+                cancel_check()
 
-        for item in stream_of(produce, idle=idle, poll_s=CANCEL_POLL_S, name="fpedit-ray-stream"):
-            if isinstance(item, ReplicaError):
-                raise item.unwrap()
-            if item is None:  # produce returned: the replica's stream ended
-                return
-            yield item
+        finished = False
+        try:
+            for item in stream_of(produce, idle=check, poll_s=CANCEL_POLL_S, name="fpedit-ray-stream"):
+                if isinstance(item, ReplicaError):
+                    finished = True
+                    raise item.unwrap()
+                if item is None:  # produce returned: the replica's stream ended
+                    finished = True
+                    return
+                check()  # progress may never pause for a poll: a deadline must still be noticed
+                yield item
+        finally:
+            if not finished:  # cancelled, past its deadline, or the consumer went away: stop the replica
+                stream.cancel()
 
     def generate(
         self,
