@@ -74,7 +74,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_ray_bench(args: argparse.Namespace) -> int:
     """``fpedit bench --ray``: the Ray section alone (it starts its own Ray instance)."""
-    from fpedit.server.ray_app import require_ray
+    from fpedit.server.ray import require_ray
 
     from .ray_bench import RayBenchConfig, markdown, run_ray_bench, write_outputs
 

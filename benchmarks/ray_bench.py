@@ -81,6 +81,9 @@ def _throughput(port: int, image: bytes, cfg: RayBenchConfig) -> dict[str, Any]:
 
 
 def run_ray_bench(cfg: RayBenchConfig) -> dict[str, Any]:
+    from fpedit.server.ray.install import local_ray_on_loopback
+
+    local_ray_on_loopback()  # before Ray is imported: the bench's own instance keeps to this machine
     import ray
     import torch
 
@@ -88,7 +91,7 @@ def run_ray_bench(cfg: RayBenchConfig) -> dict[str, Any]:
     from fpedit.engine.config import EngineConfig
     from fpedit.server.app import build_server
     from fpedit.server.config import ServerConfig
-    from fpedit.server.ray_app import RayService, ReplicaSettings, replica_server_config
+    from fpedit.server.ray import RayService, ReplicaSettings, replica_server_config
 
     cpus = os.cpu_count() or 1
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)

@@ -3,7 +3,7 @@
 :class:`BoundedLRU` is the one policy: values by key, the least recently used evicted while the total exceeds
 ``max_bytes``, every value expiring ``ttl_s`` after it was put. :class:`InversionCache` (a server's own
 inversions, so that ``Edit`` by id runs the target branch only) and the Ray store's records
-(:mod:`fpedit.server.ray_store`) both keep their entries in one. Plain Python: no torch is imported here.
+(:mod:`fpedit.server.ray.store`) both keep their entries in one. Plain Python: no torch is imported here.
 """
 
 from __future__ import annotations
@@ -156,14 +156,14 @@ class InversionCache:
     def evictions(self) -> int:
         return self._entries.evictions
 
-    def put(self, inversion: Inversion) -> str:
-        """Keep ``inversion`` under a new id; ``""`` (nothing kept, nothing evicted) when it exceeds the whole
-        budget even without its maps."""
+    def put(self, inversion: Inversion, key: str = "") -> str:
+        """Keep ``inversion`` under ``key`` (a new id when empty) and return it; ``""`` (nothing kept, nothing
+        evicted) when it exceeds the whole budget even without its maps."""
         nbytes = self._size(inversion)
         if nbytes > self.max_bytes:
             self.refused += 1
             return ""
-        key = uuid.uuid4().hex
+        key = key or uuid.uuid4().hex
         self._entries.put(key, inversion, nbytes)
         return key
 

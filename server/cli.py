@@ -41,9 +41,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.ray:
         if args.replicas is not None and args.replicas < 1:
             raise InvalidInputError("replicas", "must be at least 1")
-        from .ray_app import require_ray
+        from .ray.install import require_ray, starts_local_ray
 
-        require_ray()  # before anything loads: one line saying how to install the extra
+        # Before anything loads: one line saying how to install the extra; a local Ray stays on loopback.
+        require_ray(local=starts_local_ray(args.ray_address))
     elif args.replicas is not None or args.ray_address:
         raise InvalidInputError("replicas", "--replicas and --ray-address need --ray")
     check_can_start(config)  # TLS pair, host, free ports
@@ -58,7 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"fpedit HTTP/JSON and editor page on {running.http.url}", flush=True)
 
     if args.ray:
-        from .ray_app import serve_on_ray
+        from .ray import serve_on_ray
 
         serve_on_ray(args, config, ready=ready)
     else:

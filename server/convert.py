@@ -8,8 +8,10 @@ from typing import Any
 
 from PIL import Image
 
-from fpedit.engine import EditOptions, InvalidInputError
+from fpedit.engine import EditOptions, InvalidInputError, ProgressEvent
 from fpedit.v1 import edit_pb2 as pb
+
+from .results import EditOutcome, GenerateOutcome, InfoOutcome, InvertOutcome
 
 MAP_FORMATS = {pb.MAP_FORMAT_QK: "qk", pb.MAP_FORMAT_PROBS: "probs"}
 MAP_FORMAT_ENUM = {v: k for k, v in MAP_FORMATS.items()}
@@ -75,10 +77,15 @@ def options_to_proto(options: EditOptions) -> pb.EditOptions:
     return message
 
 
-def encode_image(image: Image.Image, fmt: int) -> bytes:
-    if fmt not in IMAGE_FORMATS:
-        raise InvalidInputError("output_format", f"unknown value {fmt}")
-    name, _ = IMAGE_FORMATS[fmt]
+def image_format_name(value: int) -> str:
+    """The wire's ImageFormat as the name runners encode with ("PNG", "JPEG", "WEBP")."""
+    if value not in IMAGE_FORMATS:
+        raise InvalidInputError("output_format", f"unknown value {value}")
+    return IMAGE_FORMATS[value][0]
+
+
+def encode_image(image: Image.Image, name: str) -> bytes:
+    """``image`` as ``name`` ("PNG", "JPEG" or "WEBP") bytes."""
     buf = io.BytesIO()
     if name == "PNG":
         image.save(buf, format="PNG", compress_level=3)
@@ -89,8 +96,9 @@ def encode_image(image: Image.Image, fmt: int) -> bytes:
     return buf.getvalue()
 
 
-def stats_to_proto(stats: dict[str, Any], queue_ms: float = 0.0) -> pb.Stats:
+def stats_to_proto(stats: dict[str, Any], queue_ms: float = 0.0, replica: str = "") -> pb.Stats:
     return pb.Stats(
+        replica=replica,
         stages_ms={k: float(v) for k, v in stats.get("stages_ms", {}).items()},
         engine_ms=float(stats.get("total_ms", 0.0)),
         queue_ms=float(queue_ms),
@@ -100,3 +108,72 @@ def stats_to_proto(stats: dict[str, Any], queue_ms: float = 0.0) -> pb.Stats:
         replaced_steps=[int(i) for i in stats.get("replaced_steps", [])],
         layers=[int(i) for i in stats.get("layers", [])],
     )
+
+
+# --- runner results as messages (the transport's side; runners return plain data) ---------------------------
+
+
+def edit_response(outcome: EditOutcome) -> pb.EditResponse:
+    return pb.EditResponse(
+        edited_image=outcome.edited_image,
+        reconstruction_image=outcome.reconstruction_image,
+        inversion_id=outcome.inversion_id,
+        width=outcome.width,
+        height=outcome.height,
+        stats=stats_to_proto(outcome.stats, outcome.queue_ms, outcome.replica),
+    )
+
+
+def generate_response(outcome: GenerateOutcome) -> pb.GenerateEditResponse:
+    return pb.GenerateEditResponse(
+        source_image=outcome.source_image,
+        edited_image=outcome.edited_image,
+        seed=outcome.seed,
+        width=outcome.width,
+        height=outcome.height,
+        stats=stats_to_proto(outcome.stats, outcome.queue_ms, outcome.replica),
+    )
+
+
+def invert_response(outcome: InvertOutcome) -> pb.InvertResponse:
+    return pb.InvertResponse(
+        inversion_id=outcome.inversion_id,
+        width=outcome.width,
+        height=outcome.height,
+        steps=outcome.steps,
+        expires_in_s=outcome.expires_in_s,
+        stats=stats_to_proto(outcome.stats, outcome.queue_ms, outcome.replica),
+    )
+
+
+def info_response(info: InfoOutcome) -> pb.GetInfoResponse:
+    limits = info.limits
+    return pb.GetInfoResponse(
+        version=info.version,
+        model=info.model,
+        backend=info.backend,
+        device=info.device,
+        precision=info.precision,
+        layers_available=list(info.layers_available),
+        map_formats=[MAP_FORMAT_ENUM[f] for f in info.map_formats],
+        defaults=options_to_proto(info.defaults),
+        default_image_size=info.default_image_size,
+        limits=pb.Limits(
+            max_steps=limits.max_steps,
+            max_image_pixels=limits.max_image_pixels,
+            max_side=limits.max_side,
+            max_message_bytes=limits.max_message_bytes,
+            workers=limits.workers,
+            max_queue=limits.max_queue,
+            cache_bytes=limits.cache_bytes,
+            cache_ttl_s=limits.cache_ttl_s,
+            max_prompt_chars=limits.max_prompt_chars,
+        ),
+    )
+
+
+def stream_message(item: ProgressEvent | EditOutcome) -> pb.EditEvent:
+    """One item of a runner's edit stream as the stream's message (progress, or the final result)."""
+    if isinstance(item, ProgressEvent):
+        return pb.EditEvent(progress=pb.Progress(stage=item.stage, step=item.step, total=item.total))
+    return pb.EditEvent(result=edit_response(item))

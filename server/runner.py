@@ -1,14 +1,15 @@
-"""Runners execute already-validated requests; the gRPC servicer (``service.py``) only speaks protobuf.
+"""Runners execute already-validated requests and return plain results (:mod:`fpedit.server.results`); the
+gRPC servicer (``service.py``) is the only place that speaks protobuf.
 
 Splitting the two lets another execution layer (Ray Serve replicas) sit behind the same servicer, with the
 same validation, status codes, logs and metrics. A runner is any object with these methods (see
 :class:`Runner`)::
 
-    edit(call: EditCall, *, progress=None, cancel_check=None) -> pb.EditResponse
-    edit_stream(call: EditCall, *, cancel_check=None) -> Iterator[pb.EditEvent]  # progress events, then result
-    generate(call: GenerateCall, *, progress=None, cancel_check=None) -> pb.GenerateEditResponse
-    invert(call: InvertCall, *, progress=None, cancel_check=None) -> pb.InvertResponse
-    info() -> pb.GetInfoResponse
+    edit(call: EditCall, *, progress=None, cancel_check=None) -> EditOutcome
+    edit_stream(call: EditCall, *, cancel_check=None) -> Iterator[ProgressEvent | EditOutcome]  # then result
+    generate(call: GenerateCall, *, progress=None, cancel_check=None) -> GenerateOutcome
+    invert(call: InvertCall, *, progress=None, cancel_check=None) -> InvertOutcome
+    info() -> InfoOutcome
     stats() -> RunnerStats            # load and cache figures, read at every metrics scrape
     close() -> None                   # stop workers; queued calls are cancelled
 
@@ -26,7 +27,6 @@ inversions in a byte-bounded :class:`~fpedit.server.cache.InversionCache`.
 from __future__ import annotations
 
 import functools
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,11 +38,12 @@ from typing import Any, Protocol, TypeVar
 from fpedit.engine import EditEngine, EditOptions, ProgressEvent
 from fpedit.engine.errors import CancelledError, NotFoundError, OverloadedError
 from fpedit.engine.options import MAX_STEPS
-from fpedit.v1 import edit_pb2 as pb
 
 from .cache import InversionCache
 from .config import ServerConfig
-from .convert import MAP_FORMAT_ENUM, encode_image, options_to_proto, stats_to_proto
+from .convert import encode_image
+from .results import EditOutcome, GenerateOutcome, InfoOutcome, InvertOutcome, Limits
+from .streaming import stream_of
 
 T = TypeVar("T")
 ProgressFn = Callable[[ProgressEvent], None]
@@ -64,11 +65,14 @@ class EditCall:
     steps_given: bool  # False: an edit by id takes the inversion's step count
     image: bytes = b""
     inversion_id: str = ""
-    output_format: int = pb.IMAGE_FORMAT_PNG
+    output_format: str = "PNG"  # "PNG", "JPEG" or "WEBP"
     skip_reconstruction: bool = False
     guidance_given: bool = True  # False: an edit by id of a null-text inversion takes its guidance
     #: With an image: EditEngine.invert keywords (source_prompt, method, null_text_steps, null_text_epsilon).
     inversion: dict[str, Any] = field(default_factory=dict)
+    #: With an image: the id to keep the new inversion under ("": the cache makes one). A Ray front names
+    #: new inversions itself, so that the replica which inverts holds them under the id the client gets.
+    new_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,7 @@ class GenerateCall:
     seed: int | None = None
     height: int | None = None
     width: int | None = None
-    output_format: int = pb.IMAGE_FORMAT_PNG
+    output_format: str = "PNG"
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,7 @@ class InvertCall:
     options: EditOptions
     #: EditEngine.invert keywords (source_prompt, method, null_text_steps, null_text_epsilon).
     inversion: dict[str, Any] = field(default_factory=dict)
+    new_id: str = ""  # as EditCall.new_id
 
 
 @dataclass(frozen=True)
@@ -111,11 +116,11 @@ class RunnerStats:
 class Runner(Protocol):
     def edit(
         self, call: EditCall, *, progress: ProgressFn | None = None, cancel_check: CancelCheck | None = None
-    ) -> pb.EditResponse: ...
+    ) -> EditOutcome: ...
 
     def edit_stream(
         self, call: EditCall, *, cancel_check: CancelCheck | None = None
-    ) -> Iterator[pb.EditEvent]: ...
+    ) -> Iterator[ProgressEvent | EditOutcome]: ...
 
     def generate(
         self,
@@ -123,13 +128,13 @@ class Runner(Protocol):
         *,
         progress: ProgressFn | None = None,
         cancel_check: CancelCheck | None = None,
-    ) -> pb.GenerateEditResponse: ...
+    ) -> GenerateOutcome: ...
 
     def invert(
         self, call: InvertCall, *, progress: ProgressFn | None = None, cancel_check: CancelCheck | None = None
-    ) -> pb.InvertResponse: ...
+    ) -> InvertOutcome: ...
 
-    def info(self) -> pb.GetInfoResponse: ...
+    def info(self) -> InfoOutcome: ...
 
     def stats(self) -> RunnerStats: ...
 
@@ -138,16 +143,6 @@ class Runner(Protocol):
 
 def _never() -> None:
     return None
-
-
-def progress_message(event: ProgressEvent) -> pb.EditEvent:
-    """An engine progress event as the stream's message (the one place this conversion is written)."""
-    return pb.EditEvent(progress=pb.Progress(stage=event.stage, step=event.step, total=event.total))
-
-
-def progress_event(message: pb.Progress) -> ProgressEvent:
-    """The inverse of :func:`progress_message`, for a runner that receives streams (the Ray front)."""
-    return ProgressEvent(stage=message.stage, step=message.step, total=message.total)
 
 
 # --- the in-process runner ----------------------------------------------------------------------------------
@@ -247,9 +242,11 @@ def _libc() -> Any:
 class LocalRunner:
     """An in-process engine behind a bounded worker pool, with the server-side inversion cache."""
 
-    def __init__(self, engine: EditEngine, config: ServerConfig) -> None:
+    def __init__(self, engine: EditEngine, config: ServerConfig, replica: str = "") -> None:
+        """``replica``: the name results carry (a Ray replica's; empty in-process)."""
         self.engine = engine
         self.config = config
+        self.replica = replica
         self.cache = InversionCache(config.cache_bytes, config.cache_ttl_s)
         self.pool = WorkerPool(config.workers, config.max_queue)
         engine.max_input_pixels = min(engine.max_input_pixels, config.max_image_pixels)
@@ -296,7 +293,7 @@ class LocalRunner:
 
     def edit(
         self, call: EditCall, *, progress: ProgressFn | None = None, cancel_check: CancelCheck | None = None
-    ) -> pb.EditResponse:
+    ) -> EditOutcome:
         options = call.options
         if call.inversion_id:
             inversion = self.cache.get(call.inversion_id)
@@ -323,43 +320,25 @@ class LocalRunner:
                 progress,
                 cancel_check,
             )
-            key = self.cache.put(result.inversion)  # "": too big to keep; the response carries no id
-        response = pb.EditResponse(
+            key = self.cache.put(result.inversion, call.new_id)  # "": too big to keep, so no id
+        return EditOutcome(
             edited_image=encode_image(result.edited_image, call.output_format),
-            inversion_id=key,
+            reconstruction_image=b""
+            if call.skip_reconstruction
+            else encode_image(result.reconstruction_image, call.output_format),
             width=result.edited_image.width,
             height=result.edited_image.height,
-            stats=stats_to_proto(result.stats, queue_ms),
+            stats=result.stats,
+            queue_ms=queue_ms,
+            inversion_id=key,
+            replica=self.replica,
         )
-        if not call.skip_reconstruction:
-            response.reconstruction_image = encode_image(result.reconstruction_image, call.output_format)
-        return response
 
     def edit_stream(
         self, call: EditCall, *, cancel_check: CancelCheck | None = None
-    ) -> Iterator[pb.EditEvent]:
-        events: queue.Queue[pb.EditEvent | None] = queue.Queue()
-        outcome: dict[str, Any] = {}
-
-        def on_progress(event: ProgressEvent) -> None:
-            events.put(progress_message(event))
-
-        def run() -> None:  # waits on the pool while the caller's thread streams progress
-            try:
-                outcome["result"] = self.edit(call, progress=on_progress, cancel_check=cancel_check)
-            except BaseException as exc:  # re-raised in the caller's thread, which owns the status
-                outcome["error"] = exc
-            finally:
-                events.put(None)
-
-        waiter = threading.Thread(target=run, name="fpedit-stream", daemon=True)
-        waiter.start()
-        while (event := events.get()) is not None:
-            yield event
-        waiter.join()
-        if "error" in outcome:
-            raise outcome["error"]
-        yield pb.EditEvent(result=outcome["result"])
+    ) -> Iterator[ProgressEvent | EditOutcome]:
+        # The edit waits on the pool on its own thread while this one yields its progress, then its result.
+        yield from stream_of(lambda emit: self.edit(call, progress=emit, cancel_check=cancel_check))
 
     def generate(
         self,
@@ -367,7 +346,7 @@ class LocalRunner:
         *,
         progress: ProgressFn | None = None,
         cancel_check: CancelCheck | None = None,
-    ) -> pb.GenerateEditResponse:
+    ) -> GenerateOutcome:
         result, queue_ms = self._run(
             lambda kw: self.engine.edit_generated(
                 call.source_prompt,
@@ -381,37 +360,41 @@ class LocalRunner:
             progress,
             cancel_check,
         )
-        return pb.GenerateEditResponse(
+        return GenerateOutcome(
             source_image=encode_image(result.source_image, call.output_format),
             edited_image=encode_image(result.edited_image, call.output_format),
             seed=int(result.stats["seed"]),
             width=result.edited_image.width,
             height=result.edited_image.height,
-            stats=stats_to_proto(result.stats, queue_ms),
+            stats=result.stats,
+            queue_ms=queue_ms,
+            replica=self.replica,
         )
 
     def invert(
         self, call: InvertCall, *, progress: ProgressFn | None = None, cancel_check: CancelCheck | None = None
-    ) -> pb.InvertResponse:
+    ) -> InvertOutcome:
         inversion, queue_ms = self._run(
             lambda kw: self.engine.invert(call.image, options=call.options, **call.inversion, **kw),
             progress,
             cancel_check,
         )
-        key = self.cache.put(inversion)
+        key = self.cache.put(inversion, call.new_id)
         if not key:
             raise OverloadedError(
                 f"the inversion ({inversion.nbytes} bytes) exceeds the whole inversion cache "
                 f"({self.cache.max_bytes} bytes, --cache-gib): it cannot be kept for edits by id; "
                 "send Edit with the image instead, or use fewer steps or a smaller image"
             )
-        return pb.InvertResponse(
+        return InvertOutcome(
             inversion_id=key,
             width=inversion.size[0],
             height=inversion.size[1],
             steps=inversion.steps,
             expires_in_s=int(self.cache.expires_in(key)),
-            stats=stats_to_proto(inversion.stats, queue_ms),
+            stats=inversion.stats,
+            queue_ms=queue_ms,
+            replica=self.replica,
         )
 
     def attention_maps(
@@ -444,22 +427,22 @@ class LocalRunner:
         )
         return result
 
-    def info(self) -> pb.GetInfoResponse:
+    def info(self) -> InfoOutcome:
         import fpedit
 
         info = self.engine.info()
         cfg = self.config
-        return pb.GetInfoResponse(
+        return InfoOutcome(
             version=fpedit.__version__,
             model=str(info["model"]),
             backend=info["backend"],
             device=info["device"],
             precision=info.get("precision", info["dtype"]),
-            layers_available=info["map_layers"],
-            map_formats=[MAP_FORMAT_ENUM[f] for f in info["map_formats"]],
-            defaults=options_to_proto(EditOptions()),
+            layers_available=tuple(info["map_layers"]),
+            map_formats=tuple(info["map_formats"]),
+            defaults=EditOptions(),
             default_image_size=info["default_image_size"],
-            limits=pb.Limits(
+            limits=Limits(
                 max_steps=MAX_STEPS,
                 max_image_pixels=self.engine.max_input_pixels,
                 max_side=self.engine.max_side,

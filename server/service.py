@@ -9,7 +9,8 @@ Two layers (the runner interface is documented in :mod:`fpedit.server.runner`):
    status codes in one place (:func:`status_of`); each RPC writes one log line and updates the metrics.
    While draining, new work gets UNAVAILABLE and in-flight work runs on; work still running when the grace
    period ends is stopped and logged as aborted by shutdown.
-2. A runner (:class:`~fpedit.server.runner.LocalRunner`, or a Ray Serve front) executes the validated call.
+2. A runner (:class:`~fpedit.server.runner.LocalRunner`, or a Ray Serve front) executes the validated call
+   and returns plain results (:mod:`fpedit.server.results`), encoded here (:mod:`fpedit.server.convert`).
 
 Status codes: INVALID_ARGUMENT (a bad field or an undecodable request, naming the field), NOT_FOUND (unknown
 or expired inversion id), RESOURCE_EXHAUSTED (queue full, out of memory; gRPC itself for a message over
@@ -42,7 +43,15 @@ from fpedit.engine.options import check_prompt
 from fpedit.v1 import edit_pb2 as pb
 
 from .config import ServerConfig
-from .convert import IMAGE_FORMATS, options_from_proto
+from .convert import (
+    edit_response,
+    generate_response,
+    image_format_name,
+    info_response,
+    invert_response,
+    options_from_proto,
+    stream_message,
+)
 from .metrics import ServerMetrics
 from .outcomes import outcome_of
 from .runner import ACCEPTED_IMAGE_FORMATS, EditCall, GenerateCall, InvertCall, Runner
@@ -68,12 +77,6 @@ def parse(message_type: type[Message], raw: bytes) -> Any:
         reason = str(exc).rsplit(": ", 1)[-1]  # e.g. "String field had bad UTF-8"
         name = message_type.DESCRIPTOR.full_name
         raise InvalidInputError("request", f"is not a valid {name} ({reason})") from None
-
-
-def _output_format(value: int) -> int:
-    if value not in IMAGE_FORMATS:
-        raise InvalidInputError("output_format", f"unknown value {value}")
-    return value
 
 
 #: InversionMethod -> the engine's method name.
@@ -127,7 +130,7 @@ def parse_edit(request: pb.EditRequest, max_prompt_chars: int) -> EditCall:
         steps_given=request.options.HasField("steps"),
         image=request.image,
         inversion_id=request.inversion_id,
-        output_format=_output_format(request.output_format),
+        output_format=image_format_name(request.output_format),
         skip_reconstruction=request.skip_reconstruction,
         guidance_given=request.options.HasField("guidance_scale"),
         inversion=inversion if has_image else {},
@@ -149,7 +152,7 @@ def parse_generate(request: pb.GenerateEditRequest, max_prompt_chars: int) -> Ge
         seed=seed,
         height=request.height if request.HasField("height") else None,
         width=request.width if request.HasField("width") else None,
-        output_format=_output_format(request.output_format),
+        output_format=image_format_name(request.output_format),
     )
 
 
@@ -324,7 +327,7 @@ class EditServicer:
     def Edit(self, raw: bytes, context: grpc.ServicerContext) -> pb.EditResponse:
         def body() -> pb.EditResponse:
             call = parse_edit(parse(pb.EditRequest, raw), self.config.max_prompt_chars)
-            return self.runner.edit(call, cancel_check=self._admit(context))
+            return edit_response(self.runner.edit(call, cancel_check=self._admit(context)))
 
         return self._unary("Edit", context, body)
 
@@ -335,7 +338,8 @@ class EditServicer:
         try:
             with self._tracked():
                 call = parse_edit(parse(pb.EditRequest, raw), self.config.max_prompt_chars)
-                for event in self.runner.edit_stream(call, cancel_check=self._admit(context)):
+                for item in self.runner.edit_stream(call, cancel_check=self._admit(context)):
+                    event = stream_message(item)
                     if event.HasField("result"):
                         response = event.result
                     yield event
@@ -352,21 +356,21 @@ class EditServicer:
     def GenerateEdit(self, raw: bytes, context: grpc.ServicerContext) -> pb.GenerateEditResponse:
         def body() -> pb.GenerateEditResponse:
             call = parse_generate(parse(pb.GenerateEditRequest, raw), self.config.max_prompt_chars)
-            return self.runner.generate(call, cancel_check=self._admit(context))
+            return generate_response(self.runner.generate(call, cancel_check=self._admit(context)))
 
         return self._unary("GenerateEdit", context, body)
 
     def Invert(self, raw: bytes, context: grpc.ServicerContext) -> pb.InvertResponse:
         def body() -> pb.InvertResponse:
             call = parse_invert(parse(pb.InvertRequest, raw), self.config.max_prompt_chars)
-            return self.runner.invert(call, cancel_check=self._admit(context))
+            return invert_response(self.runner.invert(call, cancel_check=self._admit(context)))
 
         return self._unary("Invert", context, body)
 
     def GetInfo(self, raw: bytes, context: grpc.ServicerContext) -> pb.GetInfoResponse:
         def body() -> pb.GetInfoResponse:
             parse(pb.GetInfoRequest, raw)
-            return self.runner.info()
+            return info_response(self.runner.info())
 
         return self._unary("GetInfo", context, body, work=False)
 

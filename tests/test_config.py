@@ -139,7 +139,7 @@ def test_serve_flags_take_their_defaults_from_server_config():
 
 
 def test_ray_settings_carry_an_engine_config_not_flags():
-    from fpedit.server.ray_app import ReplicaSettings, settings_from_flags
+    from fpedit.server.ray import ReplicaSettings, settings_from_flags
 
     config, settings = settings_from_flags({"model": "tiny", "no-batching": True, "cache-gib": 1, "port": 0})
     assert isinstance(settings, ReplicaSettings)

@@ -7,6 +7,7 @@ A standalone server over an in-process engine is the reference for pixels and fo
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import pickle
 import socket
 import subprocess
@@ -25,12 +26,16 @@ from helpers import decoded_pixels as pixels
 from helpers import make_image, png_bytes
 
 from fpedit import EditEngine, EditOptions
-from fpedit.server.ray_store import (
+from fpedit.server.ray.install import local_ray_on_loopback
+from fpedit.server.ray.store import (
     BoundedRecords,
     engine_fingerprint,
     inversion_from_record,
     record_from_inversion,
 )
+
+# As `fpedit serve --ray` does before it first imports Ray: the module's local instance keeps to loopback.
+local_ray_on_loopback()
 
 STEPS = 3
 REPO = Path(__file__).resolve().parents[1]
@@ -143,7 +148,7 @@ def test_replica_errors_come_back_as_the_runners_errors():
         OverloadedError,
         UnavailableError,
     )
-    from fpedit.server.ray_app import ReplicaError, _translate
+    from fpedit.server.ray.errors import ReplicaError, _translate
 
     for original in (
         InvalidInputError("steps", "must be in 1..1000"),
@@ -182,7 +187,7 @@ def ray_service(model_dir, ray_metrics_port):
     pytest.importorskip("ray.serve", reason=RAY_MISSING)
     from fpedit.engine.config import EngineConfig
     from fpedit.server.config import ServerConfig
-    from fpedit.server.ray_app import RayService, ReplicaSettings, replica_server_config
+    from fpedit.server.ray import RayService, ReplicaSettings, replica_server_config
 
     settings = ReplicaSettings(
         engine=EngineConfig(model=str(model_dir), backend="torch", batching=True),
@@ -365,7 +370,8 @@ def test_errors_have_the_standalone_servers_codes(fronts):
     assert codes_of(fronts["standalone"].port) == ray_codes
 
 
-def test_deadline_stops_the_replicas_work(client, ray_service):
+@pytest.mark.parametrize("streamed", [False, True], ids=["unary", "stream"])
+def test_deadline_stops_the_replicas_work(client, ray_service, streamed):
     from fpedit.server.client import edit_options
 
     def cancelled() -> int:
@@ -374,7 +380,12 @@ def test_deadline_stops_the_replicas_work(client, ray_service):
     before = cancelled()
     image = png_bytes(make_image(64, 64, seed=9))
     with pytest.raises(grpc.RpcError) as caught:
-        client.edit("a green car", image=image, options=edit_options(steps=1000), timeout=1.0)
+        if streamed:  # the front cancels Serve's stream; the replica's generator stops the engine
+            list(
+                client.edit_stream("a green car", image=image, options=edit_options(steps=1000), timeout=1.0)
+            )
+        else:
+            client.edit("a green car", image=image, options=edit_options(steps=1000), timeout=1.0)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     # The replica's engine stopped at a cancel check (a finished edit would not count as cancelled).
     deadline = time.monotonic() + 60
@@ -542,7 +553,7 @@ def test_health_answers_within_200_ms_during_a_48_client_burst(ray_service):
 
     from fpedit.server.app import build_server
     from fpedit.server.config import ServerConfig
-    from fpedit.server.ray_app import RayRunner
+    from fpedit.server.ray import RayRunner
     from fpedit.v1 import edit_pb2 as pb
     from fpedit.v1 import edit_pb2_grpc
 
@@ -617,3 +628,61 @@ def test_unknown_inversion_id_is_a_client_error_in_the_replica_logs(client):
         if unknown in line and ("ERROR" in line or "Failed to load" in line)
     ]
     assert mentions == []
+
+
+def is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip.split("%")[0])
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+def test_a_local_ray_listens_on_loopback_but_for_serves_replica_servers(ray_service):
+    """Issue 16 item 6: a local Ray instance listened on every interface (GCS, raylet, workers) and on the
+    machine's outside address (agents). Now fpedit's own ports and every Ray process of this instance listen on
+    loopback, except what Ray 2.60 hard-codes: each Serve replica's internal gRPC server on ``[::]:0``."""
+    import psutil
+
+    from fpedit.server.app import build_server
+    from fpedit.server.config import ServerConfig
+
+    front = build_server(ray_service.runner, ServerConfig(port=0, metrics_port=0, http_port=0))
+    try:
+        me = psutil.Process()
+        tree = {me.pid} | {child.pid for child in me.children(recursive=True)}  # this test's Ray instance
+        listening = [
+            c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in tree
+        ]
+        ours = {c.laddr.port: c.laddr.ip for c in listening if c.pid == me.pid}
+        for port in (front.port, front.metrics_port, front.http.port):
+            assert is_loopback(ours[port]), f"fpedit's port {port} listens on {ours[port]}"
+        outside = []
+        for c in listening:
+            if is_loopback(c.laddr.ip):
+                continue
+            command = "?"
+            with contextlib.suppress(psutil.Error):
+                command = " ".join(psutil.Process(c.pid).cmdline())
+            outside.append((c.laddr.ip, c.laddr.port, command[:80]))
+        assert len({c.pid for c in listening}) >= 4  # the driver, GCS, raylet, workers: the scan saw them
+        hard_coded = [
+            o for o in outside if ipaddress.ip_address(o[0]).is_unspecified and "ServeReplica" in o[2]
+        ]
+        assert outside == hard_coded, f"listening outside loopback: {sorted(set(outside) - set(hard_coded))}"
+    finally:
+        front.drain(2)
+
+
+@pytest.mark.parametrize(
+    ("host", "node"),
+    [
+        ("127.0.0.1", "127.0.0.1"),
+        ("0.0.0.0", "127.0.0.1"),  # a wildcard front: Ray still keeps to loopback
+        ("::", "127.0.0.1"),
+        ("localhost", "127.0.0.1"),
+        ("10.1.2.3", "10.1.2.3"),  # a front on one outside address: Ray's node address is that one
+    ],
+)
+def test_a_local_ray_takes_its_node_address_from_the_fronts_host(host, node):
+    from fpedit.server.ray.deployment import local_node_address
+
+    assert local_node_address(host) == node

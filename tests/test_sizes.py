@@ -152,7 +152,7 @@ def test_service_returns_the_input_size(model_dir):
 
 def test_ray_store_records_keep_the_input_size(engine):
     """A replica that restores an inversion from the shared store still returns the input's size."""
-    from fpedit.server.ray_store import inversion_from_record, record_from_inversion
+    from fpedit.server.ray.store import inversion_from_record, record_from_inversion
 
     inversion = engine.invert(make_image(130, 66), options=EditOptions(steps=STEPS))
     restored = inversion_from_record(engine, record_from_inversion(inversion, "fingerprint"))

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .cache import BoundedLRU
+from ..cache import BoundedLRU
 
 #: Default name and namespace of the store actor; every replica of one deployment must use the same pair.
 STORE_NAME = "fpedit-inversion-store"
