@@ -381,6 +381,8 @@ def info_as_engine_json(info: Any) -> dict[str, Any]:
             "layers": list(defaults.layers) or _preset_layers(defaults.layer_preset),
             "map_format": format_names.get(defaults.map_format, str(defaults.map_format)),
         },
+        "prediction_type": info.prediction_type,
+        "loras": [{"file": lora.file, "scale": round(lora.scale, 6)} for lora in info.loras],
         "limits": MessageToDict(info.limits, preserving_proto_field_name=True),
     }
 

@@ -169,6 +169,8 @@ def info_response(info: InfoOutcome) -> pb.GetInfoResponse:
             cache_ttl_s=limits.cache_ttl_s,
             max_prompt_chars=limits.max_prompt_chars,
         ),
+        loras=[pb.LoraInfo(file=file, scale=scale) for file, scale in info.loras],
+        prediction_type=info.prediction_type,
     )
 
 

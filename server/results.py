@@ -74,3 +74,6 @@ class InfoOutcome:
     defaults: EditOptions
     default_image_size: int
     limits: Limits
+    #: LoRAs fused at load as (file, scale), in order; and what the UNet predicts.
+    loras: tuple[tuple[str, float], ...] = ()
+    prediction_type: str = "epsilon"

@@ -453,6 +453,8 @@ class LocalRunner:
                 cache_ttl_s=int(cfg.cache_ttl_s),
                 max_prompt_chars=cfg.max_prompt_chars,
             ),
+            loras=tuple((str(lora["file"]), float(lora["scale"])) for lora in info.get("loras", ())),
+            prediction_type=str(info.get("prediction_type", "epsilon")),
         )
 
     def stats(self) -> RunnerStats:

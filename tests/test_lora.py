@@ -206,3 +206,24 @@ def test_bench_and_cli_take_lora(model_dir, factors, tmp_path, capsys):
     assert main(["info", "--model", str(model_dir), "--lora", str(lora)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["loras"] == [{"file": str(lora), "scale": 1.0}] and info["prediction_type"] == "epsilon"
+
+
+def test_getinfo_lists_the_loras_in_effect(model_dir, factors, tmp_path, capsys):
+    """GetInfo (and so `fpedit client info`) names every fused LoRA with its scale, like `fpedit info`."""
+    from fpedit.server.app import build_server
+    from fpedit.server.client import EditClient
+    from fpedit.server.config import ServerConfig
+
+    lora = write_peft_lora(tmp_path / "peft.safetensors", factors[0], 4.0)
+    engine = EditEngine.from_pretrained(model_dir, loras=[f"{lora}:0.25"])
+    server = build_server(engine, ServerConfig(port=0))
+    try:
+        with EditClient(f"127.0.0.1:{server.port}", timeout=30) as client:
+            info = client.info()
+        assert [(item.file, item.scale) for item in info.loras] == [(str(lora), 0.25)]
+        assert info.prediction_type == "epsilon"
+        assert main(["client", "info", "--target", f"127.0.0.1:{server.port}"]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert printed["loras"] == [{"file": str(lora), "scale": 0.25}]
+    finally:
+        server.drain(1)

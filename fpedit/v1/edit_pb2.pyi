@@ -236,7 +236,7 @@ class Limits(_message.Message):
     def __init__(self, max_steps: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_side: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., workers: _Optional[int] = ..., max_queue: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., cache_ttl_s: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ...) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("version", "model", "backend", "device", "precision", "layers_available", "map_formats", "defaults", "limits", "default_image_size")
+    __slots__ = ("version", "model", "backend", "device", "precision", "layers_available", "map_formats", "defaults", "limits", "default_image_size", "loras", "prediction_type")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -247,6 +247,8 @@ class GetInfoResponse(_message.Message):
     DEFAULTS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LORAS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_TYPE_FIELD_NUMBER: _ClassVar[int]
     version: str
     model: str
     backend: str
@@ -257,4 +259,14 @@ class GetInfoResponse(_message.Message):
     defaults: EditOptions
     limits: Limits
     default_image_size: int
-    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., layers_available: _Optional[_Iterable[int]] = ..., map_formats: _Optional[_Iterable[_Union[MapFormat, str]]] = ..., defaults: _Optional[_Union[EditOptions, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., default_image_size: _Optional[int] = ...) -> None: ...
+    loras: _containers.RepeatedCompositeFieldContainer[LoraInfo]
+    prediction_type: str
+    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., layers_available: _Optional[_Iterable[int]] = ..., map_formats: _Optional[_Iterable[_Union[MapFormat, str]]] = ..., defaults: _Optional[_Union[EditOptions, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., default_image_size: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[LoraInfo, _Mapping]]] = ..., prediction_type: _Optional[str] = ...) -> None: ...
+
+class LoraInfo(_message.Message):
+    __slots__ = ("file", "scale")
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    file: str
+    scale: float
+    def __init__(self, file: _Optional[str] = ..., scale: _Optional[float] = ...) -> None: ...
