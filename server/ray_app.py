@@ -43,12 +43,11 @@ from fpedit.engine.errors import (
     CancelledError,
     InvalidInputError,
     NotFoundError,
-    OverloadedError,
-    UnavailableError,
 )
 from fpedit.v1 import edit_pb2 as pb
 
 from .config import ServerConfig
+from .errors import OverloadedError, UnavailableError
 from .outcomes import CLIENT_ERRORS, is_out_of_memory
 from .ray_store import (
     DEFAULT_STORE_BYTES,

@@ -36,13 +36,14 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from fpedit.engine import EditEngine, EditOptions, ProgressEvent
-from fpedit.engine.errors import CancelledError, NotFoundError, OverloadedError
+from fpedit.engine.errors import CancelledError, NotFoundError
 from fpedit.engine.options import MAX_STEPS
 from fpedit.v1 import edit_pb2 as pb
 
 from .cache import InversionCache
 from .config import ServerConfig
 from .convert import MAP_FORMAT_ENUM, encode_image, options_to_proto, stats_to_proto
+from .errors import OverloadedError
 
 T = TypeVar("T")
 ProgressFn = Callable[[ProgressEvent], None]

@@ -31,7 +31,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from fpedit.engine import InvalidInputError
-from fpedit.engine.errors import CancelledError, DeadlineExceededError, UnavailableError
+from fpedit.engine.errors import CancelledError, DeadlineExceededError
 from fpedit.engine.null_text import (
     DEFAULT_EPSILON,
     DEFAULT_INNER_STEPS,
@@ -43,6 +43,7 @@ from fpedit.v1 import edit_pb2 as pb
 
 from .config import ServerConfig
 from .convert import IMAGE_FORMATS, options_from_proto
+from .errors import UnavailableError
 from .metrics import ServerMetrics
 from .outcomes import outcome_of
 from .runner import ACCEPTED_IMAGE_FORMATS, EditCall, GenerateCall, InvertCall, Runner
