@@ -20,7 +20,9 @@ import torch
 from PIL import Image
 
 from .backends.attention import CallState
+from .backends.torch_backend import TorchBackend
 from .errors import InvalidInputError
+from .images import initial_latents
 from .options import EditOptions
 from .programs import guide
 
@@ -104,7 +106,7 @@ class _Recorder:
 
 @contextmanager
 def _recording(backend: Any, sums: _Sums, layers: Sequence[int]) -> Iterator[None]:
-    unet = backend._unet
+    unet = backend.unet_module
     spec = backend.spec
     original = dict(unet.attn_processors)
     wrapped = dict(original)
@@ -153,7 +155,7 @@ def compute_attention_maps(
 ) -> AttentionMapResult:
     """See :meth:`EditEngine.attention_maps`."""
     backend = engine.backend
-    if not hasattr(backend, "_unet") or not hasattr(backend, "forward"):
+    if not isinstance(backend, TorchBackend):
         raise InvalidInputError("backend", "attention maps need the torch backend")
     prompt = engine._check_prompt(prompt, "prompt", allow_empty=False)
     options = EditOptions(steps=steps, guidance_scale=guidance_scale, replace_window=window)
@@ -166,7 +168,7 @@ def compute_attention_maps(
     run = engine._run(None, None)
     with torch.inference_mode():
         if image is None:
-            z, _ = engine._initial_latents(seed, None, height, width)
+            z, _ = initial_latents(engine.spec, engine.max_side, seed, None, height, width)
             inversion = None
         else:
             inversion = engine.invert(image, options=options)
@@ -188,8 +190,8 @@ def compute_attention_maps(
         if not tokens:
             raise InvalidInputError("prompt", "has no tokens")
 
-        uncond = engine._embed("", run)
-        cond = engine._embed(prompt, run)
+        uncond = engine.text.embed("", run)
+        cond = engine.text.embed(prompt, run)
         schedule = engine._schedules(steps)
         device, dtype = backend.device, backend.dtype
         state = CallState()
