@@ -52,6 +52,8 @@ class BenchConfig:
     seed: int = 0
     #: Client counts for the batching section (``--concurrency 1,2,4,8``); empty: no such section.
     concurrency_levels: Sequence[int] = ()
+    #: LoRAs fused into the model at load (``--lora FILE[:SCALE]``): an edit should cost the same.
+    loras: Sequence[str] = ()
 
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:
@@ -165,7 +167,7 @@ def load_engine(name: str, cfg: BenchConfig, workdir: Path) -> EditEngine:
     from fpedit.engine.contract import ShapeRange
 
     if name == "torch":
-        return EditEngine.from_pretrained(cfg.model, device=cfg.device)
+        return EditEngine.from_pretrained(cfg.model, device=cfg.device, loras=cfg.loras)
     from fpedit.export.onnx_export import export_onnx
 
     onnx_dir = workdir / "onnx"
@@ -175,6 +177,7 @@ def load_engine(name: str, cfg: BenchConfig, workdir: Path) -> EditEngine:
             onnx_dir,
             image_size=ShapeRange(cfg.size, cfg.size, cfg.size),
             fp16=cfg.device.startswith("cuda"),
+            loras=cfg.loras,
         )
     if name == "onnxruntime":
         return EditEngine.from_pretrained(onnx_dir, backend="onnxruntime", device=cfg.device)
@@ -384,7 +387,7 @@ def concurrency_markdown(table: dict[str, Any]) -> list[str]:
 
 def run_concurrency(cfg: BenchConfig, bar: tqdm | None = None) -> dict[str, Any]:
     """The concurrency table for ``cfg.model`` on the torch backend: one backend, two engines over it."""
-    off = EditEngine.from_pretrained(cfg.model, device=cfg.device)
+    off = EditEngine.from_pretrained(cfg.model, device=cfg.device, loras=cfg.loras)
     on = EditEngine(off.backend, off.tokenizer, source=off.source, batching=True)
     try:
         return concurrency_table(

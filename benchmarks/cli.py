@@ -46,6 +46,10 @@ def require_bench_modules(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     require_bench_modules(args)
     if args.ray:
+        if args.loras:
+            from fpedit.engine.errors import InvalidInputError
+
+            raise InvalidInputError("loras", "the Ray bench takes no --lora; time LoRAs without --ray")
         return cmd_ray_bench(args)
     from .bench import BenchConfig, markdown, run_bench, write_outputs
 
@@ -56,6 +60,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             concurrency_levels=tuple(args.concurrency) if args.concurrency else None,
             load_steps=args.load_steps,
             backends=tuple(args.backends) if args.backends else None,
+            loras=tuple(args.loras) if args.loras else None,
         ),
     }
     cfg = BenchConfig.quick(**overrides) if args.quick else BenchConfig(**overrides)
@@ -117,6 +122,13 @@ def add_commands(sub: Any) -> None:
         "--quick", action="store_true", help="tiny model, 10 steps, 128 px: minutes on a laptop CPU"
     )
     bench.add_argument("--model", help="model (default tiny)")
+    bench.add_argument(
+        "--lora",
+        action="append",
+        dest="loras",
+        metavar="FILE[:SCALE]",
+        help="fuse a LoRA into the model at load (repeatable; not with --ray)",
+    )
     bench.add_argument("--device", help="cpu or cuda (default cpu)")
     bench.add_argument(
         "--backends",

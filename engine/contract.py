@@ -22,6 +22,8 @@ from typing import Any
 from .errors import InvalidInputError, UnsupportedModelError
 
 NUM_SELF_ATTENTION_LAYERS = 16
+#: What the UNet predicts (the scheduler config's ``prediction_type``); engine.schedule converts v to eps.
+PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction")
 #: The paper's choice (section 3.5): layers 4-14.
 PAPER_LAYERS: tuple[int, ...] = tuple(range(4, 15))
 #: The authors' code picked layers whose self-attention spans at most this many tokens (32x32).
@@ -94,7 +96,12 @@ class ModelSpec:
     text_max_length: int
     text_hidden_size: int
     default_image_size: int
-    scheduler: dict[str, Any] = field(default_factory=dict)  # betas only: see engine.schedule
+    #: betas and prediction type only: see engine.schedule
+    scheduler: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prediction_type(self) -> str:
+        return str(self.scheduler.get("prediction_type", "epsilon"))
 
     def layer(self, index: int) -> SelfAttentionLayer:
         return self.layers[index - 1]
@@ -122,14 +129,17 @@ class ModelSpec:
         scale_factor = 2 ** (vae_blocks - 1)
         if unet.get("in_channels", 4) != vae.get("latent_channels", 4):
             raise UnsupportedModelError("the UNet's in_channels differ from the VAE's latent_channels")
-        prediction = scheduler.get("prediction_type", "epsilon")
-        if prediction != "epsilon":
-            raise UnsupportedModelError(f"prediction_type {prediction!r}: SD 1.x predicts epsilon")
+        prediction = scheduler.get("prediction_type") or "epsilon"
+        if prediction not in PREDICTION_TYPES:
+            raise UnsupportedModelError(
+                f"prediction_type {prediction!r}: fpedit runs UNets that predict {' or '.join(PREDICTION_TYPES)}"
+            )
         betas = {
             k: scheduler[k]
             for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
             if k in scheduler and scheduler[k] is not None
         }
+        betas["prediction_type"] = prediction
         sample_size = unet.get("sample_size", 64)
         if isinstance(sample_size, (list, tuple)):
             sample_size = sample_size[0]

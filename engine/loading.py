@@ -1,4 +1,5 @@
-"""Loading SD 1.x checkpoints from a local diffusers-layout folder (or the embedded ``tiny`` model).
+"""Loading SD 1.x/2.x checkpoints from a local diffusers-layout folder, a single file (:mod:`.single_file`)
+or the embedded ``tiny`` model.
 
 Only safetensors weights load by default: pickled checkpoints (``.bin``, ``.ckpt``, ``.pt``) can run code when
 unpickled, so they are refused unless the caller explicitly allows them. Nothing is fetched from a hub.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,8 @@ class Components:
     tokenizer: Any
     spec: ModelSpec
     source: str
+    #: LoRAs fused into the weights at load (:mod:`.lora`), as ``{"file", "scale"}``.
+    loras: tuple[dict[str, Any], ...] = ()
 
 
 def load_tokenizer(folder: Path) -> Any:
@@ -77,7 +81,7 @@ def _check_weights(folder: Path, allow_pickle: bool) -> bool:
     raise ModelLoadError(f"no weights (*.safetensors) in {folder}")
 
 
-def read_spec(folder: Path) -> ModelSpec:
+def read_spec(folder: Path, prediction_type: str | None = None) -> ModelSpec:
     """Build the :class:`ModelSpec` from a diffusers folder's configs, without loading weights."""
     scheduler_cfg_path = folder / "scheduler" / "scheduler_config.json"
     if scheduler_cfg_path.exists():
@@ -85,6 +89,8 @@ def read_spec(folder: Path) -> ModelSpec:
     else:
         log.warning("%s has no scheduler/scheduler_config.json; using SD 1.x betas", folder)
         scheduler = dict(SD1_BETAS)
+    if prediction_type is not None:
+        scheduler["prediction_type"] = prediction_type
     return ModelSpec.from_configs(
         _read_json(folder / "unet" / "config.json"),
         _read_json(folder / "vae" / "config.json"),
@@ -93,17 +99,60 @@ def read_spec(folder: Path) -> ModelSpec:
     )
 
 
-def load_components(model: str | Path, *, allow_pickle: bool = False) -> Components:
-    """Load ``model`` (a diffusers SD 1.x folder, or ``"tiny"``) as float32 CPU modules."""
+def load_components(
+    model: str | Path,
+    *,
+    allow_pickle: bool = False,
+    model_config: str | Path | None = None,
+    prediction_type: str | None = None,
+    loras: Sequence[Any] = (),
+) -> Components:
+    """Load ``model`` and fuse ``loras`` (``FILE[:SCALE]`` strings, paths or (path, scale) pairs) into it."""
+    if loras:
+        from .lora import check_loras
+
+        check_loras(loras)  # a typo in a LoRA path fails before the model loads
+    parts = _load_components(
+        model, allow_pickle=allow_pickle, model_config=model_config, prediction_type=prediction_type
+    )
+    if loras:
+        from .lora import apply_loras
+
+        fused = apply_loras(parts.unet, parts.text_encoder, parts.tokenizer, loras)
+        parts.loras = tuple(spec.describe() for spec in fused)
+    return parts
+
+
+def _load_components(
+    model: str | Path,
+    *,
+    allow_pickle: bool = False,
+    model_config: str | Path | None = None,
+    prediction_type: str | None = None,
+) -> Components:
+    """Load ``model`` (a diffusers SD 1.x/2.x folder, a single-file checkpoint, or ``"tiny"``) as CPU modules.
+
+    ``model_config`` (single files only) is a diffusers folder describing a non-standard checkpoint;
+    ``prediction_type`` overrides the scheduler config's (``epsilon`` or ``v_prediction``)."""
     if str(model) == "tiny":
         return tiny_components()
+    from . import single_file
+
+    if single_file.is_single_file(model):
+        return single_file.load_single_file(
+            model, model_config=model_config, prediction_type=prediction_type, allow_pickle=allow_pickle
+        )
     folder = Path(model).expanduser()
     if not folder.is_dir():
         raise ModelLoadError(
-            f"model {str(model)!r} is neither 'tiny' nor a folder; point it at a local diffusers-layout "
-            "SD 1.x folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/)"
+            f"model {str(model)!r} is neither 'tiny' nor a folder nor a .safetensors file; point it at a local "
+            "diffusers-layout folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/) or an SD 1.x checkpoint"
         )
-    spec = read_spec(folder)
+    if model_config is not None:
+        raise ModelLoadError(
+            "model_config (--model-config) describes single-file checkpoints; a folder has its own"
+        )
+    spec = read_spec(folder, prediction_type)
     safetensors = {name: _check_weights(folder / name, allow_pickle) for name in WEIGHT_FOLDERS}
     tokenizer = load_tokenizer(folder / "tokenizer")
 

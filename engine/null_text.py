@@ -44,15 +44,24 @@ _copies_lock = threading.Lock()
 
 @dataclass(frozen=True)
 class DenoiseStep:
-    """One DDIM denoising step: timestep t, cumulative alpha at t and at the step's target level."""
+    """One DDIM denoising step: timestep t, cumulative alpha at t and at the step's target level, and what the
+    UNet predicts (``epsilon`` or ``v_prediction``)."""
 
     timestep: int
     alpha: float
     alpha_prev: float
+    prediction_type: str = "epsilon"
 
-    def apply(self, z: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """Deterministic DDIM (eta 0) from ``timestep`` to the next lower level."""
-        x0 = (z - math.sqrt(1.0 - self.alpha) * eps) / math.sqrt(self.alpha)
+    def apply(self, z: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
+        """Deterministic DDIM (eta 0) from ``timestep`` to the next lower level; a v prediction is turned
+        into x0 and eps with alpha-bar at ``timestep`` (the level ``z`` is at), as diffusers' DDIMScheduler."""
+        a, s = math.sqrt(self.alpha), math.sqrt(1.0 - self.alpha)
+        if self.prediction_type == "v_prediction":
+            x0 = a * z - s * prediction
+            eps = a * prediction + s * z
+        else:
+            eps = prediction
+            x0 = (z - s * eps) / a
         return math.sqrt(self.alpha_prev) * x0 + math.sqrt(1.0 - self.alpha_prev) * eps
 
 
@@ -185,7 +194,10 @@ def optimize_null_embeddings(
 
 def denoise_steps(schedule: DDIMSchedule) -> list[DenoiseStep]:
     """The N denoising steps of an engine schedule, noisiest first, with their cumulative alphas."""
-    return [DenoiseStep(t, alpha, alpha_prev) for t, alpha, alpha_prev in schedule.denoise_alphas()]
+    return [
+        DenoiseStep(t, alpha, alpha_prev, schedule.prediction_type)
+        for t, alpha, alpha_prev in schedule.denoise_alphas()
+    ]
 
 
 # --- request checks (EditEngine.invert calls them before any work) ----------------------------------------

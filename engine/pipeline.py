@@ -120,11 +120,17 @@ class EditEngine:
         allow_pickle: bool = False,
         providers: Sequence[str] | None = None,
         backend_options: dict[str, Any] | None = None,
+        model_config: str | Path | None = None,
+        prediction_type: str | None = None,
+        loras: Sequence[Any] = (),
         **engine_kwargs: Any,
     ) -> EditEngine:
         """Load ``model`` for ``backend``.
 
-        torch: ``model`` is a local diffusers-layout SD 1.x folder or ``"tiny"``; onnxruntime: a folder
+        torch: ``model`` is a local diffusers-layout SD 1.x/2.x folder, an SD 1.x single-file checkpoint
+        (``.safetensors``; ``model_config`` is a diffusers folder describing a non-standard one) or ``"tiny"``;
+        ``prediction_type`` (``epsilon``/``v_prediction``) overrides the checkpoint's; ``loras`` (``FILE`` or
+        ``FILE:SCALE`` strings, or (path, scale) pairs) are fused into the weights at load; onnxruntime: a folder
         written by ``fpedit export``; tensorrt: a folder written by ``fpedit build-engines``. ``dtype``
         (torch) defaults to float16 on CUDA, float32 on the CPU; ``backend_options`` tune the backend
         (torch: ``vae_dtype``, ``cuda_graphs``, ``channels_last``, ``compile_unet``, ``max_batch``,
@@ -140,6 +146,9 @@ class EditEngine:
             allow_pickle=allow_pickle,
             providers=providers,
             backend_options=backend_options,
+            model_config=model_config,
+            prediction_type=prediction_type,
+            loras=loras,
         )
         return cls(created, tokenizer, source=source, **engine_kwargs)
 
@@ -148,6 +157,8 @@ class EditEngine:
         return {
             "model": self.source,
             **self.backend.describe(),
+            "prediction_type": self.spec.prediction_type,
+            "loras": list(getattr(self.backend, "loras", [])),
             "default_image_size": self.spec.default_image_size,
             "max_side": self.max_side,
             "map_cache_bytes": self.map_cache_bytes,

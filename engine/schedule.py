@@ -1,6 +1,7 @@
 """DDIM sampling and inversion with the reference settings of docs/design.md, on diffusers' schedulers.
 
-Only the checkpoint's betas are taken (SD 1.5 ships a PNDM config); the rest is fixed: eta 0,
+Only the checkpoint's betas and prediction type (``epsilon`` or ``v_prediction``) are taken (SD 1.5 ships a
+PNDM config); the rest is fixed: eta 0,
 ``set_alpha_to_one=False``, ``steps_offset=0``, no clipping, "leading" spacing, so that with N steps the
 timesteps are ``r*(N-1), ..., r, 0`` with ``r = 1000 // N``.
 """
@@ -16,15 +17,19 @@ from typing import Any
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 
+from . import contract
 from .errors import InvalidInputError
 
 _FIXED = {
     "set_alpha_to_one": False,
     "steps_offset": 0,
     "clip_sample": False,
-    "prediction_type": "epsilon",
     "timestep_spacing": "leading",
 }
+#: What the UNet may predict: the noise (SD 1.x, SD 2.x base) or v = sqrt(a) eps - sqrt(1 - a) x0 (SD 2.x
+#: 768, some fine-tunes). Sampling, inversion and the null-text optimisation convert with the alpha-bar of
+#: the level the sample is at.
+PREDICTION_TYPES = contract.PREDICTION_TYPES
 SD1_BETAS = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
@@ -37,7 +42,13 @@ class DDIMSchedule:
     """The timesteps of one step count, with the denoising step and the inversion step."""
 
     def __init__(self, betas: Mapping[str, Any], steps: int) -> None:
-        config = {**SD1_BETAS, **betas, **_FIXED}
+        config = {**SD1_BETAS, "prediction_type": "epsilon", **betas, **_FIXED}
+        if config["prediction_type"] not in PREDICTION_TYPES:
+            raise InvalidInputError(
+                "prediction_type",
+                f"must be one of {list(PREDICTION_TYPES)}, got {config['prediction_type']!r}",
+            )
+        self.prediction_type: str = config["prediction_type"]
         if steps > config["num_train_timesteps"]:
             raise InvalidInputError(
                 "steps", f"must be at most the model's {config['num_train_timesteps']} training timesteps"

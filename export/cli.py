@@ -42,6 +42,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         external_data=args.external_data,
         graphs=args.graphs or GRAPHS,
         allow_pickle=args.allow_pickle,
+        model_config=args.model_config,
+        prediction_type=args.prediction_type,
+        loras=args.loras or (),
         progress=_progress,
     )
     print(
@@ -91,10 +94,12 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
-    from fpedit.cli import parse_layers
+    from fpedit.cli import add_checkpoint_arguments, parse_layers
 
     export = sub.add_parser("export", help="export UNet variants with map I/O, text encoder and VAE to ONNX")
-    export.add_argument("--model", required=True, help="diffusers SD 1.x folder or 'tiny'")
+    export.add_argument(
+        "--model", required=True, help="diffusers SD 1.x/2.x folder, SD 1.x .safetensors file, or 'tiny'"
+    )
     export.add_argument("--out", required=True, type=Path, help="output directory")
     export.add_argument(
         "--layers", type=parse_layers, default="paper", help="layers with map I/O (default 4-14)"
@@ -123,6 +128,7 @@ def add_commands(sub: Any) -> None:
     export.add_argument(
         "--allow-pickle", action="store_true", help="allow pickled (.bin/.ckpt) weights; only trusted files"
     )
+    add_checkpoint_arguments(export)
     export.set_defaults(func=cmd_export)
 
     verify = sub.add_parser("verify-export", help="compare an ONNX export with the torch backend")

@@ -174,6 +174,9 @@ def export_onnx(
     external_data: str = "auto",
     graphs: Sequence[str] = GRAPHS,
     allow_pickle: bool = False,
+    model_config: str | Path | None = None,
+    prediction_type: str | None = None,
+    loras: Sequence[object] = (),
     progress: Callable[[str], None] | None = None,
 ) -> ExportManifest:
     """Export ``model`` (a diffusers SD 1.x folder or ``"tiny"``) into ``out_dir``; returns the manifest."""
@@ -188,7 +191,13 @@ def export_onnx(
         raise InvalidInputError("graphs", f"unknown graphs {unknown}; known: {list(GRAPHS)}")
     out_dir = Path(out_dir).expanduser()
     check_output_dir(out_dir)
-    parts = load_components(model, allow_pickle=allow_pickle)
+    parts = load_components(
+        model,
+        allow_pickle=allow_pickle,
+        model_config=model_config,
+        prediction_type=prediction_type,
+        loras=loras,
+    )
     spec = parts.spec
     layer_numbers = resolve_layers(layers, spec, _latent_hw(spec, (image_size or _default_sizes(spec)).opt))
     if not layer_numbers:

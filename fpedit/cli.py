@@ -66,6 +66,9 @@ COMMON_FLAGS = {
     "dtype": "--dtype",
     "backend": "--backend",
     "model": "--model",
+    "model_config": "--model-config",
+    "prediction_type": "--prediction-type",
+    "loras": "--lora",
     "seed": "--seed",
     "height": "--height",
     "width": "--width",
@@ -248,6 +251,28 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow pickled (.bin/.ckpt) weights; only for trusted files (default: safetensors only)",
     )
+    add_checkpoint_arguments(group)
+
+
+def add_checkpoint_arguments(group: Any) -> None:
+    """Flags describing a single-file checkpoint (README 'Your own model')."""
+    group.add_argument(
+        "--model-config",
+        type=Path,
+        help="a diffusers folder whose configs and tokenizer describe a non-standard single-file checkpoint",
+    )
+    group.add_argument(
+        "--prediction-type",
+        choices=("epsilon", "v_prediction"),
+        help="what the UNet predicts, when the checkpoint does not say (v-prediction fine-tunes)",
+    )
+    group.add_argument(
+        "--lora",
+        action="append",
+        dest="loras",
+        metavar="FILE[:SCALE]",
+        help="fuse a LoRA (.safetensors, diffusers/PEFT or kohya keys) into the weights at load; repeatable",
+    )
 
 
 def add_edit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -319,6 +344,9 @@ def engine_from_args(args: argparse.Namespace, **kwargs: Any) -> Any:
         allow_pickle=args.allow_pickle,
         providers=args.providers,
         backend_options=backend_options,
+        model_config=getattr(args, "model_config", None),
+        prediction_type=getattr(args, "prediction_type", None),
+        loras=getattr(args, "loras", None) or (),
         **kwargs,
     )
     described = engine.info()
@@ -609,6 +637,22 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from fpedit.engine.single_file import convert
+
+    _quiet_libraries()
+    out = convert(
+        args.src,
+        args.dst,
+        model_config=args.model_config,
+        prediction_type=args.prediction_type,
+        allow_pickle=args.allow_pickle,
+        loras=args.loras or (),
+    )
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fpedit import __version__
 
@@ -704,6 +748,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(gen)
     add_edit_arguments(gen)
     gen.set_defaults(func=cmd_generate, flags={**COMMON_FLAGS, **GENERATE_FLAGS})
+
+    convert = sub.add_parser(
+        "convert",
+        help="single-file checkpoint -> diffusers folder, or diffusers folder -> single .safetensors file",
+    )
+    convert.add_argument("src", type=Path, help="a .safetensors checkpoint or a diffusers folder")
+    convert.add_argument("dst", type=Path, help="a new folder, or a new .safetensors file")
+    convert.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="allow a pickled (.ckpt) source; only trusted files (default: safetensors only)",
+    )
+    add_checkpoint_arguments(convert)
+    convert.set_defaults(func=cmd_convert)
 
     info = sub.add_parser(
         "info", help="describe a model and backend as JSON (the keys `fpedit client info` uses too)"

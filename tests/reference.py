@@ -74,6 +74,7 @@ class ReferenceFPE:
         num_train_timesteps: int = 1000,
         beta_start: float = 0.00085,
         beta_end: float = 0.012,
+        prediction_type: str = "epsilon",
     ) -> None:
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.control = _Control()
@@ -86,6 +87,8 @@ class ReferenceFPE:
         betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float64) ** 2
         self.alphas_cumprod = np.cumprod(1.0 - betas)
         self.T = num_train_timesteps
+        assert prediction_type in ("epsilon", "v_prediction")
+        self.prediction_type = prediction_type
         self.scale = vae.config.scaling_factor
 
     # -- pieces ---------------------------------------------------------------------------------------------
@@ -107,10 +110,18 @@ class ReferenceFPE:
     def _alpha(self, t: int) -> float:
         return float(self.alphas_cumprod[t]) if t >= 0 else float(self.alphas_cumprod[0])
 
-    def ddim(self, z, eps, t_from: int, t_to: int):
-        """Deterministic DDIM move of z from noise level t_from to t_to (either direction)."""
+    def ddim(self, z, out, t_from: int, t_to: int):
+        """Deterministic DDIM move of z from noise level t_from to t_to (either direction); ``out`` is the
+        model's (guided) prediction for z. A v prediction (v = sqrt(a) eps - sqrt(1 - a) x0, with
+        z = sqrt(a) x0 + sqrt(1 - a) eps) is solved for x0 and eps at the level z is at, t_from:
+        x0 = sqrt(a) z - sqrt(1 - a) v and eps = sqrt(1 - a) z + sqrt(a) v."""
         a, b = self._alpha(t_from), self._alpha(t_to)
-        x0 = (z - math.sqrt(1 - a) * eps) / math.sqrt(a)
+        if self.prediction_type == "v_prediction":
+            x0 = math.sqrt(a) * z - math.sqrt(1 - a) * out
+            eps = math.sqrt(1 - a) * z + math.sqrt(a) * out
+        else:
+            eps = out
+            x0 = (z - math.sqrt(1 - a) * eps) / math.sqrt(a)
         return math.sqrt(b) * x0 + math.sqrt(1 - b) * eps
 
     @torch.no_grad()

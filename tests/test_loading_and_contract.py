@@ -116,10 +116,12 @@ def test_not_sd1_is_refused(tmp_path, model_dir):
     other = tmp_path / "sd2like"
     shutil.copytree(model_dir, other)
     cfg = json.loads((other / "scheduler" / "scheduler_config.json").read_text())
-    cfg["prediction_type"] = "v_prediction"
+    cfg["prediction_type"] = "sample"  # v_prediction is supported (tests/test_v_prediction.py)
     (other / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedModelError, match="epsilon"):
+    with pytest.raises(UnsupportedModelError, match="epsilon or v_prediction"):
         EditEngine.from_pretrained(other)
+    cfg["prediction_type"] = "epsilon"
+    (other / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg))
     cfg_path = other / "unet" / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["layers_per_block"] = 1

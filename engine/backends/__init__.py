@@ -32,12 +32,16 @@ def create_backend(
     allow_pickle: bool = False,
     providers: Sequence[str] | None = None,
     backend_options: dict[str, Any] | None = None,
+    model_config: str | Path | None = None,
+    prediction_type: str | None = None,
+    loras: Sequence[Any] = (),
 ) -> tuple[Backend, Any, str]:
     """Build ``backend`` for ``model``; returns (backend, tokenizer, model source description).
 
     ``dtype`` (torch backend) defaults to float16 on CUDA and float32 elsewhere; ``backend_options`` go to
     the backend's constructor (torch: ``vae_dtype``, ``cuda_graphs``, ``channels_last``, ``compile_unet``,
-    ``max_batch``, ``max_graphs``; tensorrt: ``cuda_graphs``, ``max_graphs``).
+    ``max_batch``, ``max_graphs``; tensorrt: ``cuda_graphs``, ``max_graphs``). ``model_config`` and ``prediction_type``
+    (torch) describe a single-file checkpoint (see :mod:`fpedit.engine.single_file`).
     """
     options = dict(backend_options or {})
     try:
@@ -54,7 +58,13 @@ def create_backend(
         torch_dtype = parse_dtype(dtype or ("float16" if on_cuda else "float32"))
         if "vae_dtype" in options and options["vae_dtype"] is not None:
             options["vae_dtype"] = parse_dtype(options["vae_dtype"])
-        parts = load_components(model, allow_pickle=allow_pickle)
+        parts = load_components(
+            model,
+            allow_pickle=allow_pickle,
+            model_config=model_config,
+            prediction_type=prediction_type,
+            loras=loras,
+        )
         created = TorchBackend(
             unet=parts.unet,
             vae=parts.vae,
@@ -64,7 +74,17 @@ def create_backend(
             dtype=torch_dtype,
             **options,
         )
+        created.loras = list(parts.loras)  # what `fpedit info` / GetInfo report
         return created, parts.tokenizer, parts.source
+    if model_config is not None or prediction_type is not None or loras:
+        field = (
+            "model_config" if model_config is not None else "prediction_type" if prediction_type else "loras"
+        )
+        raise InvalidInputError(
+            field,
+            f"applies when loading a checkpoint (torch backend, or `fpedit export`); an {backend} folder "
+            "has it baked in",
+        )
     if backend == "onnxruntime":
         from .onnx_backend import OnnxRuntimeBackend
 
