@@ -107,10 +107,15 @@ class RequestRun:
             bar.close()
         self._bars.clear()
 
+    def count_unet(self, rows: int, calls: int) -> None:
+        """Count UNet work of this request: ``rows`` rows that rode in ``calls`` backend calls (0 for rows
+        evaluated outside the backend's entry points: the null-text optimisation's gradient forwards)."""
+        self.unet_rows += rows
+        self.unet_calls += calls
+
     def absorb(self, stats: dict[str, Any]) -> None:
         """Count an earlier part of the same request (a real edit's inversion) in this one's figures."""
-        self.unet_rows += stats["unet_rows"]
-        self.unet_calls += stats["unet_calls"]
+        self.count_unet(stats["unet_rows"], stats["unet_calls"])
         self.started -= stats["total_ms"] / 1e3
         for name, ms in stats["stages_ms"].items():
             self.add_time(name, ms)
@@ -233,8 +238,7 @@ class Executor:
     def _call(self, call: UNetCall, run: RequestRun) -> UNetResult:
         pieces = call.split(self.backend.max_batch)
         results = self._submit(pieces) if self.batching else [self._execute(piece) for piece in pieces]
-        run.unet_rows += call.rows
-        run.unet_calls += len(pieces)
+        run.count_unet(call.rows, len(pieces))
         return UNetResult.cat(results)
 
     def _execute(self, call: UNetCall) -> UNetResult:

@@ -158,7 +158,7 @@ class EditEngine:
             "model": self.source,
             **self.backend.describe(),
             "prediction_type": self.spec.prediction_type,
-            "loras": list(getattr(self.backend, "loras", [])),
+            "loras": list(self.backend.loras),
             "default_image_size": self.spec.default_image_size,
             "max_side": self.max_side,
             "map_cache_bytes": self.map_cache_bytes,
@@ -207,8 +207,6 @@ class EditEngine:
 
     def _run(self, progress: ProgressCallback | None, cancel_check: CancelCheck | None) -> RequestRun:
         return RequestRun(self.backend, progress, cancel_check, self.show_progress)
-
-    # --- text -----------------------------------------------------------------------------------------------
 
     def _check_prompt(self, prompt: Any, field: str, *, allow_empty: bool) -> str:
         return check_prompt(prompt, field, allow_empty=allow_empty, max_chars=self.max_prompt_chars)
@@ -422,36 +420,17 @@ class EditEngine:
                 raise InvalidInputError(
                     next(iter(invert_options)), "applies when inverting an image; the inversion has its own"
                 )
-            inversion = image
-            self._check_inversion(inversion, options)
-            run = self._run(progress, cancel_check)
-        else:
-            if options.layers != "resolution":  # that preset needs the image's size; others are checked now
-                check_layers(
-                    options, self.backend, None
-                )  # before the inversion, not after it ran for nothing
-            inversion = self.invert(
-                image, options=options, progress=progress, cancel_check=cancel_check, **invert_options
-            )
-            # Started after the inversion, which absorb() prepends: its time is counted once, not twice.
-            run = self._run(progress, cancel_check)
-            run.absorb(inversion.stats)  # one call did both: report the whole real edit
-        if inversion.method == "null-text" and inversion.guidance_scale != options.guidance_scale:
-            raise InvalidInputError(
-                "guidance_scale",
-                f"the null-text inversion was optimised for guidance {inversion.guidance_scale}; the edit must "
-                f"use it (got {options.guidance_scale}), or invert again",
-            )
+            real.check_inversion(image, options, self.engine_id)
+            return image, self._run(progress, cancel_check)
+        if options.layers != "resolution":  # that preset needs the image's size; others are checked now,
+            check_layers(options, self.backend, None)  # before the inversion, not after it ran for nothing
+        inversion = self.invert(
+            image, options=options, progress=progress, cancel_check=cancel_check, **invert_options
+        )
+        # Started after the inversion, which absorb() prepends: its time is counted once, not twice.
+        run = self._run(progress, cancel_check)
+        run.absorb(inversion.stats)  # one call did both: report the whole real edit
         return inversion, run
-
-    def _check_inversion(self, inversion: Inversion, options: EditOptions) -> None:
-        if inversion.engine_id != self.engine_id:
-            raise InvalidInputError("inversion", "was computed by another engine (model or backend)")
-        if inversion.steps != options.steps:
-            raise InvalidInputError(
-                "steps",
-                f"the inversion was computed with {inversion.steps} steps, the request asks {options.steps}",
-            )
 
     # --- attention maps (Figure 3) --------------------------------------------------------------------------
 

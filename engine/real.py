@@ -17,8 +17,10 @@ import torch
 
 from . import null_text, programs
 from .backends.capture import CAPTURE_GATE
+from .errors import InvalidInputError
 from .executor import ProgressEvent, RequestRun
 from .maps import AttentionMaps
+from .options import EditOptions
 from .plan import EditPlan, InversionPlan
 from .results import Inversion
 
@@ -43,6 +45,24 @@ class Source:
             context = torch.cat([self.uncond, target_cond])
             return lambda i: context
         return lambda i: torch.cat([self.uncond[i : i + 1], target_cond])
+
+
+def check_inversion(inversion: Inversion, options: EditOptions, engine_id: str) -> None:
+    """Refuse an inversion this request cannot edit: another engine's, another step count's, or null-text
+    embeddings optimised for another guidance scale."""
+    if inversion.engine_id != engine_id:
+        raise InvalidInputError("inversion", "was computed by another engine (model or backend)")
+    if inversion.steps != options.steps:
+        raise InvalidInputError(
+            "steps",
+            f"the inversion was computed with {inversion.steps} steps, the request asks {options.steps}",
+        )
+    if inversion.method == "null-text" and inversion.guidance_scale != options.guidance_scale:
+        raise InvalidInputError(
+            "guidance_scale",
+            f"the null-text inversion was optimised for guidance {inversion.guidance_scale}; the edit must "
+            f"use it (got {options.guidance_scale}), or invert again",
+        )
 
 
 def source_branch(engine: EditEngine, inversion: Inversion, plan: EditPlan, run: RequestRun) -> Source:
@@ -110,10 +130,12 @@ def invert_latents(
         if run.progress is not None:
             run.progress(ProgressEvent("null_text", done, total))
 
+    unet = engine.backend.differentiable_unet()
+    assert unet is not None  # null_text.check_method refused the method where there is none
     # Gradient work on the device outside the backend's entry points: never beside a graph capture.
     with run.stage("null_text"), CAPTURE_GATE.shared():
         result = null_text.optimize_null_embeddings(
-            engine.backend.float32_unet(),
+            unet,
             trajectory,
             cond,
             null_init,
@@ -124,7 +146,7 @@ def invert_latents(
             progress=progress,
             cancel_check=run.check,
         )
-    run.unet_rows += result.unet_forwards
+    run.count_unet(result.unet_forwards, calls=0)  # not backend calls: the gradient path runs the module
     stats = {
         "null_text_iterations": result.total_iterations,
         "unet_backward_rows": result.unet_backwards,
