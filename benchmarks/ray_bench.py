@@ -85,9 +85,10 @@ def run_ray_bench(cfg: RayBenchConfig) -> dict[str, Any]:
     import torch
 
     from fpedit.engine import EditEngine
+    from fpedit.engine.config import EngineConfig
     from fpedit.server.app import build_server
     from fpedit.server.config import ServerConfig
-    from fpedit.server.ray_app import RayService, ReplicaSettings, model_args, replica_server_config
+    from fpedit.server.ray_app import RayService, ReplicaSettings, replica_server_config
 
     cpus = os.cpu_count() or 1
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
@@ -98,7 +99,7 @@ def run_ray_bench(cfg: RayBenchConfig) -> dict[str, Any]:
         replica_threads = 1
         for replicas in (1, 2):
             settings = ReplicaSettings(
-                engine_args=model_args(model=cfg.model, device=cfg.device, backend="torch"),
+                engine=EngineConfig(model=cfg.model, device=cfg.device, backend="torch", batching=True),
                 server=replica_server_config(front_config, max_ongoing_requests=8, batching=True),
             )
             service = RayService.start(

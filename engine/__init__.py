@@ -21,6 +21,8 @@ _EXPORTS = {
     "AttentionMaps": "maps",
     "Injection": "maps",
     "EditOptions": "options",
+    "InversionOptions": "options",
+    "EngineConfig": "config",
     "EditEngine": "pipeline",
     "ProgressEvent": "pipeline",
     "EditResult": "results",
@@ -34,10 +36,12 @@ __all__ = [
     "EditEngine",
     "EditOptions",
     "EditResult",
+    "EngineConfig",
     "FpeditError",
     "Injection",
     "InvalidInputError",
     "Inversion",
+    "InversionOptions",
     "ModelLoadError",
     "ModelSpec",
     "ProgressEvent",
@@ -45,10 +49,11 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from .config import EngineConfig
     from .contract import PAPER_LAYERS, ModelSpec
     from .errors import CancelledError, FpeditError, InvalidInputError, ModelLoadError, UnsupportedModelError
     from .maps import AttentionMaps, Injection
-    from .options import EditOptions
+    from .options import EditOptions, InversionOptions
     from .pipeline import EditEngine, ProgressEvent
     from .results import EditResult, Inversion
 

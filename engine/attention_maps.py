@@ -25,10 +25,12 @@ from .errors import InvalidInputError
 from .images import initial_latents
 from .options import EditOptions
 from .programs import guide
+from .real import check_inversion
 
 if TYPE_CHECKING:
     from .images import ImageInput
     from .pipeline import EditEngine
+    from .results import Inversion
 
 #: Figure 3 shows the top 6 components.
 DEFAULT_COMPONENTS = 6
@@ -143,7 +145,7 @@ def compute_attention_maps(
     engine: EditEngine,
     prompt: str,
     *,
-    image: ImageInput | None = None,
+    image: ImageInput | Inversion | None = None,
     seed: int = 0,
     steps: int = 50,
     guidance_scale: float = 7.5,
@@ -152,8 +154,12 @@ def compute_attention_maps(
     components: int = DEFAULT_COMPONENTS,
     height: int | None = None,
     width: int | None = None,
+    progress: Any = None,
+    cancel_check: Any = None,
 ) -> AttentionMapResult:
     """See :meth:`EditEngine.attention_maps`."""
+    from .results import Inversion
+
     backend = engine.backend
     if not isinstance(backend, TorchBackend):
         raise InvalidInputError("backend", "attention maps need the torch backend")
@@ -165,13 +171,17 @@ def compute_attention_maps(
     if isinstance(components, bool) or not isinstance(components, int) or components < 1:
         raise InvalidInputError("components", f"must be a positive integer, got {components!r}")
 
-    run = engine._run(None, None)
+    run = engine._run(progress, cancel_check)
     with torch.inference_mode():
         if image is None:
             z, _ = initial_latents(engine.spec, engine.max_side, seed, None, height, width)
             inversion = None
+        elif isinstance(image, Inversion):  # a kept inversion (a server's cache): no inverting again
+            check_inversion(image, options, engine.engine_id)
+            inversion = image
+            z = inversion.latent(steps)
         else:
-            inversion = engine.invert(image, options=options)
+            inversion = engine.invert(image, options=options, progress=progress, cancel_check=cancel_check)
             z = inversion.latent(steps)
         latent_h, latent_w = int(z.shape[-2]), int(z.shape[-1])
         downsamples = sorted({layer.downsample for layer in engine.spec.layers})

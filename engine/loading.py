@@ -7,16 +7,14 @@ unpickled, so they are refused unless the caller explicitly allows them. Nothing
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from .components import Components, load_tokenizer
+from .components import read_json as _read_json
 from .contract import ModelSpec
 from .errors import ModelLoadError, UnsupportedModelError
 from .schedule import SD1_BETAS
@@ -25,40 +23,6 @@ log = logging.getLogger(__name__)
 
 WEIGHT_FOLDERS = ("unet", "vae", "text_encoder")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
-
-
-@dataclass
-class Components:
-    """The torch modules, tokenizer and spec of one checkpoint."""
-
-    unet: torch.nn.Module
-    vae: torch.nn.Module
-    text_encoder: torch.nn.Module
-    tokenizer: Any
-    spec: ModelSpec
-    source: str
-    #: LoRAs fused into the weights at load (:mod:`.lora`), as ``{"file", "scale"}``.
-    loras: tuple[dict[str, Any], ...] = ()
-
-
-def load_tokenizer(folder: Path) -> Any:
-    from transformers import CLIPTokenizer
-
-    if not folder.is_dir():
-        raise ModelLoadError(f"missing tokenizer folder: {folder}")
-    try:
-        return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except Exception as exc:  # transformers raises many types for a broken folder
-        raise ModelLoadError(f"cannot load the CLIP tokenizer from {folder}: {exc}") from exc
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise ModelLoadError(f"missing {path}") from exc
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"malformed {path}: {exc}") from exc
 
 
 def _check_weights(folder: Path, allow_pickle: bool) -> bool:

@@ -27,14 +27,23 @@ import torch.nn.functional as F
 
 from .backends.base import Backend
 from .errors import InvalidInputError
+from .options import (
+    DEFAULT_NULL_TEXT_EPSILON,
+    DEFAULT_NULL_TEXT_STEPS,
+    INVERSION_METHODS,
+    MAX_NULL_TEXT_STEPS,
+    check_inversion_method,
+)
+from .options import (
+    check_null_text_options as check_null_text_options,  # re-exported: the server's request checks
+)
 from .schedule import DDIMSchedule, ddim_move
 
-DEFAULT_INNER_STEPS = 10
-DEFAULT_EPSILON = 1e-5
-MAX_INNER_STEPS = 100
-#: Inversion methods: Algorithm 2's DDIM inversion with "", null-text inversion (Algorithm 3), and
-#: negative-prompt inversion (Algorithm 3's edit with the source prompt as every step's null embedding).
-METHODS = ("ddim", "null-text", "negative-prompt")
+#: The request rules live in the torch-free .options (the client CLI uses them); these names stay for callers.
+DEFAULT_INNER_STEPS = DEFAULT_NULL_TEXT_STEPS
+DEFAULT_EPSILON = DEFAULT_NULL_TEXT_EPSILON
+MAX_INNER_STEPS = MAX_NULL_TEXT_STEPS
+METHODS = INVERSION_METHODS
 
 
 @dataclass(frozen=True)
@@ -65,26 +74,6 @@ class NullTextResult:
     @property
     def total_iterations(self) -> int:
         return sum(self.iterations)
-
-
-def check_null_text_options(inner_steps: object, epsilon: object) -> tuple[int, float]:
-    """Validate ``null_text_steps`` and ``null_text_epsilon`` (names as the user sees them)."""
-    if (
-        isinstance(inner_steps, bool)
-        or not isinstance(inner_steps, int)
-        or not 1 <= inner_steps <= MAX_INNER_STEPS
-    ):
-        raise InvalidInputError(
-            "null_text_steps", f"must be an integer in 1..{MAX_INNER_STEPS}, got {inner_steps!r}"
-        )
-    if (
-        isinstance(epsilon, bool)
-        or not isinstance(epsilon, (int, float))
-        or not math.isfinite(epsilon)
-        or epsilon < 0
-    ):
-        raise InvalidInputError("null_text_epsilon", f"must be a finite number >= 0, got {epsilon!r}")
-    return inner_steps, float(epsilon)
 
 
 def optimize_null_embeddings(
@@ -178,12 +167,7 @@ def check_method(method: object, source_prompt: str, backend: Backend | None = N
     """Refuse an unknown method, a method that needs a source prompt without one, and (given the backend)
     null-text inversion where there are no gradients, before any work starts. The server calls it without a
     backend before queueing; the engine again with its own."""
-    if method not in METHODS:
-        raise InvalidInputError("method", f"must be one of {list(METHODS)}, got {method!r}")
-    if method != "ddim" and not source_prompt.strip():
-        raise InvalidInputError(
-            "source_prompt", f"must describe the image: inversion method {method!r} needs one"
-        )
+    method = check_inversion_method(method, source_prompt)
     if method == "null-text" and backend is not None and backend.differentiable_unet() is None:
         raise InvalidInputError(
             "method",

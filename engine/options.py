@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass
 from numbers import Integral, Real
 
@@ -16,6 +17,13 @@ MAX_GUIDANCE_SCALE = 50.0
 #: Longest prompt accepted (characters). CLIP reads 77 tokens; a longer prompt only costs tokenizer time and
 #: memory (a 7 MB prompt held a worker for half a minute), so anything past a generous limit is refused.
 DEFAULT_MAX_PROMPT_CHARS = 4096
+#: Inversion methods: Algorithm 2's DDIM inversion with "", null-text inversion (Algorithm 3), and
+#: negative-prompt inversion (Algorithm 3's edit with the source prompt as every step's null embedding).
+INVERSION_METHODS = ("ddim", "null-text", "negative-prompt")
+#: Null-text inversion's Adam iterations per step (default and most) and early-stop loss threshold.
+DEFAULT_NULL_TEXT_STEPS = 10
+MAX_NULL_TEXT_STEPS = 100
+DEFAULT_NULL_TEXT_EPSILON = 1e-5
 
 
 def check_prompt(
@@ -92,3 +100,63 @@ class EditOptions:
 
     def layer_numbers(self, spec: ModelSpec, latent_hw: tuple[int, int]) -> tuple[int, ...]:
         return resolve_layers(self.layers, spec, latent_hw)
+
+
+def check_null_text_options(inner_steps: object, epsilon: object) -> tuple[int, float]:
+    """Validate ``null_text_steps`` and ``null_text_epsilon`` (names as the user sees them)."""
+    if (
+        isinstance(inner_steps, bool)
+        or not isinstance(inner_steps, int)
+        or not 1 <= inner_steps <= MAX_NULL_TEXT_STEPS
+    ):
+        raise InvalidInputError(
+            "null_text_steps", f"must be an integer in 1..{MAX_NULL_TEXT_STEPS}, got {inner_steps!r}"
+        )
+    if (
+        isinstance(epsilon, bool)
+        or not isinstance(epsilon, (int, float))
+        or not math.isfinite(epsilon)
+        or epsilon < 0
+    ):
+        raise InvalidInputError("null_text_epsilon", f"must be a finite number >= 0, got {epsilon!r}")
+    return inner_steps, float(epsilon)
+
+
+def check_inversion_method(method: object, source_prompt: str) -> str:
+    """Refuse an unknown method, and a method that needs a source prompt without one (whether the backend
+    can run it is the engine's check: ``null_text.check_method``)."""
+    if method not in INVERSION_METHODS:
+        raise InvalidInputError("method", f"must be one of {list(INVERSION_METHODS)}, got {method!r}")
+    if method != "ddim" and not source_prompt.strip():
+        raise InvalidInputError(
+            "source_prompt", f"must describe the image: inversion method {method!r} needs one"
+        )
+    return str(method)
+
+
+@dataclass(frozen=True)
+class InversionOptions:
+    """How to invert a real image (docs/design.md, Algorithms 2 and 3), validated on construction.
+
+    ``method="ddim"`` (default) inverts with prompt "" and ignores ``source_prompt``; ``"null-text"``
+    optimises one null embedding per step (at most ``null_text_steps`` Adam iterations, early stop at
+    ``null_text_epsilon``; torch backend); ``"negative-prompt"`` uses the source prompt's embedding as every
+    step's null embedding. Both need ``source_prompt``, what the image shows.
+    """
+
+    method: str = "ddim"
+    source_prompt: str = ""
+    null_text_steps: int = DEFAULT_NULL_TEXT_STEPS
+    null_text_epsilon: float = DEFAULT_NULL_TEXT_EPSILON
+
+    def __post_init__(self) -> None:
+        # The length limit is the engine's (EditEngine.max_prompt_chars), judged where the request runs.
+        check_prompt(self.source_prompt, "source_prompt", allow_empty=True, max_chars=sys.maxsize)
+        object.__setattr__(self, "method", check_inversion_method(self.method, self.source_prompt))
+        steps, epsilon = check_null_text_options(self.null_text_steps, self.null_text_epsilon)
+        object.__setattr__(self, "null_text_steps", steps)
+        object.__setattr__(self, "null_text_epsilon", epsilon)
+
+    def replace(self, **changes: object) -> InversionOptions:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)

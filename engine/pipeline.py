@@ -29,6 +29,7 @@ from PIL import Image
 
 from . import null_text, programs, real
 from .backends.base import Backend
+from .config import DEFAULT_MAP_CACHE_BYTES, EngineConfig
 from .contract import ModelSpec
 from .errors import InvalidInputError
 from .executor import CancelCheck, Executor, ProgressCallback, ProgressEvent, RequestRun
@@ -44,7 +45,7 @@ from .images import (
     prepare_image,
     tensor_to_images,
 )
-from .options import DEFAULT_MAX_PROMPT_CHARS, EditOptions, check_prompt
+from .options import DEFAULT_MAX_PROMPT_CHARS, EditOptions, InversionOptions, check_prompt
 from .plan import EditPlan, InversionPlan, check_layers
 from .results import EditResult, Inversion
 from .schedule import ScheduleCache
@@ -54,7 +55,8 @@ __all__ = ["EditEngine", "ProgressCallback", "ProgressEvent"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAP_CACHE_BYTES = 4 * 1024**3
+#: An inversion keyword left out (``None`` is a value, and refused as a method).
+_NOT_GIVEN: Any = object()
 
 
 class EditEngine:
@@ -110,6 +112,15 @@ class EditEngine:
     # --- construction ---------------------------------------------------------------------------------------
 
     @classmethod
+    def from_config(cls, config: EngineConfig) -> EditEngine:
+        """Load the engine ``config`` describes (its backend settled from the model folder when ``None``)."""
+        from .backends import create_backend
+
+        config = config.resolved()
+        created, tokenizer, source = create_backend(config.model, config.backend, **config.backend_kwargs())
+        return cls(created, tokenizer, source=source, **config.engine_kwargs())
+
+    @classmethod
     def from_pretrained(
         cls,
         model: str | Path,
@@ -125,7 +136,7 @@ class EditEngine:
         loras: Sequence[Any] = (),
         **engine_kwargs: Any,
     ) -> EditEngine:
-        """Load ``model`` for ``backend``.
+        """Load ``model`` for ``backend``: :meth:`from_config` with an :class:`EngineConfig` of these keywords.
 
         torch: ``model`` is a local diffusers-layout SD 1.x/2.x folder, an SD 1.x single-file checkpoint
         (``.safetensors``; ``model_config`` is a diffusers folder describing a non-standard one) or ``"tiny"``;
@@ -134,23 +145,22 @@ class EditEngine:
         written by ``fpedit export``; tensorrt: a folder written by ``fpedit build-engines``. ``dtype``
         (torch) defaults to float16 on CUDA, float32 on the CPU; ``backend_options`` tune the backend
         (torch: ``vae_dtype``, ``cuda_graphs``, ``channels_last``, ``compile_unet``, ``max_batch``,
-        ``max_graphs``). ``engine_kwargs`` go to the constructor (e.g. ``batching=True``).
+        ``max_graphs``). ``engine_kwargs`` are the config's engine fields (e.g. ``batching=True``).
         """
-        from .backends import create_backend
-
-        created, tokenizer, source = create_backend(
+        config = EngineConfig.from_keywords(
             model,
             backend,
-            device=device,
-            dtype=dtype,
+            device,
+            dtype,
             allow_pickle=allow_pickle,
             providers=providers,
             backend_options=backend_options,
             model_config=model_config,
             prediction_type=prediction_type,
             loras=loras,
+            **engine_kwargs,
         )
-        return cls(created, tokenizer, source=source, **engine_kwargs)
+        return cls.from_config(config)
 
     def info(self) -> dict[str, Any]:
         defaults = EditOptions()
@@ -279,13 +289,15 @@ class EditEngine:
         options: EditOptions | None = None,
         progress: ProgressCallback | None = None,
         cancel_check: CancelCheck | None = None,
-        source_prompt: str = "",
-        method: str = "ddim",
-        null_text_steps: int = null_text.DEFAULT_INNER_STEPS,
-        null_text_epsilon: float = null_text.DEFAULT_EPSILON,
+        inversion: InversionOptions | None = None,
+        source_prompt: str = _NOT_GIVEN,
+        method: str = _NOT_GIVEN,
+        null_text_steps: int = _NOT_GIVEN,
+        null_text_epsilon: float = _NOT_GIVEN,
     ) -> Inversion:
         """Invert ``image`` over ``options.steps`` steps; keep the whole trajectory.
 
+        ``inversion`` (:class:`InversionOptions`, or the same fields as separate keywords) says how:
         ``method="ddim"`` (default): DDIM inversion with prompt "" (Algorithm 2; ``source_prompt`` is
         ignored). ``"null-text"``: conditional-only inversion with ``source_prompt`` and per-step null
         embeddings optimised for ``options.guidance_scale`` (Algorithm 3; torch backend; at most
@@ -293,17 +305,31 @@ class EditEngine:
         the same inversion with the source prompt's embedding as every step's null embedding (no optimisation).
         """
         options = options or EditOptions()
-        source_prompt = self._check_prompt(source_prompt, "source_prompt", allow_empty=True)
-        method = null_text.check_method(method, source_prompt, self.backend)
-        inner_steps, epsilon = null_text.check_null_text_options(null_text_steps, null_text_epsilon)
+        given = {
+            name: value
+            for name, value in (
+                ("source_prompt", source_prompt),
+                ("method", method),
+                ("null_text_steps", null_text_steps),
+                ("null_text_epsilon", null_text_epsilon),
+            )
+            if value is not _NOT_GIVEN
+        }
+        if inversion is not None and given:
+            raise TypeError(f"give inversion=InversionOptions(...) or {next(iter(given))}=, not both")
+        if "source_prompt" in given:  # judged by this engine's prompt limit before the options' rules
+            self._check_prompt(source_prompt, "source_prompt", allow_empty=True)
+        how = inversion if inversion is not None else InversionOptions(**given)
+        source_prompt = self._check_prompt(how.source_prompt, "source_prompt", allow_empty=True)
+        method = null_text.check_method(how.method, source_prompt, self.backend)
         ddim = method == "ddim"
         plan = InversionPlan(
             self._schedules(options.steps),
             method,
             "" if ddim else source_prompt,
             options.guidance_scale,
-            inner_steps,
-            epsilon,
+            how.null_text_steps,
+            how.null_text_epsilon,
         )
         run = self._run(progress, cancel_check)
         run.check()
@@ -337,6 +363,7 @@ class EditEngine:
         options: EditOptions | None = None,
         progress: ProgressCallback | None = None,
         cancel_check: CancelCheck | None = None,
+        inversion: InversionOptions | None = None,
         source_prompt: str | None = None,
         method: str | None = None,
         null_text_steps: int | None = None,
@@ -350,8 +377,8 @@ class EditEngine:
         image and the reconstruction come back at: ``"input"`` (default: the image's own width and height),
         ``"working"``, or an explicit ``(width, height)``. Latents stay at the working size.
 
-        With an image, ``source_prompt``, ``method``, ``null_text_steps`` and ``null_text_epsilon`` go to
-        :meth:`invert` (an inversion already has them). ``cancel_check`` is called before every stage, UNet
+        With an image, ``inversion`` (or its fields as ``source_prompt``, ``method``, ``null_text_steps`` and
+        ``null_text_epsilon``) goes to :meth:`invert` (an inversion already has them). ``cancel_check`` is called before every stage, UNet
         call and Adam iteration; whatever it raises stops the work.
         """
         options = options or EditOptions()
@@ -360,6 +387,7 @@ class EditEngine:
         invert_options = {
             name: value
             for name, value in (
+                ("inversion", inversion),
                 ("source_prompt", source_prompt),
                 ("method", method),
                 ("null_text_steps", null_text_steps),
@@ -421,6 +449,7 @@ class EditEngine:
                     next(iter(invert_options)), "applies when inverting an image; the inversion has its own"
                 )
             real.check_inversion(image, options, self.engine_id)
+            real.check_edit_guidance(image, options)
             return image, self._run(progress, cancel_check)
         if options.layers != "resolution":  # that preset needs the image's size; others are checked now,
             check_layers(options, self.backend, None)  # before the inversion, not after it ran for nothing
@@ -436,10 +465,12 @@ class EditEngine:
 
     def attention_maps(self, prompt: str, image: ImageInput | None = None, **kwargs: Any) -> Any:
         """Per-token cross-attention maps and the top SVD components of self-attention maps (the paper's
-        Figure 3) of a generated image (``seed``) or, with ``image``, of that image inverted first; returns an
+        Figure 3) of a generated image (``seed``) or, with ``image``, of that image inverted first (or of an
+        :class:`~.results.Inversion` already computed, with its step count); returns an
         :class:`~.attention_maps.AttentionMapResult`. Keywords: ``seed``, ``steps``, ``guidance_scale``,
         ``window`` (the steps averaged, as fractions), ``resolution`` (grid side; default latent side / 4,
-        16 at 512 px), ``components``, ``height``, ``width``. Torch backend only."""
+        16 at 512 px), ``components``, ``height``, ``width``, ``progress``, ``cancel_check``. Torch backend
+        only."""
         from .attention_maps import compute_attention_maps
 
         return compute_attention_maps(self, prompt, image=image, **kwargs)

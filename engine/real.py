@@ -48,8 +48,7 @@ class Source:
 
 
 def check_inversion(inversion: Inversion, options: EditOptions, engine_id: str) -> None:
-    """Refuse an inversion this request cannot edit: another engine's, another step count's, or null-text
-    embeddings optimised for another guidance scale."""
+    """Refuse an inversion this request cannot use: another engine's, or another step count's."""
     if inversion.engine_id != engine_id:
         raise InvalidInputError("inversion", "was computed by another engine (model or backend)")
     if inversion.steps != options.steps:
@@ -57,6 +56,10 @@ def check_inversion(inversion: Inversion, options: EditOptions, engine_id: str) 
             "steps",
             f"the inversion was computed with {inversion.steps} steps, the request asks {options.steps}",
         )
+
+
+def check_edit_guidance(inversion: Inversion, options: EditOptions) -> None:
+    """Refuse to edit null-text embeddings with another guidance scale than they were optimised for."""
     if inversion.method == "null-text" and inversion.guidance_scale != options.guidance_scale:
         raise InvalidInputError(
             "guidance_scale",

@@ -37,11 +37,11 @@ def _messages(scorer: Any) -> None:
 
 
 def _scorer(args: argparse.Namespace) -> Any:
-    from fpedit.cli import _quiet_libraries
+    from fpedit.args import quiet_libraries
 
     from .metrics import Scorer
 
-    _quiet_libraries()
+    quiet_libraries()
     for name in ("clip", "dino"):
         folder = getattr(args, name)
         if folder is not None and not Path(folder).is_dir():
@@ -70,7 +70,7 @@ def _add_metric_models(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from fpedit.cli import check_input_image
+    from fpedit.args import check_input_image
 
     from .masks import load_mask_image, resize_mask
     from .metrics import as_uint8
@@ -120,7 +120,7 @@ def parse_windows(text: str) -> list[tuple[float, float]]:
 
 def parse_layer_sets(text: str) -> list[Any]:
     """``"paper;resolution;4-10"`` -> each parsed like --layers (``;`` separates sets)."""
-    from fpedit.cli import parse_layers
+    from fpedit.args import parse_layers
 
     return [parse_layers(part) for part in text.split(";") if part.strip()]
 
@@ -143,21 +143,23 @@ def _layers_name(layers: Any) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from fpedit.cli import _check_model_and_device, engine_from_args, options_from_args
+    from fpedit.args import edit_options_from_args, engine_config_from_args, engine_from_config
 
     from .datasets import load_dataset
     from .runner import RunConfig, Setting, contact_sheet, run
 
-    base = options_from_args(args)
+    base = edit_options_from_args(args)
     if args.limit is not None and args.limit < 1:
         raise InvalidInputError("limit", f"must be a positive integer, got {args.limit}")
     fmt, items = load_dataset(args.dataset, args.images, seed=args.seed)
     items = items[: args.limit] if args.limit else items
     missing = [str(item.image) for item in items if item.image is not None and not item.image.is_file()]
-    if missing:
+    if missing and len(missing) == sum(item.image is not None for item in items):  # a wrong folder, surely
         raise InvalidInputError(
             "images", f"{len(missing)} image(s) not found, e.g. {missing[0]} (point --images at the folder)"
         )
+    if missing:  # some: those items fail (recorded in results.csv), the others run
+        print(f"fpedit: warning: {len(missing)} image(s) not found, e.g. {missing[0]}", file=sys.stderr)
     if args.inversion != "ddim" and any(not item.source_prompt.strip() for item in items if item.image):
         raise InvalidInputError(
             "method", f"--inversion {args.inversion} needs a source prompt for every image"
@@ -173,9 +175,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 )
     if args.output.exists() and not args.output.is_dir():
         raise InvalidInputError("output", f"{args.output} is a file; give a folder")
-    _check_model_and_device(args)
+    engine_config = engine_config_from_args(args)
     scorer = _scorer(args)
-    engine = engine_from_args(args)
+    engine = engine_from_config(engine_config)
     describe = {
         "model": str(args.model),
         "backend": args.backend,
@@ -202,6 +204,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.sweep:
         sheet = contact_sheet(args.output, items, settings)
         print(f"wrote {args.output / 'sweep.md'}" + (f", {sheet}" if sheet else ""), file=sys.stderr)
+    failed = sum(summary["failed"] for summary in summaries.values())
+    if failed:
+        print(
+            f"fpedit: warning: {failed} edit(s) failed (the error column of results.csv says why); "
+            "run the same command again to retry them",
+            file=sys.stderr,
+        )
+        return 1
     return 0 if summaries else 2
 
 
@@ -209,7 +219,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_maps(args: argparse.Namespace) -> int:
-    from fpedit.cli import _check_model_and_device, check_input_image, engine_from_args
+    from fpedit.args import check_input_image, engine_config_from_args, engine_from_config
     from fpedit.engine.options import EditOptions, check_prompt
 
     from .pictures import save_cross_attention, save_self_attention
@@ -220,10 +230,10 @@ def cmd_maps(args: argparse.Namespace) -> int:
         check_input_image(args.image, "--image")
     if args.output.exists() and not args.output.is_dir():
         raise InvalidInputError("output", f"{args.output} is a file; give a folder")
-    _check_model_and_device(args)
-    if args.backend != "torch":
+    engine_config = engine_config_from_args(args)
+    if engine_config.backend != "torch":
         raise InvalidInputError("backend", "attention maps need the torch backend")
-    engine = engine_from_args(args)
+    engine = engine_from_config(engine_config)
     result = engine.attention_maps(
         args.prompt,
         image=args.image,
@@ -250,7 +260,15 @@ def cmd_maps(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
-    from fpedit.cli import COMMON_FLAGS, add_edit_arguments, add_model_arguments, parse_seed, parse_side
+    from fpedit.args import (
+        COMMON_FLAGS,
+        add_edit_arguments,
+        add_model_arguments,
+        add_run_arguments,
+        parse_seed,
+        parse_side,
+    )
+    from fpedit.engine.options import INVERSION_METHODS
 
     flags = {**COMMON_FLAGS, **METRIC_FLAGS}
 
@@ -283,7 +301,7 @@ def add_commands(sub: Any) -> None:
     )
     ev.add_argument(
         "--inversion",
-        choices=("ddim", "null-text", "negative-prompt"),
+        choices=INVERSION_METHODS,
         default="ddim",
         help="real images: ddim (default), null-text or negative-prompt (with each item's source prompt)",
     )
@@ -309,6 +327,7 @@ def add_commands(sub: Any) -> None:
     _add_metric_models(ev)
     add_model_arguments(ev)
     add_edit_arguments(ev)
+    add_run_arguments(ev)
     ev.set_defaults(func=cmd_eval, flags=flags)
 
     maps = sub.add_parser(

@@ -1,8 +1,10 @@
 """``fpedit eval``: edit every dataset item, score it, keep a resumable ``results.csv`` and a summary.
 
 Rows are appended (one write and a flush per item), so an interrupted run leaves a valid file and the next run
-skips the items already there. With several settings (``--sweep``) each gets its own folder; one item is
-inverted once and edited with every setting.
+skips the items already there. An item that fails (a missing or corrupt image, a bad prompt, out of memory)
+does not stop the run: its row carries the reason in the ``error`` column and no scores, the summary counts it
+apart from the means, and the next run retries it. With several settings (``--sweep``) each gets its own
+folder; one item is inverted once and edited with every setting.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,12 +23,16 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from fpedit.engine.errors import FpeditError
+
 from .datasets import Item
 from .masks import resize_mask
 from .metrics import ALL_METRICS, LOWER_IS_BETTER, Scorer
 
 FIXED_COLUMNS = ("id", "edit_type", "edit_seconds")
-COLUMNS = (*FIXED_COLUMNS, *ALL_METRICS)
+COLUMNS = (*FIXED_COLUMNS, *ALL_METRICS, "error")
+#: Longest reason kept in the ``error`` column (one line).
+MAX_ERROR_CHARS = 300
 
 
 @dataclass
@@ -47,16 +54,24 @@ class RunConfig:
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
-    """The complete rows of ``results.csv`` (a last line cut short by a crash is dropped)."""
+    """The complete rows of ``results.csv`` (a last line cut short by a crash is dropped). A file written
+    before the ``error`` column existed reads as rows without errors."""
     if not path.is_file():
         return []
     with path.open(newline="") as f:
         rows = list(csv.DictReader(f))
+    for row in rows:
+        row.setdefault("error", "")
     return [
         row
         for row in rows
         if None not in row and row.get("id") and all(row.get(c) is not None for c in COLUMNS)
     ]
+
+
+def _header(path: Path) -> list[str]:
+    with path.open(newline="") as f:
+        return next(csv.reader(f), [])
 
 
 def _format(value: Any) -> str:
@@ -72,11 +87,14 @@ class ResultsFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.rows = read_rows(path)
+        rows = read_rows(path)
+        self.rows = [row for row in rows if not row["error"]]  # failed items are retried
         self.done = {row["id"] for row in self.rows}
         path.parent.mkdir(parents=True, exist_ok=True)
-        rewrite = path.is_file() and len(self.rows) != _count_lines(path) - 1
-        if rewrite or not path.is_file():  # fresh, or drop a torn last line before appending
+        rewrite = path.is_file() and (
+            len(self.rows) != _count_lines(path) - 1 or _header(path) != list(COLUMNS)
+        )
+        if rewrite or not path.is_file():  # fresh, or drop a torn last line or failed rows before appending
             with path.open("w", newline="") as f:
                 f.write(_line(COLUMNS) + "".join(_line([row[c] for c in COLUMNS]) for row in self.rows))
 
@@ -106,7 +124,10 @@ def _mean(values: list[float]) -> float | None:
 
 
 def summarize(rows: list[dict[str, str]]) -> dict[str, Any]:
-    """Means of every metric column (NaN and empty cells skipped) overall and per edit type, and timings."""
+    """Means of every metric column (NaN and empty cells skipped) overall and per edit type, and timings, over
+    the items that succeeded; failed items are counted (``failed``, ``failed_ids``) and nothing else."""
+    failed = [r for r in rows if r.get("error")]
+    rows = [r for r in rows if not r.get("error")]
 
     def means(subset: list[dict[str, str]]) -> dict[str, float]:
         out = {}
@@ -117,14 +138,19 @@ def summarize(rows: list[dict[str, str]]) -> dict[str, Any]:
                 out[name] = mean
         return out
 
-    types = sorted({r["edit_type"] for r in rows if r.get("edit_type")}, key=lambda t: (len(t), t))
     seconds = [float(r["edit_seconds"]) for r in rows if r.get("edit_seconds")]
+    types = sorted(
+        {r["edit_type"] for r in [*rows, *failed] if r.get("edit_type")}, key=lambda t: (len(t), t)
+    )
     return {
         "items": len(rows),
+        "failed": len(failed),
+        "failed_ids": [r["id"] for r in failed],
         "means": means(rows),
         "per_edit_type": {
             t: {
                 "items": sum(r["edit_type"] == t for r in rows),
+                "failed": sum(r["edit_type"] == t for r in failed),
                 "means": means([r for r in rows if r["edit_type"] == t]),
             }
             for t in types
@@ -137,13 +163,15 @@ def summarize(rows: list[dict[str, str]]) -> dict[str, Any]:
 
 
 def markdown_table(title: str, groups: dict[str, dict[str, Any]]) -> str:
-    """One row per group (``{"items": n, "means": {...}}``), one column per metric present."""
+    """One row per group (``{"items": n, "means": {...}}``, optionally ``"failed": n``), one column per
+    metric present; a ``failed`` column when any group has failed items."""
     metrics = [m for m in ALL_METRICS if any(m in g["means"] for g in groups.values())]
     arrows = {m: ("↓" if m in LOWER_IS_BETTER else "↑") for m in metrics}
-    header = ["", "items", *(f"{m} {arrows[m]}" for m in metrics)]
+    with_failed = any(g.get("failed") for g in groups.values())
+    header = ["", "items", *(["failed"] if with_failed else []), *(f"{m} {arrows[m]}" for m in metrics)]
     lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, group in groups.items():
-        cells = [name, str(group["items"])]
+        cells = [name, str(group["items"]), *([str(group.get("failed", 0))] if with_failed else [])]
         cells += [f"{group['means'][m]:.4g}" if m in group["means"] else "" for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -152,7 +180,7 @@ def markdown_table(title: str, groups: dict[str, dict[str, Any]]) -> str:
 def write_summary(folder: Path, rows: list[dict[str, str]], settings: dict[str, Any]) -> dict[str, Any]:
     summary = {**summarize(rows), "settings": settings}
     (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    groups = {"all": {"items": summary["items"], "means": summary["means"]}}
+    groups = {"all": {"items": summary["items"], "failed": summary["failed"], "means": summary["means"]}}
     groups.update({f"edit type {t}": g for t, g in summary["per_edit_type"].items()})
     (folder / "summary.md").write_text(markdown_table(f"{folder.name}: means", groups))
     return summary
@@ -187,7 +215,14 @@ def run(engine: Any, scorer: Scorer, config: RunConfig) -> dict[str, dict[str, A
             inversion = None
             for setting in pending:
                 bar.set_postfix_str(f"{item.id} {setting.name}" if sweep else item.id)
-                row, inversion = _edit_and_score(engine, scorer, item, setting, config, folders, inversion)
+                try:
+                    row, inversion = _edit_and_score(
+                        engine, scorer, item, setting, config, folders, inversion
+                    )
+                except Exception as exc:  # one bad item must not cost the rest of the run
+                    row, inversion = _failed_row(item, exc), None
+                    where = f"{item.id} ({setting.name})" if sweep else item.id
+                    bar.write(f"fpedit: warning: item {where} failed: {row['error']}", file=sys.stderr)
                 files[setting.name].append(row)
                 bar.update(1)
     finally:
@@ -241,6 +276,16 @@ def _edit_and_score(
     }, inversion
 
 
+def _failed_row(item: Item, exc: Exception) -> dict[str, Any]:
+    """The row of an item that failed: no scores, the reason on one line."""
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    if not isinstance(exc, FpeditError):  # not one of ours: the type says more than the text alone
+        reason = f"{type(exc).__name__}: {reason}"
+    if len(reason) > MAX_ERROR_CHARS:
+        reason = reason[: MAX_ERROR_CHARS - 1] + "…"
+    return {"id": item.id, "edit_type": item.edit_type, "error": reason}
+
+
 def _inversion_kwargs(inversion: dict[str, Any], item: Item) -> dict[str, Any]:
     """The inversion options of a real item: null-text and negative-prompt take the item's source prompt."""
     method = inversion.get("method", "ddim")
@@ -253,7 +298,10 @@ def _inversion_kwargs(inversion: dict[str, Any], item: Item) -> dict[str, Any]:
 def write_sweep(out: Path, summaries: dict[str, dict[str, Any]]) -> None:
     """``sweep.json`` and ``sweep.md``: one row of means per setting."""
     (out / "sweep.json").write_text(json.dumps(summaries, indent=2) + "\n")
-    groups = {name: {"items": s["items"], "means": s["means"]} for name, s in summaries.items()}
+    groups = {
+        name: {"items": s["items"], "failed": s["failed"], "means": s["means"]}
+        for name, s in summaries.items()
+    }
     (out / "sweep.md").write_text(markdown_table("sweep: means per setting", groups))
 
 

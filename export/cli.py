@@ -87,6 +87,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         timing_cache=args.timing_cache,
         workspace_gib=args.workspace_gib,
         builder_optimization_level=args.opt_level,
+        refittable=args.refittable,
         progress=_progress,
     )
     print(f"wrote {args.out}: {sorted(manifest.files)} (TensorRT {manifest.extra.get('tensorrt_version')})")
@@ -94,7 +95,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
-    from fpedit.cli import add_checkpoint_arguments, parse_layers
+    from fpedit.args import add_checkpoint_arguments, parse_layers
 
     export = sub.add_parser("export", help="export UNet variants with map I/O, text encoder and VAE to ONNX")
     export.add_argument(
@@ -165,4 +166,10 @@ def add_commands(sub: Any) -> None:
     build.add_argument("--timing-cache", type=Path, help="timing cache file (default OUT/timing.cache)")
     build.add_argument("--workspace-gib", type=float, help="builder workspace limit (default: TensorRT's)")
     build.add_argument("--opt-level", type=int, help="builder optimization level 0..5 (default: TensorRT's)")
+    build.add_argument(
+        "--refittable",
+        action="store_true",
+        help="build engines whose weights TensorRT can refit in place, e.g. to swap a LoRA of the same model "
+        "without a rebuild (fpedit does not refit them itself yet; default: off)",
+    )
     build.set_defaults(func=cmd_build)

@@ -81,12 +81,15 @@ def build_engines(
     timing_cache: str | Path | None = None,
     workspace_gib: float | None = None,
     builder_optimization_level: int | None = None,
+    refittable: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> ExportManifest:
     """Build ``<graph>.plan`` for every graph of the export in ``onnx_dir``; returns the engine manifest.
 
     Precision is the export's (``manifest.precision`` for UNet and text encoder, float32 VAE): re-export
-    with or without ``--fp16`` to change it.
+    with or without ``--fp16`` to change it. ``refittable`` builds engines whose weights TensorRT can
+    replace in place (a refit), so other LoRA-fused weights of the same model need no rebuild; fpedit
+    itself does not refit yet.
     """
     onnx_dir, out_dir = Path(onnx_dir).expanduser(), Path(out_dir).expanduser()
     manifest = read_manifest(onnx_dir, EXPORT_FORMAT)
@@ -134,6 +137,7 @@ def build_engines(
                 load_timing_cache=str(cache) if cache.is_file() else None,
                 memory_pool_limits=limits,
                 builder_optimization_level=builder_optimization_level,
+                **({"refittable": True} if refittable else {}),
             )
             network = network_from_onnx_path(str(onnx_dir / file), strongly_typed=True)
             engine = engine_from_network(network, config=config, save_timing_cache=str(cache))
@@ -146,7 +150,7 @@ def build_engines(
             image_size=image_size,
             files=files,
             format=ENGINE_FORMAT,
-            extra={**manifest.extra, **_build_facts(trt)},
+            extra={**manifest.extra, **_build_facts(trt), "refittable": refittable},
         )
         write_manifest(stage, engine_manifest)
     return engine_manifest

@@ -11,43 +11,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
-#: Requests in flight on one engine when batching is on: enough for the device loop to fill batches of
-#: 2-row target steps and 8-row capture calls without holding many requests' activations at once.
-DEFAULT_BATCHING_WORKERS = 4
+from fpedit.args import (
+    COMMON_FLAGS,
+    EDIT_FLAGS,
+    GENERATE_FLAGS,
+    add_edit_arguments,
+    add_generate_arguments,
+    add_inversion_arguments,
+    add_serve_arguments,
+    describe_error,
+    server_config_from_args,
+    source_output_path,
+)
 
-
-def server_config_from_args(args: argparse.Namespace) -> Any:
-    """The validated :class:`ServerConfig` of ``fpedit serve`` flags (also read by the Ray Serve config file)."""
-    from .config import ServerConfig
-
-    token = args.token or os.environ.get("FPEDIT_TOKEN") or None
-    return ServerConfig(
-        host=args.host,
-        port=args.port,
-        workers=args.workers
-        if args.workers is not None
-        else (DEFAULT_BATCHING_WORKERS if args.batching else 1),
-        max_queue=args.max_queue,
-        max_message_bytes=args.max_message_mb * 1024 * 1024,
-        cache_bytes=int(args.cache_gib * 1024**3),
-        cache_ttl_s=args.cache_ttl_s,
-        max_image_pixels=args.max_image_pixels,
-        max_prompt_chars=args.max_prompt_chars,
-        token=token,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        grace_s=args.grace_s,
-        metrics_port=args.metrics_port,
-        metrics_host=args.metrics_host,
-        log_format=args.log_format,
-        http_port=getattr(args, "http_port", None),
-        http_host=getattr(args, "http_host", None),
-        threads_per_worker=args.threads_per_worker,
-    ).validate()  # before the model loads: a bad flag fails in a second, not after a minute
+__all__ = ["add_commands", "server_config_from_args"]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from fpedit.cli import engine_from_args, resolve_backend
+    from fpedit.args import engine_config_from_args, engine_from_config
     from fpedit.engine.errors import InvalidInputError
 
     from .app import RunningServer, serve
@@ -56,7 +37,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     # Every start-up setting is judged before the model loads (a minute on a large model) or Ray starts.
     config = server_config_from_args(args)
-    resolve_backend(args)  # --backend from the model folder's manifest (default torch)
+    engine_config = engine_config_from_args(args, batching=args.batching)  # --backend from the manifest
     if args.ray:
         if args.replicas is not None and args.replicas < 1:
             raise InvalidInputError("replicas", "must be at least 1")
@@ -81,7 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         serve_on_ray(args, config, ready=ready)
     else:
-        serve(engine_from_args(args, batching=args.batching), config, ready=ready)
+        serve(engine_from_config(engine_config), config, ready=ready)
     # Drained: every request is answered and logged. Leave without interpreter teardown, where native
     # threads (gRPC's pollers, the BLAS pool) racing static destructors have aborted the process.
     logging.shutdown()
@@ -95,10 +76,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 EXIT_SERVER_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
-#: Null-text Adam iterations per step the API accepts (edit.proto: 1..100).
-MAX_NULL_TEXT_STEPS = 100
-#: What `fpedit client generate` uses without --seed: the same as `fpedit generate`, so runs repeat.
-DEFAULT_CLIENT_SEED = 0
 
 
 def positive_seconds(text: str) -> float:
@@ -125,7 +102,6 @@ def _options(args: argparse.Namespace) -> Any:
 
     The values given are judged here by the engine's own rules (light: no torch), so a mistake is a flag
     error before any call rather than a server refusal or a protobuf range error."""
-    from fpedit.cli import describe_error
     from fpedit.engine.errors import InvalidInputError
     from fpedit.engine.options import EditOptions
 
@@ -152,16 +128,15 @@ def _options(args: argparse.Namespace) -> Any:
 
 
 def _inversion_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The inversion flags given (none: the server's defaults, DDIM), checked before any call."""
-    if args.null_text_steps is not None and not 1 <= args.null_text_steps <= MAX_NULL_TEXT_STEPS:
-        raise UsageError(
-            f"--null-text-steps: must be an integer in 1..{MAX_NULL_TEXT_STEPS}, got {args.null_text_steps}"
-        )
-    if args.source_prompt and args.inversion in (None, "ddim"):
-        raise UsageError(
-            "--source-prompt: DDIM inversion (the default) does not use a source prompt; add --inversion "
-            "negative-prompt or --inversion null-text to use it, or leave it out"
-        )
+    """The inversion flags given (none: the server's defaults, DDIM), judged by the engine's own rules
+    (:class:`InversionOptions`, no torch) before any call."""
+    from fpedit.args import inversion_options_from_args
+    from fpedit.engine.errors import InvalidInputError
+
+    try:
+        inversion_options_from_args(args)
+    except InvalidInputError as exc:
+        raise UsageError(describe_error(exc, args)) from None
     given = {
         "source_prompt": args.source_prompt,
         "inversion_method": args.inversion,
@@ -324,8 +299,6 @@ def cmd_client_edit(args: argparse.Namespace) -> int:
 
 @_grpc_errors
 def cmd_client_generate(args: argparse.Namespace) -> int:
-    from fpedit.cli import source_output_path
-
     source_output = source_output_path(args.output, args.source_output)
     output_format = _output_format(args, args.output, source_output)
     options = _options(args)
@@ -412,103 +385,9 @@ def info_as_engine_json(info: Any) -> dict[str, Any]:
 
 
 def add_commands(sub: Any) -> None:
-    from fpedit.cli import add_model_arguments, parse_layers, parse_seed, parse_side
-    from fpedit.engine.options import DEFAULT_MAX_PROMPT_CHARS
-
     serve = sub.add_parser("serve", help="serve the gRPC EditService")
-    add_model_arguments(serve)
-    serve.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
-    serve.add_argument(
-        "--port", type=int, default=50051, help="gRPC port (default 50051; 0 picks a free one)"
-    )
-    serve.add_argument(
-        "--workers",
-        type=int,
-        help="requests the engine runs at once (default: 4 with batching, whose device loop merges their "
-        "UNet calls; 1 without)",
-    )
-    serve.add_argument(
-        "--batching",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="merge the UNet calls of concurrent requests into shared backend calls (default: on)",
-    )
-    serve.add_argument(
-        "--threads-per-worker",
-        type=int,
-        help="CPU: torch intra-op threads (default: all cores with batching, else cores // --workers)",
-    )
-    serve.add_argument(
-        "--max-queue",
-        type=int,
-        default=8,
-        help="requests that may wait; more get RESOURCE_EXHAUSTED (default 8)",
-    )
-    serve.add_argument(
-        "--max-message-mb", type=int, default=32, help="largest request or response message (default 32 MiB)"
-    )
-    serve.add_argument("--cache-gib", type=float, default=4.0, help="inversion cache budget (default 4 GiB)")
-    serve.add_argument(
-        "--cache-ttl-s",
-        type=float,
-        default=3600.0,
-        help="an unused inversion expires after this (default 1 h)",
-    )
-    serve.add_argument(
-        "--max-image-pixels",
-        type=int,
-        default=4096 * 4096,
-        help="larger images get INVALID_ARGUMENT (default 16777216, 4096x4096)",
-    )
-    serve.add_argument(
-        "--max-prompt-chars",
-        type=int,
-        default=DEFAULT_MAX_PROMPT_CHARS,
-        help=f"longer prompts get INVALID_ARGUMENT (default {DEFAULT_MAX_PROMPT_CHARS})",
-    )
-    serve.add_argument(
-        "--token", help="require 'authorization: Bearer TOKEN' (default: $FPEDIT_TOKEN, else no token)"
-    )
-    serve.add_argument("--tls-cert", help="PEM certificate chain (default: plaintext; needs --tls-key)")
-    serve.add_argument("--tls-key", help="PEM private key of --tls-cert, unencrypted (default: none)")
-    serve.add_argument(
-        "--grace-s", type=float, default=30.0, help="drain time on SIGTERM, in seconds (default 30)"
-    )
-    serve.add_argument(
-        "--metrics-port", type=int, help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)"
-    )
-    serve.add_argument("--metrics-host", help="metrics bind address (default: --host)")
-    serve.add_argument(
-        "--http-port",
-        type=int,
-        help="also serve HTTP/JSON and the editor page at http://HOST:PORT/ (default: off; 0 picks a port)",
-    )
-    serve.add_argument("--http-host", help="HTTP bind address (default: --host)")
-    serve.add_argument(
-        "--log-format",
-        choices=("text", "json"),
-        default="text",
-        help="json: one object per request (default text)",
-    )
-    ray = serve.add_argument_group("scale out on Ray Serve (pip install 'fpedit[ray]')")
-    ray.add_argument(
-        "--ray",
-        action="store_true",
-        help="run the engines as Ray Serve replicas (one per GPU on CUDA) behind this gRPC front",
-    )
-    ray.add_argument("--replicas", type=int, help="with --ray: engine replicas (default 1)")
-    ray.add_argument(
-        "--ray-address",
-        help="with --ray: join this Ray cluster (auto, or HEAD:6379; run on one of its nodes); default: start one",
-    )
-    # Start-up errors name the flag as typed (`--workers: must be at least 1`): config fields are flag names.
-    serve_flags = {
-        option[2:]: option
-        for action in serve._actions
-        for option in action.option_strings
-        if option.startswith("--")
-    }
-    serve.set_defaults(func=cmd_serve, flags=serve_flags)
+    add_serve_arguments(serve)
+    serve.set_defaults(func=cmd_serve)
 
     client = sub.add_parser(
         "client",
@@ -517,57 +396,7 @@ def add_commands(sub: Any) -> None:
         "(.png, .jpg/.jpeg, .webp); unset edit options take the server's defaults.",
     )
     client_sub = client.add_subparsers(dest="client_command", required=True, metavar="CALL")
-
-    def connection(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--target", default="127.0.0.1:50051", help="server HOST:PORT (default 127.0.0.1:50051)"
-        )
-        p.add_argument("--token", help="bearer token (default: $FPEDIT_TOKEN)")
-        p.add_argument("--ca-cert", help="PEM root certificate (enables TLS)")
-        p.add_argument("--timeout", type=positive_seconds, help="deadline in seconds (default: none)")
-
-    def inversion_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--steps", type=int, help="DDIM steps (default: the server's, 50)")
-        p.add_argument(
-            "--guidance", type=float, help="classifier-free guidance scale (default: the server's, 7.5)"
-        )
-
-    def method_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--source-prompt",
-            help="what the image shows; needed by null-text and negative-prompt, refused with ddim (default: none)",
-        )
-        p.add_argument(
-            "--inversion",
-            choices=("ddim", "null-text", "negative-prompt"),
-            help="inversion method (default ddim); see the README's 'Inversion methods'",
-        )
-        p.add_argument(
-            "--null-text-steps",
-            type=int,
-            help=f"null-text: Adam iterations per step, 1..{MAX_NULL_TEXT_STEPS} (default 10)",
-        )
-
-    def edit_options(p: argparse.ArgumentParser) -> None:
-        inversion_options(p)
-        p.add_argument(
-            "--window",
-            type=float,
-            nargs=2,
-            metavar=("START", "END"),
-            help="replace step i when int(steps*START) <= i < int(steps*END) (default 0.0 0.8)",
-        )
-        p.add_argument(
-            "--layers", type=parse_layers, help="self-attention layers, e.g. '4-14' (default), 'resolution'"
-        )
-        p.add_argument(
-            "--map-format", choices=("qk", "probs"), help="how maps travel (default: the server's)"
-        )
-        p.add_argument(
-            "--format",
-            choices=("png", "jpeg", "webp"),
-            help="image format; must match the output file's extension, which sets it by default",
-        )
+    edit_flags = {**COMMON_FLAGS, **EDIT_FLAGS}
 
     edit = client_sub.add_parser("edit", help="edit an image, or an inverted image by its id")
     edit.add_argument("image", type=Path, nargs="?", help="input image (or give --inversion-id)")
@@ -586,31 +415,18 @@ def add_commands(sub: Any) -> None:
     edit.add_argument(
         "--stream", action="store_true", help="show per-step progress on stderr (default: one blocking call)"
     )
-    connection(edit)
-    edit_options(edit)
-    method_options(edit)
-    edit.set_defaults(func=cmd_client_edit)
+    _add_connection_arguments(edit)
+    add_edit_arguments(edit, defaults=False)
+    _add_format_argument(edit)
+    add_inversion_arguments(edit, epsilon=False)
+    edit.set_defaults(func=cmd_client_edit, flags=edit_flags)
 
     gen = client_sub.add_parser("generate", help="generate from a source prompt and edit toward a target")
-    gen.add_argument("--source-prompt", "-s", required=True, help="prompt the source image is generated from")
-    gen.add_argument("--target-prompt", "-t", required=True, help="prompt the edited image moves toward")
-    gen.add_argument(
-        "--seed",
-        type=parse_seed,
-        default=DEFAULT_CLIENT_SEED,
-        help=f"seed of the shared initial noise z_T (default {DEFAULT_CLIENT_SEED}, as `fpedit generate`)",
-    )
-    gen.add_argument(
-        "--height", type=parse_side, help="image height in px, a multiple of 64 (default: model's)"
-    )
-    gen.add_argument(
-        "--width", type=parse_side, help="image width in px, a multiple of 64 (default: model's)"
-    )
-    gen.add_argument("--output", "-o", type=Path, required=True, help="edited image file (.png, .jpg, .webp)")
-    gen.add_argument("--source-output", type=Path, help="source image file (default: OUTPUT.source.EXT)")
-    connection(gen)
-    edit_options(gen)
-    gen.set_defaults(func=cmd_client_generate)
+    add_generate_arguments(gen)
+    _add_connection_arguments(gen)
+    add_edit_arguments(gen, defaults=False)
+    _add_format_argument(gen)
+    gen.set_defaults(func=cmd_client_generate, flags={**COMMON_FLAGS, **GENERATE_FLAGS})
 
     inv = client_sub.add_parser(
         "invert", help="invert an image on the server; prints its inversion id for `edit --inversion-id`"
@@ -619,11 +435,32 @@ def add_commands(sub: Any) -> None:
     inv.add_argument(
         "--quiet", "-q", action="store_true", help="print the inversion id alone (default: a JSON line)"
     )
-    connection(inv)
-    inversion_options(inv)
-    method_options(inv)
-    inv.set_defaults(func=cmd_client_invert)
+    _add_connection_arguments(inv)
+    group = inv.add_argument_group("options (unset: the server's defaults)")
+    group.add_argument("--steps", type=int, help="DDIM steps (default: the server's, 50)")
+    group.add_argument(
+        "--guidance", type=float, help="classifier-free guidance scale (default: the server's, 7.5)"
+    )
+    add_inversion_arguments(inv, epsilon=False)
+    inv.set_defaults(func=cmd_client_invert, flags=edit_flags)
 
     info = client_sub.add_parser("info", help="server info and health as JSON")
-    connection(info)
+    _add_connection_arguments(info)
     info.set_defaults(func=cmd_client_info)
+
+
+def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--target", default="127.0.0.1:50051", help="server HOST:PORT (default 127.0.0.1:50051)"
+    )
+    parser.add_argument("--token", help="bearer token (default: $FPEDIT_TOKEN)")
+    parser.add_argument("--ca-cert", help="PEM root certificate (enables TLS)")
+    parser.add_argument("--timeout", type=positive_seconds, help="deadline in seconds (default: none)")
+
+
+def _add_format_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--format",
+        choices=("png", "jpeg", "webp"),
+        help="image format; must match the output file's extension, which sets it by default",
+    )

@@ -10,7 +10,7 @@ mapping) with the body ``{"error": {"code", "status", "message"}}``.
 
 Routes: ``POST /v1/edit`` (JSON, or ``multipart/form-data`` with an ``image`` file and a ``request`` JSON
 part), ``POST /v1/edit:stream`` (server-sent events: one ``EditEvent`` per event), ``POST /v1/generate``,
-``POST /v1/invert``, ``GET /v1/info``, ``GET /healthz``, ``GET /readyz``, ``GET /openapi.json``,
+``POST /v1/invert``, ``GET /v1/info``, ``POST /v1/maps`` (cross-attention heatmaps; :mod:`.maps`), ``GET /healthz``, ``GET /readyz``, ``GET /openapi.json``,
 ``GET /docs`` and the editor page at ``GET /``. Starlette serves them under uvicorn, on a thread of the
 process that runs the gRPC server.
 """
@@ -46,6 +46,7 @@ from fpedit.engine.errors import InvalidInputError
 from fpedit.v1 import edit_pb2 as pb
 
 from .config import ServerConfig
+from .maps import MAPS_REQUEST_SCHEMA, MAPS_RESPONSE_SCHEMA, maps_json
 from .service import EditServicer
 
 log = logging.getLogger("fpedit.server")
@@ -73,7 +74,8 @@ HTTP_STATUS = {
 
 #: HTTP status -> status name, for errors raised by the HTTP layer itself (unknown route, wrong method).
 _STATUS_NAME = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND", 405: "UNIMPLEMENTED",
-                413: "RESOURCE_EXHAUSTED", 415: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED"}  # fmt: skip
+                413: "RESOURCE_EXHAUSTED", 415: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED",
+                501: "UNIMPLEMENTED"}  # fmt: skip
 
 #: Header that sets a request's deadline in seconds (Google's HTTP APIs use the same name).
 DEADLINE_HEADER = "x-server-timeout"
@@ -188,11 +190,25 @@ class RpcRoute:
     path: str
     http_method: str
     rpc: str  # EditServicer method name
-    request: type[Message]
-    response: type[Message]
+    request: type[Message] | None  # None: a JSON body of its own (schema in ``schemas``)
+    response: type[Message] | None
     summary: str
     multipart: bool = False
     stream: bool = False
+    #: Turns the servicer's result into a JSON-able body (routes whose result is not a message).
+    encode: Callable[[Any], Any] | None = None
+    #: The runner method the route needs; a runner without it (the Ray front) answers 501.
+    needs: str | None = None
+    #: Request and response schema names for routes without messages.
+    schemas: tuple[str, str] = ("", "")
+
+    @property
+    def request_name(self) -> str:
+        return self.request.DESCRIPTOR.name if self.request is not None else self.schemas[0]
+
+    @property
+    def response_name(self) -> str:
+        return self.response.DESCRIPTOR.name if self.response is not None else self.schemas[1]
 
 
 API_ROUTES = (
@@ -208,6 +224,10 @@ API_ROUTES = (
              multipart=True),
     RpcRoute("/v1/info", "GET", "GetInfo", pb.GetInfoRequest, pb.GetInfoResponse,
              "Model, backend, device, precision, layers, defaults and limits."),
+    RpcRoute("/v1/maps", "POST", "AttentionMaps", None, None,
+             "Cross-attention heatmaps of a prompt, one per token (the paper's Figure 3), over an image, a kept "
+             "inversion or the prompt's generation. Local runner only: 501 under --ray.",
+             encode=maps_json, needs="attention_maps", schemas=("MapsRequest", "MapsResponse")),
 )  # fmt: skip
 
 
@@ -287,8 +307,12 @@ class HttpApi:
     def _refuse(
         self, route: RpcRoute, peer: str, code: grpc.StatusCode, message: str, status: int
     ) -> Response:
-        """A request refused before its body reaches the servicer (token, size): one log line, like gRPC's."""
+        """A request refused before its body reaches the servicer (token, size, header, route the runner
+        lacks): one log line and counted in ``fpedit_requests_total``, like gRPC's token refusals."""
         log.info("rpc=%s status=%s peer=%s transport=http detail=%r", route.rpc, code.name, peer, message)
+        metrics = self.servicer.metrics
+        if metrics is not None:
+            metrics.observe(route.rpc, code.name, 0.0, None, transport="http")
         return error_response(code, message, status)
 
     async def _call(self, route: RpcRoute, request: Request) -> Response:
@@ -308,6 +332,12 @@ class HttpApi:
         except ValueError:
             message = f"{DEADLINE_HEADER}: must be a number of seconds"
             return self._refuse(route, peer, grpc.StatusCode.INVALID_ARGUMENT, message, 400)
+        if route.needs is not None and not hasattr(self.servicer.runner, route.needs):
+            message = (
+                f"{route.path} is served by the local runner only (fpedit serve without --ray); "
+                "use `fpedit maps` for this model"
+            )
+            return self._refuse(route, peer, grpc.StatusCode.UNIMPLEMENTED, message, 501)
         context = HttpContext(peer, timeout_s)
         try:
             raw: bytes | JsonBody = b"" if route.http_method == "GET" else await self._body(route, request)
@@ -326,6 +356,8 @@ class HttpApi:
             return error_response(exc.code, exc.detail)
         finally:
             watcher.cancel()
+        if route.encode is not None:
+            return JSONResponse(await loop.run_in_executor(self.executor, route.encode, response))
         return Response(to_json(response), media_type="application/json")
 
     async def _stream(
@@ -508,6 +540,8 @@ def openapi_document() -> dict[str, Any]:
         name: _message_schema(m) for name, m in pb.DESCRIPTOR.message_types_by_name.items()
     }
     schemas.update({name: _enum_schema(e) for name, e in pb.DESCRIPTOR.enum_types_by_name.items()})
+    schemas["MapsRequest"] = MAPS_REQUEST_SCHEMA
+    schemas["MapsResponse"] = MAPS_RESPONSE_SCHEMA
     schemas["Error"] = {
         "type": "object",
         "properties": {
@@ -535,13 +569,17 @@ def openapi_document() -> dict[str, Any]:
         "504": {"description": "DEADLINE_EXCEEDED: the X-Server-Timeout passed", **error},
         "500": {"description": "INTERNAL: a bug (details in the server log only)", **error},
     }
+    unimplemented = {"description": "UNIMPLEMENTED: this runner (--ray) does not serve the route", **error}
     paths: dict[str, Any] = {}
     for route in API_ROUTES:
-        response_ref = {"$ref": f"#/components/schemas/{route.response.DESCRIPTOR.name}"}
+        response_ref = {"$ref": f"#/components/schemas/{route.response_name}"}
+        grpc_name = (
+            f"gRPC: fpedit.v1.EditService/{route.rpc}." if route.response is not None else "HTTP only."
+        )
         operation: dict[str, Any] = {
             "operationId": route.rpc,
             "summary": route.summary,
-            "description": f"gRPC: fpedit.v1.EditService/{route.rpc}.",
+            "description": grpc_name,
             "parameters": [
                 {
                     "name": "X-Server-Timeout",
@@ -553,6 +591,8 @@ def openapi_document() -> dict[str, Any]:
             ],
             "responses": {"200": {"description": "OK"}, **errors},
         }
+        if route.needs is not None:
+            operation["responses"]["501"] = unimplemented
         if route.stream:
             operation["responses"]["200"]["content"] = {
                 "text/event-stream": {
@@ -564,7 +604,7 @@ def openapi_document() -> dict[str, Any]:
         else:
             operation["responses"]["200"]["content"] = {"application/json": {"schema": response_ref}}
         if route.http_method == "POST":
-            request_ref = {"$ref": f"#/components/schemas/{route.request.DESCRIPTOR.name}"}
+            request_ref = {"$ref": f"#/components/schemas/{route.request_name}"}
             content: dict[str, Any] = {"application/json": {"schema": request_ref}}
             if route.multipart:
                 content["multipart/form-data"] = {
@@ -575,7 +615,7 @@ def openapi_document() -> dict[str, Any]:
                             "image": {"type": "string", "format": "binary", "description": "the image file"},
                             "request": {
                                 "type": "string",
-                                "description": f"the rest of the {route.request.DESCRIPTOR.name} as JSON",
+                                "description": f"the rest of the {route.request_name} as JSON",
                             },
                         },
                     }

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fpedit.engine import ProgressEvent
+from fpedit.engine.config import EngineConfig
 from fpedit.engine.errors import (
     CancelledError,
     InvalidInputError,
@@ -106,11 +107,10 @@ def require_ray() -> None:
 class ReplicaSettings:
     """What every replica needs to build its engine and runner (sent to the replicas by value)."""
 
-    #: ``fpedit serve`` model flags as argparse attributes (model, backend, device, dtype, ...).
-    engine_args: dict[str, Any]
+    #: The engine every replica loads (pickled to them; ``batching`` on lets a replica's requests merge).
+    engine: EngineConfig
     #: Limits of each replica's runner (workers, queue, inversion cache, image and prompt limits).
     server: ServerConfig = field(default_factory=ServerConfig)
-    batching: bool = True
     max_inversions: int = DEFAULT_MAX_INVERSIONS_PER_REPLICA
     store_name: str = STORE_NAME
     store_namespace: str = STORE_NAMESPACE
@@ -128,26 +128,10 @@ def replica_server_config(front: ServerConfig, max_ongoing_requests: int, batchi
     )  # fmt: skip
 
 
-def model_args(**overrides: Any) -> dict[str, Any]:
-    """``fpedit serve``'s model flags with their CLI defaults, as ``ReplicaSettings.engine_args``."""
-    from fpedit.cli import add_model_arguments
-
-    parser = argparse.ArgumentParser(add_help=False)
-    add_model_arguments(parser)
-    args = vars(parser.parse_args([]))
-    unknown = set(overrides) - set(args)
-    if unknown:
-        raise InvalidInputError("model", f"unknown model settings {sorted(unknown)}; known: {sorted(args)}")
-    args.update(overrides)
-    return args
-
-
 def _build_engine(settings: ReplicaSettings) -> Any:
-    from fpedit.cli import engine_from_args, resolve_backend
+    from fpedit.args import engine_from_config
 
-    args = argparse.Namespace(**settings.engine_args)
-    resolve_backend(args)  # as `fpedit serve` does: an export folder's manifest names its backend
-    return engine_from_args(args, batching=settings.batching)
+    return engine_from_config(settings.engine)
 
 
 # --- errors across the Ray boundary -------------------------------------------------------------------------
@@ -699,8 +683,7 @@ def replica_deployment(
         "name": DEPLOYMENT_NAME,
         "max_ongoing_requests": max_ongoing_requests,
         "max_queued_requests": max_queued_requests,
-        "ray_actor_options": ray_actor_options
-        or replica_actor_options(str(settings.engine_args.get("device", "cpu"))),
+        "ray_actor_options": ray_actor_options or replica_actor_options(settings.engine.device),
         # Loading a model can take minutes on a cold node; health checks must not kill a loading replica.
         "health_check_period_s": 10,
         "health_check_timeout_s": 60,
@@ -788,13 +771,13 @@ def serve_on_ray(
     replicas = 1 if args.replicas is None else args.replicas
     if replicas < 1:
         raise InvalidInputError("replicas", "must be at least 1")
+    from fpedit.args import engine_config_from_args
+
     from .app import serve
 
-    engine_args = {name: getattr(args, name) for name in model_args()}
     settings = ReplicaSettings(
-        engine_args=engine_args,
+        engine=engine_config_from_args(args, batching=args.batching),
         server=replica_server_config(config, DEFAULT_MAX_ONGOING_REQUESTS, batching=args.batching),
-        batching=args.batching,
     )
     log.info("starting Ray Serve (%s), %d replicas", args.ray_address or "local Ray instance", replicas)
     service = RayService.start(
@@ -847,28 +830,13 @@ class GrpcFront:
 def settings_from_flags(flags: dict[str, Any]) -> tuple[ServerConfig, ReplicaSettings]:
     """The front's config and the replicas' settings from ``fpedit serve`` flags given as a mapping (a config
     file's ``args``: ``{model: /models/sd15, device: cuda, port: 50051, cache-gib: 8}``)."""
-    from fpedit.cli import build_parser
+    from fpedit.args import engine_config_from_args, serve_args_from_mapping, server_config_from_args
 
-    from .cli import server_config_from_args
-
-    argv = ["serve"]
-    for key, value in flags.items():
-        flag = "--" + str(key).replace("_", "-")
-        values = value if isinstance(value, (list, tuple)) else [value]
-        for item in values:
-            if item is True:
-                argv.append(flag)
-            elif item is not False and item is not None:
-                argv += [flag, str(item)]
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exc:  # argparse already printed what is wrong
-        raise InvalidInputError("args", f"not valid `fpedit serve` flags: {argv[1:]}") from exc
+    args = serve_args_from_mapping(flags)
     config = server_config_from_args(args)
     settings = ReplicaSettings(
-        engine_args={name: getattr(args, name) for name in model_args()},
+        engine=engine_config_from_args(args, batching=args.batching),
         server=replica_server_config(config, DEFAULT_MAX_ONGOING_REQUESTS, batching=args.batching),
-        batching=args.batching,
     )
     return config, settings
 

@@ -415,6 +415,36 @@ class LocalRunner:
             stats=stats_to_proto(inversion.stats, queue_ms),
         )
 
+    def attention_maps(
+        self,
+        prompt: str,
+        *,
+        image: bytes = b"",
+        inversion_id: str = "",
+        progress: ProgressFn | None = None,
+        cancel_check: CancelCheck | None = None,
+        **maps_options: Any,
+    ) -> Any:
+        """``EditEngine.attention_maps`` on the pool: of an image (inverted first), of a cached inversion (no
+        inverting; its step count unless ``steps`` is given) or, with neither, of the prompt's generation.
+        Returns the engine's :class:`~fpedit.engine.attention_maps.AttentionMapResult`."""
+        source: Any = image or None
+        if inversion_id:
+            source = self.cache.get(inversion_id)
+            if source is None:
+                raise NotFoundError(
+                    f"inversion_id {inversion_id!r} is unknown or expired; send the image again"
+                )
+            if maps_options.get("steps") is None:
+                maps_options["steps"] = source.steps
+        maps_options = {k: v for k, v in maps_options.items() if v is not None}
+        result, _ = self._run(
+            lambda kw: self.engine.attention_maps(prompt, image=source, **maps_options, **kw),
+            progress,
+            cancel_check,
+        )
+        return result
+
     def info(self) -> pb.GetInfoResponse:
         import fpedit
 

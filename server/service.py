@@ -371,6 +371,18 @@ class EditServicer:
 
         return self._unary("GetInfo", context, body, work=False)
 
+    def AttentionMaps(self, raw: Any, context: grpc.ServicerContext) -> Any:
+        """HTTP only for now (``POST /v1/maps``, :mod:`fpedit.server.maps`), with the RPCs' admission, status,
+        log line and metrics; the HTTP front checks first that the runner has ``attention_maps``."""
+        from .maps import parse_maps
+
+        def body() -> Any:
+            call = parse_maps(raw, self.config.max_prompt_chars)
+            check = self._admit(context)
+            return self.runner.attention_maps(call.prompt, cancel_check=check, **call.runner_kwargs())
+
+        return self._unary("AttentionMaps", context, body)
+
     def rpc_handler(self) -> grpc.GenericRpcHandler:
         """Handlers that take raw request bytes (parsed by the servicer, so bad bodies get a clear status)."""
 

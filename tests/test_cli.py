@@ -150,12 +150,12 @@ def assert_one_line(err: str, *fragments: str) -> None:
 @pytest.fixture
 def no_engine(monkeypatch):
     """Fails the test if a command loads a model: these mistakes must be caught before any work."""
-    import fpedit.cli
+    import fpedit.args
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the mistake was reported")
 
-    monkeypatch.setattr(fpedit.cli, "engine_from_args", refuse)
+    monkeypatch.setattr(fpedit.args, "engine_from_config", refuse)
 
 
 @pytest.mark.parametrize(

@@ -39,12 +39,12 @@ def assert_one_line(err: str, *fragments: str) -> None:
 @pytest.fixture
 def no_engine(monkeypatch):
     """Fails the test if a command loads a model: these mistakes must be caught before any work."""
-    import fpedit.cli
+    import fpedit.args
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the mistake was reported")
 
-    monkeypatch.setattr(fpedit.cli, "engine_from_args", refuse)
+    monkeypatch.setattr(fpedit.args, "engine_from_config", refuse)
 
 
 @pytest.fixture
@@ -347,10 +347,10 @@ def test_serve_port_in_use_is_one_line_before_the_model_loads(tmp_path):
     port = taken.getsockname()[1]
     script = (
         "import sys\n"
-        "import fpedit.cli\n"
+        "import fpedit.args, fpedit.cli\n"
         "def refuse(*a, **k):\n"
         "    raise SystemExit('MODEL LOADED')\n"
-        "fpedit.cli.engine_from_args = refuse\n"
+        "fpedit.args.engine_from_config = refuse\n"
         f"sys.exit(fpedit.cli.main(['serve', '--port', '{port}', '--metrics-port', '0']))\n"
     )
     try:

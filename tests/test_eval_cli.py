@@ -240,3 +240,57 @@ def test_score_json_has_only_the_computed_metrics(tmp_path, clip_dir, capsys, mo
         main(["eval", str(tmp_path / "map.json"), "-o", str(tmp_path / "o"), "--images", str(tmp_path)]) == 2
     )
     assert "fpedit: error: --images: 1 image(s) not found" in capsys.readouterr().err
+
+
+def test_eval_failed_items_are_recorded_skipped_in_means_and_retried(pie, model_dir, tmp_path, capsys):
+    mapping, images = pie
+    entries = dict(PIE)
+    ids = list(PIE)
+    # Between valid items: one whose image is missing, one whose image is corrupt.
+    data = {ids[0]: entries[ids[0]], "000000000009": {**entries[ids[1]], "image_path": "1_change/gone.png"},
+            ids[1]: entries[ids[1]], ids[2]: entries[ids[2]]}  # fmt: skip
+    mapping.write_text(json.dumps(data))
+    corrupt = images / entries[ids[1]]["image_path"]
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    out = tmp_path / "failing"
+    argv = ["eval", str(mapping), "-o", str(out), "--images", str(images), "--model", str(model_dir),
+            "--steps", "2", "--no-progress"]  # fmt: skip
+    assert main(argv) == 1  # the run went on; the status says some items failed
+    err = capsys.readouterr().err
+    assert "1 image(s) not found" in err and "2 edit(s) failed" in err
+    assert f"item {ids[1]} failed" in err and "item 000000000009 failed" in err
+    rows = rows_of(out / "results.csv")
+    assert [r["id"] for r in rows] == list(data)  # every item has its row, in order
+    errors = {r["id"]: r["error"] for r in rows}
+    assert errors[ids[0]] == errors[ids[2]] == ""
+    assert errors["000000000009"] and errors[ids[1]]
+    assert "gone.png" in errors["000000000009"]
+    failed = [r for r in rows if r["error"]]
+    assert all(r["psnr_unedit_part"] == "" and r["edit_seconds"] == "" for r in failed)
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["items"], summary["failed"]) == (2, 2)
+    assert sorted(summary["failed_ids"]) == sorted(["000000000009", ids[1]])
+    good = [r for r in rows if not r["error"]]
+    for name, mean in summary["means"].items():
+        values = [float(r[name]) for r in good if r[name] and not math.isnan(float(r[name]))]
+        assert mean == pytest.approx(np.mean(values), rel=1e-9), name
+    assert summary["per_edit_type"]["1"] == {**summary["per_edit_type"]["1"], "items": 1, "failed": 2}
+    assert "| all | 2 | 2 |" in (out / "summary.md").read_text()
+    assert sorted(p.name for p in (out / "images").glob("*.png")) == [f"{ids[0]}.png", f"{ids[2]}.png"]
+
+    # Resume: the done items are kept, the failed ones retried; the repaired image now scores.
+    make_image(64, 64, seed=1).save(corrupt)
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "images").glob("*.png")}
+    assert main(argv) == 1  # the missing image still fails
+    assert "1 edit(s) failed" in capsys.readouterr().err
+    rows = rows_of(out / "results.csv")
+    assert sorted(r["id"] for r in rows) == sorted(data) and len(rows) == 4
+    assert {r["id"] for r in rows if r["error"]} == {"000000000009"}
+    assert next(r for r in rows if r["id"] == ids[1])["psnr_unedit_part"] != ""
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "images").glob("*.png")}
+    assert (
+        after[f"{ids[0]}.png"] == stamps[f"{ids[0]}.png"]
+        and after[f"{ids[2]}.png"] == stamps[f"{ids[2]}.png"]
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["items"], summary["failed"], summary["failed_ids"]) == (3, 1, ["000000000009"])

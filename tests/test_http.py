@@ -169,7 +169,7 @@ def test_info_health_and_openapi(http, running):
     document = http.get("/openapi.json").json()
     expected = {
         "/v1/edit": "post", "/v1/edit:stream": "post", "/v1/generate": "post", "/v1/invert": "post",
-        "/v1/info": "get", "/healthz": "get", "/readyz": "get", "/": "get",
+        "/v1/info": "get", "/v1/maps": "post", "/healthz": "get", "/readyz": "get", "/": "get",
     }  # fmt: skip
     assert {path: next(iter(ops)) for path, ops in document["paths"].items()} == expected
     edit_request = document["components"]["schemas"]["EditRequest"]["properties"]
@@ -178,6 +178,8 @@ def test_info_health_and_openapi(http, running):
     assert edit_request["inversionMethod"] == {"$ref": "#/components/schemas/InversionMethod"}
     assert document["components"]["schemas"]["GenerateEditRequest"]["properties"]["seed"]["type"] == "string"
     assert "multipart/form-data" in document["paths"]["/v1/edit"]["post"]["requestBody"]["content"]
+    assert document["components"]["schemas"]["MapsRequest"]["required"] == ["prompt"]
+    assert "501" in document["paths"]["/v1/maps"]["post"]["responses"]
     docs = http.get("/docs")
     assert docs.status_code == 200 and "<script" not in docs.text and "http://" not in docs.text.lower()
     for path in expected:
@@ -211,6 +213,7 @@ def test_errors_map_to_http_statuses(http, body, status, message):
 
 
 def test_transport_errors_deadline_and_size(http, running):
+    before = scrape(running.metrics_port)
     assert http.get("/nope").json()["error"] == {
         "code": 404, "status": "NOT_FOUND", "message": "no route GET /nope; see /docs"
     }  # fmt: skip
@@ -234,6 +237,18 @@ def test_transport_errors_deadline_and_size(http, running):
 
     chunked = http.post("/v1/edit", content=chunks(), headers={"content-type": "application/json"})
     assert chunked.status_code == 413
+    # Refused before the servicer, yet counted like any request (issue 16 item 4), with the HTTP transport.
+    after = scrape(running.metrics_port)
+    key = (
+        "fpedit_requests_total",
+        frozenset({"method": "Edit", "code": "RESOURCE_EXHAUSTED", "transport": "http"}.items()),
+    )
+    assert after.get(key, 0) - before.get(key, 0) == 2
+    key = (
+        "fpedit_requests_total",
+        frozenset({"method": "Edit", "code": "INVALID_ARGUMENT", "transport": "http"}.items()),
+    )
+    assert after.get(key, 0) - before.get(key, 0) == 2  # the bad X-Server-Timeout and the wrong form part
 
 
 class _BrokenRunner(LocalRunner):
@@ -316,7 +331,9 @@ def _self_signed(tmp_path):
 
 def test_token_and_tls_are_the_grpc_settings(http_engine, tmp_path):
     cert, key = _self_signed(tmp_path)
-    config = ServerConfig(port=0, http_port=0, token="s3cret", tls_cert=str(cert), tls_key=str(key))
+    config = ServerConfig(
+        port=0, http_port=0, metrics_port=0, token="s3cret", tls_cert=str(cert), tls_key=str(key)
+    )
     server = build_server(http_engine, config)
     try:
         assert server.http.url.startswith("https://")
@@ -332,6 +349,11 @@ def test_token_and_tls_are_the_grpc_settings(http_engine, tmp_path):
                 assert client.get(path).status_code == 200, path  # probes, the page and the docs are open
             ok = client.get("/v1/info", headers={"Authorization": "Bearer s3cret"})
             assert ok.status_code == 200 and ok.json()["backend"] == "torch"
+        # Every refusal is in fpedit_requests_total with its code and transport (token guessing shows).
+        counted = scrape(server.metrics_port)
+        for method, n in (("Edit", 3), ("GetInfo", 3)):
+            labels = {"method": method, "code": "UNAUTHENTICATED", "transport": "http"}
+            assert counted.get(("fpedit_requests_total", frozenset(labels.items()))) == n
         with pytest.raises(httpx.TransportError):  # TLS only: a plaintext client gets no answer
             httpx.get(server.http.url.replace("https", "http"), timeout=10).raise_for_status()
             pytest.fail("plaintext HTTP was answered")
@@ -432,10 +454,121 @@ def test_serve_flag_errors_name_the_flag():
     class Args:
         host, port, workers, batching, max_queue, max_message_mb = "127.0.0.1", 0, 1, False, 1, 32
         cache_gib, cache_ttl_s, max_image_pixels, max_prompt_chars = 1.0, 10.0, 1 << 20, 100
-        token = tls_cert = tls_key = metrics_port = metrics_host = None
+        token = tls_cert = tls_key = metrics_port = metrics_host = threads_per_worker = None
         grace_s, log_format, http_port, http_host = 1.0, "text", 70000, None
 
     with pytest.raises(InvalidInputError, match="http-port"):
         server_config_from_args(Args())
     Args.http_port = 8080
     assert server_config_from_args(Args()).http_port == 8080
+
+
+# --- POST /v1/maps: cross-attention heatmaps per token ---------------------------------------------------------
+
+MAPS_JSON = {"prompt": "a red car", "image": b64(png()), "resolution": 4, "options": {"steps": STEPS}}
+
+
+def test_maps_of_an_image_match_the_engine_with_one_heatmap_per_token(http, http_engine, running):
+    before = scrape(running.metrics_port)
+    response = http.post("/v1/maps", json=MAPS_JSON)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    ids = http_engine.tokenizer("a red car").input_ids[1:-1]
+    tokens = [t.replace("</w>", "") for t in http_engine.tokenizer.convert_ids_to_tokens(ids)]
+    assert body["tokens"] == tokens and len(tokens) >= 3
+    assert len(body["heatmaps"]) == len(body["crossAttention"]) == len(tokens)
+    assert (body["mapWidth"], body["mapHeight"], body["width"], body["height"]) == (4, 4, 64, 64)
+    maps = np.array(body["crossAttention"])
+    assert maps.shape == (len(tokens), 4, 4)
+    # The engine's own maps of the same image and prompt.
+    direct = http_engine.attention_maps("a red car", image=png(), steps=STEPS, resolution=4)
+    np.testing.assert_allclose(maps, direct.cross_attention, rtol=1e-5, atol=1e-9)
+    assert body["layers"] == direct.layers and body["steps"] == direct.steps
+    assert np.abs(maps[0] - maps[2]).max() > 1e-3 * np.abs(maps[0]).max()  # tokens attend differently
+    shown = [pixels(h).astype(int) for h in body["heatmaps"]]
+    assert not np.array_equal(shown[0], shown[2])
+    for heat, values in zip(shown, maps, strict=True):
+        assert heat.shape == (4, 4, 3)  # one pixel per map cell; the page scales it over the image
+        hot = np.unravel_index(values.argmax(), values.shape)
+        cold = np.unravel_index(values.argmin(), values.shape)
+        red, blue = heat[..., 0], heat[..., 2]
+        assert red[hot] > blue[hot] + 100 and blue[cold] > red[cold] + 50  # high is red, low is blue
+        assert red[hot] == red.max() and blue[cold] == blue.max()
+    assert np.array_equal(pixels(body["image"]), direct_image := np.asarray(direct.image.convert("RGB")))
+    assert direct_image.shape == (64, 64, 3)
+    after = scrape(running.metrics_port)
+    key = (
+        "fpedit_requests_total",
+        frozenset({"method": "AttentionMaps", "code": "OK", "transport": "http"}.items()),
+    )
+    assert after.get(key, 0) - before.get(key, 0) == 1
+
+
+def test_maps_by_inversion_id_and_of_a_generation(http):
+    inverted = http.post("/v1/invert", json={"image": b64(png()), "options": {"steps": STEPS}}).json()
+    by_image = http.post("/v1/maps", json=MAPS_JSON).json()
+    by_id = http.post(
+        "/v1/maps", json={"prompt": "a red car", "inversionId": inverted["inversionId"], "resolution": 4}
+    )
+    assert by_id.status_code == 200, by_id.text  # the inversion's own step count
+    np.testing.assert_allclose(by_id.json()["crossAttention"], by_image["crossAttention"], rtol=1e-5)
+    generated = http.post("/v1/maps", json={"prompt": "a cat", "seed": "5", "width": 64, "height": 64,
+                                            "resolution": 4, "options": {"steps": STEPS}})  # fmt: skip
+    assert generated.status_code == 200, generated.text
+    source = http.post("/v1/generate", json={"sourcePrompt": "a cat", "targetPrompt": "a dog", "seed": "5",
+                                             "width": 64, "height": 64, "options": {"steps": STEPS}}).json()  # fmt: skip
+    # The same source generation; rows batched with a target branch round a little differently on CPU.
+    difference = np.abs(pixels(generated.json()["image"]).astype(int) - pixels(source["sourceImage"]))
+    assert difference.max() <= 4 and difference.mean() < 0.5, (difference.max(), difference.mean())
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"prompt": "a", "bogus": 1}, 400, "request: unknown field 'bogus'"),
+        ({"image": b64(png())}, 400, "prompt: "),
+        ({"prompt": "a", "image": b64(png()), "inversionId": "abc"}, 400, "image: give image or inversionId"),
+        ({"prompt": "a", "image": "not base64!"}, 400, "image: is not base64"),
+        ({"prompt": "a", "image": b64(b"not an image")}, 400, "image: "),
+        ({"prompt": "a", "inversionId": "0" * 32}, 404, "inversion_id '" + "0" * 32 + "' is unknown"),
+        ({"prompt": "a", "image": b64(png()), "seed": 3}, 400, "seed: applies to a generation"),
+        ({"prompt": "a", "options": {"layers": [4]}}, 400, "layers: does not apply"),
+        ({"prompt": "a", "options": {"steps": 5000}}, 400, "steps: "),
+        ({"prompt": "a", "resolution": 5, "options": {"steps": 2}}, 400, "resolution: must be one of"),
+        ({"prompt": "a", "width": "wide"}, 400, "width: must be an integer"),
+    ],
+)
+def test_maps_errors(http, body, status, message):
+    response = http.post("/v1/maps", json=body)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["message"].startswith(message), response.json()["error"]["message"]
+
+
+class _RunnerWithoutMaps:
+    """A runner that has no attention_maps (as the Ray front): the route must say so, not crash."""
+
+    def __init__(self, inner: LocalRunner) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str):
+        if name == "attention_maps":
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+def test_maps_on_a_runner_without_maps_is_501(http_engine):
+    config = ServerConfig(port=0, http_port=0, metrics_port=0)
+    server = build_server(_RunnerWithoutMaps(LocalRunner(http_engine, config)), config)
+    try:
+        response = httpx.post(server.http.url + "v1/maps", json=MAPS_JSON, timeout=60)
+        assert response.status_code == 501
+        error = response.json()["error"]
+        assert (
+            error["status"] == "UNIMPLEMENTED"
+            and "--ray" in error["message"]
+            and "fpedit maps" in error["message"]
+        )
+        labels = {"method": "AttentionMaps", "code": "UNIMPLEMENTED", "transport": "http"}
+        assert scrape(server.metrics_port).get(("fpedit_requests_total", frozenset(labels.items()))) == 1
+    finally:
+        server.drain(2)

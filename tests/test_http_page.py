@@ -96,6 +96,13 @@ def test_page_edits_an_uploaded_image_like_the_api(page, server, tmp_path):
     assert np.array_equal(pixels(again), pixels(api_again["editedImage"]))
     assert "by id" in page.inner_text("#runs tbody tr:first-child")
     assert page.text_content("#speedup").startswith("edit by id: ")  # with both timings
+    # The maps of the edited inversion (by id: nothing inverted again) for the prompt now typed.
+    page.click("#maps-btn")
+    page.wait_for_selector("#maps-grid figure", timeout=240_000)
+    maps = httpx.post(server.http.url + "v1/maps", json={"prompt": "a blue boat", "inversionId": api["inversionId"]},
+                      timeout=300).json()  # fmt: skip
+    captions = page.locator("#maps-grid figcaption").all_inner_texts()
+    assert captions == maps["tokens"] and len(captions) == page.locator("#maps-grid img.heat").count()
     assert page.locator("#error").is_hidden()
     assert page.blocked == []
 
@@ -116,3 +123,34 @@ def test_page_shows_the_api_error_message(page, server, tmp_path):
     assert page.inner_text("#error-message") == api.json()["error"]["message"]
     assert "INVALID_ARGUMENT" in page.inner_text("#error")
     assert page.locator("#f-edited img").count() == 0
+
+
+def test_page_shows_one_heatmap_per_token_of_the_target_prompt(page, server, tmp_path):
+    path = tmp_path / "photo.png"
+    make_image(64, 64, seed=5).save(path)
+    page.set_input_files("#file", str(path))
+    page.fill("#prompt", "a small red car")
+    page.click("summary")
+    page.fill("#steps", str(STEPS))
+    page.click("#maps-btn")  # before any edit: the chosen image, inverted by the server
+    page.wait_for_selector("#maps-grid figure", timeout=240_000)
+    body = {"image": base64.b64encode(path.read_bytes()).decode(), "prompt": "a small red car",
+            "options": {"steps": STEPS}}  # fmt: skip
+    api = httpx.post(server.http.url + "v1/maps", json=body, timeout=300).json()
+    figures = page.locator("#maps-grid figure")
+    assert figures.count() == len(api["tokens"]) == len(api["heatmaps"]) >= 4
+    assert [figures.nth(i).locator("figcaption").inner_text() for i in range(figures.count())] == api[
+        "tokens"
+    ]
+    shown = page.eval_on_selector_all("#maps-grid img.heat", "imgs => imgs.map(i => i.src)")
+    assert len(shown) == len(api["tokens"])
+    for src, expected in zip(shown, api["heatmaps"], strict=True):
+        assert src.startswith("data:image/png;base64,")
+        assert np.array_equal(pixels(src.split(",", 1)[1]), pixels(expected))
+    assert len({src for src in shown}) > 1  # tokens attend to different places
+    # Drawn: every heatmap decoded by the browser, scaled over the image (not a 4x4 speck).
+    sizes = page.eval_on_selector_all(
+        "#maps-grid img.heat", "imgs => imgs.map(i => [i.complete && i.naturalWidth, i.clientWidth])"
+    )
+    assert all(natural == api["mapWidth"] and shown_width >= 64 for natural, shown_width in sizes), sizes
+    assert page.locator("#error").is_hidden() and page.blocked == []

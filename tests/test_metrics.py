@@ -172,13 +172,13 @@ def test_batching_server_merges_concurrent_requests_and_exposes_batch_sizes(mode
     assert delta("fpedit_backend_batch_rows_sum") == request_rows
 
 
-def test_engine_time_of_an_image_edit_counts_the_inversion_once(metrics_engine):
+def test_engine_time_of_an_image_edit_counts_the_inversion_once(engine):
     """Issue 16 item 3: an Edit with an image reported its inversion twice in engine_ms and
     fpedit_engine_seconds (engine_ms exceeded the client's own wall time). The engine runs inside the RPC,
     so its time can never exceed the wall time the client measures around the call."""
     import time
 
-    server = build_server(metrics_engine, ServerConfig(port=0, metrics_port=0))
+    server = build_server(engine, ServerConfig(port=0, metrics_port=0))
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     stub = edit_pb2_grpc.EditServiceStub(channel)
     try:
@@ -197,9 +197,9 @@ def test_engine_time_of_an_image_edit_counts_the_inversion_once(metrics_engine):
         server.drain(2)
 
 
-def test_token_refusals_are_counted(metrics_engine):
+def test_token_refusals_are_counted(engine):
     """Issue 16 item 4: calls denied by the token check reach fpedit_requests_total."""
-    server = build_server(metrics_engine, ServerConfig(port=0, metrics_port=0, token="s3cret"))
+    server = build_server(engine, ServerConfig(port=0, metrics_port=0, token="s3cret"))
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     stub = edit_pb2_grpc.EditServiceStub(channel)
     try:
@@ -210,8 +210,16 @@ def test_token_refusals_are_counted(metrics_engine):
         with pytest.raises(grpc.RpcError):
             stub.Edit(pb.EditRequest(target_prompt="a"), timeout=30)
         samples = scrape(server.metrics_port)
-        assert value(samples, "fpedit_requests_total", method="GetInfo", code="UNAUTHENTICATED") == 3
-        assert value(samples, "fpedit_requests_total", method="Edit", code="UNAUTHENTICATED") == 1
+        assert (
+            value(
+                samples, "fpedit_requests_total", method="GetInfo", code="UNAUTHENTICATED", transport="grpc"
+            )
+            == 3
+        )
+        assert (
+            value(samples, "fpedit_requests_total", method="Edit", code="UNAUTHENTICATED", transport="grpc")
+            == 1
+        )
     finally:
         channel.close()
         server.drain(2)

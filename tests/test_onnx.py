@@ -346,6 +346,14 @@ def test_tensorrt_build_hands_polygraphy_a_strongly_typed_configuration(qk_expor
     assert written["extra"]["tensorrt_version"] == "11.0.0" and written["extra"]["strongly_typed"] is True
     assert (out / "unet_inject.plan").read_bytes() == b"plan of unet_inject.onnx"
     assert (out / "timing.cache").is_file() and (out / "tokenizer").is_dir()
+    assert written["extra"]["refittable"] is False
+
+    # Refittable engines (LoRA swaps by refit, issue 19) are asked of polygraphy only when wanted.
+    refit = FakePolygraphy("11.0.0")
+    refit.install(monkeypatch)
+    manifest = build_engines(qk_export, tmp_path / "refit", refittable=True)
+    assert [config.get("refittable") for config in refit.configs] == [True] * len(manifest.files)
+    assert manifest.extra["refittable"] is True
 
 
 def test_tensorrt_build_refuses_other_versions_and_bad_options(qk_export, tmp_path, monkeypatch):

@@ -117,7 +117,7 @@ def test_serve_ray_without_the_extra_says_how_to_install(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray.serve", None)
     assert main(["serve", "--ray", "--replicas", "2", "--port", "0"]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert lines == [f"fpedit: error: ray: {RAY_MISSING}"]
+    assert lines == [f"fpedit: error: --ray: {RAY_MISSING}"]
 
 
 def test_serve_refuses_ray_flags_without_ray(capsys):
@@ -125,7 +125,8 @@ def test_serve_refuses_ray_flags_without_ray(capsys):
 
     assert main(["serve", "--replicas", "2", "--port", "0"]) == 2
     assert (
-        capsys.readouterr().err.strip() == "fpedit: error: replicas: --replicas and --ray-address need --ray"
+        capsys.readouterr().err.strip()
+        == "fpedit: error: --replicas: --replicas and --ray-address need --ray"
     )
 
 
@@ -178,11 +179,12 @@ def ray_metrics_port() -> int:
 @pytest.fixture(scope="module")
 def ray_service(model_dir, ray_metrics_port):
     pytest.importorskip("ray.serve", reason=RAY_MISSING)
+    from fpedit.engine.config import EngineConfig
     from fpedit.server.config import ServerConfig
-    from fpedit.server.ray_app import RayService, ReplicaSettings, model_args, replica_server_config
+    from fpedit.server.ray_app import RayService, ReplicaSettings, replica_server_config
 
     settings = ReplicaSettings(
-        engine_args=model_args(model=str(model_dir), backend="torch"),
+        engine=EngineConfig(model=str(model_dir), backend="torch", batching=True),
         server=replica_server_config(ServerConfig(), max_ongoing_requests=4, batching=True),
     )
     service = RayService.start(
@@ -523,7 +525,7 @@ def test_front_metrics_scrape_after_real_work(ray_service):
         front.drain(2)
     assert inverted.inversion_id and edited.edited_image
     for method in ("Invert", "Edit"):
-        assert value(after, "fpedit_requests_total", method=method, code="OK") == 1
+        assert value(after, "fpedit_requests_total", method=method, code="OK", transport="grpc") == 1
     calls = value(after, "fpedit_backend_unet_calls_total") - value(before, "fpedit_backend_unet_calls_total")
     assert calls >= edited.stats.unet_calls + inverted.stats.unet_calls > 0
     # The batch-size histogram counts every backend call once, summed over the replicas.

@@ -105,7 +105,7 @@ def test_stream_reports_every_step_then_the_result(client):
     assert np.abs(decode(events[-1].result.edited_image) - decode(unary.edited_image)).max() <= 1
 
 
-def test_invert_then_edit_twice_equals_fresh_edits_and_is_faster(client):
+def test_invert_then_edit_twice_equals_fresh_edits_and_runs_less(client):
     image = png_bytes(make_image(128, 128, seed=5))
     steps = 10
     inv = client.invert(image, options=edit_options(steps=steps))
@@ -117,8 +117,11 @@ def test_invert_then_edit_twice_equals_fresh_edits_and_is_faster(client):
     for prompt in fresh:
         assert np.abs(decode(by_id[prompt].edited_image) - decode(fresh[prompt].edited_image)).max() <= 1
     second = by_id["a green tractor"]
+    # Work, not wall time (which a shared CI machine makes noisy): the re-edit runs the target rows alone.
     assert second.stats.unet_rows == 2 * steps < fresh["a green tractor"].stats.unet_rows
-    assert second.stats.engine_ms < fresh["a green tractor"].stats.engine_ms
+    assert (
+        "inversion" not in second.stats.stages_ms and "inversion" in fresh["a green tractor"].stats.stages_ms
+    )
 
 
 def test_generate_edit_equals_in_process(client, reference_engine):

@@ -17,8 +17,9 @@ from safetensors.torch import load_file, save_file
 
 from fpedit import EditEngine, EditOptions
 from fpedit.cli import main
+from fpedit.engine.conversion import convert
 from fpedit.engine.errors import ModelLoadError, UnsupportedModelError
-from fpedit.engine.single_file import SD1_CONFIG_DIR, convert
+from fpedit.engine.single_file import SD1_CONFIG_DIR
 
 RESNET_LEAVES = {
     "norm1": "in_layers.0",

@@ -1,0 +1,48 @@
+"""What loading a checkpoint produces (:class:`Components`) and the small readers every loader shares, kept
+below both :mod:`.loading` and :mod:`.single_file` so that neither imports the other back."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .contract import ModelSpec
+from .errors import ModelLoadError
+
+
+@dataclass
+class Components:
+    """The torch modules, tokenizer and spec of one checkpoint."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: Any
+    spec: ModelSpec
+    source: str
+    #: LoRAs fused into the weights at load (:mod:`.lora`), as ``{"file", "scale"}``.
+    loras: tuple[dict[str, Any], ...] = ()
+
+
+def load_tokenizer(folder: Path) -> Any:
+    from transformers import CLIPTokenizer
+
+    if not folder.is_dir():
+        raise ModelLoadError(f"missing tokenizer folder: {folder}")
+    try:
+        return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:  # transformers raises many types for a broken folder
+        raise ModelLoadError(f"cannot load the CLIP tokenizer from {folder}: {exc}") from exc
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ModelLoadError(f"missing {path}") from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"malformed {path}: {exc}") from exc
