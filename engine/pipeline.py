@@ -31,7 +31,6 @@ from . import null_text, programs, real
 from .backends.base import Backend
 from .config import DEFAULT_MAP_CACHE_BYTES, EngineConfig
 from .contract import ModelSpec
-from .errors import InvalidInputError
 from .executor import CancelCheck, Executor, ProgressCallback, ProgressEvent, RequestRun
 from .images import (
     DEFAULT_MAX_INPUT_PIXELS,
@@ -46,7 +45,7 @@ from .images import (
     tensor_to_images,
 )
 from .options import DEFAULT_MAX_PROMPT_CHARS, EditOptions, InversionOptions, check_prompt
-from .plan import EditPlan, InversionPlan, check_layers
+from .plan import EditPlan, InversionPlan
 from .results import EditResult, Inversion
 from .schedule import ScheduleCache
 from .text import TextEncoderCache
@@ -395,7 +394,7 @@ class EditEngine:
             )
             if value is not None
         }
-        inversion, run = self._inversion_to_edit(image, options, invert_options, progress, cancel_check)
+        inversion, run = real.inversion_to_edit(self, image, options, invert_options, progress, cancel_check)
         plan = self._plan(options, inversion.latent_hw)
         target_cond = self.text.embed(target_prompt, run)
         source = real.source_branch(self, inversion, plan, run)
@@ -432,34 +431,6 @@ class EditEngine:
             reconstruction_image=reconstruction,
             inversion=inversion,
         )
-
-    def _inversion_to_edit(
-        self,
-        image: ImageInput | Inversion,
-        options: EditOptions,
-        invert_options: dict[str, Any],
-        progress: ProgressCallback | None,
-        cancel_check: CancelCheck | None,
-    ) -> tuple[Inversion, RequestRun]:
-        """The inversion a real edit starts from (``image`` inverted now, or checked against the request) and
-        the edit's run, which counts a fresh inversion's work too."""
-        if isinstance(image, Inversion):
-            if invert_options:
-                raise InvalidInputError(
-                    next(iter(invert_options)), "applies when inverting an image; the inversion has its own"
-                )
-            real.check_inversion(image, options, self.engine_id)
-            real.check_edit_guidance(image, options)
-            return image, self._run(progress, cancel_check)
-        if options.layers != "resolution":  # that preset needs the image's size; others are checked now,
-            check_layers(options, self.backend, None)  # before the inversion, not after it ran for nothing
-        inversion = self.invert(
-            image, options=options, progress=progress, cancel_check=cancel_check, **invert_options
-        )
-        # Started after the inversion, which absorb() prepends: its time is counted once, not twice.
-        run = self._run(progress, cancel_check)
-        run.absorb(inversion.stats)  # one call did both: report the whole real edit
-        return inversion, run
 
     # --- attention maps (Figure 3) --------------------------------------------------------------------------
 

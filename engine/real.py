@@ -18,13 +18,14 @@ import torch
 from . import null_text, programs
 from .backends.capture import CAPTURE_GATE
 from .errors import InvalidInputError
-from .executor import ProgressEvent, RequestRun
+from .executor import CancelCheck, ProgressCallback, ProgressEvent, RequestRun
 from .maps import AttentionMaps
 from .options import EditOptions
-from .plan import EditPlan, InversionPlan
+from .plan import EditPlan, InversionPlan, check_layers
 from .results import Inversion
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .images import ImageInput
     from .pipeline import EditEngine
 
 
@@ -45,6 +46,35 @@ class Source:
             context = torch.cat([self.uncond, target_cond])
             return lambda i: context
         return lambda i: torch.cat([self.uncond[i : i + 1], target_cond])
+
+
+def inversion_to_edit(
+    engine: EditEngine,
+    image: ImageInput | Inversion,
+    options: EditOptions,
+    invert_options: dict[str, Any],
+    progress: ProgressCallback | None,
+    cancel_check: CancelCheck | None,
+) -> tuple[Inversion, RequestRun]:
+    """The inversion a real edit starts from (``image`` inverted now, or checked against the request) and
+    the edit's run, which counts a fresh inversion's work too."""
+    if isinstance(image, Inversion):
+        if invert_options:
+            raise InvalidInputError(
+                next(iter(invert_options)), "applies when inverting an image; the inversion has its own"
+            )
+        check_inversion(image, options, engine.engine_id)
+        check_edit_guidance(image, options)
+        return image, engine._run(progress, cancel_check)
+    if options.layers != "resolution":  # that preset needs the image's size; others are checked now,
+        check_layers(options, engine.backend, None)  # before the inversion, not after it ran for nothing
+    inversion = engine.invert(
+        image, options=options, progress=progress, cancel_check=cancel_check, **invert_options
+    )
+    # Started after the inversion, which absorb() prepends: its time is counted once, not twice.
+    run = engine._run(progress, cancel_check)
+    run.absorb(inversion.stats)  # one call did both: report the whole real edit
+    return inversion, run
 
 
 def check_inversion(inversion: Inversion, options: EditOptions, engine_id: str) -> None:
