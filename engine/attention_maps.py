@@ -20,9 +20,12 @@ import torch
 from PIL import Image
 
 from .backends.attention import CallState
+from .backends.torch_backend import TorchBackend
 from .errors import InvalidInputError
+from .images import initial_latents
 from .options import EditOptions
 from .programs import guide
+from .real import check_inversion
 
 if TYPE_CHECKING:
     from .images import ImageInput
@@ -105,7 +108,7 @@ class _Recorder:
 
 @contextmanager
 def _recording(backend: Any, sums: _Sums, layers: Sequence[int]) -> Iterator[None]:
-    unet = backend._unet
+    unet = backend.unet_module
     spec = backend.spec
     original = dict(unet.attn_processors)
     wrapped = dict(original)
@@ -158,7 +161,7 @@ def compute_attention_maps(
     from .results import Inversion
 
     backend = engine.backend
-    if not hasattr(backend, "_unet") or not hasattr(backend, "forward"):
+    if not isinstance(backend, TorchBackend):
         raise InvalidInputError("backend", "attention maps need the torch backend")
     prompt = engine._check_prompt(prompt, "prompt", allow_empty=False)
     options = EditOptions(steps=steps, guidance_scale=guidance_scale, replace_window=window)
@@ -171,10 +174,10 @@ def compute_attention_maps(
     run = engine._run(progress, cancel_check)
     with torch.inference_mode():
         if image is None:
-            z, _ = engine._initial_latents(seed, None, height, width)
+            z, _ = initial_latents(engine.spec, engine.max_side, seed, None, height, width)
             inversion = None
         elif isinstance(image, Inversion):  # a kept inversion (a server's cache): no inverting again
-            engine._check_inversion(image, options)
+            check_inversion(image, options, engine.engine_id)
             inversion = image
             z = inversion.latent(steps)
         else:
@@ -197,8 +200,8 @@ def compute_attention_maps(
         if not tokens:
             raise InvalidInputError("prompt", "has no tokens")
 
-        uncond = engine._embed("", run)
-        cond = engine._embed(prompt, run)
+        uncond = engine.text.embed("", run)
+        cond = engine.text.embed(prompt, run)
         schedule = engine._schedules(steps)
         device, dtype = backend.device, backend.dtype
         state = CallState()

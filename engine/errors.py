@@ -38,11 +38,3 @@ class DeadlineExceededError(CancelledError):
 
 class NotFoundError(FpeditError):
     """A referenced object (an inversion id) is unknown or has expired."""
-
-
-class OverloadedError(FpeditError):
-    """Every worker is busy and the wait queue is full: retry later."""
-
-
-class UnavailableError(FpeditError):
-    """The service is not taking this request now (draining for shutdown, or shut down mid-request)."""

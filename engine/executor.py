@@ -7,7 +7,6 @@ thread that takes the pending calls of every running program, merges the compati
 continuous batching, as vLLM does for tokens. Calls that arrive while the device is busy form the next
 batch; ``max_wait_ms`` may hold a partial batch open a little for more. A failing merged call is retried
 call by call, so an error fails only the request whose call caused it, and the loop itself never dies.
-:meth:`Executor.run_many` runs several programs from one thread with the same merging (no device loop).
 """
 
 from __future__ import annotations
@@ -108,10 +107,15 @@ class RequestRun:
             bar.close()
         self._bars.clear()
 
+    def count_unet(self, rows: int, calls: int) -> None:
+        """Count UNet work of this request: ``rows`` rows that rode in ``calls`` backend calls (0 for rows
+        evaluated outside the backend's entry points: the null-text optimisation's gradient forwards)."""
+        self.unet_rows += rows
+        self.unet_calls += calls
+
     def absorb(self, stats: dict[str, Any]) -> None:
         """Count an earlier part of the same request (a real edit's inversion) in this one's figures."""
-        self.unet_rows += stats["unet_rows"]
-        self.unet_calls += stats["unet_calls"]
+        self.count_unet(stats["unet_rows"], stats["unet_calls"])
         self.started -= stats["total_ms"] / 1e3
         for name, ms in stats["stages_ms"].items():
             self.add_time(name, ms)
@@ -234,8 +238,7 @@ class Executor:
     def _call(self, call: UNetCall, run: RequestRun) -> UNetResult:
         pieces = call.split(self.backend.max_batch)
         results = self._submit(pieces) if self.batching else [self._execute(piece) for piece in pieces]
-        run.unet_rows += call.rows
-        run.unet_calls += len(pieces)
+        run.count_unet(call.rows, len(pieces))
         return UNetResult.cat(results)
 
     def _execute(self, call: UNetCall) -> UNetResult:
@@ -245,59 +248,6 @@ class Executor:
         if result.noise is not None and result.noise.dtype != torch.float32:
             result = UNetResult(result.noise.float(), result.maps)
         return result
-
-    # --- many programs, one thread --------------------------------------------------------------------------
-
-    def run_many(self, jobs: Sequence[tuple[Program[Any], RequestRun]]) -> list[Any]:
-        """Run several programs from this thread, merging their pending calls into shared backend calls
-        each round. Returns each program's outcome, or the exception that ended it (others go on)."""
-        outcomes: list[Any] = [None] * len(jobs)
-        steps: dict[int, Step] = {}
-
-        def advance(j: int, result: UNetResult | None) -> None:
-            program, run = jobs[j]
-            try:
-                if result is not None:
-                    run.step_done(steps[j])
-                with CAPTURE_GATE.shared():  # the program's own device work (see run)
-                    step = next(program) if result is None else program.send(result)
-                run.check()
-                steps[j] = step
-            except StopIteration as finished:
-                steps.pop(j, None)
-                outcomes[j] = finished.value
-            except Exception as exc:  # this job ends; the others go on
-                steps.pop(j, None)
-                program.close()
-                outcomes[j] = exc
-
-        for j in range(len(jobs)):
-            advance(j, None)
-        while steps:
-            pieces = [
-                (j, k, piece)
-                for j, step in steps.items()
-                for k, piece in enumerate(step.call.split(self.backend.max_batch))
-            ]
-            results: dict[tuple[int, int], UNetResult | BaseException] = {}
-            while pieces:
-                batch = take_batch(pieces, lambda p: p[2], self.backend, self.backend.max_batch)
-                for (j, k, _), result in zip(
-                    batch, self._execute_isolated([p[2] for p in batch]), strict=True
-                ):
-                    results[(j, k)] = result
-            for j in list(steps):
-                parts = [results[key] for key in sorted(key for key in results if key[0] == j)]
-                error = next((p for p in parts if isinstance(p, BaseException)), None)
-                if error is not None:
-                    steps.pop(j)
-                    jobs[j][0].close()
-                    outcomes[j] = error
-                    continue
-                jobs[j][1].unet_rows += steps[j].call.rows
-                jobs[j][1].unet_calls += len(parts)
-                advance(j, UNetResult.cat(parts))  # type: ignore[arg-type]
-        return outcomes
 
     def _execute_isolated(self, calls: Sequence[UNetCall]) -> list[UNetResult | BaseException]:
         """Run ``calls`` as one merged backend call; if that fails, call by call, so an error lands only

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .contract import ModelSpec
 from .errors import InvalidInputError
 
 SIDE_MULTIPLE = 64
@@ -252,3 +254,47 @@ def tensor_to_images(decoded: torch.Tensor) -> list[Image.Image]:
     pixels = ((decoded.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
     pixels = pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
     return [Image.fromarray(a) for a in pixels]
+
+
+# --- Algorithm 1's starting point ---------------------------------------------------------------------------
+
+
+def initial_latents(
+    spec: ModelSpec,
+    max_side: int,
+    seed: int | None,
+    latents: torch.Tensor | np.ndarray | None,
+    height: int | None,
+    width: int | None,
+) -> tuple[torch.Tensor, int | None]:
+    """A generated edit's z_T as float32 (1, C, h, w) on the CPU, and the seed it was drawn with: ``latents``
+    if given (checked), else drawn from ``torch.Generator().manual_seed(seed)`` at ``height`` x ``width``
+    (default: the model's size; multiples of 8 latent pixels, at most ``max_side``), a random seed when none
+    is given."""
+    c, f = spec.latent_channels, spec.vae_scale_factor
+    if latents is not None:
+        z = torch.as_tensor(np.asarray(latents) if not torch.is_tensor(latents) else latents)
+        if z.ndim == 3:
+            z = z.unsqueeze(0)
+        if z.ndim != 4 or z.shape[0] != 1 or z.shape[1] != c or z.shape[2] % 8 or z.shape[3] % 8:
+            raise InvalidInputError(
+                "latents",
+                f"must have shape (1, {c}, h, w) with h and w multiples of 8, got {tuple(z.shape)}",
+            )
+        if not torch.isfinite(z).all():
+            raise InvalidInputError("latents", "contain NaN or infinity")
+        return z.detach().to(torch.float32).cpu(), None
+    size = spec.default_image_size
+    h = size if height is None else height
+    w = size if width is None else width
+    for name, value in (("height", h), ("width", w)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % (8 * f):
+            raise InvalidInputError(name, f"must be a positive multiple of {8 * f}, got {value!r}")
+        if value > max_side:
+            raise InvalidInputError(name, f"must be at most {max_side}, got {value}")
+    if seed is None:
+        seed = secrets.randbelow(2**31)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise InvalidInputError("seed", f"must be an integer in [0, 2**63), got {seed!r}")
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn((1, c, h // f, w // f), generator=generator, dtype=torch.float32), seed

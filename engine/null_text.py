@@ -11,16 +11,14 @@ previous step's embedding), with two exact savings:
 * gradients flow to the embedding only (``torch.autograd.grad``), never into the frozen UNet weights.
 
 Gradients are switched on only inside :func:`optimize_null_embeddings`, in float32, even when the engine
-serves an fp16 UNet (:func:`float32_unet` keeps one float32 copy per module), and no autograd state leaks:
-the result is detached and grad mode is restored on exit.
+serves an fp16 UNet (the backend's :meth:`~.backends.base.Backend.differentiable_unet` is a float32 copy
+then), and no autograd state leaks: the result is detached and grad mode is restored on exit. The DDIM step
+it differentiates through is the engine's one formula, :func:`.schedule.ddim_move`.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-import threading
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -39,16 +37,13 @@ from .options import (
 from .options import (
     check_null_text_options as check_null_text_options,  # re-exported: the server's request checks
 )
-from .schedule import DDIMSchedule
+from .schedule import DDIMSchedule, ddim_move
 
 #: The request rules live in the torch-free .options (the client CLI uses them); these names stay for callers.
 DEFAULT_INNER_STEPS = DEFAULT_NULL_TEXT_STEPS
 DEFAULT_EPSILON = DEFAULT_NULL_TEXT_EPSILON
 MAX_INNER_STEPS = MAX_NULL_TEXT_STEPS
 METHODS = INVERSION_METHODS
-
-_float32_copies: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = weakref.WeakKeyDictionary()
-_copies_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -62,16 +57,8 @@ class DenoiseStep:
     prediction_type: str = "epsilon"
 
     def apply(self, z: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
-        """Deterministic DDIM (eta 0) from ``timestep`` to the next lower level; a v prediction is turned
-        into x0 and eps with alpha-bar at ``timestep`` (the level ``z`` is at), as diffusers' DDIMScheduler."""
-        a, s = math.sqrt(self.alpha), math.sqrt(1.0 - self.alpha)
-        if self.prediction_type == "v_prediction":
-            x0 = a * z - s * prediction
-            eps = a * prediction + s * z
-        else:
-            eps = prediction
-            x0 = (z - s * eps) / a
-        return math.sqrt(self.alpha_prev) * x0 + math.sqrt(1.0 - self.alpha_prev) * eps
+        """Deterministic DDIM (eta 0) from ``timestep`` to the next lower level (differentiable)."""
+        return ddim_move(z, prediction, self.alpha, self.alpha_prev, self.prediction_type)
 
 
 @dataclass
@@ -87,22 +74,6 @@ class NullTextResult:
     @property
     def total_iterations(self) -> int:
         return sum(self.iterations)
-
-
-def float32_unet(unet: torch.nn.Module) -> torch.nn.Module:
-    """``unet`` itself when it is float32, else one frozen float32 copy made on first use and kept.
-
-    The optimisation needs float32 gradients (fp16 ones underflow in the embedding's Adam moments); serving
-    stays in the backend's dtype, so the copy costs the UNet's float32 size once per engine.
-    """
-    if next(unet.parameters()).dtype == torch.float32:
-        return unet
-    with _copies_lock:
-        copy32 = _float32_copies.get(unet)
-        if copy32 is None:
-            copy32 = copy.deepcopy(unet).to(torch.float32).eval().requires_grad_(False)
-            _float32_copies[unet] = copy32
-        return copy32
 
 
 def optimize_null_embeddings(
@@ -197,7 +168,7 @@ def check_method(method: object, source_prompt: str, backend: Backend | None = N
     null-text inversion where there are no gradients, before any work starts. The server calls it without a
     backend before queueing; the engine again with its own."""
     method = check_inversion_method(method, source_prompt)
-    if method == "null-text" and backend is not None and not backend.supports_gradients:
+    if method == "null-text" and backend is not None and backend.differentiable_unet() is None:
         raise InvalidInputError(
             "method",
             f"null-text inversion needs gradients, which the {backend.name} backend does not have: use the "

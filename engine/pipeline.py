@@ -5,7 +5,9 @@ once as step programs in :mod:`.programs` (Algorithm 1: :func:`~.programs.genera
 :func:`~.programs.invert`, :func:`~.programs.capture_source_maps`, :func:`~.programs.denoise_target`;
 Algorithm 3 adds :func:`~.programs.generate_source` and :mod:`.null_text`'s optimisation), on its
 :class:`~.executor.Executor`: alone, or with ``batching=True`` merged with every other running request's
-UNet calls into shared backend calls. Text encoding, VAE encode and decode run in the caller's thread.
+UNet calls into shared backend calls. Text encoding (:class:`~.text.TextEncoderCache`), VAE encode and
+decode run in the caller's thread. Each request resolves its options once into a plan (:mod:`.plan`) that
+its programs take; where a real edit's source branch comes from is :mod:`.real`'s part.
 
 A real edit's source maps depend on the image, the step count and the model, not on the target prompt:
 they are captured eagerly (in batches, once the trajectory is known) and cached on the :class:`Inversion`,
@@ -15,11 +17,7 @@ so a further edit runs the target branch alone.
 from __future__ import annotations
 
 import logging
-import secrets
-import threading
 import uuid
-import warnings
-from collections import OrderedDict
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -29,12 +27,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import null_text, programs
+from . import null_text, programs, real
 from .backends.base import Backend
-from .backends.capture import CAPTURE_GATE
 from .config import DEFAULT_MAP_CACHE_BYTES, EngineConfig
 from .contract import ModelSpec
-from .errors import InvalidInputError
 from .executor import CancelCheck, Executor, ProgressCallback, ProgressEvent, RequestRun
 from .images import (
     DEFAULT_MAX_INPUT_PIXELS,
@@ -42,27 +38,22 @@ from .images import (
     ImageInput,
     check_output_size,
     image_to_tensor,
+    initial_latents,
     load_image,
     output_image,
     prepare_image,
     tensor_to_images,
 )
-from .maps import AttentionMaps
 from .options import DEFAULT_MAX_PROMPT_CHARS, EditOptions, InversionOptions, check_prompt
+from .plan import EditPlan, InversionPlan
 from .results import EditResult, Inversion
-from .schedule import DDIMSchedule, ScheduleCache
+from .schedule import ScheduleCache
+from .text import TextEncoderCache
 
 __all__ = ["EditEngine", "ProgressCallback", "ProgressEvent"]
 
 log = logging.getLogger(__name__)
 
-#: Prompt embeddings kept (LRU, keyed by token ids): a few MB at SD 1.5's 77 x 768 floats each.
-TEXT_CACHE_SIZE = 256
-#: A Hugging Face fast tokenizer keeps its padding and truncation settings on the shared Rust object and
-#: sets them on every call, so two threads tokenizing at once can get each other's settings (an unpadded
-#: 9-id prompt where 77 were asked for). Tokenizing takes microseconds: one lock for the whole process
-#: also covers engines that share a tokenizer.
-_TOKENIZER_LOCK = threading.Lock()
 #: An inversion keyword left out (``None`` is a value, and refused as a method).
 _NOT_GIVEN: Any = object()
 
@@ -93,7 +84,6 @@ class EditEngine:
     ) -> None:
         self.backend = backend
         self.spec: ModelSpec = backend.spec
-        self.tokenizer = tokenizer
         self.source = source
         self.map_cache_bytes = int(map_cache_bytes)
         self.max_side = int(max_side)
@@ -106,8 +96,17 @@ class EditEngine:
         self.engine_id = uuid.uuid4().hex
         self.executor = Executor(backend, batching=batching, max_wait_ms=max_wait_ms)
         self._schedules = ScheduleCache(self.spec.scheduler)
-        self._text_cache: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
-        self._text_lock = threading.Lock()
+        #: Prompt embeddings of this engine's text encoder, the recent ones cached.
+        self.text = TextEncoderCache(backend, tokenizer, self.spec.text_max_length)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The CLIP tokenizer prompts go through (the text cache's: one object, whichever is set)."""
+        return self.text.tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: Any) -> None:
+        self.text.tokenizer = tokenizer
 
     # --- construction ---------------------------------------------------------------------------------------
 
@@ -168,7 +167,7 @@ class EditEngine:
             "model": self.source,
             **self.backend.describe(),
             "prediction_type": self.spec.prediction_type,
-            "loras": list(getattr(self.backend, "loras", [])),
+            "loras": list(self.backend.loras),
             "default_image_size": self.spec.default_image_size,
             "max_side": self.max_side,
             "map_cache_bytes": self.map_cache_bytes,
@@ -218,46 +217,13 @@ class EditEngine:
     def _run(self, progress: ProgressCallback | None, cancel_check: CancelCheck | None) -> RequestRun:
         return RequestRun(self.backend, progress, cancel_check, self.show_progress)
 
-    # --- text -----------------------------------------------------------------------------------------------
-
     def _check_prompt(self, prompt: Any, field: str, *, allow_empty: bool) -> str:
         return check_prompt(prompt, field, allow_empty=allow_empty, max_chars=self.max_prompt_chars)
 
-    def _embed(self, prompt: str, run: RequestRun) -> torch.Tensor:
-        """(1, L, D) CLIP embedding of ``prompt``, padded to the tokenizer's max length; cached by token ids
-        (prompts that tokenize alike share an entry, and a cache key is at most 77 ids)."""
-        max_len = self.spec.text_max_length
-        with run.stage("text"):
-            with _TOKENIZER_LOCK:
-                full = self.tokenizer(prompt, truncation=False).input_ids
-                ids = self.tokenizer(
-                    prompt, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt"
-                ).input_ids
-            if len(full) > max_len:
-                # No prompt text: server logs must not carry what users write.
-                message = f"prompt has {len(full)} tokens; truncated to {max_len}"
-                warnings.warn(message, stacklevel=3)
-                log.warning(message)
-            key = tuple(int(i) for i in ids[0])
-            with self._text_lock:
-                cached = self._text_cache.get(key)
-                if cached is not None:
-                    self._text_cache.move_to_end(key)
-                    return cached
-            embedding = self.backend.encode_text(ids)
-        with self._text_lock:
-            self._text_cache[key] = embedding
-            while len(self._text_cache) > TEXT_CACHE_SIZE:
-                self._text_cache.popitem(last=False)
-        return embedding
-
     # --- shared steps ---------------------------------------------------------------------------------------
 
-    def _check_request(self, options: EditOptions, latent_hw: tuple[int, int] | None) -> tuple[int, ...]:
-        layers = options.layer_numbers(self.spec, latent_hw)
-        if options.replaced_steps() and layers:
-            self.backend.check_map_request(layers, options.map_format)
-        return layers
+    def _plan(self, options: EditOptions, latent_hw: tuple[int, int]) -> EditPlan:
+        return EditPlan.build(options, self.backend, self._schedules, latent_hw)
 
     def _decode(self, latents: torch.Tensor, run: RequestRun) -> list[Image.Image]:
         with run.stage("vae_decode"):
@@ -288,43 +254,22 @@ class EditEngine:
         options = options or EditOptions()
         source_prompt = self._check_prompt(source_prompt, "source_prompt", allow_empty=True)
         target_prompt = self._check_prompt(target_prompt, "target_prompt", allow_empty=False)
-        z, seed = self._initial_latents(seed, latents, height, width)
-        latent_hw = (z.shape[-2], z.shape[-1])
-        layers = self._check_request(options, latent_hw)
-        schedule = self._schedules(options.steps)
-        replaced = set(options.replaced_steps()) if layers else set()
+        z, seed = initial_latents(self.spec, self.max_side, seed, latents, height, width)
+        plan = self._plan(options, (z.shape[-2], z.shape[-1]))
         run = self._run(progress, cancel_check)
 
-        uncond = self._embed("", run)
+        uncond = self.text.embed("", run)
         # The source prompt "" needs one row: its cond and uncond rows would be identical.
-        src_ctx = uncond if source_prompt == "" else torch.cat([uncond, self._embed(source_prompt, run)])
-        tgt_ctx = torch.cat([uncond, self._embed(target_prompt, run)])
+        src_ctx = uncond if source_prompt == "" else torch.cat([uncond, self.text.embed(source_prompt, run)])
+        tgt_ctx = torch.cat([uncond, self.text.embed(target_prompt, run)])
         # In-call donors fuse a replaced step into one call where the backend has them and the step's rows
         # fit one call; otherwise the source captures and the target injects.
         donors = self.backend.supports_donors and src_ctx.shape[0] + 2 <= self.backend.max_batch
-        program = programs.generated_edit(
-            z.to(self.backend.device),
-            schedule,
-            src_ctx,
-            tgt_ctx,
-            sorted(replaced),
-            layers,
-            options.map_format,
-            options.guidance_scale,
-            donors=donors,
-            capture_layers=self.backend.capture_layers(layers) if replaced else (),
-        )
+        program = programs.generated_edit(z.to(self.backend.device), plan, src_ctx, tgt_ctx, donors=donors)
         z_src, z_tgt = self.executor.run(program, run)
 
         source_image, edited_image = self._decode(torch.cat([z_src, z_tgt]), run)
-        stats = run.stats(
-            seed=seed,
-            steps=options.steps,
-            replaced_steps=sorted(replaced),
-            layers=list(layers),
-            map_format=options.map_format,
-            size=[edited_image.width, edited_image.height],
-        )
+        stats = run.stats(seed=seed, **plan.stats(), size=[edited_image.width, edited_image.height])
         return EditResult(
             source_image=source_image,
             edited_image=edited_image,
@@ -333,41 +278,6 @@ class EditEngine:
             options=options,
             stats=stats,
         )
-
-    def _initial_latents(
-        self,
-        seed: int | None,
-        latents: torch.Tensor | np.ndarray | None,
-        height: int | None,
-        width: int | None,
-    ) -> tuple[torch.Tensor, int | None]:
-        c, f = self.spec.latent_channels, self.spec.vae_scale_factor
-        if latents is not None:
-            z = torch.as_tensor(np.asarray(latents) if not torch.is_tensor(latents) else latents)
-            if z.ndim == 3:
-                z = z.unsqueeze(0)
-            if z.ndim != 4 or z.shape[0] != 1 or z.shape[1] != c or z.shape[2] % 8 or z.shape[3] % 8:
-                raise InvalidInputError(
-                    "latents",
-                    f"must have shape (1, {c}, h, w) with h and w multiples of 8, got {tuple(z.shape)}",
-                )
-            if not torch.isfinite(z).all():
-                raise InvalidInputError("latents", "contain NaN or infinity")
-            return z.detach().to(torch.float32).cpu(), None
-        size = self.spec.default_image_size
-        h = size if height is None else height
-        w = size if width is None else width
-        for name, value in (("height", h), ("width", w)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % (8 * f):
-                raise InvalidInputError(name, f"must be a positive multiple of {8 * f}, got {value!r}")
-            if value > self.max_side:
-                raise InvalidInputError(name, f"must be at most {self.max_side}, got {value}")
-        if seed is None:
-            seed = secrets.randbelow(2**31)
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-            raise InvalidInputError("seed", f"must be an integer in [0, 2**63), got {seed!r}")
-        generator = torch.Generator().manual_seed(seed)
-        return torch.randn((1, c, h // f, w // f), generator=generator, dtype=torch.float32), seed
 
     # --- Algorithm 2: real images ---------------------------------------------------------------------------
 
@@ -411,41 +321,36 @@ class EditEngine:
         how = inversion if inversion is not None else InversionOptions(**given)
         source_prompt = self._check_prompt(how.source_prompt, "source_prompt", allow_empty=True)
         method = null_text.check_method(how.method, source_prompt, self.backend)
-        inner_steps, epsilon = how.null_text_steps, how.null_text_epsilon
+        ddim = method == "ddim"
+        plan = InversionPlan(
+            self._schedules(options.steps),
+            method,
+            "" if ddim else source_prompt,
+            options.guidance_scale,
+            how.null_text_steps,
+            how.null_text_epsilon,
+        )
         run = self._run(progress, cancel_check)
         run.check()
         given = load_image(image, max_input_pixels=self.max_input_pixels, formats=self.image_formats)
         pil = prepare_image(given, self.max_side)
-        schedule = self._schedules(options.steps)
         with run.stage("vae_encode"):
             mean = self.backend.encode_image(image_to_tensor(pil))
             z0 = (mean.float() * self.spec.vae_scaling_factor).to(self.backend.device)
-        if method == "ddim":
-            uncond = self._embed("", run)
-            trajectory = self.executor.run(programs.invert(z0, schedule, uncond), run)
-            return Inversion(
-                trajectory=trajectory,
-                steps=options.steps,
-                image=pil,
-                engine_id=self.engine_id,
-                stats=run.stats(steps=options.steps, size=list(pil.size)),
-                map_cache_limit=self.map_cache_bytes,
-                original_size=given.size,
-            )
-        trajectory, nulls, extra = self._invert_with_source_prompt(
-            z0, schedule, options.guidance_scale, source_prompt, method, inner_steps, epsilon, run
-        )
+        trajectory, nulls, extra = real.invert_latents(self, z0, plan, run)
         return Inversion(
             trajectory=trajectory,
-            steps=options.steps,
+            steps=plan.steps,
             image=pil,
             engine_id=self.engine_id,
-            stats=run.stats(steps=options.steps, size=list(pil.size), method=method, **extra),
+            stats=run.stats(
+                steps=plan.steps, size=list(pil.size), **({} if ddim else {"method": method}), **extra
+            ),
             map_cache_limit=self.map_cache_bytes,
             method=method,
-            source_prompt=source_prompt,
+            source_prompt=plan.source_prompt,
             null_embeddings=nulls,
-            guidance_scale=options.guidance_scale,
+            guidance_scale=None if ddim else plan.guidance,
             original_size=given.size,
         )
 
@@ -489,67 +394,12 @@ class EditEngine:
             )
             if value is not None
         }
-        if isinstance(image, Inversion):
-            if invert_options:
-                raise InvalidInputError(
-                    next(iter(invert_options)), "applies when inverting an image; the inversion has its own"
-                )
-            inversion = image
-            self._check_inversion(inversion, options)
-            run = self._run(progress, cancel_check)
-        else:
-            if options.layers != "resolution":  # that preset needs the image's size; others are checked now
-                self._check_request(options, None)  # before the inversion, not after it ran for nothing
-            inversion = self.invert(
-                image, options=options, progress=progress, cancel_check=cancel_check, **invert_options
-            )
-            # Started after the inversion, which absorb() prepends: its time is counted once, not twice.
-            run = self._run(progress, cancel_check)
-            run.absorb(inversion.stats)  # one call did both: report the whole real edit
-        if inversion.method == "null-text" and inversion.guidance_scale != options.guidance_scale:
-            raise InvalidInputError(
-                "guidance_scale",
-                f"the null-text inversion was optimised for guidance {inversion.guidance_scale}; the edit must "
-                f"use it (got {options.guidance_scale}), or invert again",
-            )
-        layers = self._check_request(options, inversion.latent_hw)
-        schedule = self._schedules(options.steps)
-        replaced = list(options.replaced_steps()) if layers else []
-        target_cond = self._embed(target_prompt, run)
-
-        if inversion.method == "ddim":  # Algorithm 2: the source is pinned to the trajectory
-            uncond = self._embed("", run)
-            context = torch.cat([uncond, target_cond])
-
-            def context_at(i: int) -> torch.Tensor:
-                return context
-
-            source_maps, cached_hits = self._source_maps(
-                inversion, schedule, replaced, layers, options, uncond, run
-            )
-            source_latent = inversion.latent(0)
-        else:  # Algorithm 3: the source is generated with the source prompt and step i's null embedding
-            source_cond = self._embed(inversion.source_prompt, run)
-            nulls = None  # negative-prompt: the null is the source prompt's own embedding
-            if inversion.method == "null-text":
-                assert inversion.null_embeddings is not None
-                nulls = inversion.null_embeddings.to(source_cond.device, source_cond.dtype)
-
-            def context_at(i: int) -> torch.Tensor:
-                null = source_cond if nulls is None else nulls[i : i + 1]
-                return torch.cat([null, target_cond])
-
-            source_latent, source_maps, cached_hits = self._generated_source(
-                inversion, schedule, replaced, layers, options, source_cond, nulls, run
-            )
+        inversion, run = real.inversion_to_edit(self, image, options, invert_options, progress, cancel_check)
+        plan = self._plan(options, inversion.latent_hw)
+        target_cond = self.text.embed(target_prompt, run)
+        source = real.source_branch(self, inversion, plan, run)
         program = programs.denoise_target(
-            inversion.latent(options.steps),
-            schedule,
-            context_at,
-            source_maps,
-            layers,
-            options.map_format,
-            options.guidance_scale,
+            inversion.latent(plan.steps), plan, source.context_at(target_cond), source.maps
         )
         z = self.executor.run(program, run)
 
@@ -558,17 +408,13 @@ class EditEngine:
         (edited_image,) = self._decode(z, run)
         reconstruction = inversion.reconstruction
         if reconstruction is None:
-            (reconstruction,) = self._decode(source_latent, run)
+            (reconstruction,) = self._decode(source.latent, run)
             inversion.keep_reconstruction(reconstruction)
-
         stats = run.stats(
-            steps=options.steps,
-            replaced_steps=replaced,
-            layers=list(layers),
-            map_format=options.map_format,
+            **plan.stats(),
             size=list(inversion.size),
             method=inversion.method,
-            source_maps_cached=cached_hits,
+            source_maps_cached=source.cached_steps,
             inversion_bytes=inversion.nbytes,
         )
         # Resized after the statistics: the reconstruction kept on the inversion stays at the working size.
@@ -578,136 +424,13 @@ class EditEngine:
         return EditResult(
             source_image=reconstruction,
             edited_image=edited_image,
-            source_latents=source_latent.float().cpu().numpy(),
+            source_latents=source.latent.float().cpu().numpy(),
             edited_latents=z.float().cpu().numpy(),
             options=options,
             stats=stats,
             reconstruction_image=reconstruction,
             inversion=inversion,
         )
-
-    def _source_maps(
-        self,
-        inversion: Inversion,
-        schedule: DDIMSchedule,
-        replaced: Sequence[int],
-        layers: Sequence[int],
-        options: EditOptions,
-        uncond: torch.Tensor,
-        run: RequestRun,
-    ) -> tuple[dict[int, AttentionMaps], int]:
-        """The pinned source's maps for every replaced step: those an earlier edit left on the inversion,
-        the rest captured now in batches of ``capture_batch`` rows and left on the inversion when they fit
-        its budget. Returns the maps and how many steps came from the cache."""
-        cached = inversion.cached_maps(options.map_format, frozenset(layers))
-        missing = [i for i in replaced if i not in cached]
-        maps = {i: cached[i] for i in replaced if i in cached}
-        if missing:
-            capture_layers = self.backend.capture_layers(layers)
-            program = programs.capture_source_maps(
-                inversion.trajectory,
-                schedule,
-                missing,
-                uncond,
-                capture_layers,
-                options.map_format,
-                self.capture_batch,
-            )
-            captured = self.executor.run(program, run)
-            inversion.store_maps(options.map_format, frozenset(capture_layers), captured)
-            maps.update(captured)
-        return maps, len(replaced) - len(missing)
-
-    def _generated_source(
-        self,
-        inversion: Inversion,
-        schedule: DDIMSchedule,
-        replaced: Sequence[int],
-        layers: Sequence[int],
-        options: EditOptions,
-        source_cond: torch.Tensor,
-        nulls: torch.Tensor | None,
-        run: RequestRun,
-    ) -> tuple[torch.Tensor, dict[int, AttentionMaps], int]:
-        """Algorithm 3's source branch: what an earlier edit left on the inversion, else generated now and
-        left there (its final latent always, its maps within the budget). Returns (z_0, the replaced steps'
-        maps, how many steps came from the cache)."""
-        cached = inversion.cached_maps(options.map_format, frozenset(layers))
-        source_latent = inversion.source_latent
-        if source_latent is not None and all(i in cached for i in replaced):
-            return source_latent, {i: cached[i] for i in replaced}, len(replaced)
-        capture_layers = self.backend.capture_layers(layers)
-        program = programs.generate_source(
-            inversion.latent(options.steps),
-            schedule,
-            source_cond,
-            nulls,
-            replaced,
-            capture_layers,
-            options.map_format,
-            options.guidance_scale,
-        )
-        source_latent, maps = self.executor.run(program, run)
-        inversion.keep_source(source_latent)
-        inversion.store_maps(options.map_format, frozenset(capture_layers), maps)
-        return source_latent, maps, 0
-
-    def _invert_with_source_prompt(
-        self,
-        z0: torch.Tensor,
-        schedule: DDIMSchedule,
-        guidance: float,
-        source_prompt: str,
-        method: str,
-        inner_steps: int,
-        epsilon: float,
-        run: RequestRun,
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        """Conditional-only DDIM inversion with the source prompt, then the per-step null embeddings:
-        optimised (null-text) or the source prompt's own (negative-prompt). Returns (trajectory, nulls as
-        float32 (steps, L, D), statistics)."""
-        cond = self._embed(source_prompt, run)
-        # One conditional row per step: guidance on a single row is the identity, which is the authors'
-        # unguided inversion; the t = 0 step is skipped as for Algorithm 2.
-        trajectory = self.executor.run(programs.invert(z0, schedule, cond), run)
-        if method == "negative-prompt":
-            return trajectory, cond.float().expand(schedule.steps, -1, -1).contiguous(), {}
-        null_init = self._embed("", run)
-
-        def progress(done: int, total: int) -> None:
-            if run.progress is not None:
-                run.progress(ProgressEvent("null_text", done, total))
-
-        # Gradient work on the device outside the backend's entry points: never beside a graph capture.
-        with run.stage("null_text"), CAPTURE_GATE.shared():
-            result = null_text.optimize_null_embeddings(
-                self.backend.float32_unet(),
-                trajectory,
-                cond,
-                null_init,
-                guidance,
-                null_text.denoise_steps(schedule),
-                inner_steps=inner_steps,
-                epsilon=epsilon,
-                progress=progress,
-                cancel_check=run.check,
-            )
-        run.unet_rows += result.unet_forwards
-        stats = {
-            "null_text_iterations": result.total_iterations,
-            "unet_backward_rows": result.unet_backwards,
-            "null_text_final_loss": result.final_losses[-1] if result.final_losses else None,
-        }
-        return trajectory, result.embeddings, stats
-
-    def _check_inversion(self, inversion: Inversion, options: EditOptions) -> None:
-        if inversion.engine_id != self.engine_id:
-            raise InvalidInputError("inversion", "was computed by another engine (model or backend)")
-        if inversion.steps != options.steps:
-            raise InvalidInputError(
-                "steps",
-                f"the inversion was computed with {inversion.steps} steps, the request asks {options.steps}",
-            )
 
     # --- attention maps (Figure 3) --------------------------------------------------------------------------
 

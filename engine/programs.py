@@ -28,6 +28,7 @@ import torch
 
 from .calls import Donors, UNetCall, UNetResult
 from .maps import AttentionMaps, Injection
+from .plan import EditPlan
 from .schedule import DDIMSchedule
 
 T = TypeVar("T")
@@ -91,19 +92,13 @@ def invert(z0: torch.Tensor, schedule: DDIMSchedule, uncond: torch.Tensor) -> Pr
 
 
 def capture_source_maps(
-    trajectory: torch.Tensor,
-    schedule: DDIMSchedule,
-    steps: Sequence[int],
-    uncond: torch.Tensor,
-    layers: Sequence[int],
-    map_format: str,
-    batch: int,
+    trajectory: torch.Tensor, plan: EditPlan, steps: Sequence[int], uncond: torch.Tensor, batch: int
 ) -> Program[dict[int, AttentionMaps]]:
-    """The pinned source branch's maps for denoising ``steps``: step i's source row is ``traj[N - i]`` at
-    ``t_i`` with prompt "", independent of every other step, so they run ``batch`` rows per call, stopping
-    after the last captured layer (the noise is never used)."""
-    n = schedule.steps
-    ts = schedule.timestep_tensor(trajectory.device)
+    """The pinned source branch's maps (``plan.capture_layers``) for denoising ``steps``: step i's source
+    row is ``traj[N - i]`` at ``t_i`` with prompt "", independent of every other step, so they run ``batch``
+    rows per call, stopping after the last captured layer (the noise is never used)."""
+    n = plan.steps
+    ts = plan.schedule.timestep_tensor(trajectory.device)
     maps: dict[int, AttentionMaps] = {}
     for lo in range(0, len(steps), batch):
         part = list(steps[lo : lo + batch])
@@ -111,8 +106,8 @@ def capture_source_maps(
             sample=torch.stack([trajectory[n - i] for i in part]),
             timesteps=ts[part],
             context=rows_of(uncond, len(part)),
-            map_format=map_format,
-            capture=tuple(layers),
+            map_format=plan.map_format,
+            capture=plan.capture_layers,
             need_noise_pred=False,
         )
         result = yield Step("source_capture", lo + len(part), len(steps), call)
@@ -126,27 +121,25 @@ def capture_source_maps(
 
 def denoise_target(
     z_T: torch.Tensor,
-    schedule: DDIMSchedule,
+    plan: EditPlan,
     context_at: Callable[[int], torch.Tensor],
     source_maps: dict[int, AttentionMaps],
-    layers: Sequence[int],
-    map_format: str,
-    guidance: float,
 ) -> Program[torch.Tensor]:
     """Denoise the target from ``z_T`` with rows (uncond, cond) of ``context_at(i)`` at step i; in every step
-    of ``source_maps`` its conditional row attends with the source's map in ``layers``. Returns the final
+    of ``source_maps`` its conditional row attends with the source's map in ``plan.layers``. Returns the final
     latent. Algorithm 2 gives one context for every step; Algorithm 3 gives step i's null embedding as the
     unconditional row."""
+    schedule = plan.schedule
     ts = schedule.timestep_tensor(z_T.device)
     n = schedule.steps
     z = z_T
     for i in range(n):
         inject = None
         if i in source_maps:
-            inject = Injection.for_rows(source_maps[i].rows([0, 0]), [False, True], layers)
-        call = UNetCall(rows_of(z, 2), ts[i : i + 1].expand(2), context_at(i), map_format, inject=inject)
+            inject = Injection.for_rows(source_maps[i].rows([0, 0]), [False, True], plan.layers)
+        call = UNetCall(rows_of(z, 2), ts[i : i + 1].expand(2), context_at(i), plan.map_format, inject=inject)
         result = yield Step("target_denoise", i + 1, n, call, progress="denoise")
-        z = schedule.step(guide(result.noise, guidance), i, z)
+        z = schedule.step(guide(result.noise, plan.guidance), i, z)
     return z
 
 
@@ -155,22 +148,19 @@ def denoise_target(
 
 def generated_edit(
     z_T: torch.Tensor,
-    schedule: DDIMSchedule,
+    plan: EditPlan,
     source_context: torch.Tensor,
     target_context: torch.Tensor,
-    replaced: Sequence[int],
-    layers: Sequence[int],
-    map_format: str,
-    guidance: float,
     *,
     donors: bool,
-    capture_layers: Sequence[int] = (),
 ) -> Program[tuple[torch.Tensor, torch.Tensor]]:
-    """Source and target from the same ``z_T``; in ``replaced`` steps the target's conditional row attends
-    with the source's conditional map in ``layers``. ``source_context`` is (uncond, cond) or just (uncond)
-    for the source prompt "". With ``donors`` a replaced step is one call (the target's cond row borrows the
-    source's map in-call); else the source rows capture ``capture_layers`` and the target rows inject them.
-    Returns the final (source, target) latents."""
+    """Source and target from the same ``z_T``; in the plan's replaced steps the target's conditional row
+    attends with the source's conditional map in ``plan.layers``. ``source_context`` is (uncond, cond) or
+    just (uncond) for the source prompt "". With ``donors`` a replaced step is one call (the target's cond row
+    borrows the source's map in-call); else the source rows capture ``plan.capture_layers`` and the target
+    rows inject them. Returns the final (source, target) latents."""
+    schedule, layers, map_format, guidance = plan.schedule, plan.layers, plan.map_format, plan.guidance
+    replaced = set(plan.replaced)
     ts = schedule.timestep_tensor(z_T.device)
     n, n_src = schedule.steps, source_context.shape[0]
     context = torch.cat([source_context, target_context])
@@ -185,7 +175,7 @@ def generated_edit(
         """Two calls: the source rows capture their maps, the target rows inject the source cond row's."""
         src, tgt = slice(0, n_src), slice(n_src, None)
         source = yield step(
-            UNetCall(rows[src], t[src], source_context, map_format, capture=tuple(capture_layers))
+            UNetCall(rows[src], t[src], source_context, map_format, capture=plan.capture_layers)
         )
         assert source.maps is not None
         inject = Injection.for_rows(source.maps.rows([source_cond, source_cond]), [False, True], layers)
@@ -215,28 +205,23 @@ def generated_edit(
 
 
 def generate_source(
-    z_T: torch.Tensor,
-    schedule: DDIMSchedule,
-    source_cond: torch.Tensor,
-    nulls: torch.Tensor | None,
-    replaced: Sequence[int],
-    capture_layers: Sequence[int],
-    map_format: str,
-    guidance: float,
+    z_T: torch.Tensor, plan: EditPlan, source_cond: torch.Tensor, nulls: torch.Tensor | None
 ) -> Program[tuple[torch.Tensor, dict[int, AttentionMaps]]]:
     """The source branch, generated from ``z_T`` with the source prompt and step i's null embedding
     (``nulls[i]``; with ``nulls`` None the null is the source prompt's own embedding, the two rows are
-    identical and one is run). Captures the conditional row's maps in ``replaced`` steps. Returns (z_0, maps)."""
+    identical and one is run). Captures the conditional row's maps (``plan.capture_layers``) in the plan's
+    replaced steps. Returns (z_0, maps)."""
+    schedule = plan.schedule
     ts = schedule.timestep_tensor(z_T.device)
     n = schedule.steps
-    replaced = set(replaced)
+    replaced = set(plan.replaced)
     maps: dict[int, AttentionMaps] = {}
     z = z_T
     for i in range(n):
         context = source_cond if nulls is None else torch.cat([nulls[i : i + 1], source_cond])
         rows = context.shape[0]
-        capture = tuple(capture_layers) if i in replaced else ()
-        call = UNetCall(rows_of(z, rows), ts[i : i + 1].expand(rows), context, map_format, capture)
+        capture = plan.capture_layers if i in replaced else ()
+        call = UNetCall(rows_of(z, rows), ts[i : i + 1].expand(rows), context, plan.map_format, capture)
         result = yield Step("source_generate", i + 1, n, call)
         if capture:
             assert result.maps is not None
@@ -244,5 +229,5 @@ def generate_source(
             maps[i] = AttentionMaps(
                 result.maps.format, {k: t[rows - 1 : rows].clone() for k, t in result.maps.tensors.items()}
             )
-        z = schedule.step(guide(result.noise, guidance), i, z)
+        z = schedule.step(guide(result.noise, plan.guidance), i, z)
     return z, maps

@@ -38,6 +38,32 @@ SD1_BETAS = {
 }
 
 
+def ddim_move(
+    sample: torch.Tensor,
+    prediction: torch.Tensor,
+    alpha: float | torch.Tensor,
+    alpha_to: float | torch.Tensor,
+    prediction_type: str = "epsilon",
+) -> torch.Tensor:
+    """The deterministic DDIM move (eta 0) of ``sample``, at cumulative alpha ``alpha``, to the level
+    ``alpha_to``: lower noise when denoising, higher when inverting. ``prediction`` is the UNet's output at
+    ``sample`` (the noise, or v = sqrt(a) eps - sqrt(1 - a) x0, turned into x0 and eps with ``alpha``).
+
+    The one DDIM formula of the engine: sampling, inversion and the null-text optimisation's differentiable
+    step all take it; the arithmetic is diffusers' (``DDIMScheduler``/``DDIMInverseScheduler.step``) term for
+    term, so with their float32 alphas it gives their results bit for bit. Alphas are Python floats or 0-dim
+    tensors.
+    """
+    beta = 1 - alpha
+    if prediction_type == "v_prediction":
+        x0 = (alpha**0.5) * sample - (beta**0.5) * prediction
+        eps = (alpha**0.5) * prediction + (beta**0.5) * sample
+    else:
+        x0 = (sample - beta**0.5 * prediction) / alpha**0.5
+        eps = prediction
+    return alpha_to**0.5 * x0 + (1 - alpha_to) ** 0.5 * eps
+
+
 class DDIMSchedule:
     """The timesteps of one step count, with the denoising step and the inversion step."""
 
@@ -60,6 +86,19 @@ class DDIMSchedule:
         self._inverter.set_timesteps(steps)
         #: Denoising order: index 0 is the noisiest step.
         self.timesteps: list[int] = [int(t) for t in self._sampler.timesteps]
+        # Per step, the cumulative alphas (float32, as the schedulers keep them) of the level left and the
+        # level reached. Denoising from t lands on t - r (the final alpha below 0); inverting to t leaves
+        # t - r (the initial alpha below 0), so the UNet, evaluated at t, is used at t - r as diffusers does.
+        r = config["num_train_timesteps"] // steps
+        alphas, last = self._sampler.alphas_cumprod, config["num_train_timesteps"] - 1
+        self._denoise = [
+            (alphas[t], alphas[t - r] if t - r >= 0 else self._sampler.final_alpha_cumprod)
+            for t in self.timesteps
+        ]
+        self._invert = [
+            (alphas[min(t - r, last)] if t - r >= 0 else self._inverter.initial_alpha_cumprod, alphas[t])
+            for t in (int(t) for t in self._inverter.timesteps)
+        ]
         self._on_device: dict[tuple[str, bool], torch.Tensor] = {}
         self._lock = threading.Lock()
 
@@ -81,18 +120,19 @@ class DDIMSchedule:
     def denoise_alphas(self) -> list[tuple[int, float, float]]:
         """Per denoising step, noisiest first: (t, alpha_bar(t), alpha_bar of the level it lands on). What a
         differentiable DDIM step needs (the null-text optimisation back-propagates through it)."""
-        r = self._sampler.config.num_train_timesteps // self.steps
-        alphas = self._sampler.alphas_cumprod
-        final = float(self._sampler.final_alpha_cumprod)
-        return [(t, float(alphas[t]), float(alphas[t - r]) if t - r >= 0 else final) for t in self.timesteps]
+        return [
+            (t, float(a), float(a_to)) for t, (a, a_to) in zip(self.timesteps, self._denoise, strict=True)
+        ]
 
     def step(self, noise_pred: torch.Tensor, index: int, sample: torch.Tensor) -> torch.Tensor:
         """One DDIM (eta 0) step from denoising step ``index``'s timestep to the next lower one."""
-        return self._sampler.step(noise_pred, self.timesteps[index], sample, eta=0.0).prev_sample
+        alpha, alpha_to = self._denoise[index]
+        return ddim_move(sample, noise_pred, alpha, alpha_to, self.prediction_type)
 
     def invert_step(self, noise_pred: torch.Tensor, index: int, sample: torch.Tensor) -> torch.Tensor:
         """One DDIM inversion step; ``index`` counts over ``reversed(timesteps)`` (0 is t = 0)."""
-        return self._inverter.step(noise_pred, self.inversion_timesteps[index], sample).prev_sample
+        alpha, alpha_to = self._invert[index]
+        return ddim_move(sample, noise_pred, alpha, alpha_to, self.prediction_type)
 
 
 #: Step counts whose schedules are kept (LRU); a server sees few distinct counts, a scan of all 1000 stays

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from fpedit.engine.backends.graph_backend import TORCH_DTYPES
 from fpedit.engine.contract import (
     EXPORT_FORMAT,
     GRAPHS,
@@ -54,7 +55,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
 PROTOBUF_LIMIT = 2 * 1024**3 - 1024**2  # stay clear of protobuf's 2 GiB hard limit
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
 SPATIAL_AXES = ("latent_height", "latent_width", "height", "width")
 
 
@@ -103,7 +103,8 @@ def dynamic_axes(tensors: Sequence[TensorSpec], static_size: bool) -> dict[str, 
     return axes
 
 
-def _graph_module(graph: str, parts: Components, layers: Sequence[int], map_format: str) -> torch.nn.Module:
+def graph_module(graph: str, parts: Components, layers: Sequence[int], map_format: str) -> torch.nn.Module:
+    """The torch module graph ``graph`` of the contract is traced from (``verify-export`` runs it too)."""
     if graph == "text_encoder":
         return TextEncoder(parts.text_encoder)
     if graph == "vae_encoder":
@@ -222,7 +223,7 @@ def export_onnx(
             if progress:
                 progress(graph)
             inputs, outputs = graph_io(graph, spec, layer_numbers, map_format, precision)
-            module = _graph_module(graph, parts, layer_numbers, map_format).eval()
+            module = graph_module(graph, parts, layer_numbers, map_format).eval()
             args = example_inputs(inputs, spec, example_batch, latent_hw)
             files[graph] = f"{graph}.onnx"
             export_graph(

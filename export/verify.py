@@ -15,7 +15,7 @@ import torch
 from fpedit.engine.backends.onnx_backend import OnnxRuntimeBackend
 from fpedit.engine.loading import load_components
 
-from .onnx_export import _graph_module, example_inputs
+from .onnx_export import example_inputs, graph_module
 
 #: Default pass bound on the max relative error, by the export's precision: float32 graphs differ from the
 #: torch modules by reassociation only; float16 graphs (unit roundoff 4.9e-4) by a few roundings per layer.
@@ -61,11 +61,11 @@ def verify_export(
     for index, graph in enumerate(sorted(manifest.files)):
         inputs, outputs = manifest.io(graph)
         args = example_inputs(inputs, manifest.spec, batch, latent_hw, seed=seed + index)
-        module = _graph_module(graph, parts, manifest.layers, manifest.map_format).eval()
+        module = graph_module(graph, parts, manifest.layers, manifest.map_format).eval()
         with torch.no_grad():
             expected = module(*(a.float() if a.is_floating_point() else a for a in args))
         expected = expected if isinstance(expected, tuple) else (expected,)
-        got = backend._execute(
+        got = backend.run_graph(
             graph, {t.name: a for t, a in zip(inputs, args, strict=True)}, batch, latent_hw
         )
         for tensor, want in zip(outputs, expected, strict=True):

@@ -13,9 +13,9 @@ from fpedit.engine.errors import (
     FpeditError,
     InvalidInputError,
     NotFoundError,
-    OverloadedError,
-    UnavailableError,
 )
+
+from .errors import OverloadedError, UnavailableError
 
 #: Error types a client can act on, most specific first, with their outcome (a gRPC status code name).
 CLIENT_ERRORS: tuple[tuple[type[Exception], str], ...] = (

@@ -36,12 +36,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from fpedit.engine import EditEngine, EditOptions, ProgressEvent
-from fpedit.engine.errors import CancelledError, NotFoundError, OverloadedError
+from fpedit.engine.errors import CancelledError, NotFoundError
 from fpedit.engine.options import MAX_STEPS
 
 from .cache import InversionCache
 from .config import ServerConfig
 from .convert import encode_image
+from .errors import OverloadedError
 from .results import EditOutcome, GenerateOutcome, InfoOutcome, InvertOutcome, Limits
 from .streaming import stream_of
 

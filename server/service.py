@@ -32,7 +32,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from fpedit.engine import InvalidInputError
-from fpedit.engine.errors import CancelledError, DeadlineExceededError, UnavailableError
+from fpedit.engine.errors import CancelledError, DeadlineExceededError
 from fpedit.engine.null_text import (
     DEFAULT_EPSILON,
     DEFAULT_INNER_STEPS,
@@ -52,6 +52,7 @@ from .convert import (
     options_from_proto,
     stream_message,
 )
+from .errors import UnavailableError
 from .metrics import ServerMetrics
 from .outcomes import outcome_of
 from .runner import ACCEPTED_IMAGE_FORMATS, EditCall, GenerateCall, InvertCall, Runner

@@ -15,8 +15,6 @@ from helpers import BATCH_SHAPE_TOL
 from reference import rel_l2
 
 from fpedit import EditEngine, EditOptions
-from fpedit.engine import programs
-from fpedit.engine.executor import RequestRun
 
 
 @pytest.fixture(scope="module")
@@ -106,31 +104,6 @@ def test_concurrent_requests_equal_their_lone_runs(engine, batching):
     assert rows == sum(r.stats["unet_rows"] for r in lone)
     assert calls < sum(r.stats["unet_calls"] for r in lone)
     assert max(after["batch_rows"]) > 4  # some call carried rows of several requests
-
-
-def test_run_many_merges_programs_from_one_thread(engine):
-    """The executor's single-thread mode: three inversions advance together, one 3-row call per step."""
-    schedule = engine._schedules(5)
-    uncond = engine._embed("", RequestRun(engine.backend))
-    z0s = [latents(seed) for seed in (5, 6, 7)]
-    lone = [
-        engine.executor.run(programs.invert(z, schedule, uncond), RequestRun(engine.backend)) for z in z0s
-    ]
-    before = engine.counters()
-    runs = [RequestRun(engine.backend) for _ in z0s]
-    together = engine.executor.run_many(
-        [(programs.invert(z, schedule, uncond), r) for z, r in zip(z0s, runs, strict=True)]
-    )
-    after = engine.counters()
-    for a, b in zip(lone, together, strict=True):
-        assert rel_l2(b, a) < BATCH_SHAPE_TOL  # 1-row calls vs 3-row calls
-    assert (
-        min(rel_l2(together[i], lone[j]) for i in range(3) for j in range(3) if i != j)
-        >= 10 * BATCH_SHAPE_TOL
-    )
-    assert after["unet_calls"] - before["unet_calls"] == 4  # 4 steps (the t = 0 step is skipped)
-    assert after["batch_rows"].get(3, 0) - before["batch_rows"].get(3, 0) == 4
-    assert all(r.unet_rows == 4 for r in runs)
 
 
 def test_a_failing_call_fails_only_its_request(batching, monkeypatch):

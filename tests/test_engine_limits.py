@@ -85,9 +85,9 @@ def test_inversion_nbytes_counts_every_byte_it_keeps(engine, image):
 
 
 def test_text_cache_is_keyed_by_token_ids_and_bounded(model_dir, monkeypatch):
-    from fpedit.engine import pipeline
+    from fpedit.engine import text
 
-    monkeypatch.setattr(pipeline, "TEXT_CACHE_SIZE", 3)
+    monkeypatch.setattr(text, "TEXT_CACHE_SIZE", 3)
     engine = EditEngine.from_pretrained(model_dir)
     encodes = count_calls(monkeypatch, engine.backend, "encode_text")
     z = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(2))
@@ -97,9 +97,10 @@ def test_text_cache_is_keyed_by_token_ids_and_bounded(model_dir, monkeypatch):
     assert encodes[0] == 2
     for word in ("dog", "cow", "yak", "owl"):
         engine.edit_generated("", f"a {word}", latents=z, options=opts)
-    assert len(engine._text_cache) == 3
+    assert len(engine.text) == 3
     assert all(
-        isinstance(key, tuple) and len(key) == engine.spec.text_max_length for key in engine._text_cache
+        isinstance(key, tuple) and len(key) == engine.spec.text_max_length
+        for key in engine.text.cached_keys()
     )
 
 

@@ -19,7 +19,6 @@ from fpedit.engine import CancelledError, EditOptions, InvalidInputError
 from fpedit.engine.null_text import (
     DenoiseStep,
     check_null_text_options,
-    float32_unet,
     optimize_null_embeddings,
 )
 
@@ -46,7 +45,7 @@ def test_optimisation_matches_reference(engine, reference, ref_run):
     traj = torch.cat(ref_run["traj"])
     done = []
     result = optimize_null_embeddings(
-        engine.backend.float32_unet(),
+        engine.backend.differentiable_unet(),
         traj,
         reference.embed(SOURCE),
         reference.embed(""),
@@ -68,7 +67,7 @@ def test_optimisation_matches_reference(engine, reference, ref_run):
 
 
 def test_no_autograd_state_leaks(engine, reference, ref_run):
-    unet = engine.backend.float32_unet()
+    unet = engine.backend.differentiable_unet()
     traj = torch.cat(ref_run["traj"])
     args = (
         unet,
@@ -101,7 +100,7 @@ def test_cancellation_between_iterations(engine, reference, ref_run):
 
     with pytest.raises(CancelledError):
         optimize_null_embeddings(
-            engine.backend.float32_unet(),
+            engine.backend.differentiable_unet(),
             torch.cat(ref_run["traj"]),
             reference.embed(SOURCE),
             reference.embed(""),
@@ -115,16 +114,24 @@ def test_cancellation_between_iterations(engine, reference, ref_run):
     assert torch.is_grad_enabled()
 
 
-def test_fp16_unet_gets_one_float32_copy(raw_modules):
-    import copy
+def test_fp16_backend_owns_one_float32_copy(engine, model_dir):
+    from fpedit.engine.backends.torch_backend import TorchBackend
+    from fpedit.engine.loading import load_components
 
-    half = copy.deepcopy(raw_modules["unet"]).half()
-    first, second = float32_unet(half), float32_unet(half)
+    parts = load_components(model_dir)
+    backend = TorchBackend(
+        unet=parts.unet, vae=parts.vae, text_encoder=parts.text_encoder, spec=parts.spec, dtype=torch.float16
+    )
+    half = backend.unet_module
+    first, second = backend.differentiable_unet(), backend.differentiable_unet()
     assert first is second and first is not half
     assert all(p.dtype == torch.float32 and not p.requires_grad for p in first.parameters())
     assert next(half.parameters()).dtype == torch.float16  # the serving module is untouched
-    fp32 = raw_modules["unet"]
-    assert float32_unet(fp32) is fp32
+    # The copy has the serving module's weights, in float32.
+    for (name, p32), (_, p16) in zip(first.named_parameters(), half.named_parameters(), strict=True):
+        assert torch.equal(p32, p16.float()), name
+    # A float32 backend differentiates through its serving module: no copy.
+    assert engine.backend.differentiable_unet() is engine.backend.unet_module
     with pytest.raises(ValueError, match="float32"):
         optimize_null_embeddings(
             half,
@@ -312,16 +319,17 @@ def test_edit_refuses_mismatched_requests(engine, engine_null_text, image):
     assert info.value.field == "method"
 
 
-def test_null_text_needs_gradients_so_exported_backends_refuse_it():
-    from types import SimpleNamespace
-
+def test_null_text_needs_gradients_so_exported_backends_refuse_it(engine):
+    from fpedit.engine.backends.onnx_backend import OnnxRuntimeBackend
     from fpedit.engine.null_text import check_method
 
-    onnx = SimpleNamespace(name="onnxruntime", supports_gradients=False)
+    onnx = object.__new__(OnnxRuntimeBackend)  # the capability is declared on the class: no export needed
+    assert onnx.differentiable_unet() is None
     with pytest.raises(InvalidInputError, match="negative-prompt") as info:
         check_method("null-text", SOURCE, onnx)
     assert info.value.field == "method"
     assert check_method("negative-prompt", SOURCE, onnx) == "negative-prompt"
+    assert check_method("null-text", SOURCE, engine.backend) == "null-text"
 
 
 def test_engine_cancellation_stops_the_optimisation(engine, image):

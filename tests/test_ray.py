@@ -145,9 +145,8 @@ def test_replica_errors_come_back_as_the_runners_errors():
         DeadlineExceededError,
         InvalidInputError,
         NotFoundError,
-        OverloadedError,
-        UnavailableError,
     )
+    from fpedit.server.errors import OverloadedError, UnavailableError
     from fpedit.server.ray.errors import ReplicaError, _translate
 
     for original in (

@@ -157,6 +157,38 @@ def test_inversion_matches_diffusers_inverse_scheduler(sd2):
     assert rel_l2(inv.latent(steps), z) < 1e-4
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_the_one_ddim_formula_is_diffusers_step_bit_for_bit(prediction_type):
+    """Sampling and inversion take the engine's one DDIM formula (schedule.ddim_move, which the null-text
+    optimisation differentiates through): it must give diffusers' scheduler steps exactly, both ways."""
+    from diffusers import DDIMInverseScheduler, DDIMScheduler
+
+    from fpedit.engine.schedule import DDIMSchedule
+
+    config = {
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "set_alpha_to_one": False,
+        "steps_offset": 0,
+        "clip_sample": False,
+        "timestep_spacing": "leading",
+        "prediction_type": prediction_type,
+    }
+    generator = torch.Generator().manual_seed(3)
+    for steps in (1, 3, 50):
+        schedule = DDIMSchedule({"prediction_type": prediction_type}, steps)
+        sampler, inverter = DDIMScheduler(**config), DDIMInverseScheduler(**config)
+        sampler.set_timesteps(steps)
+        inverter.set_timesteps(steps)
+        for i, (t_down, t_up) in enumerate(zip(sampler.timesteps, inverter.timesteps, strict=True)):
+            z, out = torch.randn((2, 2, 4, 8, 8), generator=generator)
+            want = sampler.step(out, t_down, z, eta=0.0).prev_sample
+            assert torch.equal(schedule.step(out, i, z), want), (steps, i)
+            want = inverter.step(out, t_up, z).prev_sample
+            assert torch.equal(schedule.invert_step(out, i, z), want), (steps, i)
+
+
 def test_null_text_edit_matches_reference(sd2):
     """Algorithm 3 with v: the optimisation's differentiable DDIM step converts v too."""
     engine, ref, _ = sd2

@@ -36,8 +36,8 @@ class Backend(ABC):
     map_layers: tuple[int, ...] | None = None
     #: Map formats this backend can capture and inject.
     map_formats: tuple[str, ...] = ("qk", "probs")
-    #: Whether :meth:`float32_unet` exists: gradient work (null-text inversion) needs a differentiable UNet.
-    supports_gradients: bool = False
+    #: LoRA files fused into the weights at load (``FILE:SCALE``), reported by ``info``.
+    loras: Sequence[str] = ()
     #: Largest UNet batch (rows) one call may take.
     max_batch: int = 8
     #: Whether :meth:`unet` takes ``call.donors``: rows that attend with another row's map of the same call.
@@ -69,6 +69,12 @@ class Backend(ABC):
         Returns the noise prediction (``None`` when ``call.need_noise_pred`` is false) and the maps of
         ``call.capture``. ``call.donors`` is accepted only where :attr:`supports_donors`.
         """
+
+    def differentiable_unet(self) -> torch.nn.Module | None:
+        """A float32 UNet module gradients can flow through (frozen weights; called as diffusers' UNet), for
+        gradient work such as null-text inversion; ``None`` where this backend has none (exported graphs).
+        The engine refuses such work up front when this is ``None``."""
+        return None
 
     def on_device(self, call: UNetCall) -> UNetCall:
         """``call`` with its tensors on this backend's device and in its dtype (timesteps float32)."""

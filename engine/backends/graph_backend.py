@@ -105,9 +105,12 @@ class GraphBackend(Backend):
                 f"{w}x{h} is outside this export's image sizes ({allowed}); re-export with --image-size",
             )
 
-    def _execute(
+    def run_graph(
         self, graph: str, feeds: dict[str, torch.Tensor], batch: int, latent_hw: tuple[int, int]
     ) -> dict[str, torch.Tensor]:
+        """Run one graph of the export on ``feeds`` (by input name; cast to the graph's dtypes) for ``batch``
+        rows at ``latent_hw``; returns its outputs by name. The entry points below use it, and so does
+        ``fpedit verify-export``, which compares every graph with the torch module it was traced from."""
         if graph not in self._io:
             raise ModelLoadError(f"this export has no {graph} graph")
         inputs, outputs = self._io[graph]
@@ -128,19 +131,19 @@ class GraphBackend(Backend):
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         self._check_shape(input_ids.shape[0], None)
-        out = self._execute("text_encoder", {INPUT_IDS: input_ids}, input_ids.shape[0], (1, 1))
+        out = self.run_graph("text_encoder", {INPUT_IDS: input_ids}, input_ids.shape[0], (1, 1))
         return out[TEXT_EMBEDDINGS]
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         f = self.spec.vae_scale_factor
         latent_hw = (images.shape[-2] // f, images.shape[-1] // f)
         self._check_shape(images.shape[0], latent_hw)
-        return self._execute("vae_encoder", {IMAGES: images}, images.shape[0], latent_hw)[LATENT_MEAN]
+        return self.run_graph("vae_encoder", {IMAGES: images}, images.shape[0], latent_hw)[LATENT_MEAN]
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         latent_hw = (latents.shape[-2], latents.shape[-1])
         self._check_shape(latents.shape[0], latent_hw)
-        return self._execute("vae_decoder", {LATENTS: latents}, latents.shape[0], latent_hw)[DECODED]
+        return self.run_graph("vae_decoder", {LATENTS: latents}, latents.shape[0], latent_hw)[DECODED]
 
     def unet(self, call: UNetCall) -> UNetResult:
         if call.donors is not None:
@@ -162,7 +165,7 @@ class GraphBackend(Backend):
             graph = UNET_GRAPHS["capture"]
         else:
             graph = UNET_GRAPHS["plain"]
-        out = self._execute(graph, feeds, batch, latent_hw)
+        out = self.run_graph(graph, feeds, batch, latent_hw)
         maps = None
         if call.capture:
             maps = AttentionMaps(

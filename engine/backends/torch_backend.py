@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import threading
 
 import torch
 
@@ -12,6 +14,7 @@ from ..contract import ModelSpec
 from ..maps import AttentionMaps
 from .attention import CallState, StopForward, install_processors, unet_forward
 from .base import Backend
+from .capture import CAPTURE_GATE
 
 
 def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -34,7 +37,6 @@ class TorchBackend(Backend):
     """
 
     name = "torch"
-    supports_gradients = True
     supports_donors = True
 
     def __init__(
@@ -73,6 +75,8 @@ class TorchBackend(Backend):
         self.channels_last = on_cuda if channels_last is None else channels_last
         if self.channels_last:
             self._unet.to(memory_format=torch.channels_last)
+        self._unet32: torch.nn.Module | None = self._unet if dtype == torch.float32 else None
+        self._unet32_lock = threading.Lock()
         self._forward_module: torch.nn.Module = self._unet
         if compile_unet:
             self._forward_module = torch.compile(self._unet, mode="max-autotune-no-cudagraphs", dynamic=False)
@@ -129,12 +133,17 @@ class TorchBackend(Backend):
         layer order) without reaching into the backend's private state."""
         return self._unet
 
-    def float32_unet(self) -> torch.nn.Module:
-        """The UNet for gradient work in float32: the serving module itself when it is float32, else one
-        frozen float32 copy made on first use and kept (fp16 gradients underflow in Adam's moments)."""
-        from ..null_text import float32_unet
-
-        return float32_unet(self._unet)
+    def differentiable_unet(self) -> torch.nn.Module:
+        """The serving UNet itself when it is float32, else one frozen float32 copy made on first use and kept
+        with this backend (fp16 gradients underflow in Adam's moments; serving stays in the backend's dtype,
+        so the copy costs the UNet's float32 size once)."""
+        if self._unet32 is None:
+            # The copy is device work (allocations, casts): never beside a graph capture; the gate before
+            # this backend's own lock, as the capture discipline requires.
+            with CAPTURE_GATE.shared(), self._unet32_lock:
+                if self._unet32 is None:
+                    self._unet32 = copy.deepcopy(self._unet).to(torch.float32).eval().requires_grad_(False)
+        return self._unet32
 
     def weights_digest(self) -> str:
         """sha256 over the three modules' configs and weights as float32 (seconds for SD 1.5; callers cache

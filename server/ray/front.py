@@ -11,8 +11,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from fpedit.engine import ProgressEvent
-from fpedit.engine.errors import CancelledError, OverloadedError, UnavailableError
+from fpedit.engine.errors import CancelledError
 
+from ..errors import OverloadedError, UnavailableError
 from ..results import EditOutcome, GenerateOutcome, InfoOutcome, InvertOutcome
 from ..runner import EditCall, GenerateCall, InvertCall, RunnerStats
 from ..streaming import stream_of
