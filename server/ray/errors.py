@@ -5,13 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
-from fpedit.engine.errors import (
-    CancelledError,
-    InvalidInputError,
-    OverloadedError,
-    UnavailableError,
-)
+from fpedit.engine.errors import CancelledError, InvalidInputError
 
+from ..errors import OverloadedError, UnavailableError
 from ..outcomes import CLIENT_ERRORS, is_out_of_memory
 
 # --- errors across the Ray boundary -------------------------------------------------------------------------
