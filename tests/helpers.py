@@ -121,6 +121,18 @@ def assert_one_line(err: str, *fragments: str) -> None:
         assert fragment in err, (fragment, err)
 
 
+#: diffusers' DDIM settings for SD 1.x/2.x (docs/design.md): the independent schedules the tests compare with.
+SD_DDIM = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "set_alpha_to_one": False,
+    "steps_offset": 0,
+    "clip_sample": False,
+}
+
+
 def diffusers_inversion(
     unet, z0: torch.Tensor, empty: torch.Tensor, steps: int, prediction_type: str = "epsilon"
 ):
@@ -130,16 +142,7 @@ def diffusers_inversion(
     """
     from diffusers import DDIMInverseScheduler
 
-    scheduler = DDIMInverseScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        set_alpha_to_one=False,
-        steps_offset=0,
-        clip_sample=False,
-        prediction_type=prediction_type,
-    )
+    scheduler = DDIMInverseScheduler(**SD_DDIM, prediction_type=prediction_type)
     scheduler.set_timesteps(steps)
     z, trajectory = z0, [z0]
     with torch.no_grad():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import check_generated_edit
+from helpers import SD_DDIM, check_generated_edit
 from reference import rel_l2
 
 from fpedit import EditOptions
@@ -53,15 +53,7 @@ def test_empty_window_equals_stable_diffusion_pipeline(engine, raw_modules):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     def ddim() -> DDIMScheduler:
-        return DDIMScheduler(
-            num_train_timesteps=1000,
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            set_alpha_to_one=False,
-            steps_offset=0,
-            clip_sample=False,
-        )
+        return DDIMScheduler(**SD_DDIM)
 
     pipe = StableDiffusionPipeline(
         vae=raw_modules["vae"],
