@@ -6,7 +6,10 @@ Fixtures live in conftest.py; plain functions live here so that a test module im
 from __future__ import annotations
 
 import io
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -170,3 +173,24 @@ def check_generated_edit(engine, ref, source: str, target: str, latents: torch.T
     off = engine.edit_generated(source, target, latents=latents, options=o.replace(replace_window=(0.0, 0.0)))
     assert rel_l2(off.edited_latents, ref_tgt) >= 10 * tol
     return result
+
+
+def run_concurrently(jobs: list[Callable[[], Any]], timeout_s: float = 600) -> list[Any]:
+    """Start every job at once (one thread each); return results or the exceptions they raised."""
+    results: list[Any] = [None] * len(jobs)
+    start = threading.Barrier(len(jobs))
+
+    def work(i: int) -> None:
+        start.wait()
+        try:
+            results[i] = jobs[i]()
+        except Exception as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout_s)
+    assert not any(t.is_alive() for t in threads), "a request hung"
+    return results
