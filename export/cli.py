@@ -27,6 +27,8 @@ def _progress(name: str) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from fpedit.args import checkpoint_options
+
     from .onnx_export import export_onnx
 
     print(f"exporting {args.model} to {args.out}")
@@ -41,10 +43,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         external_data=args.external_data,
         graphs=args.graphs or GRAPHS,
-        allow_pickle=args.allow_pickle,
-        model_config=args.model_config,
-        prediction_type=args.prediction_type,
-        loras=args.loras or (),
+        **checkpoint_options(args),
         progress=_progress,
     )
     print(

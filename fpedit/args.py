@@ -299,6 +299,21 @@ def add_checkpoint_arguments(group: Any) -> None:
     )
 
 
+def checkpoint_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The loader keywords the checkpoint flags (and --allow-pickle) name, one mapping for every command."""
+    return {
+        "model_config": args.model_config,
+        "prediction_type": args.prediction_type,
+        "loras": tuple(args.loras or ()),
+        "allow_pickle": args.allow_pickle,
+    }
+
+
+def typed_flags(args: argparse.Namespace, *flags: str) -> list[str]:
+    """Those of ``flags`` (as typed, e.g. ``--source-prompt``) that were given, for "does not apply" errors."""
+    return [flag for flag in flags if getattr(args, flag.lstrip("-").replace("-", "_")) is not None]
+
+
 def add_edit_arguments(parser: argparse.ArgumentParser, *, defaults: bool = True) -> None:
     """The edit options. ``defaults=False`` (a client): unset flags stay None and take the server's."""
     paper = PAPER_OPTIONS
@@ -433,10 +448,7 @@ def engine_config_from_args(args: argparse.Namespace, **engine: Any) -> EngineCo
         backend=backend,
         device=args.device,
         dtype=args.dtype,
-        model_config=args.model_config,
-        prediction_type=args.prediction_type,
-        loras=tuple(args.loras or ()),
-        allow_pickle=args.allow_pickle,
+        **checkpoint_options(args),
         providers=tuple(args.providers) if args.providers else None,
         backend_options=backend_options,
         **engine,

@@ -137,17 +137,9 @@ def _saved_inversion_from_args(args: argparse.Namespace) -> dict[str, str] | Non
         return None
     if args.image is not None:
         raise InvalidInputError("inversion_file", "edits a saved inversion: leave out IMAGE")
-    given = [
-        flag
-        for flag, value in (
-            ("--inversion", args.inversion),
-            ("--source-prompt", args.source_prompt),
-            ("--null-text-steps", args.null_text_steps),
-            ("--null-text-epsilon", args.null_text_epsilon),
-            ("--save-inversion", args.save_inversion),
-        )
-        if value is not None
-    ]
+    given = cli_args.typed_flags(
+        args, "--inversion", "--source-prompt", "--null-text-steps", "--null-text-epsilon", "--save-inversion"
+    )
     if given:
         raise InvalidInputError(
             "inversion_file", f"the saved inversion has its own settings; leave out {given[0]}"
@@ -262,10 +254,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     out = convert(
         args.src,
         args.dst,
-        model_config=args.model_config,
-        prediction_type=args.prediction_type,
-        allow_pickle=args.allow_pickle,
-        loras=args.loras or (),
+        **cli_args.checkpoint_options(args),
     )
     print(f"wrote {out}")
     return 0

@@ -22,6 +22,7 @@ from fpedit.args import (
     describe_error,
     server_config_from_args,
     source_output_path,
+    typed_flags,
 )
 
 __all__ = ["add_commands", "server_config_from_args"]
@@ -240,15 +241,7 @@ def cmd_client_edit(args: argparse.Namespace) -> int:
     if bool(args.inversion_id) == (args.image is not None):
         raise UsageError("give an IMAGE or --inversion-id (exactly one)")
     if args.inversion_id:
-        typed = [
-            flag
-            for flag, value in (
-                ("--inversion", args.inversion),
-                ("--source-prompt", args.source_prompt),
-                ("--null-text-steps", args.null_text_steps),
-            )
-            if value is not None
-        ]
+        typed = typed_flags(args, "--inversion", "--source-prompt", "--null-text-steps")
         if typed:
             raise UsageError(
                 f"{typed[0]}: inversion options do not apply to --inversion-id (the inversion was made with "

@@ -103,3 +103,14 @@ def reference(raw_modules):
 @pytest.fixture
 def image() -> Image.Image:
     return make_image()
+
+
+@pytest.fixture
+def no_engine(monkeypatch):
+    """Fails the test if a command loads a model: these mistakes must be caught before any work."""
+    import fpedit.args
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the mistake was reported")
+
+    monkeypatch.setattr(fpedit.args, "engine_from_config", refuse)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from fpedit.engine.tiny import write_tiny_tokenizer
+from fpedit.engine.tiny import tiny_configs, write_tiny_tokenizer
 
 
 def save_tiny_clip(folder: Path, seed: int = 11) -> Path:
@@ -16,17 +16,7 @@ def save_tiny_clip(folder: Path, seed: int = 11) -> Path:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
     config = CLIPConfig(
-        text_config={
-            "vocab_size": 514,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "max_position_embeddings": 77,
-            "bos_token_id": 512,
-            "eos_token_id": 513,
-            "pad_token_id": 513,
-        },
+        text_config=tiny_configs()["text_encoder"],  # the tiny SD model's text tower and tokenizer
         vision_config={
             "hidden_size": 32,
             "intermediate_size": 64,

@@ -6,6 +6,10 @@ Fixtures live in conftest.py; plain functions live here so that a test module im
 from __future__ import annotations
 
 import io
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,3 +57,140 @@ def model_input(image: Image.Image) -> torch.Tensor:
 #: 3.3e-6 measured (re-edit of tests/test_real.py) on two machines. Each test using it also shows that a
 #: deliberately wrong computation (maps of another step, no injection) misses by >= 10x this.
 BATCH_SHAPE_TOL = 1e-4
+
+
+def self_signed_cert(folder: Path) -> tuple[Path, Path]:
+    """Write a self-signed certificate for localhost/127.0.0.1 and its key (PEM) into ``folder``.
+
+    Why: the TLS tests of gRPC, HTTP and ``fpedit serve`` need a real certificate that a client trusts when
+    given it as the root, without anything fetched or a CA on the machine.
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_path, key_path
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    """``fpedit`` main() or argparse's exit: the status and stderr (the CLI tests check both)."""
+    from fpedit.cli import main
+
+    try:
+        code = main(args)
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def assert_one_line(err: str, *fragments: str) -> None:
+    """The CLI's error contract: one ``fpedit: error:`` line, no traceback or object repr, naming ``fragments``."""
+    assert err.startswith("fpedit: error:") and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert " object at 0x" not in err, err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+
+
+#: diffusers' DDIM settings for SD 1.x/2.x (docs/design.md): the independent schedules the tests compare with.
+SD_DDIM = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "set_alpha_to_one": False,
+    "steps_offset": 0,
+    "clip_sample": False,
+}
+
+
+def diffusers_inversion(
+    unet, z0: torch.Tensor, empty: torch.Tensor, steps: int, prediction_type: str = "epsilon"
+):
+    """The DDIM inversion trajectory [z_0, ..., z_T] driven by diffusers' DDIMInverseScheduler (SD 1.x/2.x betas).
+
+    Why: an independent second opinion on the engine's inversion, shared by the epsilon and v-prediction tests.
+    """
+    from diffusers import DDIMInverseScheduler
+
+    scheduler = DDIMInverseScheduler(**SD_DDIM, prediction_type=prediction_type)
+    scheduler.set_timesteps(steps)
+    z, trajectory = z0, [z0]
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            z = scheduler.step(unet(z, t, encoder_hidden_states=empty).sample, t, z).prev_sample
+            trajectory.append(z)
+    return trajectory
+
+
+def check_generated_edit(engine, ref, source: str, target: str, latents: torch.Tensor, options, tol: float):
+    """Edit generated ``latents`` with the engine and the reference and assert they agree within ``tol``.
+
+    The comparison must be able to fail: the same run without injection has to miss the reference's edit by at
+    least 10x ``tol``. Returns the engine's result for further checks.
+    """
+    from reference import rel_l2
+
+    result = engine.edit_generated(source, target, latents=latents, options=options)
+    o = options
+    ref_src, ref_tgt = ref.edit_generated(
+        source, target, latents, o.steps, o.guidance_scale, o.replace_window, o.layers
+    )
+    assert rel_l2(result.source_latents, ref_src) < tol
+    assert rel_l2(result.edited_latents, ref_tgt) < tol
+    off = engine.edit_generated(source, target, latents=latents, options=o.replace(replace_window=(0.0, 0.0)))
+    assert rel_l2(off.edited_latents, ref_tgt) >= 10 * tol
+    return result
+
+
+def run_concurrently(jobs: list[Callable[[], Any]], timeout_s: float = 600) -> list[Any]:
+    """Start every job at once (one thread each); return results or the exceptions they raised."""
+    results: list[Any] = [None] * len(jobs)
+    start = threading.Barrier(len(jobs))
+
+    def work(i: int) -> None:
+        start.wait()
+        try:
+            results[i] = jobs[i]()
+        except Exception as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout_s)
+    assert not any(t.is_alive() for t in threads), "a request hung"
+    return results

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import make_image
-from helpers import BATCH_SHAPE_TOL
+from helpers import BATCH_SHAPE_TOL, run_concurrently
 from reference import rel_l2
 
 from fpedit import EditEngine, EditOptions
@@ -23,27 +23,6 @@ def batching(model_dir) -> EditEngine:
     engine = EditEngine.from_pretrained(model_dir, batching=True, max_wait_ms=30)
     yield engine
     engine.close()
-
-
-def run_concurrently(jobs: list[Callable[[], Any]]) -> list[Any]:
-    """Start every job at once (one thread each); return results or the exceptions they raised."""
-    results: list[Any] = [None] * len(jobs)
-    start = threading.Barrier(len(jobs))
-
-    def work(i: int) -> None:
-        start.wait()
-        try:
-            results[i] = jobs[i]()
-        except Exception as exc:
-            results[i] = exc
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=600)
-    assert not any(t.is_alive() for t in threads), "a request hung"
-    return results
 
 
 def latents(seed: int, hw: int = 16) -> torch.Tensor:

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 from conftest import make_image
+from helpers import assert_one_line, run_cli
 from PIL import Image
 
 from fpedit.cli import main, parse_layers
@@ -128,34 +129,6 @@ def test_console_script_info():
     info = json.loads(proc.stdout)
     assert info["backend"] == "torch" and info["model"] == "tiny"
     assert info["defaults"]["layers"] == list(range(4, 15))
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str]:
-    """main() or argparse's exit: the status and stderr."""
-    try:
-        code = main(args)
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err
-
-
-def assert_one_line(err: str, *fragments: str) -> None:
-    assert err.startswith("fpedit: error:") and "Traceback" not in err, err
-    assert len(err.strip().splitlines()) == 1, err
-    assert " object at 0x" not in err, err
-    for fragment in fragments:
-        assert fragment in err, (fragment, err)
-
-
-@pytest.fixture
-def no_engine(monkeypatch):
-    """Fails the test if a command loads a model: these mistakes must be caught before any work."""
-    import fpedit.args
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the mistake was reported")
-
-    monkeypatch.setattr(fpedit.args, "engine_from_config", refuse)
 
 
 @pytest.mark.parametrize(

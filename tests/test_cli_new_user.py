@@ -14,37 +14,12 @@ from pathlib import Path
 
 import pytest
 from conftest import make_image
+from helpers import assert_one_line, run_cli, self_signed_cert
 
 from fpedit.cli import build_parser, main
 
 #: Nothing listens on port 1 of loopback: a client command that got as far as a call would exit 3 there.
 NO_SERVER = ["--target", "127.0.0.1:1", "--timeout", "5"]
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str]:
-    try:
-        code = main(args)
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err
-
-
-def assert_one_line(err: str, *fragments: str) -> None:
-    assert err.startswith("fpedit: error:") and "Traceback" not in err, err
-    assert len(err.strip().splitlines()) == 1, err
-    for fragment in fragments:
-        assert fragment in err, (fragment, err)
-
-
-@pytest.fixture
-def no_engine(monkeypatch):
-    """Fails the test if a command loads a model: these mistakes must be caught before any work."""
-    import fpedit.args
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the mistake was reported")
-
-    monkeypatch.setattr(fpedit.args, "engine_from_config", refuse)
 
 
 @pytest.fixture
@@ -124,59 +99,14 @@ def test_client_flags_are_judged_before_any_call(tmp_path, image_file, capsys, a
 
 def test_colliding_outputs_are_refused_before_any_work(tmp_path, image_file, capsys, no_engine):
     same = tmp_path / "e" / "same.png"
+    edit = ["edit", str(image_file), "-p", "x", "-o", str(same), "--reconstruction"]
+    generate = ["generate", "-s", "a", "-t", "b", "-o", str(same), "--source-output", str(same)]
     cases = [
-        (
-            ["edit", str(image_file), "-p", "x", "-o", str(same), "--reconstruction", str(same)],
-            "--reconstruction",
-        ),
-        (
-            [
-                "edit",
-                str(image_file),
-                "-p",
-                "x",
-                "-o",
-                str(same),
-                "--reconstruction",
-                str(tmp_path / "e/../e/same.png"),
-            ],
-            "--reconstruction",
-        ),
-        (
-            ["generate", "-s", "a", "-t", "b", "-o", str(same), "--source-output", str(same)],
-            "--source-output",
-        ),
-        (
-            [
-                "client",
-                "edit",
-                str(image_file),
-                "-p",
-                "x",
-                "-o",
-                str(same),
-                "--reconstruction",
-                str(same),
-                *NO_SERVER,
-            ],
-            "named for two outputs",
-        ),
-        (
-            [
-                "client",
-                "generate",
-                "-s",
-                "a",
-                "-t",
-                "b",
-                "-o",
-                str(same),
-                "--source-output",
-                str(same),
-                *NO_SERVER,
-            ],
-            "named for two outputs",
-        ),
+        ([*edit, str(same)], "--reconstruction"),
+        ([*edit, str(tmp_path / "e/../e/same.png")], "--reconstruction"),
+        (generate, "--source-output"),
+        (["client", *edit, str(same), *NO_SERVER], "named for two outputs"),
+        (["client", *generate, *NO_SERVER], "named for two outputs"),
     ]
     for argv, fragment in cases:
         code, err = run_cli(argv, capsys)
@@ -280,38 +210,6 @@ def test_path_mistakes_are_reported_before_torch_is_imported(tmp_path, image_fil
 # --- item 8 and issue 16 item 8: serve start-up -------------------------------------------------------------
 
 
-def _self_signed(folder: Path) -> tuple[Path, Path]:
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    folder.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return cert_path, key_path
-
-
 def test_serve_start_up_errors_name_the_flag_before_the_model_loads(tmp_path, capsys, no_engine):
     model = ["--model", "/nonexistent-model-dir"]
     code, err = run_cli(["serve", *model, "--workers", "0"], capsys)
@@ -322,8 +220,8 @@ def test_serve_start_up_errors_name_the_flag_before_the_model_loads(tmp_path, ca
     assert_one_line(err, "--host", "does not resolve")
     assert "in use" not in err
 
-    cert, key = _self_signed(tmp_path / "a")
-    _, other_key = _self_signed(tmp_path / "b")
+    cert, key = self_signed_cert(tmp_path / "a")
+    _, other_key = self_signed_cert(tmp_path / "b")
     cases = [
         (
             ["--tls-cert", str(cert), "--tls-key", str(other_key)],

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_image
+from helpers import run_concurrently
 
 from fpedit import EditEngine, EditOptions, InvalidInputError, ModelLoadError
 from fpedit.engine.backends.capture import CAPTURE_GATE, CaptureGate
@@ -181,24 +182,9 @@ def test_captures_run_alone_under_eight_concurrent_batched_edits(model_dir, monk
         lambda: engine.edit_real(image, "a boat", options=opts.replace(layers=(2, 15))),
         lambda: engine.edit_generated("p", "q", latents=noise(4, 8, 8), options=opts),
     ]
-    results: list[Any] = [None] * len(jobs)
-    barrier = threading.Barrier(len(jobs))
-
-    def work(i: int) -> None:
-        barrier.wait()
-        try:
-            results[i] = jobs[i]()
-        except Exception as exc:
-            results[i] = exc
-
     captures_before = CAPTURE_GATE.captures
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
+    results = run_concurrently(jobs, timeout_s=300)
     engine.close()
-    assert not any(t.is_alive() for t in threads), "a request hung"
     assert [r for r in results if isinstance(r, Exception)] == []
     kinds = {i[0] for i in recorder.intervals}
     assert {"capture", "program", "text", "vae_encode", "vae_decode", "synchronize"} <= kinds

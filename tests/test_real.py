@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import BATCH_SHAPE_TOL, model_input
+from helpers import BATCH_SHAPE_TOL, diffusers_inversion, model_input
 from reference import rel_l2
 
 from fpedit import EditOptions, Inversion
@@ -16,33 +16,16 @@ TOL = 3e-3  # relative L2 against the reference (the inversion amplifies float32
 
 def test_inversion_matches_diffusers_inverse_scheduler(engine, raw_modules, reference, image):
     """The trajectory equals one driven by diffusers' DDIMInverseScheduler with prompt ""."""
-    from diffusers import DDIMInverseScheduler
-
     steps = 8
     inv = engine.invert(image, options=EditOptions(steps=steps))
     assert inv.trajectory.shape == (steps + 1, 4, 16, 16)
-    scheduler = DDIMInverseScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        set_alpha_to_one=False,
-        steps_offset=0,
-        clip_sample=False,
-    )
-    scheduler.set_timesteps(steps)
-    unet = raw_modules["unet"]
     with torch.no_grad():
         z = (
             raw_modules["vae"].encode(model_input(image)).latent_dist.mean
             * raw_modules["vae"].config.scaling_factor
         )
         empty = reference.embed("")
-        expected = [z]
-        for t in scheduler.timesteps:
-            eps = unet(z, t, encoder_hidden_states=empty).sample
-            z = scheduler.step(eps, t, z).prev_sample
-            expected.append(z)
+    expected = diffusers_inversion(raw_modules["unet"], z, empty, steps)
     for k in range(steps + 1):
         assert rel_l2(inv.latent(k), expected[k]) < 1e-4, k
     # Shortcuts: one row per step (guidance on "" is the identity), and no call for the t = 0 step.

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_image, sharpen_attention
+from helpers import check_generated_edit, diffusers_inversion
 from reference import (
     ReferenceFPE,
     reference_conditional_inversion,
@@ -107,12 +108,7 @@ def test_generated_edit_matches_reference(sd2):
     steps, g, window, layers = 8, 7.5, (0.0, 0.8), PAPER_LAYERS
     z = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(3))
     opts = EditOptions(steps=steps, guidance_scale=g, replace_window=window, layers=layers)
-    result = engine.edit_generated(SRC, TGT, latents=z, options=opts)
-    ref_src, ref_tgt = ref.edit_generated(SRC, TGT, z, steps, g, window, layers)
-    assert rel_l2(result.source_latents, ref_src) < GEN_TOL
-    assert rel_l2(result.edited_latents, ref_tgt) < GEN_TOL
-    off = engine.edit_generated(SRC, TGT, latents=z, options=opts.replace(replace_window=(0.0, 0.0)))
-    assert rel_l2(off.edited_latents, ref_tgt) >= 10 * GEN_TOL
+    check_generated_edit(engine, ref, SRC, TGT, z, opts, GEN_TOL)
 
 
 def test_real_edit_matches_reference(sd2):
@@ -134,26 +130,12 @@ def test_real_edit_matches_reference(sd2):
 
 def test_inversion_matches_diffusers_inverse_scheduler(sd2):
     """An independent second opinion: diffusers' DDIMInverseScheduler with the model's prediction type."""
-    from diffusers import DDIMInverseScheduler
-
     engine, ref, _ = sd2
     steps = 6
     inv = engine.invert(make_image(), options=EditOptions(steps=steps))
-    scheduler = DDIMInverseScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        set_alpha_to_one=False,
-        steps_offset=0,
-        clip_sample=False,
-        prediction_type=ref.prediction_type,
-    )
-    scheduler.set_timesteps(steps)
     with torch.no_grad():
-        z = ref.encode(pixels(make_image()))
-        empty = ref.embed("")
-        for t in scheduler.timesteps:
-            z = scheduler.step(ref.unet(z, t, encoder_hidden_states=empty).sample, t, z).prev_sample
+        z0, empty = ref.encode(pixels(make_image())), ref.embed("")
+    z = diffusers_inversion(ref.unet, z0, empty, steps, ref.prediction_type)[-1]
     assert rel_l2(inv.latent(steps), z) < 1e-4
 
 
@@ -222,11 +204,7 @@ def test_sd2_epsilon_folder_edits_like_reference(tmp_path):
     steps, g, window, layers = 6, 7.5, (0.0, 0.8), PAPER_LAYERS
     z = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(4))
     opts = EditOptions(steps=steps, guidance_scale=g, replace_window=window, layers=layers)
-    result = engine.edit_generated(SRC, TGT, latents=z, options=opts)
-    _, ref_tgt = ref.edit_generated(SRC, TGT, z, steps, g, window, layers)
-    assert rel_l2(result.edited_latents, ref_tgt) < GEN_TOL
-    off = engine.edit_generated(SRC, TGT, latents=z, options=opts.replace(replace_window=(0.0, 0.0)))
-    assert rel_l2(off.edited_latents, ref_tgt) >= 10 * GEN_TOL
+    result = check_generated_edit(engine, ref, SRC, TGT, z, opts, GEN_TOL)
     ref.prediction_type = "v_prediction"  # read as v, the same weights give another image
     _, v_tgt = ref.edit_generated(SRC, TGT, z, steps, g, window, layers)
     assert rel_l2(result.edited_latents, v_tgt) > 1e-2
