@@ -2,11 +2,13 @@
 
 Why this shape: a request over HTTP takes the *same* path as one over gRPC. Each handler hands the servicer
 (:class:`~fpedit.server.service.EditServicer`) a body it decodes with protobuf's ``json_format`` into the
-very request message gRPC carries, and an :class:`HttpContext` that stands in for ``grpc.ServicerContext``
-(deadline, cancellation, peer; the token is checked before the body is read). So validation, the queue,
-the inversion cache, status codes, the log line and the metrics (``transport="http"``) cannot drift between
-the two transports. The servicer's gRPC status becomes an HTTP status by :data:`HTTP_STATUS` (Google's
-mapping) with the body ``{"error": {"code", "status", "message"}}``.
+very request message gRPC carries, and an :class:`~.http_support.HttpContext` that stands in for
+``grpc.ServicerContext`` (deadline, cancellation, peer; the token is checked before the body is read). So
+validation, the queue, the inversion cache, status codes, the log line and the metrics (``transport="http"``)
+cannot drift between the two transports. The servicer's gRPC status becomes an HTTP status by
+:data:`~.http_support.HTTP_STATUS` (Google's mapping) with the body
+``{"error": {"code", "status", "message"}}``. The OpenAPI document and the ``/docs`` page are written from
+the proto descriptors in :mod:`.openapi`.
 
 Routes: ``POST /v1/edit`` (JSON, or ``multipart/form-data`` with an ``image`` file and a ``request`` JSON
 part), ``POST /v1/edit:stream`` (server-sent events: one ``EditEvent`` per event), ``POST /v1/generate``,
@@ -28,13 +30,10 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from html import escape
 from importlib import resources
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
-from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 from google.protobuf.message import Message
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -42,35 +41,25 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from fpedit.engine.errors import InvalidInputError
 from fpedit.v1 import edit_pb2 as pb
 
 from .config import ServerConfig
-from .maps import MAPS_REQUEST_SCHEMA, MAPS_RESPONSE_SCHEMA, maps_json
+from .http_support import (
+    Aborted,
+    BodyTooLarge,
+    HttpContext,
+    JsonBody,
+    _peer,
+    _too_large,
+    error_body,
+    error_response,
+    to_json,
+)
+from .maps import maps_json
+from .openapi import docs_page, openapi_document
 from .service import EditServicer
 
 log = logging.getLogger("fpedit.server")
-
-#: gRPC status -> HTTP status, as Google's HTTP APIs map them (google.rpc.Code).
-HTTP_STATUS = {
-    grpc.StatusCode.OK: 200,
-    grpc.StatusCode.CANCELLED: 499,
-    grpc.StatusCode.UNKNOWN: 500,
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.FAILED_PRECONDITION: 400,
-    grpc.StatusCode.ABORTED: 409,
-    grpc.StatusCode.OUT_OF_RANGE: 400,
-    grpc.StatusCode.UNIMPLEMENTED: 501,
-    grpc.StatusCode.INTERNAL: 500,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DATA_LOSS: 500,
-}
 
 #: HTTP status -> status name, for errors raised by the HTTP layer itself (unknown route, wrong method).
 _STATUS_NAME = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND", 405: "UNIMPLEMENTED",
@@ -83,101 +72,6 @@ DEADLINE_HEADER = "x-server-timeout"
 BODY_SLACK_BYTES = 64 * 1024
 #: Paths served without the bearer token: probes, the editor page and the API description.
 PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/openapi.json", "/docs"})
-
-
-def error_body(code: grpc.StatusCode, message: str, http_status: int | None = None) -> dict[str, Any]:
-    status = HTTP_STATUS.get(code, 500) if http_status is None else http_status
-    return {"error": {"code": status, "status": code.name, "message": message}}
-
-
-def error_response(code: grpc.StatusCode, message: str, http_status: int | None = None) -> JSONResponse:
-    body = error_body(code, message, http_status)
-    return JSONResponse(body, status_code=body["error"]["code"])
-
-
-def to_json(message: Message) -> str:
-    """The proto3 JSON mapping of a message (lowerCamelCase names, bytes as base64, defaults omitted)."""
-    return json_format.MessageToJson(message, indent=None)
-
-
-# --- the transport-neutral context and request bodies -------------------------------------------------------
-
-
-class Aborted(Exception):
-    """Raised by :meth:`HttpContext.abort`: the servicer's final status for a failed request."""
-
-    def __init__(self, code: grpc.StatusCode, detail: str) -> None:
-        super().__init__(detail)
-        self.code = code
-        self.detail = detail
-
-
-class HttpContext:
-    """What the servicer asks of a ``grpc.ServicerContext``, for one HTTP request."""
-
-    transport = "http"
-
-    def __init__(self, peer: str, timeout_s: float | None) -> None:
-        self._peer = peer
-        self._deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        self._cancelled = threading.Event()
-
-    def time_remaining(self) -> float | None:
-        return None if self._deadline is None else self._deadline - time.monotonic()
-
-    def is_active(self) -> bool:
-        return not self._cancelled.is_set()
-
-    def cancel(self) -> None:
-        """The client went away: the work stops at its next check, as on a gRPC cancel."""
-        self._cancelled.set()
-
-    def peer(self) -> str:
-        return self._peer
-
-    def abort(self, code: grpc.StatusCode, detail: str) -> None:
-        raise Aborted(code, detail)
-
-
-@dataclass
-class JsonBody:
-    """A request body in the proto3 JSON mapping; the servicer decodes it (``service.parse``) inside the
-    request's status handling, so a bad body is logged and counted as INVALID_ARGUMENT like a bad gRPC one."""
-
-    text: bytes
-    image: bytes | None = None  # a multipart request's ``image`` file part
-    error: str | None = None  # what was wrong with a multipart body
-
-    def decode_as(self, message_type: type[Message]) -> Any:
-        name = message_type.DESCRIPTOR.full_name
-        if self.error is not None:
-            raise InvalidInputError("request", self.error)
-        try:
-            data = json.loads(self.text) if self.text.strip() else {}
-        except (ValueError, RecursionError) as exc:
-            reason = str(exc) if isinstance(exc, ValueError) else "nested too deeply"
-            raise InvalidInputError("request", f"is not JSON ({reason})") from None
-        if not isinstance(data, dict):
-            raise InvalidInputError(
-                "request", f"must be a JSON object (an {name} in the proto3 JSON mapping)"
-            )
-        message = message_type()
-        try:
-            json_format.ParseDict(data, message)
-        except (json_format.ParseError, ValueError, TypeError, AttributeError, RecursionError) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise InvalidInputError("request", reason) from None
-        if self.image is not None:
-            if "image" not in message_type.DESCRIPTOR.fields_by_name:
-                raise InvalidInputError("image", f"{name} takes no image")
-            if message.image:
-                raise InvalidInputError("image", "give the image as the file part or in the JSON, not both")
-            message.image = self.image
-        return message
-
-
-class BodyTooLarge(Exception):
-    pass
 
 
 # --- the application ----------------------------------------------------------------------------------------
@@ -256,7 +150,7 @@ class HttpApi:
             routes=routes,
             exception_handlers={HTTPException: self._http_error, Exception: self._internal_error},
         )
-        self._openapi = openapi_document()
+        self._openapi = openapi_document(API_ROUTES)
 
     # --- plain routes ---------------------------------------------------------------------------------------
 
@@ -428,10 +322,6 @@ class HttpApi:
         return await _split_multipart(request, body, limit)
 
 
-def _too_large(limit: int) -> str:
-    return f"the request body is larger than {limit} bytes (set by --max-message-mb)"
-
-
 async def _split_multipart(request: Request, body: bytes, limit: int) -> JsonBody:
     sent = False
 
@@ -471,260 +361,6 @@ async def _watch_disconnect(request: Request, context: HttpContext) -> None:
         if message["type"] == "http.disconnect":
             context.cancel()
             return
-
-
-def _peer(request: Request) -> str:
-    if request.client is None:
-        return "unknown"
-    host, port = request.client.host, request.client.port
-    return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
-
-
-# --- OpenAPI, from the proto descriptors --------------------------------------------------------------------
-
-_SCALARS: dict[int, dict[str, Any]] = {
-    FieldDescriptor.TYPE_DOUBLE: {"type": "number"},
-    FieldDescriptor.TYPE_FLOAT: {"type": "number"},
-    FieldDescriptor.TYPE_INT32: {"type": "integer", "format": "int32"},
-    FieldDescriptor.TYPE_SINT32: {"type": "integer", "format": "int32"},
-    FieldDescriptor.TYPE_SFIXED32: {"type": "integer", "format": "int32"},
-    FieldDescriptor.TYPE_UINT32: {"type": "integer", "format": "uint32", "minimum": 0},
-    FieldDescriptor.TYPE_FIXED32: {"type": "integer", "format": "uint32", "minimum": 0},
-    # proto3 JSON writes 64-bit integers as strings (and reads either)
-    FieldDescriptor.TYPE_INT64: {"type": "string", "format": "int64"},
-    FieldDescriptor.TYPE_SINT64: {"type": "string", "format": "int64"},
-    FieldDescriptor.TYPE_SFIXED64: {"type": "string", "format": "int64"},
-    FieldDescriptor.TYPE_UINT64: {"type": "string", "format": "uint64"},
-    FieldDescriptor.TYPE_FIXED64: {"type": "string", "format": "uint64"},
-    FieldDescriptor.TYPE_BOOL: {"type": "boolean"},
-    FieldDescriptor.TYPE_STRING: {"type": "string"},
-    FieldDescriptor.TYPE_BYTES: {"type": "string", "format": "byte"},
-}
-
-
-def _field_schema(field: FieldDescriptor) -> dict[str, Any]:
-    if field.message_type is not None and field.message_type.GetOptions().map_entry:
-        value = field.message_type.fields_by_name["value"]
-        return {"type": "object", "additionalProperties": _field_schema(value)}
-    if field.message_type is not None:
-        schema: dict[str, Any] = {"$ref": f"#/components/schemas/{field.message_type.name}"}
-    elif field.enum_type is not None:
-        schema = {"$ref": f"#/components/schemas/{field.enum_type.name}"}
-    else:
-        schema = dict(_SCALARS[field.type])
-    if field.is_repeated:
-        return {"type": "array", "items": schema}
-    return schema
-
-
-def _message_schema(message: Descriptor) -> dict[str, Any]:
-    schema: dict[str, Any] = {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {f.json_name: _field_schema(f) for f in message.fields},
-    }
-    if message.oneofs and not all(o.name.startswith("_") for o in message.oneofs):
-        schema["description"] = "Exactly one of: " + ", ".join(
-            f.json_name for o in message.oneofs if not o.name.startswith("_") for f in o.fields
-        )
-    return schema
-
-
-def _enum_schema(enum: EnumDescriptor) -> dict[str, Any]:
-    return {"type": "string", "enum": [v.name for v in enum.values]}
-
-
-def openapi_document() -> dict[str, Any]:
-    """OpenAPI 3.1 of the HTTP routes; the schemas are written from the proto messages, so they match."""
-    schemas: dict[str, Any] = {
-        name: _message_schema(m) for name, m in pb.DESCRIPTOR.message_types_by_name.items()
-    }
-    schemas.update({name: _enum_schema(e) for name, e in pb.DESCRIPTOR.enum_types_by_name.items()})
-    schemas["MapsRequest"] = MAPS_REQUEST_SCHEMA
-    schemas["MapsResponse"] = MAPS_RESPONSE_SCHEMA
-    schemas["Error"] = {
-        "type": "object",
-        "properties": {
-            "error": {
-                "type": "object",
-                "properties": {
-                    "code": {"type": "integer", "description": "the HTTP status"},
-                    "status": {"type": "string", "description": "the gRPC status name"},
-                    "message": {"type": "string", "description": "starts with the bad field's name"},
-                },
-            }
-        },
-    }
-    error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-    errors = {
-        "400": {
-            "description": "INVALID_ARGUMENT: a bad field, malformed JSON, unknown field, wrong type",
-            **error,
-        },
-        "401": {"description": "UNAUTHENTICATED: missing or wrong bearer token (with --token)", **error},
-        "404": {"description": "NOT_FOUND: unknown or expired inversion id", **error},
-        "413": {"description": "the body is larger than --max-message-mb allows", **error},
-        "429": {"description": "RESOURCE_EXHAUSTED: queue full or out of memory", **error},
-        "503": {"description": "UNAVAILABLE: the server is draining", **error},
-        "504": {"description": "DEADLINE_EXCEEDED: the X-Server-Timeout passed", **error},
-        "500": {"description": "INTERNAL: a bug (details in the server log only)", **error},
-    }
-    unimplemented = {"description": "UNIMPLEMENTED: this runner (--ray) does not serve the route", **error}
-    paths: dict[str, Any] = {}
-    for route in API_ROUTES:
-        response_ref = {"$ref": f"#/components/schemas/{route.response_name}"}
-        grpc_name = (
-            f"gRPC: fpedit.v1.EditService/{route.rpc}." if route.response is not None else "HTTP only."
-        )
-        operation: dict[str, Any] = {
-            "operationId": route.rpc,
-            "summary": route.summary,
-            "description": grpc_name,
-            "parameters": [
-                {
-                    "name": "X-Server-Timeout",
-                    "in": "header",
-                    "required": False,
-                    "description": "deadline in seconds (DEADLINE_EXCEEDED, 504, once it passes)",
-                    "schema": {"type": "number"},
-                }
-            ],
-            "responses": {"200": {"description": "OK"}, **errors},
-        }
-        if route.needs is not None:
-            operation["responses"]["501"] = unimplemented
-        if route.stream:
-            operation["responses"]["200"]["content"] = {
-                "text/event-stream": {
-                    "schema": {"type": "string"},
-                    "description": "`data: <EditEvent JSON>` per event: progress events, then the result; "
-                    "an error after the first event is `event: error` with the error body",
-                }
-            }
-        else:
-            operation["responses"]["200"]["content"] = {"application/json": {"schema": response_ref}}
-        if route.http_method == "POST":
-            request_ref = {"$ref": f"#/components/schemas/{route.request_name}"}
-            content: dict[str, Any] = {"application/json": {"schema": request_ref}}
-            if route.multipart:
-                content["multipart/form-data"] = {
-                    "schema": {
-                        "type": "object",
-                        "required": ["image"],
-                        "properties": {
-                            "image": {"type": "string", "format": "binary", "description": "the image file"},
-                            "request": {
-                                "type": "string",
-                                "description": f"the rest of the {route.request_name} as JSON",
-                            },
-                        },
-                    }
-                }
-            operation["requestBody"] = {"required": True, "content": content}
-        paths.setdefault(route.path, {})[route.http_method.lower()] = operation
-    probe = {"content": {"application/json": {"schema": {"type": "object"}}}}
-    paths["/healthz"] = {
-        "get": {
-            "operationId": "healthz",
-            "summary": "Liveness: 200 while the process serves.",
-            "responses": {"200": {"description": "live", **probe}},
-        }
-    }
-    paths["/readyz"] = {
-        "get": {
-            "operationId": "readyz",
-            "summary": "Readiness: 503 while draining.",
-            "responses": {
-                "200": {"description": "serving", **probe},
-                "503": {"description": "draining", **probe},
-            },
-        }
-    }
-    paths["/"] = {"get": {"operationId": "editor", "summary": "The editor page (HTML, works offline).",
-                          "responses": {"200": {"description": "HTML"}}}}  # fmt: skip
-    import fpedit
-
-    return {
-        "openapi": "3.1.0",
-        "info": {
-            "title": "fpedit EditService (HTTP/JSON)",
-            "version": fpedit.__version__,
-            "description": "The gRPC EditService over HTTP: bodies are the proto3 JSON mapping of the "
-            "fpedit.v1 messages (lowerCamelCase names, bytes as base64, 64-bit integers as strings).",
-        },
-        "paths": paths,
-        "components": {
-            "schemas": schemas,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-        },
-        "security": [{"bearer": []}, {}],
-    }
-
-
-def _schema_text(schema: dict[str, Any]) -> str:
-    if "$ref" in schema:
-        name = schema["$ref"].rsplit("/", 1)[-1]
-        return f'<a href="#{name}">{name}</a>'
-    if schema.get("type") == "array":
-        return _schema_text(schema["items"]) + "[]"
-    if schema.get("type") == "object" and "additionalProperties" in schema:
-        return "map&lt;string, " + _schema_text(schema["additionalProperties"]) + "&gt;"
-    return escape(schema.get("type", "")) + (f" ({escape(schema['format'])})" if "format" in schema else "")
-
-
-def docs_page(document: dict[str, Any]) -> str:
-    """The API description as one HTML page written on the server (no script, nothing fetched)."""
-    parts = [
-        "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>fpedit HTTP API</title><style>"
-        "body{font:15px/1.5 system-ui,sans-serif;max-width:960px;margin:2em auto;padding:0 1em;color:#1c2330}"
-        "code,td{font-family:ui-monospace,monospace;font-size:13px}table{border-collapse:collapse;width:100%}"
-        "td,th{border-bottom:1px solid #dde;padding:3px 8px;text-align:left;vertical-align:top}"
-        ".m{display:inline-block;min-width:3.5em;font-weight:700;color:#fff;background:#3b6fd8;border-radius:4px;"
-        "text-align:center;margin-right:.5em}.get{background:#2d9d5b}h3{margin-bottom:.2em}"
-        "</style></head><body>",
-        f"<h1>{escape(document['info']['title'])}</h1><p>{escape(document['info']['description'])}</p>",
-        "<p>Machine-readable: <a href='/openapi.json'>/openapi.json</a>. The editor page: <a href='/'>/</a>. "
-        "With <code>--token</code>, send <code>Authorization: Bearer TOKEN</code> (not needed for /, /docs, "
-        '/openapi.json, /healthz, /readyz). Errors: <code>{"error": {"code", "status", "message"}}</code>.'
-        "</p><h2>Routes</h2>",
-    ]
-    for path, methods in document["paths"].items():
-        for verb, op in methods.items():
-            parts.append(
-                f"<h3><span class='m {verb}'>{verb.upper()}</span><code>{escape(path)}</code></h3>"
-                f"<p>{escape(op['summary'])} {escape(op.get('description', ''))}</p>"
-            )
-            body = op.get("requestBody", {}).get("content", {})
-            if body:
-                kinds = ", ".join(
-                    f"<code>{escape(kind)}</code>"
-                    + (f" {_schema_text(spec['schema'])}" if "$ref" in spec["schema"] else "")
-                    for kind, spec in body.items()
-                )
-                parts.append(f"<p>Body: {kinds}</p>")
-            rows = []
-            for status, response in op["responses"].items():
-                shown = ", ".join(
-                    f"<code>{escape(kind)}</code> {_schema_text(spec['schema'])}"
-                    for kind, spec in response.get("content", {}).items()
-                    if status == "200"
-                )
-                rows.append(f"<tr><td>{status}</td><td>{escape(response['description'])} {shown}</td></tr>")
-            parts.append("<table>" + "".join(rows) + "</table>")
-    parts.append("<h2>Messages</h2>")
-    for name, schema in document["components"]["schemas"].items():
-        parts.append(f"<h3 id='{escape(name)}'>{escape(name)}</h3>")
-        if "enum" in schema:
-            parts.append("<p>" + " | ".join(f"<code>{escape(v)}</code>" for v in schema["enum"]) + "</p>")
-            continue
-        rows = [
-            f"<tr><td>{escape(field)}</td><td>{_schema_text(sub)}</td></tr>"
-            for field, sub in schema.get("properties", {}).items()
-        ]
-        note = f"<p>{escape(schema['description'])}</p>" if "description" in schema else ""
-        parts.append(note + "<table>" + "".join(rows) + "</table>")
-    parts.append("</body></html>")
-    return "".join(parts)
 
 
 # --- the server thread --------------------------------------------------------------------------------------

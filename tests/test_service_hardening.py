@@ -592,11 +592,11 @@ def test_cpu_threads_are_shared_between_workers(hardening_engine, monkeypatch):
     machine), unless --threads-per-worker says otherwise."""
     import torch
 
-    from fpedit.server import runner as runner_module
+    from fpedit.server import pool as pool_module
     from fpedit.server.runner import LocalRunner
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(runner_module, "available_cores", lambda: 8)
+    monkeypatch.setattr(pool_module, "available_cores", lambda: 8)
     before = torch.get_num_threads()
     try:
         for config, expected in (
@@ -617,11 +617,11 @@ def test_cpu_threads_are_shared_between_workers(hardening_engine, monkeypatch):
 def test_worker_pool_trims_the_heap_when_it_goes_idle(monkeypatch):
     """Issue 16 item 10: RSS stayed high after a large request stopped by its deadline. Measured: repeats
     plateau (allocator arenas, not a leak) and malloc_trim gives it back, so the pool trims once it idles."""
-    from fpedit.server import runner as runner_module
+    from fpedit.server import pool as pool_module
 
     trims: list[int] = []
-    monkeypatch.setattr(runner_module, "trim_heap", lambda: trims.append(1))
-    pool = runner_module.WorkerPool(workers=2, max_queue=2)
+    monkeypatch.setattr(pool_module, "trim_heap", lambda: trims.append(1))
+    pool = pool_module.WorkerPool(workers=2, max_queue=2)
     gate = threading.Event()
     try:
         futures = [pool.submit(lambda: gate.wait(10)) for _ in range(3)]
@@ -636,5 +636,5 @@ def test_worker_pool_trims_the_heap_when_it_goes_idle(monkeypatch):
         assert trims == [1]
     finally:
         pool.shutdown()
-    runner_module._libc.cache_clear()
-    assert runner_module._libc() is not None  # glibc here: the real trim is available
+    pool_module._libc.cache_clear()
+    assert pool_module._libc() is not None  # glibc here: the real trim is available
