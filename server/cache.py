@@ -187,10 +187,6 @@ class InversionCache:
         """Bytes held by the entries, as accounted."""
         return self._entries.nbytes
 
-    def inversions(self) -> list[Inversion]:
-        """The cached inversions (for inspection: tests, debugging)."""
-        return self._entries.values()
-
     def counters(self) -> dict[str, int]:
         """Entries, bytes and the hit/miss/eviction counters, read together for a metrics scrape."""
         counters = self._entries.counters()

@@ -685,3 +685,43 @@ def test_a_local_ray_takes_its_node_address_from_the_fronts_host(host, node):
     from fpedit.server.ray.deployment import local_node_address
 
     assert local_node_address(host) == node
+
+
+def test_http_front_serves_the_ray_runner_like_grpc(ray_service):
+    """Issue 20: `--http-port` with `--ray`: the HTTP/JSON front sits on the same (Ray) runner as gRPC, so an
+    edit by JSON equals the same edit over gRPC, and the maps route (local runner only) answers 501."""
+    import base64
+    import io
+
+    import httpx
+    from PIL import Image
+
+    from fpedit.server.app import build_server
+    from fpedit.server.client import EditClient, edit_options
+    from fpedit.server.config import ServerConfig
+
+    image = png_bytes(make_image(64, 64, seed=41))
+    front = build_server(ray_service.runner, ServerConfig(port=0, http_port=0))
+    try:
+        with EditClient(f"127.0.0.1:{front.port}", timeout=120) as grpc_client:
+            over_grpc = grpc_client.edit("a red car", image=image, options=edit_options(steps=2))
+        with httpx.Client(base_url=front.http.url, timeout=120) as http:
+            body = {
+                "image": base64.b64encode(image).decode(),
+                "targetPrompt": "a red car",
+                "options": {"steps": 2},
+            }
+            response = http.post("/v1/edit", json=body)
+            maps = http.post("/v1/maps", json={"prompt": "a red car"})
+    finally:
+        front.drain(2)
+    assert response.status_code == 200, response.text
+
+    def pixels(data: bytes) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+    assert np.array_equal(
+        pixels(base64.b64decode(response.json()["editedImage"])), pixels(over_grpc.edited_image)
+    )
+    assert response.json()["stats"].get("replica")
+    assert maps.status_code == 501 and maps.json()["error"]["status"] == "UNIMPLEMENTED"

@@ -489,10 +489,8 @@ def test_inversion_cache_holds_its_budget_in_bytes_really_kept(hardening_engine)
     assert first.nbytes >= one, f"Inversion.nbytes counts {first.nbytes} of the {one} bytes it keeps"
     budget = 2 * one + one // 2  # room for two entries, not three
     cache = InversionCache(max_bytes=budget, ttl_s=3600)
-    cache.put(first)
-    for seed in range(101, 105):
-        cache.put(full_entry(seed))
-    kept = cache.inversions()
+    keys = [cache.put(first)] + [cache.put(full_entry(seed)) for seed in range(101, 105)]
+    kept = [inv for inv in map(cache.get, keys) if inv is not None]
     assert len(kept) == 2 and cache.evictions == 3
     assert cache.nbytes == sum(inv.nbytes for inv in kept) <= budget  # the cache's own accounting
     assert sum(held_bytes(inv) for inv in kept) <= budget  # what the entries really hold

@@ -246,12 +246,11 @@ class EditReplica:
         """This replica's load and cache figures (the front sums them over replicas)."""
         import torch
 
-        counters = getattr(self.engine, "counters", None)
         return {
             "name": self.name,
             "torch_threads": torch.get_num_threads(),
             # The engine's backend calls: ``batch_rows`` shows whether concurrent requests merged.
-            "engine": counters() if counters is not None else {},
+            "engine": self.engine.counters(),
             "restores": self.restores,
             "cancelled": self.cancelled,
             **dataclasses.asdict(self.runner.stats()),
