@@ -679,9 +679,9 @@ def server_config_from_args(args: argparse.Namespace) -> Any:
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
         log_format=args.log_format,
-        http_port=getattr(args, "http_port", None),
-        http_host=getattr(args, "http_host", None),
-        threads_per_worker=getattr(args, "threads_per_worker", None),
+        http_port=args.http_port,
+        http_host=args.http_host,
+        threads_per_worker=args.threads_per_worker,
     ).validate()  # before the model loads: a bad flag fails in a second, not after a minute
 
 

@@ -357,8 +357,8 @@ class LocalRunner:
                 cache_ttl_s=int(cfg.cache_ttl_s),
                 max_prompt_chars=cfg.max_prompt_chars,
             ),
-            loras=tuple((str(lora["file"]), float(lora["scale"])) for lora in info.get("loras", ())),
-            prediction_type=str(info.get("prediction_type", "epsilon")),
+            loras=tuple((str(lora["file"]), float(lora["scale"])) for lora in info["loras"]),
+            prediction_type=str(info["prediction_type"]),
         )
 
     def stats(self) -> RunnerStats:
