@@ -28,7 +28,7 @@ from .config import ServerConfig
 from .health import HealthServicer
 from .metrics import ServerMetrics
 from .runner import LocalRunner, Runner
-from .service import EditServicer
+from .service import TRANSPORT_HEADROOM, EditServicer
 
 log = logging.getLogger("fpedit.server")
 
@@ -133,8 +133,9 @@ def build_server(target: EditEngine | Runner, config: ServerConfig) -> RunningSe
         ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fpedit-rpc"),
         interceptors=interceptors,
         options=[
-            ("grpc.max_receive_message_length", config.max_message_bytes),
-            ("grpc.max_send_message_length", config.max_message_bytes),
+            # The servicer judges --max-message-mb itself (logged, counted); gRPC's limit is a backstop.
+            ("grpc.max_receive_message_length", config.max_message_bytes * TRANSPORT_HEADROOM),
+            ("grpc.max_send_message_length", config.max_message_bytes * TRANSPORT_HEADROOM),
             ("grpc.so_reuseport", 0),
         ],
     )

@@ -12,3 +12,7 @@ class OverloadedError(FpeditError):
 
 class UnavailableError(FpeditError):
     """The service is not taking this request now (draining for shutdown, or shut down mid-request)."""
+
+
+class MessageTooLargeError(FpeditError):
+    """A request or response over ``--max-message-mb``: counted and answered like any other refusal."""

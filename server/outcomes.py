@@ -15,13 +15,14 @@ from fpedit.engine.errors import (
     NotFoundError,
 )
 
-from .errors import OverloadedError, UnavailableError
+from .errors import MessageTooLargeError, OverloadedError, UnavailableError
 
 #: Error types a client can act on, most specific first, with their outcome (a gRPC status code name).
 CLIENT_ERRORS: tuple[tuple[type[Exception], str], ...] = (
     (InvalidInputError, "INVALID_ARGUMENT"),
     (NotFoundError, "NOT_FOUND"),
     (OverloadedError, "RESOURCE_EXHAUSTED"),
+    (MessageTooLargeError, "RESOURCE_EXHAUSTED"),
     (UnavailableError, "UNAVAILABLE"),
     (DeadlineExceededError, "DEADLINE_EXCEEDED"),
     (CancelledError, "CANCELLED"),

@@ -13,8 +13,9 @@ Two layers (the runner interface is documented in :mod:`fpedit.server.runner`):
    and returns plain results (:mod:`fpedit.server.results`), encoded here (:mod:`fpedit.server.convert`).
 
 Status codes: INVALID_ARGUMENT (a bad field or an undecodable request, naming the field), NOT_FOUND (unknown
-or expired inversion id), RESOURCE_EXHAUSTED (queue full, out of memory; gRPC itself for a message over
-``max_message_bytes``), DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE (draining or aborted by shutdown),
+or expired inversion id), RESOURCE_EXHAUSTED (queue full, out of memory, a request or response over
+``max_message_bytes``: judged here, so it is logged and counted; gRPC's own limit is set to
+:data:`TRANSPORT_HEADROOM` times it), DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE (draining or aborted by shutdown),
 UNAUTHENTICATED (interceptor in ``app.py``), FAILED_PRECONDITION (the model cannot serve the request),
 INTERNAL (a bug; the traceback goes to the log, never to the client).
 """
@@ -52,7 +53,7 @@ from .convert import (
     options_from_proto,
     stream_message,
 )
-from .errors import UnavailableError
+from .errors import MessageTooLargeError, UnavailableError
 from .metrics import ServerMetrics
 from .outcomes import outcome_of
 from .runner import ACCEPTED_IMAGE_FORMATS, EditCall, GenerateCall, InvertCall, Runner
@@ -63,6 +64,10 @@ log = logging.getLogger("fpedit.server")
 T = TypeVar("T")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EditService"].full_name
 MAX_INVERSION_ID_CHARS = 64  # ids are 32 hex digits; anything much longer is not one of ours
+#: gRPC's own message limits are this multiple of ``max_message_bytes``. gRPC refuses a message over its
+#: limit before any handler or interceptor runs (uncounted, unlogged); the servicer judges the configured
+#: limit itself, so requests up to this multiple are logged and counted, at the cost of buffering them.
+TRANSPORT_HEADROOM = 2
 
 
 # --- validation (cheap, before any work) --------------------------------------------------------------------
@@ -246,6 +251,30 @@ class EditServicer:
 
         return check
 
+    def _parse(self, message_type: type[Message], raw: Any) -> Any:
+        """Parse a request body after checking its size against ``--max-message-mb``."""
+        limit = self.config.max_message_bytes
+        if isinstance(raw, bytes) and len(raw) > limit:
+            raise MessageTooLargeError(
+                f"the request is {len(raw)} bytes; this server takes at most {limit} (--max-message-mb)"
+            )
+        return parse(message_type, raw)
+
+    def _check_response_size(self, response: Any) -> None:
+        """Refuse (and count) a response gRPC would refuse to send; any inversion stays usable by its id."""
+        if not isinstance(response, Message):
+            return
+        size, limit = response.ByteSize(), self.config.max_message_bytes
+        if size > limit:
+            kept = getattr(response, "inversion_id", "") or getattr(
+                getattr(response, "result", None), "inversion_id", ""
+            )
+            raise MessageTooLargeError(
+                f"the response would be {size} bytes; this server sends at most {limit} (--max-message-mb): "
+                "ask for JPEG/WEBP, skip_reconstruction or a smaller size"
+                + (f"; the inversion is kept as {kept}" if kept else "")
+            )
+
     def _admit(self, context: grpc.ServicerContext) -> Callable[[], None]:
         if self._draining.is_set():
             raise UnavailableError("the server is shutting down; retry on another replica")
@@ -316,7 +345,9 @@ class EditServicer:
                     response = body()
             else:
                 response = body()
+            self._check_response_size(response)
         except Exception as exc:  # the server must survive anything a request triggers
+            response = None
             code, detail = self._failure(method, exc, context)
         self._finish(method, context, started, code, detail, response)
         if response is None:
@@ -327,7 +358,7 @@ class EditServicer:
 
     def Edit(self, raw: bytes, context: grpc.ServicerContext) -> pb.EditResponse:
         def body() -> pb.EditResponse:
-            call = parse_edit(parse(pb.EditRequest, raw), self.config.max_prompt_chars)
+            call = parse_edit(self._parse(pb.EditRequest, raw), self.config.max_prompt_chars)
             return edit_response(self.runner.edit(call, cancel_check=self._admit(context)))
 
         return self._unary("Edit", context, body)
@@ -338,9 +369,10 @@ class EditServicer:
         code, detail = grpc.StatusCode.OK, ""
         try:
             with self._tracked():
-                call = parse_edit(parse(pb.EditRequest, raw), self.config.max_prompt_chars)
+                call = parse_edit(self._parse(pb.EditRequest, raw), self.config.max_prompt_chars)
                 for item in self.runner.edit_stream(call, cancel_check=self._admit(context)):
                     event = stream_message(item)
+                    self._check_response_size(event)
                     if event.HasField("result"):
                         response = event.result
                     yield event
@@ -356,21 +388,21 @@ class EditServicer:
 
     def GenerateEdit(self, raw: bytes, context: grpc.ServicerContext) -> pb.GenerateEditResponse:
         def body() -> pb.GenerateEditResponse:
-            call = parse_generate(parse(pb.GenerateEditRequest, raw), self.config.max_prompt_chars)
+            call = parse_generate(self._parse(pb.GenerateEditRequest, raw), self.config.max_prompt_chars)
             return generate_response(self.runner.generate(call, cancel_check=self._admit(context)))
 
         return self._unary("GenerateEdit", context, body)
 
     def Invert(self, raw: bytes, context: grpc.ServicerContext) -> pb.InvertResponse:
         def body() -> pb.InvertResponse:
-            call = parse_invert(parse(pb.InvertRequest, raw), self.config.max_prompt_chars)
+            call = parse_invert(self._parse(pb.InvertRequest, raw), self.config.max_prompt_chars)
             return invert_response(self.runner.invert(call, cancel_check=self._admit(context)))
 
         return self._unary("Invert", context, body)
 
     def GetInfo(self, raw: bytes, context: grpc.ServicerContext) -> pb.GetInfoResponse:
         def body() -> pb.GetInfoResponse:
-            parse(pb.GetInfoRequest, raw)
+            self._parse(pb.GetInfoRequest, raw)
             return info_response(self.runner.info())
 
         return self._unary("GetInfo", context, body, work=False)

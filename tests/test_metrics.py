@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import urllib.request
 
 import grpc
@@ -12,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fpedit import EditEngine
 from fpedit.server.app import build_server
 from fpedit.server.config import ServerConfig
+from fpedit.server.runner import LocalRunner
 from fpedit.v1 import edit_pb2 as pb
 from fpedit.v1 import edit_pb2_grpc
 
@@ -220,6 +222,58 @@ def test_token_refusals_are_counted(engine):
             value(samples, "fpedit_requests_total", method="Edit", code="UNAUTHENTICATED", transport="grpc")
             == 1
         )
+    finally:
+        channel.close()
+        server.drain(2)
+
+
+class _OversizeRunner(LocalRunner):
+    """Runs the real edit, then returns an edited image over the message limit (the servicer must refuse it)."""
+
+    def edit(self, call, cancel_check=None):
+        outcome = super().edit(call, cancel_check=cancel_check)
+        return dataclasses.replace(outcome, edited_image=b"\0" * (2 << 20))
+
+
+def test_messages_over_the_size_limit_are_refused_by_the_servicer_and_counted(engine):
+    """Issue 16 item 4: a request over --max-message-mb (up to gRPC's backstop at twice it) and a response over
+    it are RESOURCE_EXHAUSTED with a message naming the flag, in the log and in fpedit_requests_total."""
+    config = ServerConfig(port=0, metrics_port=0, max_message_bytes=1 << 20)
+    server = build_server(_OversizeRunner(engine, config), config)
+    channel = grpc.insecure_channel(
+        f"127.0.0.1:{server.port}",
+        options=[("grpc.max_send_message_length", 8 << 20), ("grpc.max_receive_message_length", 8 << 20)],
+    )
+    stub = edit_pb2_grpc.EditServiceStub(channel)
+    try:
+        oversize = pb.EditRequest(image=b"\x89PNG" + bytes(3 << 19), target_prompt="a car")  # 1.5 MiB
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Edit(oversize, timeout=30)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert (
+            "--max-message-mb" in caught.value.details()
+            and str(oversize.ByteSize()) in caught.value.details()
+        )
+        with pytest.raises(grpc.RpcError) as caught:  # 2 MiB of edited image in the response
+            stub.Edit(
+                pb.EditRequest(image=png(3), target_prompt="a car", options=pb.EditOptions(steps=2)),
+                timeout=300,
+            )
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        detail = caught.value.details()
+        assert "response" in detail and "--max-message-mb" in detail
+        kept = detail.rsplit("the inversion is kept as ", 1)[1]
+        with pytest.raises(grpc.RpcError) as caught:  # the id is known (not NOT_FOUND): the work is not lost
+            stub.Edit(pb.EditRequest(inversion_id=kept, target_prompt="a boat"), timeout=300)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        samples = scrape(server.metrics_port)
+        assert (
+            value(
+                samples, "fpedit_requests_total", method="Edit", code="RESOURCE_EXHAUSTED", transport="grpc"
+            )
+            == 3
+        )
+        assert value(samples, "fpedit_requests_total", method="Edit", code="OK", transport="grpc") == 0
     finally:
         channel.close()
         server.drain(2)
