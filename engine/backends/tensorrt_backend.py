@@ -234,6 +234,14 @@ class TensorRTBackend(GraphBackend):
             caller.wait_stream(self._stream)
 
     def _run(self, graph: str, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        # Contexts are created and captured on the current device, which is cuda:0 in a fresh thread (the
+        # device loop, a request thread): make it this backend's device for cuda:N.
+        with torch.cuda.device(self.device) if self._stream is not None else contextlib.nullcontext():
+            self._run_on_device(graph, inputs, outputs)
+
+    def _run_on_device(
+        self, graph: str, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]
+    ) -> None:
         if not self.cuda_graphs:
             with self._lock, self._on_stream() as stream:
                 context = self._eager.get(graph)
