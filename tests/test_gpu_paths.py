@@ -193,6 +193,22 @@ def test_captures_run_alone_under_eight_concurrent_batched_edits(model_dir, monk
     assert recorder.overlaps() == []
 
 
+def test_attention_map_forwards_hold_the_gate(engine, monkeypatch):
+    """``attention_maps`` runs UNet forwards outside the backend's entry points (with recording processors):
+    each one holds the capture gate shared, like every other CUDA path, so none runs beside a capture."""
+    held: list[bool] = []
+    real_forward = engine.backend.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        held.append(CAPTURE_GATE.held_shared())
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.backend, "forward", forward)
+    engine.attention_maps("a red cat", seed=3, steps=2, resolution=4, components=2)
+    engine.attention_maps("a disc", image=make_image(64, 64), steps=2, resolution=4, components=2)
+    assert len(held) >= 4 and all(held)
+
+
 # --- TensorRT, with a recording stand-in ---------------------------------------------------------------------
 
 
