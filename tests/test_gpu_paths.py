@@ -68,6 +68,37 @@ def test_gate_keeps_captures_and_shared_sections_apart():
     assert gate.captures == 1 and not gate.capturing()
 
 
+def test_gate_capture_from_a_nested_shared_section_still_waits_for_others():
+    """A thread nested two shared sections deep counts once: its capture still waits for another thread's
+    shared section to end (subtracting its nesting depth let the capture start beside that section)."""
+    gate = CaptureGate()
+    events: list[str] = []
+    inside, release = threading.Event(), threading.Event()
+
+    def reader() -> None:
+        with gate.shared():
+            inside.set()
+            release.wait(5)
+            events.append("reader out")
+
+    def capturer() -> None:
+        with gate.shared(), gate.shared(), gate.exclusive():
+            events.append("capture")
+
+    r = threading.Thread(target=reader)
+    r.start()
+    inside.wait(5)
+    c = threading.Thread(target=capturer)
+    c.start()
+    time.sleep(0.1)
+    release.set()
+    for t in (r, c):
+        t.join(5)
+    assert events == ["reader out", "capture"]
+    with gate.exclusive():  # every count back to zero: nothing left waiting or held
+        pass
+
+
 class Recorder:
     """Intervals of device work and of captures, per thread, from the instrumented backend and programs."""
 
