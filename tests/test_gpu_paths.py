@@ -240,6 +240,35 @@ def test_attention_map_forwards_hold_the_gate(engine, monkeypatch):
     assert len(held) >= 4 and all(held)
 
 
+def test_null_text_holds_the_gate_per_iteration_not_throughout(engine):
+    """Null-text inversion's gradient forwards run inside the gate, but it is let go between iterations, so a
+    capture (and every request queued behind it) waits one iteration, not the whole optimisation: cancel
+    checks (before every Adam iteration) and progress events (after every step) find it free."""
+    inside: list[bool] = []
+    between: list[bool] = []
+    unet = engine.backend.differentiable_unet()
+    hook = unet.register_forward_pre_hook(lambda *_: inside.append(CAPTURE_GATE.held_shared()))
+
+    def progress(event: Any) -> None:
+        if event.stage == "null_text":
+            between.append(CAPTURE_GATE.held_shared())
+
+    try:
+        engine.invert(
+            make_image(64, 64),
+            options=EditOptions(steps=2),
+            source_prompt="a disc",
+            method="null-text",
+            null_text_steps=2,
+            progress=progress,
+            cancel_check=lambda: between.append(CAPTURE_GATE.held_shared()),
+        )
+    finally:
+        hook.remove()
+    assert inside and all(inside)
+    assert len(between) >= 4 and not any(between)
+
+
 # --- TensorRT, with a recording stand-in ---------------------------------------------------------------------
 
 
