@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from .backends.attention import CallState
+from .backends.capture import CAPTURE_GATE
 from .backends.torch_backend import TorchBackend
 from .errors import InvalidInputError
 from .images import initial_latents
@@ -215,12 +216,14 @@ def compute_attention_maps(
                     run.check()
                     recording = i in chosen
                     sample = z.expand(2, *z.shape[1:]).to(dtype)
-                    noise = backend.forward(
-                        sample,
-                        torch.full((2,), t, device=device),
-                        context,
-                        state if recording else CallState(),
-                    )
+                    # UNet forwards outside the backend's entry points: never beside a graph capture.
+                    with CAPTURE_GATE.shared():
+                        noise = backend.forward(
+                            sample,
+                            torch.full((2,), t, device=device),
+                            context,
+                            state if recording else CallState(),
+                        )
                     z = schedule.step(guide(noise.float(), guidance_scale), i, z)
                 (picture,) = engine._decode(z, run)
             else:  # the real image's trajectory with the prompt as condition
@@ -229,7 +232,8 @@ def compute_attention_maps(
                     run.check()
                     latent = inversion.latent(steps - i).to(device, dtype)
                     t = schedule.timesteps[i]
-                    backend.forward(latent, torch.full((1,), t, device=device), context, state)
+                    with CAPTURE_GATE.shared():
+                        backend.forward(latent, torch.full((1,), t, device=device), context, state)
                 picture = inversion.image
 
     n = len(tokens)

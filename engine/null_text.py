@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -88,6 +89,7 @@ def optimize_null_embeddings(
     epsilon: float = DEFAULT_EPSILON,
     progress: Callable[[int, int], None] | None = None,
     cancel_check: Callable[[], None] | None = None,
+    device_section: Callable[[], AbstractContextManager[object]] = nullcontext,
 ) -> NullTextResult:
     """Optimise one null embedding per denoising step (the authors' loop; see the module docstring).
 
@@ -96,6 +98,9 @@ def optimize_null_embeddings(
     ``cond`` and ``null_init`` are (1, L, D) (the source prompt's and ""'s embeddings); ``schedule`` holds the N
     denoising steps, noisiest first. ``progress(done, N)`` is called after each step; ``cancel_check()`` is
     called before every Adam iteration, and whatever it raises (a deadline, a client gone) stops the work.
+    ``device_section()`` is entered around each forward/backward iteration (the engine passes the capture
+    gate's shared section: held per iteration, not for the whole optimisation, so a CUDA graph capture, and
+    every request queued behind it, waits one iteration rather than the whole inversion).
     """
     steps = len(schedule)
     if trajectory.shape[0] != steps + 1:
@@ -120,7 +125,7 @@ def optimize_null_embeddings(
         nulls = torch.empty((steps, *null.shape[1:]), dtype=torch.float32, device=device)
         for i, step in enumerate(schedule):
             t = torch.full((1,), float(step.timestep), device=device)
-            with torch.no_grad():
+            with device_section(), torch.no_grad():
                 eps_c = predict(z, t, cond)
             goal = traj[steps - i - 1 : steps - i]
             param = null.clone().requires_grad_(True)
@@ -129,13 +134,14 @@ def optimize_null_embeddings(
             for _ in range(inner_steps):
                 if cancel_check is not None:
                     cancel_check()
-                eps_u = predict(z, t, param)
-                loss = F.mse_loss(step.apply(z, eps_u + guidance * (eps_c - eps_u)), goal)
-                (param.grad,) = torch.autograd.grad(loss, [param])
-                result.unet_backwards += 1
-                optimizer.step()
+                with device_section():
+                    eps_u = predict(z, t, param)
+                    loss = F.mse_loss(step.apply(z, eps_u + guidance * (eps_c - eps_u)), goal)
+                    (param.grad,) = torch.autograd.grad(loss, [param])
+                    result.unet_backwards += 1
+                    optimizer.step()
+                    loss_value = loss.item()
                 done += 1
-                loss_value = loss.item()
                 if loss_value < epsilon + i * 2e-5:
                     break
             null = param.detach()
@@ -143,7 +149,7 @@ def optimize_null_embeddings(
             nulls[i] = null[0]
             result.iterations.append(done)
             result.final_losses.append(loss_value)
-            with torch.no_grad():
+            with device_section(), torch.no_grad():
                 eps_u = predict(z, t, null)
                 z = step.apply(z, eps_u + guidance * (eps_c - eps_u))
             if progress is not None:

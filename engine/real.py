@@ -165,8 +165,9 @@ def invert_latents(
 
     unet = engine.backend.differentiable_unet()
     assert unet is not None  # null_text.check_method refused the method where there is none
-    # Gradient work on the device outside the backend's entry points: never beside a graph capture.
-    with run.stage("null_text"), CAPTURE_GATE.shared():
+    # Gradient work on the device outside the backend's entry points: never beside a graph capture (the gate
+    # is held per iteration, so a capture waits one iteration, not the whole optimisation).
+    with run.stage("null_text"):
         result = null_text.optimize_null_embeddings(
             unet,
             trajectory,
@@ -178,6 +179,7 @@ def invert_latents(
             epsilon=plan.null_text_epsilon,
             progress=progress,
             cancel_check=run.check,
+            device_section=CAPTURE_GATE.shared,
         )
     run.count_unet(result.unet_forwards, calls=0)  # not backend calls: the gradient path runs the module
     stats = {

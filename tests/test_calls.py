@@ -157,6 +157,21 @@ def test_graph_cache_replays_any_layer_subset_and_stays_bounded(model_dir, engin
     assert graphs.captures == 4 and len(graphs) == 3  # the LRU bound evicted the oldest
 
 
+def test_graph_static_inputs_are_the_graphs_own(model_dir):
+    """The call that creates a graph key lends it no tensor: a one-row inject whose maps are a contiguous view
+    of cached source maps (a re-edit's call cut into one-row pieces) must not become the graph's static
+    input, or every later call of that key copies its maps into the cache."""
+    backend = EditEngine.from_pretrained(model_dir, backend_options={"cuda_graphs": True}).backend
+    cached = source_maps(backend, (4, 5), seed=9)
+    kept = {layer: t.clone() for layer, t in cached.tensors.items()}
+    other = source_maps(backend, (4, 5), seed=10)
+    for maps, seed in ((cached, 1), (other, 2)):  # the same graph key twice
+        backend.unet(UNetCall(*rows(1, seed), inject=Injection.for_rows(maps.rows([0]), [True], (4, 5))))
+    assert backend.graphs.captures == 2  # the capture-only key and the inject key
+    for layer, tensor in cached.tensors.items():
+        assert torch.equal(tensor, kept[layer])
+
+
 def test_generated_edit_with_small_max_batch(model_dir, engine):
     """max_batch applies to every call: a 4-row fused step no longer fits 3 rows, so the step pipes."""
     small = EditEngine.from_pretrained(model_dir, backend_options={"max_batch": 3})

@@ -68,6 +68,37 @@ def test_gate_keeps_captures_and_shared_sections_apart():
     assert gate.captures == 1 and not gate.capturing()
 
 
+def test_gate_capture_from_a_nested_shared_section_still_waits_for_others():
+    """A thread nested two shared sections deep counts once: its capture still waits for another thread's
+    shared section to end (subtracting its nesting depth let the capture start beside that section)."""
+    gate = CaptureGate()
+    events: list[str] = []
+    inside, release = threading.Event(), threading.Event()
+
+    def reader() -> None:
+        with gate.shared():
+            inside.set()
+            release.wait(5)
+            events.append("reader out")
+
+    def capturer() -> None:
+        with gate.shared(), gate.shared(), gate.exclusive():
+            events.append("capture")
+
+    r = threading.Thread(target=reader)
+    r.start()
+    inside.wait(5)
+    c = threading.Thread(target=capturer)
+    c.start()
+    time.sleep(0.1)
+    release.set()
+    for t in (r, c):
+        t.join(5)
+    assert events == ["reader out", "capture"]
+    with gate.exclusive():  # every count back to zero: nothing left waiting or held
+        pass
+
+
 class Recorder:
     """Intervals of device work and of captures, per thread, from the instrumented backend and programs."""
 
@@ -193,6 +224,51 @@ def test_captures_run_alone_under_eight_concurrent_batched_edits(model_dir, monk
     assert recorder.overlaps() == []
 
 
+def test_attention_map_forwards_hold_the_gate(engine, monkeypatch):
+    """``attention_maps`` runs UNet forwards outside the backend's entry points (with recording processors):
+    each one holds the capture gate shared, like every other CUDA path, so none runs beside a capture."""
+    held: list[bool] = []
+    real_forward = engine.backend.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        held.append(CAPTURE_GATE.held_shared())
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.backend, "forward", forward)
+    engine.attention_maps("a red cat", seed=3, steps=2, resolution=4, components=2)
+    engine.attention_maps("a disc", image=make_image(64, 64), steps=2, resolution=4, components=2)
+    assert len(held) >= 4 and all(held)
+
+
+def test_null_text_holds_the_gate_per_iteration_not_throughout(engine):
+    """Null-text inversion's gradient forwards run inside the gate, but it is let go between iterations, so a
+    capture (and every request queued behind it) waits one iteration, not the whole optimisation: cancel
+    checks (before every Adam iteration) and progress events (after every step) find it free."""
+    inside: list[bool] = []
+    between: list[bool] = []
+    unet = engine.backend.differentiable_unet()
+    hook = unet.register_forward_pre_hook(lambda *_: inside.append(CAPTURE_GATE.held_shared()))
+
+    def progress(event: Any) -> None:
+        if event.stage == "null_text":
+            between.append(CAPTURE_GATE.held_shared())
+
+    try:
+        engine.invert(
+            make_image(64, 64),
+            options=EditOptions(steps=2),
+            source_prompt="a disc",
+            method="null-text",
+            null_text_steps=2,
+            progress=progress,
+            cancel_check=lambda: between.append(CAPTURE_GATE.held_shared()),
+        )
+    finally:
+        hook.remove()
+    assert inside and all(inside)
+    assert len(between) >= 4 and not any(between)
+
+
 # --- TensorRT, with a recording stand-in ---------------------------------------------------------------------
 
 
@@ -221,8 +297,8 @@ def write_manifest(folder: Path, fmt: str, files: dict[str, str], spec: Any) -> 
         format=fmt,
     )
     (folder / "manifest.json").write_text(json.dumps(manifest.to_json()))
-    for file in files.values():
-        (folder / file).write_bytes(b"stand-in")
+    for graph, file in files.items():
+        (folder / file).write_bytes(b"stand-in:" + graph.encode())
     return folder
 
 
@@ -238,7 +314,18 @@ class FakeTensorRT:
     addresses, so wrong addresses give wrong numbers; a context refuses unaligned addresses like TensorRT."""
 
     MEMORY = 4096
-    INPUTS = ("sample", "timestep", "context")
+    INPUTS = ("sample", "timestep", "encoder_hidden_states")
+    #: What each stand-in engine reports as its I/O tensors (direction, ``trt.DataType`` name), as a
+    #: TensorRT engine built from a float32 export does.
+    IO: ClassVar[dict[str, dict[str, tuple[str, str]]]] = {
+        "unet_plain": {
+            "sample": ("INPUT", "FLOAT"),
+            "timestep": ("INPUT", "FLOAT"),
+            "encoder_hidden_states": ("INPUT", "FLOAT"),
+            "noise_pred": ("OUTPUT", "FLOAT"),
+        },
+        "vae_decoder": {"latents": ("INPUT", "FLOAT"), "decoded": ("OUTPUT", "FLOAT")},
+    }
 
     def __init__(self) -> None:
         self.contexts: list[FakeContext] = []
@@ -258,6 +345,22 @@ class FakeTensorRT:
         class Engine:
             device_memory_size_v2 = FakeTensorRT.MEMORY
 
+            def __init__(self, graph: str) -> None:
+                self.io = list(FakeTensorRT.IO[graph].items())
+
+            @property
+            def num_io_tensors(self) -> int:
+                return len(self.io)
+
+            def get_tensor_name(self, index: int) -> str:
+                return self.io[index][0]
+
+            def get_tensor_mode(self, name: str) -> Any:
+                return types.SimpleNamespace(name=dict(self.io)[name][0])
+
+            def get_tensor_dtype(self, name: str) -> Any:
+                return types.SimpleNamespace(name=dict(self.io)[name][1])
+
             def create_execution_context(self, strategy: int = 0) -> Any:
                 if fake.fail_create:
                     return None
@@ -270,7 +373,8 @@ class FakeTensorRT:
                 self.logger = logger
 
             def deserialize_cuda_engine(self, data: bytes) -> Any:
-                return Engine() if data == b"stand-in" else None
+                prefix = b"stand-in:"
+                return Engine(data[len(prefix) :].decode()) if data.startswith(prefix) else None
 
         self.module = types.SimpleNamespace(
             __version__="11.0.0",
@@ -352,7 +456,8 @@ def unet_feeds(rows: int, seed: int, side: int = 8) -> tuple[dict[str, torch.Ten
     g = torch.Generator().manual_seed(seed)
     sample = torch.randn((rows, 4, side, side), generator=g)
     timestep = torch.rand((rows,), generator=g) * 1000
-    feeds = {"sample": sample, "timestep": timestep, "context": torch.randn((rows, 77, 32), generator=g)}
+    context = torch.randn((rows, 77, 32), generator=g)
+    feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": context}
     return feeds, 2 * sample + timestep.reshape(-1, 1, 1, 1)
 
 
@@ -449,6 +554,23 @@ def test_tensorrt_failures_raise_clear_errors(trt_folder, spec, tmp_path):
     (broken / "u.plan").write_bytes(b"other version")
     with pytest.raises(ModelLoadError, match="could not deserialize"):
         trt_backend(broken, FakeTensorRT())
+
+
+def test_tensorrt_refuses_engines_whose_tensors_differ_from_the_manifest(trt_folder, monkeypatch):
+    """An engine whose I/O differs from the manifest (a dtype the builder changed, a renamed input) would bind
+    buffers of the wrong type by address and return garbage: loading refuses it, naming the tensors."""
+    unet_io = FakeTensorRT.IO["unet_plain"]
+    monkeypatch.setitem(FakeTensorRT.IO, "unet_plain", {**unet_io, "timestep": ("INPUT", "INT32")})
+    with pytest.raises(
+        ModelLoadError, match=r"unet_plain: .*timestep: engine \('INPUT', 'INT32'\), manifest"
+    ):
+        trt_backend(trt_folder, FakeTensorRT())
+    renamed = {("context" if k == "encoder_hidden_states" else k): v for k, v in unet_io.items()}
+    monkeypatch.setitem(FakeTensorRT.IO, "unet_plain", renamed)
+    with pytest.raises(
+        ModelLoadError, match=r"context: engine .* manifest None; encoder_hidden_states: engine"
+    ):
+        trt_backend(trt_folder, FakeTensorRT())
 
 
 # --- ONNX Runtime providers ----------------------------------------------------------------------------------

@@ -98,6 +98,19 @@ class CallState:
                 state.donor_index[layer] = torch.tensor(index, dtype=torch.long, device=device)
         return state
 
+    def owned(self) -> CallState:
+        """A copy whose map, gate and donor tensors are clones: a graph's static inputs must belong to the
+        graph, since every replay copies the next call's values into them (:meth:`dense` may hand back the
+        caller's own tensors, e.g. a contiguous slice of cached source maps, which must not be overwritten)."""
+        return CallState(
+            map_format=self.map_format,
+            capture=self.capture,
+            last_needed_layer=self.last_needed_layer,
+            inject_maps={layer: t.clone() for layer, t in self.inject_maps.items()},
+            inject_rows={layer: None if t is None else t.clone() for layer, t in self.inject_rows.items()},
+            donor_index={layer: t.clone() for layer, t in self.donor_index.items()},
+        )
+
     def load(self, other: CallState) -> None:
         """Copy ``other``'s (same-shaped, :meth:`dense`) maps, gates and donor indices into this state's
         tensors in place: what a graph replay reads."""

@@ -94,7 +94,8 @@ class CaptureGate:
         if self._capturing == me:
             yield
             return
-        held = self._depth()
+        depth = self._depth()
+        held = 1 if depth else 0  # a thread counts once in _shared however deeply it nests
         with self._cond:
             self._shared -= held  # this thread does no device work while it waits
             self._waiting += 1
@@ -117,7 +118,7 @@ class CaptureGate:
                 self._capturing = None
                 self._shared += held
                 self._cond.notify_all()
-            self._local.depth = held
+            self._local.depth = depth
 
 
 #: The process's gate: PyTorch allows one capture per process, so there is exactly one.

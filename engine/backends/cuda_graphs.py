@@ -106,6 +106,7 @@ class UNetGraphs:
         self._graphs: OrderedDict[tuple[Any, ...], _Graph] = OrderedDict()
         self._lock = threading.Lock()  # every capture, copy-in, replay and copy-out (shared pool)
         self._pool: Any = None
+        self._capture_stream: Any = None
         #: Graphs captured so far (evicted ones included): what the bound is about.
         self.captures = 0
 
@@ -156,31 +157,39 @@ class UNetGraphs:
 
     def _capture(self, call: UNetCall, inputs: CallState) -> _Graph:
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        state = inputs.owned()  # static inputs of the graph's own: replays copy later calls into them
         entry = _Graph(
             sample=torch.empty_like(call.sample, memory_format=memory_format).copy_(call.sample),
             timestep=call.timesteps.clone(),
             context=call.context.clone(),
-            state=inputs,
+            state=state,
             graph=None,
         )
         self.captures += 1
         if self.device.type != "cuda":
             return entry
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_RUNS):  # let cuBLAS/cuDNN pick algorithms and allocate workspaces
-                inputs.captured.clear()
-                self.forward(entry.sample, entry.timestep, entry.context, inputs)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        inputs.captured.clear()
-        graph = torch.cuda.CUDAGraph()
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        # The gate keeps every engine thread's CUDA work out; thread_local keeps a stray launch elsewhere in the
-        # process (allowed onto other streams) from failing this capture.
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            entry.noise = self.forward(entry.sample, entry.timestep, entry.context, inputs)
+        # Everything on this backend's device: torch.cuda.graph's default capture stream and its synchronize
+        # follow the *current* device, which is cuda:0 in a fresh thread such as the device loop.
+        with torch.cuda.device(self.device):
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_RUNS):  # let cuBLAS/cuDNN pick algorithms and allocate workspaces
+                    state.captured.clear()
+                    self.forward(entry.sample, entry.timestep, entry.context, state)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            state.captured.clear()
+            graph = torch.cuda.CUDAGraph()
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+                self._capture_stream = torch.cuda.Stream(self.device)
+            # The gate keeps every engine thread's CUDA work out; thread_local keeps a stray launch elsewhere in
+            # the process (allowed onto other streams) from failing this capture. One capture stream per cache
+            # (on its device), as torch asks of captures that share a pool.
+            with torch.cuda.graph(
+                graph, pool=self._pool, stream=self._capture_stream, capture_error_mode="thread_local"
+            ):
+                entry.noise = self.forward(entry.sample, entry.timestep, entry.context, state)
         entry.graph = graph
-        entry.captured = dict(inputs.captured)
+        entry.captured = dict(state.captured)
         return entry

@@ -4,7 +4,9 @@ All contract logic (variants, maps, gate, shapes) is :class:`GraphBackend`'s and
 through ONNX Runtime; this adapter only deserializes engines, binds tensor addresses and replays CUDA graphs.
 It uses calls present in both TensorRT 10.x (10.1 and later) and 11.x: ``Runtime.deserialize_cuda_engine``,
 ``ICudaEngine.create_execution_context(ExecutionContextAllocationStrategy.USER_MANAGED)``,
-``ICudaEngine.device_memory_size_v2``, ``IExecutionContext.set_device_memory(ptr, size)`` /
+``ICudaEngine.device_memory_size_v2`` / ``num_io_tensors`` / ``get_tensor_name`` / ``get_tensor_mode`` /
+``get_tensor_dtype`` (the engine's I/O checked against the manifest at load),
+``IExecutionContext.set_device_memory(ptr, size)`` /
 ``set_input_shape`` / ``set_tensor_address`` / ``infer_shapes`` / ``execute_async_v3``. Every one that reports
 failure by returning ``False`` or ``None`` is checked and raises a message naming the graph and tensor.
 
@@ -53,10 +55,17 @@ from .graph_backend import GraphBackend, load_export_tokenizer, read_manifest
 ADDRESS_ALIGNMENT = 256
 #: Captured shape sets kept (each holds a context, static buffers and a graph); older ones are evicted.
 DEFAULT_MAX_GRAPHS = 24
+#: ``trt.DataType`` member names of the manifest's dtypes.
+TRT_DTYPE_NAMES = {"float32": "FLOAT", "float16": "HALF", "int64": "INT64"}
 
 
 class TensorRTError(RuntimeError):
     """A TensorRT call reported failure."""
+
+
+def _member(value: Any) -> str:
+    """A TensorRT enum member's name (``DataType.HALF`` -> ``HALF``)."""
+    return str(getattr(value, "name", str(value).rsplit(".", 1)[-1]))
 
 
 def is_aligned(tensor: torch.Tensor, alignment: int = ADDRESS_ALIGNMENT) -> bool:
@@ -146,6 +155,7 @@ class TensorRTBackend(GraphBackend):
                 engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
                 if engine is None:
                     raise ModelLoadError(f"TensorRT could not deserialize {path} (built by another version?)")
+                self._check_io(graph, engine)
                 self._engines[graph] = engine
             self._memory_size = max(self._engine_memory(g, e) for g, e in self._engines.items())
             self._memory = aligned_empty((max(1, self._memory_size),), torch.uint8, device)
@@ -180,6 +190,25 @@ class TensorRTBackend(GraphBackend):
                 f"{graph}: this TensorRT has no ICudaEngine.device_memory_size_v2; install TensorRT >= 10.1"
             )
         return int(size)
+
+    def _check_io(self, graph: str, engine: Any) -> None:
+        """The engine's I/O tensors are the manifest's in name, direction and dtype (``num_io_tensors``,
+        ``get_tensor_name/mode/dtype``): a buffer of another dtype bound by address runs without any error and
+        returns garbage, so a mismatch (engines from another export, a cast by the builder) is refused here."""
+        inputs, outputs = self._io[graph]
+        wanted = {t.name: ("INPUT", TRT_DTYPE_NAMES[t.dtype]) for t in inputs}
+        wanted.update({t.name: ("OUTPUT", TRT_DTYPE_NAMES[t.dtype]) for t in outputs})
+        found = {}
+        for index in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(index)
+            found[name] = (_member(engine.get_tensor_mode(name)), _member(engine.get_tensor_dtype(name)))
+        if found != wanted:
+            wrong = sorted(name for name in {*found, *wanted} if found.get(name) != wanted.get(name))
+            details = "; ".join(f"{n}: engine {found.get(n)}, manifest {wanted.get(n)}" for n in wrong)
+            raise ModelLoadError(
+                f"{graph}: the engine's tensors differ from the manifest's ({details}); rebuild the engines "
+                "from this export with `fpedit build-engines`"
+            )
 
     def _new_context(self, graph: str) -> Any:
         """A context on the shared activation block (created without memory of its own)."""
@@ -234,6 +263,14 @@ class TensorRTBackend(GraphBackend):
             caller.wait_stream(self._stream)
 
     def _run(self, graph: str, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        # Contexts are created and captured on the current device, which is cuda:0 in a fresh thread (the
+        # device loop, a request thread): make it this backend's device for cuda:N.
+        with torch.cuda.device(self.device) if self._stream is not None else contextlib.nullcontext():
+            self._run_on_device(graph, inputs, outputs)
+
+    def _run_on_device(
+        self, graph: str, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]
+    ) -> None:
         if not self.cuda_graphs:
             with self._lock, self._on_stream() as stream:
                 context = self._eager.get(graph)
