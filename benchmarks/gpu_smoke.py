@@ -17,8 +17,8 @@ Checks, each printed as one ``PASS``/``FAIL``/``SKIP <name>: <detail>`` line and
 * ``peak_memory`` - the run's peak CUDA allocation.
 
 Only torch must be installed on the GPU machine: without an installed fpedit the script maps the repository's
-folders to the ``fpedit`` package itself (diffusers and its few missing needs travel as wheels; see
-benchmarks/README.md). The exit status is 1 when any check fails.
+folders to the ``fpedit`` package itself (the diffusers wheel travels with it; ``benchmarks/device_run.sh`` is
+the one device command, see benchmarks/README.md). The exit status is 1 when any check fails.
 """
 
 from __future__ import annotations
