@@ -16,6 +16,10 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE
 export PYTHONPATH=/tmp/site
 mkdir -p "$OUT"
 started=$SECONDS
+if ! ls .whl/diffusers-*.whl >/dev/null 2>&1; then  # fail in a second, not after minutes of imports
+  echo "device_run: no .whl/diffusers-*.whl here: fetch it (benchmarks/README.md) and carry .whl" | tee "$OUT/env.txt"
+  exit 2
+fi
 {
   date -u +%Y-%m-%dT%H:%M:%SZ
   git rev-parse HEAD 2>/dev/null || echo "commit: unknown (no .git here)"
@@ -38,6 +42,10 @@ for name in ("diffusers", "transformers", "huggingface_hub", "numpy", "safetenso
         print(name, "absent")
 EOF
 } 2>&1 | tee "$OUT/env.txt"
+if ! python3 -c "import diffusers" >>"$OUT/env.txt" 2>&1; then
+  echo "device_run: diffusers does not import (see $OUT/env.txt)" | tee -a "$OUT/env.txt"
+  exit 2
+fi
 
 timeout -k 10 "$SMOKE_S" python3 benchmarks/gpu_smoke.py --json "$OUT/gpu-smoke.json" 2>&1 | tee "$OUT/gpu-smoke.log"
 smoke=${PIPESTATUS[0]}
