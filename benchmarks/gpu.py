@@ -542,8 +542,9 @@ def main(argv: list[str] | None = None) -> int:
     if not lat:
         log("SUMMARY: no latency figures (see errors)")
         return 1
+    card = (report["machine"].get("gpu") or {}).get("name", "cpu")
     log(
-        f"SUMMARY {report['mode']} {report['machine'].get('gpu') or 'cpu'}: real edit {lat['real_edit']['median_ms']:.0f} ms, "
+        f"SUMMARY {report['mode']} {card}: real edit {lat['real_edit']['median_ms']:.0f} ms, "
         f"re-edit {lat['re_edit']['median_ms']:.0f} ms, generated {lat['generated_edit']['median_ms']:.0f} ms"
     )
     return 0
