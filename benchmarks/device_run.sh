@@ -4,7 +4,8 @@
 # files come back. gpu_smoke.py first (it names what is broken), then gpu.py; each under its own timeout so
 # that both together end inside a 600 s command, and each writes its JSON as it goes (a cut keeps the rest).
 #
-#   bash benchmarks/device_run.sh        # SMOKE_S / GPU_S override the two timeouts (seconds)
+#   FPEDIT_COMMIT=<short hash> bash benchmarks/device_run.sh   # the copy there has no .git; the JSON records it
+#   (SMOKE_S / GPU_S override the two timeouts, in seconds)
 #
 # Without a GPU both scripts say so and run their CPU dry runs instead, which is how this was rehearsed.
 set -u -o pipefail
@@ -22,7 +23,7 @@ if ! ls .whl/diffusers-*.whl >/dev/null 2>&1; then  # fail in a second, not afte
 fi
 {
   date -u +%Y-%m-%dT%H:%M:%SZ
-  git rev-parse HEAD 2>/dev/null || echo "commit: unknown (no .git here)"
+  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo "${FPEDIT_COMMIT:-unknown: pass FPEDIT_COMMIT}")"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "no nvidia-smi"
   rm -rf /tmp/site
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/diffusers-*.whl
