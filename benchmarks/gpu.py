@@ -1,6 +1,6 @@
 """One prepared GPU run: latency of the full SD 1.5 architecture (random weights) and CUDA correctness.
 
-    python benchmarks/gpu.py --json out/gpu.json        # on a machine with an NVIDIA GPU (fits 8 min on an H100)
+    python benchmarks/gpu.py --json out/gpu.json        # on a machine with an NVIDIA GPU (about 4-5 min, H200)
     python benchmarks/gpu.py --dry-run                  # the same code on the CPU: tiny model, 2 steps
 
 What it measures (512x512, 50 steps, guidance 7.5 unless told otherwise):
@@ -14,6 +14,10 @@ What it measures (512x512, 50 steps, guidance 7.5 unless told otherwise):
 3. correctness: fp16 on CUDA against float32 (the CPU engine on the tiny model and on the SD 1.5
    architecture at a reduced size; CUDA float32 without TF32 at full size): PSNR of decoded images and
    relative L2 error of the final latents.
+
+On the GPU the tiny model's check runs first, then the timings (1, 2), then the SD 1.5 float32 references
+(3), and ``--compile`` last: a run cut short by ``timeout`` keeps the timings, and its JSON names the section
+that was cut under ``errors`` (SIGTERM is turned into an orderly exit).
 
 Latency does not depend on weight values, so random weights give real timings; image quality does not
 mean anything with them. Every backend importable there is reported; the TensorRT path needs built engines
@@ -448,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
                 report.setdefault("errors", {})[name] = traceback.format_exc()
                 log(f"FAILED {name}: {exc!r}")
                 return None
+            except BaseException as exc:  # SIGTERM from `timeout` (see __main__): say where it stopped
+                report.setdefault("errors", {})[name] = f"interrupted ({type(exc).__name__}: {exc})"
+                raise
             finally:
                 log(f"  ({time.perf_counter() - t0:.1f} s)")
                 if args.json:
@@ -476,6 +483,21 @@ def main(argv: list[str] | None = None) -> int:
             "fp16 engine", lambda: make_engine(modules, "cuda", torch.float16, vae_dtype=vae_dtype)
         )
 
+        # Timings first, the float32 references after: a run cut by the lease's clock keeps the newest figures.
+        if fast is not None:
+            report["unet_ms"] = section(
+                "UNet per call (CUDA graphs; plain_eager without)",
+                lambda: time_unet(fast, size, sorted({1, 2, 3, fast.capture_batch}), repeat=20),
+            )
+            report["latency"] = section(
+                f"end to end: {size} px, {steps} steps", lambda: time_edits(fast, steps, size, repeat)
+            )
+            report["concurrency"] = section(
+                f"concurrency: batching off vs on, {size} px, {steps} steps",
+                lambda: concurrency(fast, steps, size, levels=[1, 2, 4, 8], rounds=2),
+            )
+            report["cuda_graphs_captured"] = len(fast.backend.graphs or ())
+            report["vae"] = section("VAE precision and time", lambda: vae_check(fast, size))
         if fast is not None and cpu_modules is not None:
 
             def cpu_check() -> None:
@@ -505,19 +527,6 @@ def main(argv: list[str] | None = None) -> int:
             del fp32_modules
             torch.cuda.empty_cache()
         if fast is not None:
-            report["unet_ms"] = section(
-                "UNet per call (CUDA graphs; plain_eager without)",
-                lambda: time_unet(fast, size, sorted({1, 2, 3, fast.capture_batch}), repeat=20),
-            )
-            report["vae"] = section("VAE precision and time", lambda: vae_check(fast, size))
-            report["latency"] = section(
-                f"end to end: {size} px, {steps} steps", lambda: time_edits(fast, steps, size, repeat)
-            )
-            report["concurrency"] = section(
-                f"concurrency: batching off vs on, {size} px, {steps} steps",
-                lambda: concurrency(fast, steps, size, levels=[1, 2, 4, 8], rounds=2),
-            )
-            report["cuda_graphs_captured"] = len(fast.backend.graphs or ())
             if modules is not None and args.compile:
                 report["compile_unet"] = section(
                     "compile_unet: torch.compile'd UNet vs the plain one",
@@ -533,15 +542,18 @@ def main(argv: list[str] | None = None) -> int:
     if not lat:
         log("SUMMARY: no latency figures (see errors)")
         return 1
+    card = (report["machine"].get("gpu") or {}).get("name", "cpu")
     log(
-        f"SUMMARY {report['mode']} {report['machine'].get('gpu') or 'cpu'}: real edit {lat['real_edit']['median_ms']:.0f} ms, "
+        f"SUMMARY {report['mode']} {card}: real edit {lat['real_edit']['median_ms']:.0f} ms, "
         f"re-edit {lat['re_edit']['median_ms']:.0f} ms, generated {lat['generated_edit']['median_ms']:.0f} ms"
     )
     return 0
 
 
 if __name__ == "__main__":
-    from gpu_smoke import ensure_fpedit  # this script's folder: maps an uninstalled checkout to `fpedit`
+    # this script's folder: map an uninstalled checkout to `fpedit`; record a cut by `timeout` in the JSON
+    from gpu_smoke import ensure_fpedit, terminate_on_sigterm
 
     ensure_fpedit()
+    terminate_on_sigterm()
     sys.exit(main())

@@ -18,8 +18,8 @@ Checks, each printed as one ``PASS``/``FAIL``/``SKIP <name>: <detail>`` line and
 * ``peak_memory`` - the run's peak CUDA allocation.
 
 Only torch must be installed on the GPU machine: without an installed fpedit the script maps the repository's
-folders to the ``fpedit`` package itself (diffusers and its few missing needs travel as wheels; see
-benchmarks/README.md). The exit status is 1 when any check fails.
+folders to the ``fpedit`` package itself (the diffusers wheel travels with it; ``benchmarks/device_run.sh`` is
+the one device command, see benchmarks/README.md). The exit status is 1 when any check fails.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import argparse
 import importlib.abc
 import importlib.util
 import json
+import signal
 import sys
 import tempfile
 import threading
@@ -38,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+#: Longest wait for a check's concurrent requests, all threads together: a hang must not take the lease.
+CONCURRENT_TIMEOUT_S = 120.0
 #: pyproject's package-dir, for a checkout that is not installed.
 PACKAGE_DIRS = {
     "fpedit": "fpedit",
@@ -93,6 +96,13 @@ class Smoke:
                 f"{type(exc).__name__}: {exc}",
                 {"traceback": traceback.format_exc()},
             )
+        except BaseException as exc:  # SIGTERM from `timeout` (see terminate_on_sigterm) or ^C: record, stop
+            self.record(name, "FAIL", f"interrupted ({type(exc).__name__}: {exc})", {}, t0)
+            raise
+        self.record(name, status, detail, data, t0)
+
+    def record(self, name: str, status: str, detail: str, data: dict[str, Any], t0: float) -> None:
+        """One outcome: its PASS/FAIL/SKIP line printed and the JSON rewritten at once (a cut run keeps it)."""
         seconds = round(time.perf_counter() - t0, 2)
         entry = {"name": name, "status": status, "seconds": seconds, "data": data}
         entry["reason" if status == "SKIP" else "detail"] = detail
@@ -110,6 +120,25 @@ class Smoke:
     @property
     def failed(self) -> bool:
         return any(c["status"] == "FAIL" for c in self.report["checks"])
+
+
+def join_all(threads: list[threading.Thread], seconds: float) -> int:
+    """Wait for ``threads`` at most ``seconds`` in all (one deadline, not one per thread); returns how many
+    still run. Callers start them as daemons and leave hung ones behind, so a hang costs one deadline."""
+    deadline = time.monotonic() + seconds
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    return sum(t.is_alive() for t in threads)
+
+
+def terminate_on_sigterm() -> None:
+    """Turn SIGTERM (what ``timeout`` sends) into SystemExit, so the check in progress is recorded as cut
+    and the JSON written before the process ends (the default SIGTERM action writes nothing)."""
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(f"terminated by signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def noise(seed: int, h: int, w: int) -> Any:
@@ -204,14 +233,15 @@ def torch_batching_concurrent(model: str, device: str, steps: int, tol: float) -
             results[i] = exc
 
     captures = CAPTURE_GATE.captures
-    threads = [threading.Thread(target=work, args=(i, job)) for i, job in enumerate(jobs(batched))]
+    threads = [
+        threading.Thread(target=work, args=(i, job), daemon=True) for i, job in enumerate(jobs(batched))
+    ]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join(240)
-    batched.close()
+    hung = join_all(threads, CONCURRENT_TIMEOUT_S)
+    if not hung:  # close() waits for the device loop, which a hang would keep busy forever
+        batched.close()
     captures = CAPTURE_GATE.captures - captures
-    hung = sum(t.is_alive() for t in threads)
     errors = [repr(r) for r in results if isinstance(r, Exception)]
     diffs = [
         max(rel_l2(x, y) for x, y in zip(outcome(b), outcome(a), strict=True))
@@ -355,12 +385,12 @@ def tensorrt_check(model: str, work: Path, steps: int, cuda: bool) -> tuple[str,
         except Exception as exc:
             results[i] = exc
 
-    threads = [threading.Thread(target=work_item, args=(i,)) for i in range(4)]
+    threads = [threading.Thread(target=work_item, args=(i,), daemon=True) for i in range(4)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join(120)
-    batched.close()
+    hung = join_all(threads, CONCURRENT_TIMEOUT_S)
+    if not hung:
+        batched.close()
     errors = [repr(r) for r in results if isinstance(r, Exception) or r is None]
     concurrent = [
         rel_l2(r.edited_latents, a.edited_latents)
@@ -373,6 +403,7 @@ def tensorrt_check(model: str, work: Path, steps: int, cuda: bool) -> tuple[str,
         "unaligned_rel_l2": unaligned,
         "rel_l2_concurrent_vs_alone": concurrent,
         "errors": errors,
+        "hung": hung,
         **backend.describe(),
     }
     ok = (
@@ -463,4 +494,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    terminate_on_sigterm()
     sys.exit(main())

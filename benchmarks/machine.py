@@ -25,6 +25,8 @@ PACKAGES = (
 
 
 def git_commit() -> str | None:
+    """The checkout's commit; else ``FPEDIT_COMMIT`` (a copy without .git, such as a lent GPU machine's)."""
+    fallback = os.environ.get("FPEDIT_COMMIT") or None
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -34,8 +36,8 @@ def git_commit() -> str | None:
             cwd=Path(__file__).resolve().parent,
         )
     except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
+        return fallback
+    return out.stdout.strip() or fallback
 
 
 def machine_facts() -> dict[str, Any]:

@@ -81,3 +81,17 @@ def test_gpu_script_dry_run(tmp_path):
     assert data["mode"] == "dry-run"
     assert {"real_edit", "re_edit", "generated_edit"} <= set(data["latency"])
     assert "SUMMARY dry-run" in proc.stdout
+
+
+def test_machine_facts_name_the_commit_given_where_git_cannot(monkeypatch):
+    """A lent GPU machine runs a copy without .git: the commit comes from FPEDIT_COMMIT."""
+    from fpedit.benchmarks import machine
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(machine.subprocess, "run", no_git)
+    monkeypatch.setenv("FPEDIT_COMMIT", "abc1234")
+    assert machine.machine_facts()["commit"] == "abc1234"
+    monkeypatch.delenv("FPEDIT_COMMIT")
+    assert machine.git_commit() is None

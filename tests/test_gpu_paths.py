@@ -651,3 +651,18 @@ def test_gpu_smoke_dry_run_passes_on_the_cpu(model_dir, tmp_path, capsys):
     assert {"torch_graphs_vs_eager", "torch_batching_concurrent", "onnx_fp16_export"} <= passed
     for check in checks:
         assert f"{check['status']} {check['name']}" in lines
+
+
+def test_gpu_smoke_waits_for_hung_threads_once_not_per_thread():
+    """A hang in the concurrent checks costs one deadline (the lease is short), not one per thread."""
+    from fpedit.benchmarks.gpu_smoke import join_all
+
+    release = threading.Event()
+    threads = [threading.Thread(target=release.wait, daemon=True) for _ in range(4)]
+    for t in threads:
+        t.start()
+    started = time.monotonic()
+    assert join_all(threads, 0.3) == 4
+    assert time.monotonic() - started < 0.9  # 4 x 0.3 s if each thread got its own timeout
+    release.set()
+    assert join_all(threads, 5.0) == 0
