@@ -135,6 +135,43 @@ def test_serve_refuses_ray_flags_without_ray(capsys):
     )
 
 
+class _FlakyRay:
+    """A stand-in for the ``ray`` module whose first ``init`` fails as Ray's does when its GCS misses its wait."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+        self.calls: list[str] = []
+
+    def init(self, address=None, **_init) -> None:
+        self.calls.append(f"init {address}")
+        if self.calls.count(f"init {address}") == 1:
+            raise RuntimeError(self.error)
+
+    def shutdown(self) -> None:
+        self.calls.append("shutdown")
+
+
+def test_a_local_ray_start_that_times_out_is_tried_once_more(monkeypatch, caplog):
+    from fpedit.server.ray.deployment import init_ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    timeout = "Timed out waiting for file /tmp/ray/session_x/gcs_server_port_ab"
+    local = _FlakyRay(timeout)
+    init_ray(local, None, {"num_cpus": 1})
+    assert local.calls == ["init None", "shutdown", "init None"]
+    assert any(
+        "did not start" in r.getMessage() and "gcs_server_port" in r.getMessage() for r in caplog.records
+    )
+    joined = _FlakyRay(timeout)  # a cluster that cannot be reached is not retried
+    with pytest.raises(RuntimeError, match="Timed out"):
+        init_ray(joined, "10.0.0.5:6379", {})
+    assert joined.calls == ["init 10.0.0.5:6379"]
+    other = _FlakyRay("some other failure")  # nor is any other start-up error
+    with pytest.raises(RuntimeError, match="other failure"):
+        init_ray(other, None, {})
+    assert other.calls == ["init None"]
+
+
 def test_replica_errors_come_back_as_the_runners_errors():
     """What a replica answers or Ray raises maps to the errors a LocalRunner raises (so: the same codes)."""
     pytest.importorskip("ray.serve", reason=RAY_MISSING)

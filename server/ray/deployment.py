@@ -131,7 +131,7 @@ class RayService:
                         os.environ.get(LOCAL_ONLY_ENV),
                     )
                 init.setdefault("_node_ip_address", local_node_address(host))
-            ray.init(address=address, **init)
+            init_ray(ray, address, init)
         serve.start(proxy_location="Disabled")  # clients reach the gRPC front, never Serve's proxies
         open_store(settings.store_name, settings.store_namespace, settings.store_bytes, settings.store_ttl_s)
         app = replica_deployment(
@@ -166,6 +166,26 @@ class RayService:
             if self.owns_ray:
                 serve.shutdown()
                 ray.shutdown()
+
+
+#: What ``ray.init`` raises when a process of a new local instance did not come up in time (its port file).
+RAY_START_TIMEOUT = "Timed out waiting for file"
+
+
+def init_ray(ray: Any, address: str | None, init: dict[str, Any]) -> None:
+    """``ray.init``, with one more try when a *new local* instance's GCS or raylet did not come up in time.
+
+    On a loaded machine Ray's head processes occasionally miss their start-up wait without leaving a log (seen
+    once in a test run on 2 busy cores); a second start in a new session comes up. Joining a cluster is never
+    retried: a cluster that cannot be reached is the operator's to fix."""
+    try:
+        ray.init(address=address, **init)
+    except RuntimeError as exc:
+        if not starts_local_ray(address) or RAY_START_TIMEOUT not in str(exc):
+            raise
+        log.warning("the local Ray instance did not start (%s); starting it again", str(exc).splitlines()[0])
+        ray.shutdown()
+        ray.init(address=address, **init)
 
 
 def serve_on_ray(
