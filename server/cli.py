@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -223,10 +224,22 @@ def _grpc_errors(func):
                 hint = f" (is `fpedit serve` running at {args.target}?)"
                 print(f"fpedit: error: {code.name}: {details}{hint}", file=sys.stderr)
                 return EXIT_UNREACHABLE
-            print(f"fpedit: error: {code.name}: {details}", file=sys.stderr)
+            print(f"fpedit: error: {code.name}: {_plain_details(details)}", file=sys.stderr)
             return EXIT_SERVER_REFUSED
 
     return run
+
+
+#: gRPC's own refusal of a message over its transport limit, which fpedit sets to twice --max-message-mb.
+_GRPC_TOO_LARGE = re.compile(r"SERVER: Received message larger than max \((\d+) vs\. \d+\)")
+
+
+def _plain_details(details: str) -> str:
+    """gRPC's wording for a message over its limit names a limit the operator never set: say it plainly."""
+    match = _GRPC_TOO_LARGE.search(details)
+    if match is None:
+        return details
+    return f"the message is {match.group(1)} bytes, far over the server's limit (its --max-message-mb)"
 
 
 def _with_replica(fields: dict[str, Any], stats: Any) -> dict[str, Any]:

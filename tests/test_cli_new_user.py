@@ -12,9 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import make_image
 from helpers import assert_one_line, run_cli, self_signed_cert
+from PIL import Image
 
 from fpedit.cli import build_parser, main
 
@@ -387,3 +389,31 @@ def test_every_option_help_shows_its_default():
         for option in options:
             action = parsers[name]._option_string_actions[option]
             assert "default" in action.help, (name, option, action.help)
+
+
+def test_client_says_plainly_that_an_image_is_over_the_servers_message_limit(engine, tmp_path, capsys):
+    """Over --max-message-mb: the servicer's own message (counted); far over it (past gRPC's backstop at twice
+    the flag): gRPC's wording, which names a limit nobody set, is said plainly instead."""
+    from fpedit.server.app import build_server
+    from fpedit.server.service import ServerConfig
+
+    rng = np.random.default_rng(0)
+    over, far_over = tmp_path / "over.png", tmp_path / "far.png"
+    Image.fromarray(rng.integers(0, 256, (800, 800, 3), dtype=np.uint8)).save(over)  # ~1.9 MB
+    Image.fromarray(rng.integers(0, 256, (1100, 1100, 3), dtype=np.uint8)).save(far_over)  # ~3.6 MB
+    assert 1 << 20 < over.stat().st_size < 2 << 20 < far_over.stat().st_size
+    server = build_server(engine, ServerConfig(port=0, max_message_bytes=1 << 20))
+    try:
+        target = ["--target", f"127.0.0.1:{server.port}", "--timeout", "60"]
+        for image, fragment in (
+            (over, "takes at most 1048576 (--max-message-mb)"),
+            (far_over, "far over the server's limit (its --max-message-mb)"),
+        ):
+            code, err = run_cli(
+                ["client", "edit", str(image), "-p", "x", "-o", str(tmp_path / "e.png"), *target], capsys
+            )
+            assert code == 1
+            assert_one_line(err, "RESOURCE_EXHAUSTED")
+            assert fragment in err and "2097152" not in err, err
+    finally:
+        server.drain(5)
