@@ -107,8 +107,8 @@ def test_colliding_outputs_are_refused_before_any_work(tmp_path, image_file, cap
         ([*edit, str(same)], "--reconstruction"),
         ([*edit, str(tmp_path / "e/../e/same.png")], "--reconstruction"),
         (generate, "--source-output"),
-        (["client", *edit, str(same), *NO_SERVER], "named for two outputs"),
-        (["client", *generate, *NO_SERVER], "named for two outputs"),
+        (["client", *edit, str(same), *NO_SERVER], "--reconstruction"),
+        (["client", *generate, *NO_SERVER], "--source-output"),
     ]
     for argv, fragment in cases:
         code, err = run_cli(argv, capsys)
