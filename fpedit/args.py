@@ -519,6 +519,9 @@ def quiet_libraries() -> None:
         return
     for name in ("diffusers", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # diffusers' deprecate() notes on a checkpoint's scheduler config (steps_offset, clip_sample) are warnings,
+    # not log records: several lines asking the user to open a pull request on the Hub.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(diffusers|transformers)(\.|$)")
     try:
         import diffusers.utils.logging as diffusers_logging
         import transformers.utils.logging as transformers_logging
@@ -526,6 +529,7 @@ def quiet_libraries() -> None:
         diffusers_logging.set_verbosity_error()
         transformers_logging.set_verbosity_error()
         diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()  # "Loading weights" of every text encoder load
     except ImportError:  # pragma: no cover - both are dependencies
         pass
 

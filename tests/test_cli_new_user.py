@@ -335,6 +335,27 @@ def test_generate_and_client_generate_share_the_seed_default():
     assert local.seed == remote.seed == 0
 
 
+def test_model_loads_print_no_library_chatter_without_verbose(model_dir, tmp_path):
+    """A subprocess, because pytest captures warnings: without -v, stderr stays empty for a folder load
+    (transformers' "Loading weights" bar) and a single file with --model-config (diffusers' deprecation
+    notes on the folder's scheduler config, which asks for steps_offset and clip_sample)."""
+    from fpedit.engine.conversion import convert
+
+    single = convert(model_dir, tmp_path / "tiny.safetensors")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for model in (["--model", str(model_dir)], ["--model", str(single), "--model-config", str(model_dir)]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "fpedit.cli", "info", *model],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stderr == "", (model, proc.stderr)
+        assert json.loads(proc.stdout)["backend"] == "torch"
+
+
 def test_verbose_logs_model_load_backend_and_stage_timings(model_dir, tmp_path, image_file, capsys, caplog):
     caplog.set_level(logging.INFO, logger="fpedit")
     assert main(["-v", "info", "--model", str(model_dir)]) == 0
