@@ -469,7 +469,8 @@ def edit_options_from_args(args: argparse.Namespace) -> EditOptions:
 def inversion_options_from_args(args: argparse.Namespace) -> InversionOptions:
     """The inversion flags as :class:`InversionOptions`, judged before any model loads or call is made.
 
-    DDIM inversion takes no source prompt: one given with it is refused rather than dropped without a word.
+    DDIM inversion takes no source prompt, and only null-text takes the null-text settings: one given where
+    it does nothing is refused rather than dropped without a word.
     """
     method = args.inversion or "ddim"
     source_prompt = args.source_prompt or ""
@@ -485,6 +486,13 @@ def inversion_options_from_args(args: argparse.Namespace) -> InversionOptions:
         "null_text_steps": args.null_text_steps,
         "null_text_epsilon": getattr(args, "null_text_epsilon", None),
     }
+    unused = [field for field, value in given.items() if value is not None]
+    if method != "null-text" and unused:  # refused like a source prompt with ddim, not dropped without a word
+        raise InvalidInputError(
+            unused[0],
+            f"only --inversion null-text uses it ({method} inversion does not optimise); add "
+            "--inversion null-text to use it, or leave it out",
+        )
     return InversionOptions(
         method=method, source_prompt=source_prompt, **{k: v for k, v in given.items() if v is not None}
     )

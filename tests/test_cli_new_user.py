@@ -133,6 +133,37 @@ def test_source_prompt_without_an_inversion_method_is_refused(tmp_path, image_fi
         assert_one_line(err, "--source-prompt", "DDIM", "--inversion negative-prompt")
 
 
+def test_null_text_settings_without_null_text_are_refused(tmp_path, image_file, capsys, no_engine):
+    out = str(tmp_path / "o.png")
+    for argv, flag in (
+        (["edit", str(image_file), "-p", "x", "-o", out, "--null-text-steps", "3"], "--null-text-steps"),
+        (
+            [
+                "edit",
+                str(image_file),
+                "-p",
+                "x",
+                "-o",
+                out,
+                "--inversion",
+                "negative-prompt",
+                "--source-prompt",
+                "a car",
+                "--null-text-epsilon",
+                "1e-4",
+            ],
+            "--null-text-epsilon",
+        ),
+        (
+            ["client", "edit", str(image_file), "-p", "x", "-o", out, "--null-text-steps", "3", *NO_SERVER],
+            "--null-text-steps",
+        ),
+    ):
+        code, err = run_cli(argv, capsys)
+        assert code == 2, (argv, err)  # 3 would mean the client made a call
+        assert_one_line(err, flag, "--inversion null-text")
+
+
 def test_inversion_options_with_an_id_say_they_do_not_apply(tmp_path, capsys):
     out = str(tmp_path / "o.png")
     code, err = run_cli(
