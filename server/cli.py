@@ -228,6 +228,9 @@ def _grpc_errors(func):
             details = exc.details() or ""
             if code == grpc.StatusCode.UNAVAILABLE:
                 hint = f" (is `fpedit serve` running at {args.target}?)"
+                if "Socket closed" in details and not getattr(args, "ca_cert", None):
+                    # what a plaintext call to a TLS server gets: the server runs, the handshake is missing
+                    hint = f" (is `fpedit serve` running at {args.target}? if it serves TLS, pass --ca-cert)"
                 print(f"fpedit: error: {code.name}: {details}{hint}", file=sys.stderr)
                 return EXIT_UNREACHABLE
             print(f"fpedit: error: {code.name}: {_plain_details(details)}", file=sys.stderr)

@@ -359,6 +359,23 @@ def test_client_exit_codes_and_info_keys_against_a_real_server(engine, tmp_path,
     assert_one_line(err, "UNAVAILABLE")
 
 
+def test_client_against_a_tls_server_with_and_without_ca_cert(engine, tmp_path, capsys):
+    from fpedit.server.app import build_server
+    from fpedit.server.service import ServerConfig
+
+    cert, key = self_signed_cert(tmp_path)
+    server = build_server(engine, ServerConfig(port=0, workers=1, tls_cert=str(cert), tls_key=str(key)))
+    try:
+        target = ["--target", f"127.0.0.1:{server.port}", "--timeout", "30"]
+        assert main(["client", "info", *target, "--ca-cert", str(cert)]) == 0
+        assert json.loads(capsys.readouterr().out)["health"] == "SERVING"
+        code, err = run_cli(["client", "info", *target], capsys)
+    finally:
+        server.drain(2)
+    assert code == 3  # UNAVAILABLE, as for no server, but the line says what to add
+    assert_one_line(err, "UNAVAILABLE", "--ca-cert")
+
+
 def test_generate_and_client_generate_share_the_seed_default():
     parser = build_parser()
     local = parser.parse_args(["generate", "-s", "a", "-t", "b", "-o", "g.png"])
