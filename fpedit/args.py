@@ -50,6 +50,7 @@ COMMON_FLAGS = {
     "height": "--height",
     "width": "--width",
     "out": "--out",
+    "graphs": "--graphs",
     "output": "-o/--output",
     "reconstruction": "--reconstruction",
     "source_output": "--source-output",
