@@ -390,18 +390,23 @@ def test_model_loads_print_no_library_chatter_without_verbose(model_dir, tmp_pat
     from fpedit.engine.conversion import convert
 
     single = convert(model_dir, tmp_path / "tiny.safetensors")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for model in (["--model", str(model_dir)], ["--model", str(single), "--model-config", str(model_dir)]):
-        proc = subprocess.run(
-            [sys.executable, "-m", "fpedit.cli", "info", *model],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=env,
-        )
-        assert proc.returncode == 0, proc.stderr
-        assert proc.stderr == "", (model, proc.stderr)
-        assert json.loads(proc.stdout)["backend"] == "torch"
+    folder_load = ["info", "--model", str(model_dir)]
+    single_file_load = ["info", "--model", str(single), "--model-config", str(model_dir)]
+    script = (  # both loads in one process: torch and diffusers import once
+        "import sys\n"
+        "from fpedit.cli import main\n"
+        f"sys.exit(main({folder_load!r}) or main({single_file_load!r}))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "", proc.stderr
+    assert proc.stdout.count('"backend": "torch"') == 2
 
 
 def test_verbose_logs_model_load_backend_and_stage_timings(model_dir, tmp_path, image_file, capsys, caplog):
