@@ -295,28 +295,25 @@ def test_serve_port_in_use_is_one_line_before_the_model_loads(tmp_path):
 
 
 @pytest.mark.parametrize("flag", ["--metrics-port", "--http-port"])
-def test_serve_side_port_in_use_is_one_line_naming_its_flag_before_the_model_loads(flag):
-    """The metrics and HTTP ports are judged with the gRPC one, not found taken after the model loaded."""
-    taken = socket.socket()
-    taken.bind(("127.0.0.1", 0))
-    taken.listen()
-    port = taken.getsockname()[1]
-    script = (
-        "import sys\n"
-        "import fpedit.args, fpedit.cli\n"
-        "def refuse(*a, **k):\n"
-        "    raise SystemExit('MODEL LOADED')\n"
-        "fpedit.args.engine_from_config = refuse\n"
-        f"sys.exit(fpedit.cli.main(['serve', '--port', '0', '{flag}', '{port}']))\n"
+def test_serve_side_port_in_use_is_one_line_naming_its_flag_before_the_model_loads(flag, monkeypatch, capsys):
+    """The metrics and HTTP ports are judged with the gRPC one, not found taken after the model loaded.
+    In-process: these checks come before gRPC binds, so its C core writes nothing to stderr."""
+    import fpedit.args
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the ports were checked")
+
+    monkeypatch.setattr(fpedit.args, "engine_from_config", refuse)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, err = run_cli(["serve", "--port", "0", flag, str(port)], capsys)
+    assert code == 2, err
+    assert (
+        err.strip()
+        == f"fpedit: error: {flag}: cannot bind 127.0.0.1:{port}: the port is in use by another process"
     )
-    try:
-        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    finally:
-        taken.close()
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip() == (
-        f"fpedit: error: {flag}: cannot bind 127.0.0.1:{port}: the port is in use by another process"
-    ), proc.stderr
 
 
 # --- item 9: consistency ------------------------------------------------------------------------------------
