@@ -143,6 +143,13 @@ def sidecar_prediction_type(path: Path) -> str | None:
     return None
 
 
+# diffusers' words for a weight whose shape is not the config's: "NAME expected shape torch.Size([...]), but got
+# torch.Size([...])"; its advice (ignore_mismatched_sizes) would load random weights, so it is not passed on.
+_SHAPE_MISMATCH = re.compile(
+    r"(\S+) expected shape torch\.Size\((\[[^\]]*\])\), but got torch\.Size\((\[[^\]]*\])\)"
+)
+
+
 def load_single_file(
     path: str | Path,
     *,
@@ -191,6 +198,14 @@ def load_single_file(
     except (UnsupportedModelError, ModelLoadError):
         raise
     except Exception as exc:
+        mismatch = _SHAPE_MISMATCH.search(str(exc))
+        if model_config is None and mismatch is not None:
+            name, standard, stored = mismatch.groups()
+            raise UnsupportedModelError(
+                f"{path.name} is not a standard-size SD 1.x checkpoint ({name} is {stored}, SD 1.x has "
+                f"{standard}): pass model_config (CLI: --model-config DIR), a diffusers folder whose configs "
+                "describe it"
+            ) from None
         raise ModelLoadError(f"cannot load {path} with the configs of {config_dir}: {exc}") from exc
     spec = ModelSpec.from_configs(
         dict(pipe.unet.config), dict(pipe.vae.config), pipe.text_encoder.config.to_dict(), scheduler

@@ -191,6 +191,7 @@ def export_onnx(
         raise InvalidInputError("graphs", f"unknown graphs {unknown}; known: {list(GRAPHS)}")
     out_dir = Path(out_dir).expanduser()
     check_output_dir(out_dir)
+    check_no_graphs_dropped(out_dir, graphs)
     parts = load_components(
         model,
         allow_pickle=allow_pickle,
@@ -253,6 +254,22 @@ def export_onnx(
         )
         write_manifest(stage, manifest)
     return manifest
+
+
+def check_no_graphs_dropped(out_dir: Path, graphs: Sequence[str]) -> None:
+    """Refuse, before any work, a partial export (``--graphs``) that would replace an export holding other
+    graphs: the folder is replaced whole, so those graphs would be lost."""
+    try:
+        held = json.loads((out_dir / MANIFEST_FILE).read_text()).get("graphs") or {}
+    except (OSError, ValueError, AttributeError):
+        return  # no readable manifest: check_output_dir has judged the folder
+    dropped = [name for name in held if name not in graphs]
+    if dropped:
+        raise InvalidInputError(
+            "graphs",
+            f"{out_dir} holds an export with {', '.join(dropped)} too, which this export of "
+            f"{', '.join(graphs)} would replace and lose; choose a new --out, or export those graphs as well",
+        )
 
 
 def check_output_dir(out_dir: Path) -> None:

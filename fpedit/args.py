@@ -50,6 +50,7 @@ COMMON_FLAGS = {
     "height": "--height",
     "width": "--width",
     "out": "--out",
+    "graphs": "--graphs",
     "output": "-o/--output",
     "reconstruction": "--reconstruction",
     "source_output": "--source-output",
@@ -469,7 +470,8 @@ def edit_options_from_args(args: argparse.Namespace) -> EditOptions:
 def inversion_options_from_args(args: argparse.Namespace) -> InversionOptions:
     """The inversion flags as :class:`InversionOptions`, judged before any model loads or call is made.
 
-    DDIM inversion takes no source prompt: one given with it is refused rather than dropped without a word.
+    DDIM inversion takes no source prompt, and only null-text takes the null-text settings: one given where
+    it does nothing is refused rather than dropped without a word.
     """
     method = args.inversion or "ddim"
     source_prompt = args.source_prompt or ""
@@ -485,6 +487,13 @@ def inversion_options_from_args(args: argparse.Namespace) -> InversionOptions:
         "null_text_steps": args.null_text_steps,
         "null_text_epsilon": getattr(args, "null_text_epsilon", None),
     }
+    unused = [field for field, value in given.items() if value is not None]
+    if method != "null-text" and unused:  # refused like a source prompt with ddim, not dropped without a word
+        raise InvalidInputError(
+            unused[0],
+            f"only --inversion null-text uses it ({method} inversion does not optimise); add "
+            "--inversion null-text to use it, or leave it out",
+        )
     return InversionOptions(
         method=method, source_prompt=source_prompt, **{k: v for k, v in given.items() if v is not None}
     )
@@ -519,6 +528,9 @@ def quiet_libraries() -> None:
         return
     for name in ("diffusers", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # diffusers' deprecate() notes on a checkpoint's scheduler config (steps_offset, clip_sample) are warnings,
+    # not log records: several lines asking the user to open a pull request on the Hub.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(diffusers|transformers)(\.|$)")
     try:
         import diffusers.utils.logging as diffusers_logging
         import transformers.utils.logging as transformers_logging
@@ -526,6 +538,7 @@ def quiet_libraries() -> None:
         diffusers_logging.set_verbosity_error()
         transformers_logging.set_verbosity_error()
         diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()  # "Loading weights" of every text encoder load
     except ImportError:  # pragma: no cover - both are dependencies
         pass
 

@@ -47,7 +47,19 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         name = method.rsplit("/", 1)[-1]
 
         def deny(request: Any, context: grpc.ServicerContext) -> Any:
-            log.info("rpc=%s status=UNAUTHENTICATED peer=%s", name, context.peer())
+            fields = {
+                "method": name,
+                "status": "UNAUTHENTICATED",
+                "peer": context.peer(),
+                "transport": "grpc",
+            }
+            # the servicer's fields, so --log-format json writes them as the object, as for every other RPC
+            log.info(
+                "rpc=%s status=UNAUTHENTICATED peer=%s transport=grpc",
+                name,
+                fields["peer"],
+                extra={"fpedit_request": fields},
+            )
             if self._metrics is not None:  # token guessing shows in fpedit_requests_total
                 self._metrics.observe(name, grpc.StatusCode.UNAUTHENTICATED.name, 0.0, None)
             context.abort(

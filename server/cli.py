@@ -152,17 +152,23 @@ class UsageError(Exception):
     """A mistake on the client's command line, reported as one ``fpedit: error:`` line (status 2)."""
 
 
-def _output_format(args: argparse.Namespace, *paths: Path | None) -> str:
-    """The image format of the files to write: their extension's, which ``--format`` may only confirm.
-    Two outputs that name one file are refused: the second write would replace the first result."""
+def _output_format(args: argparse.Namespace, *outputs: tuple[str, Path | None]) -> str:
+    """The image format of the files to write (``(flag, path)`` pairs): their extension's, which
+    ``--format`` may only confirm. Two outputs that name one file are refused, naming the flag as
+    ``fpedit edit`` does: the second write would replace the first result."""
     from .client import format_for_path
 
     formats = set()
-    seen: set[Path] = set()
-    for path in filter(None, paths):
-        if path.expanduser().resolve() in seen:
-            raise UsageError(f"{path} is named for two outputs; give each output its own file name")
-        seen.add(path.expanduser().resolve())
+    seen: dict[Path, str] = {}
+    for flag, path in outputs:
+        if path is None:
+            continue
+        resolved = path.expanduser().resolve()
+        if resolved in seen:
+            raise UsageError(
+                f"{flag}: {path} is also the {seen[resolved]} file; give each output its own file name"
+            )
+        seen[resolved] = flag
         if path.is_dir():
             raise UsageError(f"{path} is a directory; give a file name such as {path / 'out.png'}")
         try:
@@ -222,6 +228,9 @@ def _grpc_errors(func):
             details = exc.details() or ""
             if code == grpc.StatusCode.UNAVAILABLE:
                 hint = f" (is `fpedit serve` running at {args.target}?)"
+                if "Socket closed" in details and not getattr(args, "ca_cert", None):
+                    # what a plaintext call to a TLS server gets: the server runs, the handshake is missing
+                    hint = f" (is `fpedit serve` running at {args.target}? if it serves TLS, pass --ca-cert)"
                 print(f"fpedit: error: {code.name}: {details}{hint}", file=sys.stderr)
                 return EXIT_UNREACHABLE
             print(f"fpedit: error: {code.name}: {_plain_details(details)}", file=sys.stderr)
@@ -260,7 +269,9 @@ def cmd_client_edit(args: argparse.Namespace) -> int:
                 f"{typed[0]}: inversion options do not apply to --inversion-id (the inversion was made with "
                 "its own); leave them out, or give the IMAGE instead"
             )
-    output_format = _output_format(args, args.output, args.reconstruction)
+    output_format = _output_format(
+        args, ("-o/--output", args.output), ("--reconstruction", args.reconstruction)
+    )
     options = _options(args)
     inversion_args = _inversion_args(args)
     image = None if args.inversion_id else _read_image(args.image)
@@ -307,7 +318,7 @@ def cmd_client_edit(args: argparse.Namespace) -> int:
 @_grpc_errors
 def cmd_client_generate(args: argparse.Namespace) -> int:
     source_output = source_output_path(args.output, args.source_output)
-    output_format = _output_format(args, args.output, source_output)
+    output_format = _output_format(args, ("-o/--output", args.output), ("--source-output", source_output))
     options = _options(args)
     with _client(args) as client:
         response = client.generate(

@@ -80,14 +80,17 @@ class ServerConfig:
 
 def check_can_start(config: ServerConfig) -> None:
     """What would otherwise fail only after the model loaded, each named by its flag: the TLS pair, whether
-    the host resolves and whether the gRPC and metrics ports are free. (A port can still be taken between
-    this check and the bind; the server then reports that itself.)"""
+    the host resolves and whether the gRPC, metrics and HTTP ports are free. (A port can still be taken
+    between this check and the bind; the server then reports that itself.)"""
     if config.tls_cert and config.tls_key:
         check_tls_pair(config.tls_cert, config.tls_key)
     check_bindable(config.host, config.port, "host", "port")
     if config.metrics_port is not None:
         host_flag = "metrics-host" if config.metrics_host else "host"
         check_bindable(config.metrics_host or config.host, config.metrics_port, host_flag, "metrics-port")
+    if config.http_port is not None:
+        host_flag = "http-host" if config.http_host else "host"
+        check_bindable(config.http_host or config.host, config.http_port, host_flag, "http-port")
 
 
 def check_bindable(host: str, port: int, host_flag: str, port_flag: str) -> None:

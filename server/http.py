@@ -203,7 +203,21 @@ class HttpApi:
     ) -> Response:
         """A request refused before its body reaches the servicer (token, size, header, route the runner
         lacks): one log line and counted in ``fpedit_requests_total``, like gRPC's token refusals."""
-        log.info("rpc=%s status=%s peer=%s transport=http detail=%r", route.rpc, code.name, peer, message)
+        fields = {
+            "method": route.rpc,
+            "status": code.name,
+            "peer": peer,
+            "transport": "http",
+            "detail": message,
+        }
+        log.info(  # the servicer's fields, so --log-format json writes them as the object
+            "rpc=%s status=%s peer=%s transport=http detail=%r",
+            route.rpc,
+            code.name,
+            peer,
+            message,
+            extra={"fpedit_request": fields},
+        )
         metrics = self.servicer.metrics
         if metrics is not None:
             metrics.observe(route.rpc, code.name, 0.0, None, transport="http")

@@ -107,8 +107,8 @@ def test_colliding_outputs_are_refused_before_any_work(tmp_path, image_file, cap
         ([*edit, str(same)], "--reconstruction"),
         ([*edit, str(tmp_path / "e/../e/same.png")], "--reconstruction"),
         (generate, "--source-output"),
-        (["client", *edit, str(same), *NO_SERVER], "named for two outputs"),
-        (["client", *generate, *NO_SERVER], "named for two outputs"),
+        (["client", *edit, str(same), *NO_SERVER], "--reconstruction"),
+        (["client", *generate, *NO_SERVER], "--source-output"),
     ]
     for argv, fragment in cases:
         code, err = run_cli(argv, capsys)
@@ -131,6 +131,37 @@ def test_source_prompt_without_an_inversion_method_is_refused(tmp_path, image_fi
         code, err = run_cli(argv, capsys)
         assert code == 2, (argv, err)
         assert_one_line(err, "--source-prompt", "DDIM", "--inversion negative-prompt")
+
+
+def test_null_text_settings_without_null_text_are_refused(tmp_path, image_file, capsys, no_engine):
+    out = str(tmp_path / "o.png")
+    for argv, flag in (
+        (["edit", str(image_file), "-p", "x", "-o", out, "--null-text-steps", "3"], "--null-text-steps"),
+        (
+            [
+                "edit",
+                str(image_file),
+                "-p",
+                "x",
+                "-o",
+                out,
+                "--inversion",
+                "negative-prompt",
+                "--source-prompt",
+                "a car",
+                "--null-text-epsilon",
+                "1e-4",
+            ],
+            "--null-text-epsilon",
+        ),
+        (
+            ["client", "edit", str(image_file), "-p", "x", "-o", out, "--null-text-steps", "3", *NO_SERVER],
+            "--null-text-steps",
+        ),
+    ):
+        code, err = run_cli(argv, capsys)
+        assert code == 2, (argv, err)  # 3 would mean the client made a call
+        assert_one_line(err, flag, "--inversion null-text")
 
 
 def test_inversion_options_with_an_id_say_they_do_not_apply(tmp_path, capsys):
@@ -263,6 +294,28 @@ def test_serve_port_in_use_is_one_line_before_the_model_loads(tmp_path):
     ), proc.stderr
 
 
+@pytest.mark.parametrize("flag", ["--metrics-port", "--http-port"])
+def test_serve_side_port_in_use_is_one_line_naming_its_flag_before_the_model_loads(flag, monkeypatch, capsys):
+    """The metrics and HTTP ports are judged with the gRPC one, not found taken after the model loaded.
+    In-process: these checks come before gRPC binds, so its C core writes nothing to stderr."""
+    import fpedit.args
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the ports were checked")
+
+    monkeypatch.setattr(fpedit.args, "engine_from_config", refuse)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, err = run_cli(["serve", "--port", "0", flag, str(port)], capsys)
+    assert code == 2, err
+    assert (
+        err.strip()
+        == f"fpedit: error: {flag}: cannot bind 127.0.0.1:{port}: the port is in use by another process"
+    )
+
+
 # --- item 9: consistency ------------------------------------------------------------------------------------
 
 
@@ -303,11 +356,54 @@ def test_client_exit_codes_and_info_keys_against_a_real_server(engine, tmp_path,
     assert_one_line(err, "UNAVAILABLE")
 
 
+def test_client_against_a_tls_server_with_and_without_ca_cert(engine, tmp_path, capsys):
+    from fpedit.server.app import build_server
+    from fpedit.server.service import ServerConfig
+
+    cert, key = self_signed_cert(tmp_path)
+    server = build_server(engine, ServerConfig(port=0, workers=1, tls_cert=str(cert), tls_key=str(key)))
+    try:
+        target = ["--target", f"127.0.0.1:{server.port}", "--timeout", "30"]
+        assert main(["client", "info", *target, "--ca-cert", str(cert)]) == 0
+        assert json.loads(capsys.readouterr().out)["health"] == "SERVING"
+        code, err = run_cli(["client", "info", *target], capsys)
+    finally:
+        server.drain(2)
+    assert code == 3  # UNAVAILABLE, as for no server, but the line says what to add
+    assert_one_line(err, "UNAVAILABLE", "--ca-cert")
+
+
 def test_generate_and_client_generate_share_the_seed_default():
     parser = build_parser()
     local = parser.parse_args(["generate", "-s", "a", "-t", "b", "-o", "g.png"])
     remote = parser.parse_args(["client", "generate", "-s", "a", "-t", "b", "-o", "g.png"])
     assert local.seed == remote.seed == 0
+
+
+def test_model_loads_print_no_library_chatter_without_verbose(model_dir, tmp_path):
+    """A subprocess, because pytest captures warnings: without -v, stderr stays empty for a folder load
+    (transformers' "Loading weights" bar) and a single file with --model-config (diffusers' deprecation
+    notes on the folder's scheduler config, which asks for steps_offset and clip_sample)."""
+    from fpedit.engine.conversion import convert
+
+    single = convert(model_dir, tmp_path / "tiny.safetensors")
+    folder_load = ["info", "--model", str(model_dir)]
+    single_file_load = ["info", "--model", str(single), "--model-config", str(model_dir)]
+    script = (  # both loads in one process: torch and diffusers import once
+        "import sys\n"
+        "from fpedit.cli import main\n"
+        f"sys.exit(main({folder_load!r}) or main({single_file_load!r}))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "", proc.stderr
+    assert proc.stdout.count('"backend": "torch"') == 2
 
 
 def test_verbose_logs_model_load_backend_and_stage_timings(model_dir, tmp_path, image_file, capsys, caplog):

@@ -239,6 +239,29 @@ def test_export_refuses_a_foreign_folder_before_any_work(tmp_path, monkeypatch):
         export_onnx("tiny", tmp_path / "file")
 
 
+def test_a_partial_export_does_not_replace_an_export_with_more_graphs(tmp_path, monkeypatch, capsys):
+    """``--graphs`` writes a folder with those graphs alone; the folder is replaced whole, so an export there
+    holding others would lose them. Refused before any work, naming the graphs it would drop."""
+    import fpedit.export.onnx_export as onnx_export
+    from fpedit.cli import main
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the graphs were checked")
+
+    monkeypatch.setattr(onnx_export, "load_components", must_not_load)
+    full = tmp_path / "full"
+    full.mkdir()
+    manifest = json.dumps({"graphs": {name: {} for name in GRAPHS}})
+    (full / "manifest.json").write_text(manifest)
+    with pytest.raises(InvalidInputError, match="unet_plain") as info:
+        export_onnx("tiny", full, graphs=["text_encoder"])
+    assert info.value.field == "graphs" and "text_encoder, unet_plain" not in str(info.value)
+    assert main(["export", "--model", "tiny", "--out", str(full), "--graphs", "text_encoder"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fpedit: error: --graphs: ") and err.count("\n") == 1, err
+    assert (full / "manifest.json").read_text() == manifest and len(list(full.iterdir())) == 1
+
+
 def test_incomplete_export_dirs_are_refused(tmp_path, qk_export):
     with pytest.raises(ModelLoadError, match="manifest"):
         EditEngine.from_pretrained(tmp_path, backend="onnxruntime")

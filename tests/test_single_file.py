@@ -228,6 +228,17 @@ def test_unknown_layouts_are_refused_in_one_line(tmp_path, keys, message, no_net
     assert "\n" not in str(info.value)
 
 
+def test_non_standard_shapes_without_model_config_ask_for_it(checkpoint, tmp_path, capsys, no_network):
+    """The tiny checkpoint has SD 1.x's keys at toy widths: the shipped configs cannot describe it."""
+    with pytest.raises(UnsupportedModelError, match="model_config") as info:
+        EditEngine.from_pretrained(checkpoint)
+    assert "[77, 768]" in str(info.value) and "ignore_mismatched_sizes" not in str(info.value)
+    assert main(["convert", str(checkpoint), str(tmp_path / "folder")]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # after diffusers' progress bar, when captured in-process
+    assert last.startswith("fpedit: error: ") and "--model-config DIR" in last
+    assert not (tmp_path / "folder").exists()
+
+
 def test_pickles_refused_unless_allowed(checkpoint, model_dir, tmp_path, capsys, no_network):
     ckpt = tmp_path / "model.ckpt"
     torch.save({"state_dict": load_file(str(checkpoint))}, str(ckpt))
