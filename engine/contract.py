@@ -14,9 +14,11 @@ Nothing here imports torch, diffusers or onnx: every runtime can read it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from numbers import Integral
+from pathlib import Path
 from typing import Any
 
 from .errors import InvalidInputError, UnsupportedModelError
@@ -404,3 +406,15 @@ class ExportManifest:
         d["batch"] = ShapeRange(**d["batch"])
         d["image_size"] = ShapeRange(**d["image_size"])
         return cls(**d)
+
+
+def graphs_missing_from(folder: str | Path) -> list[str]:
+    """The contract's graphs an export folder's manifest lacks (``fpedit export --graphs`` writes some alone);
+    empty when the folder has no readable manifest, whose loading then says what is wrong. Serving needs every
+    graph, and this is cheap enough to judge before a model loads."""
+    path = Path(folder).expanduser() / MANIFEST_FILE
+    try:
+        files = json.loads(path.read_text()).get("files") or {}
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [graph for graph in GRAPHS if graph not in files]

@@ -31,6 +31,7 @@ __all__ = ["add_commands", "server_config_from_args"]
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from fpedit.args import engine_config_from_args, engine_from_config
+    from fpedit.engine.contract import graphs_missing_from
     from fpedit.engine.errors import InvalidInputError
 
     from .app import RunningServer, serve
@@ -50,6 +51,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     elif args.replicas is not None or args.ray_address:
         raise InvalidInputError("replicas", "--replicas and --ray-address need --ray")
     check_can_start(config)  # TLS pair, host, free ports
+    missing = graphs_missing_from(engine_config.model)
+    if missing:  # a partial export (`fpedit export --graphs`) would load, then refuse every edit
+        raise InvalidInputError(
+            "model",
+            f"{engine_config.model} is a partial export without {', '.join(missing)}; the service needs every "
+            "graph: export again without --graphs",
+        )
     configure(config.log_format)
 
     def ready(running: RunningServer) -> None:

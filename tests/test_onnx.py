@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -426,3 +427,26 @@ def test_onnxruntime_cuda_provider(qk_export):
     a = eng.edit_generated("a", "b", seed=0, options=EditOptions(steps=3))
     b = cpu.edit_generated("a", "b", seed=0, options=EditOptions(steps=3))
     assert rel_l2(a.edited_latents, b.edited_latents) < 1e-3
+
+
+def test_serve_refuses_a_partial_export_before_loading_it(qk_export, tmp_path, monkeypatch, capsys):
+    """A folder from ``fpedit export --graphs`` would load and then refuse every edit: ``fpedit serve`` says so
+    at start-up, naming the graphs it lacks, before any model loads."""
+    import fpedit.args
+    from fpedit.cli import main
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the export was judged")
+
+    monkeypatch.setattr(fpedit.args, "engine_from_config", must_not_load)
+    partial = tmp_path / "partial"
+    shutil.copytree(qk_export, partial)
+    manifest = json.loads((partial / "manifest.json").read_text())
+    for graph in ("unet_plain", "vae_encoder"):  # as `--graphs` leaves them out
+        (partial / manifest["files"].pop(graph)).unlink()
+        manifest["graphs"].pop(graph, None)
+    (partial / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["serve", "--model", str(partial), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fpedit: error: --model: "), err
+    assert "partial export without vae_encoder, unet_plain" in err
