@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import sys
+import unicodedata
 from collections.abc import Callable, Sequence
 from importlib import import_module
 from pathlib import Path
@@ -84,8 +85,10 @@ OUTPUT_PLACEHOLDERS = ("i", "prompt")
 
 
 def prompt_slug(prompt: str, limit: int = 48) -> str:
-    """A prompt as a file-name piece: lower-case ASCII letters and digits joined by '-'."""
-    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:limit].strip("-")
+    """A prompt as a file-name piece: lower-case ASCII letters and digits joined by '-' (accents are dropped
+    from their letters, "Ünïcode" is "unicode", rather than the letters from the name)."""
+    ascii_text = unicodedata.normalize("NFKD", prompt).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")[:limit].strip("-")
     return slug or "prompt"
 
 

@@ -148,6 +148,7 @@ def test_steps_must_match_the_saved_inversion(engine, tmp_path):
 
 def test_output_templates():
     assert prompt_slug("A Red  car!") == "a-red-car" and prompt_slug("***") == "prompt"
+    assert prompt_slug("Ünïcode café, Straße") == "unicode-cafe-strae"  # accents dropped, not their letters
     paths = edit_outputs(__import__("pathlib").Path("out/{i:02d}-{prompt}.png"), ["a red car", "a blue car"])
     assert [str(p) for p in paths] == ["out/00-a-red-car.png", "out/01-a-blue-car.png"]
     assert [str(p) for p in edit_outputs(__import__("pathlib").Path("x.png"), ["one"])] == ["x.png"]
