@@ -408,13 +408,18 @@ class ExportManifest:
         return cls(**d)
 
 
-def graphs_missing_from(folder: str | Path) -> list[str]:
-    """The contract's graphs an export folder's manifest lacks (``fpedit export --graphs`` writes some alone);
-    empty when the folder has no readable manifest, whose loading then says what is wrong. Serving needs every
-    graph, and this is cheap enough to judge before a model loads."""
+def graphs_in_export(folder: str | Path) -> list[str] | None:
+    """The graphs an export folder's manifest lists (``fpedit export --graphs`` writes some alone); None when
+    the folder has no readable manifest. Cheap: export and serve judge it before any model loads."""
     path = Path(folder).expanduser() / MANIFEST_FILE
     try:
-        files = json.loads(path.read_text()).get("files") or {}
+        return list(json.loads(path.read_text()).get("graphs") or {})
     except (OSError, ValueError, AttributeError):
-        return []
-    return [graph for graph in GRAPHS if graph not in files]
+        return None
+
+
+def graphs_missing_from(folder: str | Path) -> list[str]:
+    """The contract's graphs an export folder lacks (serving needs every one); empty when the folder has no
+    readable manifest, whose loading then says what is wrong."""
+    held = graphs_in_export(folder)
+    return [] if held is None else [graph for graph in GRAPHS if graph not in held]

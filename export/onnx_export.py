@@ -44,6 +44,7 @@ from fpedit.engine.contract import (
     TensorSpec,
     concrete_shape,
     graph_io,
+    graphs_in_export,
     resolve_layers,
 )
 from fpedit.engine.errors import InvalidInputError
@@ -259,10 +260,7 @@ def export_onnx(
 def check_no_graphs_dropped(out_dir: Path, graphs: Sequence[str]) -> None:
     """Refuse, before any work, a partial export (``--graphs``) that would replace an export holding other
     graphs: the folder is replaced whole, so those graphs would be lost."""
-    try:
-        held = json.loads((out_dir / MANIFEST_FILE).read_text()).get("graphs") or {}
-    except (OSError, ValueError, AttributeError):
-        return  # no readable manifest: check_output_dir has judged the folder
+    held = graphs_in_export(out_dir) or []  # no readable manifest: check_output_dir has judged the folder
     dropped = [name for name in held if name not in graphs]
     if dropped:
         raise InvalidInputError(
