@@ -85,12 +85,12 @@ def check_can_start(config: ServerConfig) -> None:
     if config.tls_cert and config.tls_key:
         check_tls_pair(config.tls_cert, config.tls_key)
     check_bindable(config.host, config.port, "host", "port")
-    if config.metrics_port is not None:
-        host_flag = "metrics-host" if config.metrics_host else "host"
-        check_bindable(config.metrics_host or config.host, config.metrics_port, host_flag, "metrics-port")
-    if config.http_port is not None:
-        host_flag = "http-host" if config.http_host else "host"
-        check_bindable(config.http_host or config.host, config.http_port, host_flag, "http-port")
+    for front, port, host in (
+        ("metrics", config.metrics_port, config.metrics_host),
+        ("http", config.http_port, config.http_host),
+    ):
+        if port is not None:  # each front binds its own host when given, else --host
+            check_bindable(host or config.host, port, f"{front}-host" if host else "host", f"{front}-port")
 
 
 def check_bindable(host: str, port: int, host_flag: str, port_flag: str) -> None:
