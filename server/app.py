@@ -26,6 +26,7 @@ from fpedit.v1 import edit_pb2
 
 from .config import ServerConfig
 from .health import HealthServicer
+from .logs import log_request
 from .metrics import ServerMetrics
 from .runner import LocalRunner, Runner
 from .service import TRANSPORT_HEADROOM, EditServicer
@@ -47,18 +48,8 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         name = method.rsplit("/", 1)[-1]
 
         def deny(request: Any, context: grpc.ServicerContext) -> Any:
-            fields = {
-                "method": name,
-                "status": "UNAUTHENTICATED",
-                "peer": context.peer(),
-                "transport": "grpc",
-            }
-            # the servicer's fields, so --log-format json writes them as the object, as for every other RPC
-            log.info(
-                "rpc=%s status=UNAUTHENTICATED peer=%s transport=grpc",
-                name,
-                fields["peer"],
-                extra={"fpedit_request": fields},
+            log_request(
+                {"method": name, "status": "UNAUTHENTICATED", "peer": context.peer(), "transport": "grpc"}
             )
             if self._metrics is not None:  # token guessing shows in fpedit_requests_total
                 self._metrics.observe(name, grpc.StatusCode.UNAUTHENTICATED.name, 0.0, None)

@@ -55,6 +55,7 @@ from .http_support import (
     error_response,
     to_json,
 )
+from .logs import log_request
 from .maps import maps_json
 from .openapi import docs_page, openapi_document
 from .service import EditServicer
@@ -203,20 +204,8 @@ class HttpApi:
     ) -> Response:
         """A request refused before its body reaches the servicer (token, size, header, route the runner
         lacks): one log line and counted in ``fpedit_requests_total``, like gRPC's token refusals."""
-        fields = {
-            "method": route.rpc,
-            "status": code.name,
-            "peer": peer,
-            "transport": "http",
-            "detail": message,
-        }
-        log.info(  # the servicer's fields, so --log-format json writes them as the object
-            "rpc=%s status=%s peer=%s transport=http detail=%r",
-            route.rpc,
-            code.name,
-            peer,
-            message,
-            extra={"fpedit_request": fields},
+        log_request(
+            {"method": route.rpc, "status": code.name, "peer": peer, "transport": "http", "detail": message}
         )
         metrics = self.servicer.metrics
         if metrics is not None:

@@ -13,6 +13,17 @@ from datetime import datetime, timezone
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
+log = logging.getLogger("fpedit.server")
+
+
+def log_request(fields: dict[str, object]) -> None:
+    """The one line per request (``rpc=Edit status=OK ms=... detail='...'``), with ``fields`` attached so the
+    JSON format writes them as the object: for the servicer's RPCs and for refusals before it (token, size)."""
+    text = " ".join(
+        f"{k}={v!r}" if k == "detail" else f"{'rpc' if k == 'method' else k}={v}" for k, v in fields.items()
+    )
+    log.info("%s", text, extra={"fpedit_request": fields})
+
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per record: time, level, logger, and the request's fields or the message."""

@@ -54,6 +54,7 @@ from .convert import (
     stream_message,
 )
 from .errors import MessageTooLargeError, UnavailableError
+from .logs import log_request
 from .metrics import ServerMetrics
 from .outcomes import outcome_of
 from .runner import ACCEPTED_IMAGE_FORMATS, EditCall, GenerateCall, InvertCall, Runner
@@ -307,11 +308,7 @@ class EditServicer:
         fields["transport"] = transport
         if detail:
             fields["detail"] = detail
-        text = " ".join(
-            f"{k}={v!r}" if k == "detail" else f"{'rpc' if k == 'method' else k}={v}"
-            for k, v in fields.items()
-        )
-        log.info("%s", text, extra={"fpedit_request": fields})
+        log_request(fields)
         if self.metrics is not None:
             self.metrics.observe(method, code.name, seconds, stats, transport=transport)
 
