@@ -6,8 +6,11 @@ Fixtures live in conftest.py; plain functions live here so that a test module im
 from __future__ import annotations
 
 import io
+import json
+import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -194,3 +197,25 @@ def run_concurrently(jobs: list[Callable[[], Any]], timeout_s: float = 600) -> l
         t.join(timeout=timeout_s)
     assert not any(t.is_alive() for t in threads), "a request hung"
     return results
+
+
+@contextmanager
+def json_server_log() -> Iterator[list[dict[str, Any]]]:
+    """The ``fpedit.server`` log at INFO as ``--log-format json`` writes it: the yielded list holds the parsed
+    objects once the block ends."""
+    from fpedit.server.logs import JsonFormatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("fpedit.server")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    entries: list[dict[str, Any]] = []
+    try:
+        yield entries
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        entries.extend(json.loads(line) for line in stream.getvalue().splitlines())

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import logging
 import threading
 import time
 import urllib.request
@@ -15,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 from conftest import make_image
-from helpers import self_signed_cert
+from helpers import json_server_log, self_signed_cert
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -335,27 +334,16 @@ def test_token_and_tls_are_the_grpc_settings(http_engine, tmp_path):
 
 def test_token_refusals_are_json_log_objects_over_both_transports(http_engine):
     """``--log-format json`` writes every RPC as an object with its fields; refusals before the servicer too."""
-    from fpedit.server.logs import JsonFormatter
-
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("fpedit.server")
-    logger.addHandler(handler)
-    old_level = logger.level
-    logger.setLevel(logging.INFO)
-    server = build_server(http_engine, ServerConfig(port=0, http_port=0, token="s3cret"))
-    try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
-        with channel, pytest.raises(grpc.RpcError) as denied:
-            edit_pb2_grpc.EditServiceStub(channel).GetInfo(pb.GetInfoRequest(), timeout=30)
-        assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        assert httpx.get(server.http.url.rstrip("/") + "/v1/info", timeout=30).status_code == 401
-    finally:
-        server.drain(2)
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
-    entries = [json.loads(line) for line in stream.getvalue().splitlines()]
+    with json_server_log() as entries:
+        server = build_server(http_engine, ServerConfig(port=0, http_port=0, token="s3cret"))
+        try:
+            channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+            with channel, pytest.raises(grpc.RpcError) as denied:
+                edit_pb2_grpc.EditServiceStub(channel).GetInfo(pb.GetInfoRequest(), timeout=30)
+            assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert httpx.get(server.http.url.rstrip("/") + "/v1/info", timeout=30).status_code == 401
+        finally:
+            server.drain(2)
     refused = [e for e in entries if e.get("status") == "UNAUTHENTICATED"]
     assert sorted(e["transport"] for e in refused) == ["grpc", "http"], entries
     for entry in refused:

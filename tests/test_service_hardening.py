@@ -7,7 +7,6 @@ client could not send the request (garbage bodies, invalid UTF-8, unknown enum v
 from __future__ import annotations
 
 import io
-import json
 import logging
 import socket
 import threading
@@ -17,14 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import make_image
+from helpers import json_server_log, make_image
 from helpers import png_bytes as png
 from PIL import Image
 
 from fpedit import EditEngine, EditOptions
 from fpedit.server.app import build_server
 from fpedit.server.config import ServerConfig
-from fpedit.server.logs import JsonFormatter
 from fpedit.v1 import edit_pb2 as pb
 from fpedit.v1 import edit_pb2_grpc
 
@@ -408,20 +406,9 @@ def test_bind_and_tls_failures_are_one_line(capsys, model_dir, tmp_path):
 
 
 def test_json_log_is_one_object_per_request(conn):
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("fpedit.server")
-    logger.addHandler(handler)
-    old_level = logger.level
-    logger.setLevel(logging.INFO)
-    try:
+    with json_server_log() as entries:
         ok = conn.stub.Edit(pb.EditRequest(image=png(), target_prompt="a car", options=opts()), timeout=300)
         status_of(conn.stub.Edit, pb.EditRequest(target_prompt="a car"))
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
-    entries = [json.loads(line) for line in stream.getvalue().splitlines()]
     requests = [e for e in entries if e.get("method") == "Edit"]
     assert len(requests) == 2, entries
     good, bad = requests
