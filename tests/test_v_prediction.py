@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_image, sharpen_attention
-from helpers import check_generated_edit, diffusers_inversion
+from helpers import SD_DDIM, check_generated_edit, diffusers_inversion
 from reference import (
     ReferenceFPE,
     reference_conditional_inversion,
@@ -147,16 +147,7 @@ def test_the_one_ddim_formula_is_diffusers_step_bit_for_bit(prediction_type):
 
     from fpedit.engine.schedule import DDIMSchedule
 
-    config = {
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "set_alpha_to_one": False,
-        "steps_offset": 0,
-        "clip_sample": False,
-        "timestep_spacing": "leading",
-        "prediction_type": prediction_type,
-    }
+    config = {**SD_DDIM, "timestep_spacing": "leading", "prediction_type": prediction_type}
     generator = torch.Generator().manual_seed(3)
     for steps in (1, 3, 50):
         schedule = DDIMSchedule({"prediction_type": prediction_type}, steps)
