@@ -320,6 +320,12 @@ EXPORT_FORMAT = "fpedit-onnx"
 ENGINE_FORMAT = "fpedit-tensorrt"
 FORMAT_VERSION = 1
 UNET_GRAPHS = {"plain": "unet_plain", "capture": "unet_capture", "inject": "unet_inject"}
+#: The one external-data file the UNet graphs of an export share: the three variants hold the same weights,
+#: so each tensor is stored once and every graph points at it (ONNX external data: location, offset, length).
+UNET_WEIGHTS_FILE = "unet.weights"
+#: Offsets of tensors in a shared weights file are multiples of this (a page), so a runtime can map each
+#: tensor straight from the file and every tensor starts on a cache line.
+WEIGHTS_ALIGNMENT = 4096
 GRAPHS = ("text_encoder", "vae_encoder", "vae_decoder", *UNET_GRAPHS.values())
 
 

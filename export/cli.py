@@ -27,11 +27,12 @@ def _progress(name: str) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from fpedit.args import checkpoint_options
+    from fpedit.args import checkpoint_options, quiet_libraries
 
     from .onnx_export import export_onnx
 
-    print(f"exporting {args.model} to {args.out}")
+    quiet_libraries()
+    print(f"exporting {args.model} to {args.out} (tracing on {args.device})")
     manifest = export_onnx(
         args.model,
         args.out,
@@ -43,6 +44,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         external_data=args.external_data,
         graphs=args.graphs or GRAPHS,
+        device=args.device,
         **checkpoint_options(args),
         progress=_progress,
     )
@@ -94,7 +96,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
-    from fpedit.args import add_checkpoint_arguments, parse_layers
+    from fpedit.args import add_checkpoint_arguments, parse_device, parse_layers
 
     export = sub.add_parser("export", help="export UNet variants with map I/O, text encoder and VAE to ONNX")
     export.add_argument(
@@ -122,7 +124,14 @@ def add_commands(sub: Any) -> None:
         "--external-data",
         default="auto",
         choices=("auto", "always", "never"),
-        help="store weights beside the graph (default auto: only past 2 GB)",
+        help="auto (default): the UNet graphs share one weights file (unet.weights), other graphs embed "
+        "theirs below 2 GB; always: every graph's weights in a file; never: embed (three UNet copies)",
+    )
+    export.add_argument(
+        "--device",
+        default="cpu",
+        type=parse_device,
+        help="where the tracer runs the model once: cpu or cuda[:N] (default cpu); the graphs are the same",
     )
     export.add_argument("--graphs", nargs="+", choices=GRAPHS, help="export only these graphs")
     export.add_argument(

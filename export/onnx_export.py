@@ -10,9 +10,12 @@ The directory it writes is what ``EditEngine.from_pretrained(DIR, backend="onnxr
     text_encoder.onnx    input_ids -> text_embeddings
     vae_encoder.onnx     images -> latent_mean            (float32 always)
     vae_decoder.onnx     latents -> decoded               (float32 always)
+    unet.weights         the UNet variants' weights, each tensor once (all three graphs point into it)
     tokenizer/           the CLIP tokenizer (the betas travel in the manifest's model spec)
 
-Graphs over 2 GB keep their weights in one ``<graph>.onnx.data`` file beside them (ONNX external data).
+The three UNet graphs hold the same weights, so they keep them in one shared external-data file instead of a
+copy each (``--external-data never`` embeds a copy in each graph instead). Other graphs over 2 GB keep theirs
+in a ``<graph>.onnx.data`` file beside them. Every file follows the umask, like any file the user writes.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import secrets
 import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -38,6 +43,8 @@ from fpedit.engine.contract import (
     PAPER_LAYERS,
     TOKENIZER_DIR,
     UNET_GRAPHS,
+    UNET_WEIGHTS_FILE,
+    WEIGHTS_ALIGNMENT,
     ExportManifest,
     ModelSpec,
     ShapeRange,
@@ -51,6 +58,9 @@ from fpedit.engine.errors import InvalidInputError
 from fpedit.engine.loading import Components, load_components
 
 from .wrappers import TextEncoder, UNetVariant, VAEDecoder, VAEEncoder
+
+if TYPE_CHECKING:
+    import onnx
 
 log = logging.getLogger(__name__)
 
@@ -116,22 +126,21 @@ def graph_module(graph: str, parts: Components, layers: Sequence[int], map_forma
     return UNetVariant(parts.unet, parts.spec, variant, layers, map_format)
 
 
-def export_graph(
+def trace_graph(
     module: torch.nn.Module,
     args: tuple[torch.Tensor, ...],
     inputs: Sequence[TensorSpec],
     outputs: Sequence[TensorSpec],
-    path: Path,
+    workdir: Path,
     *,
     opset: int,
     static_size: bool,
-    external_data: str,
-) -> None:
-    """Trace ``module`` to ``path``, re-save (external data past 2 GB) and run the ONNX checker."""
+) -> onnx.ModelProto:
+    """Trace ``module`` at ``args``'s shapes into an ONNX model held in memory (weights included)."""
     import onnx
 
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        traced = Path(tmp) / path.name
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        traced = Path(tmp) / "graph.onnx"
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(
@@ -145,20 +154,79 @@ def export_graph(
                 do_constant_folding=True,
                 dynamo=False,
             )
-        proto = onnx.load(str(traced), load_external_data=True)
-    size = sum(init.ByteSize() for init in proto.graph.initializer)
-    use_external = external_data == "always" or (external_data == "auto" and size > PROTOBUF_LIMIT)
-    if use_external:
-        onnx.save_model(
-            proto,
-            str(path),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=path.name + ".data",
-            size_threshold=1024,
-        )
-    else:
+        return onnx.load(str(traced), load_external_data=True)
+
+
+class SharedWeights:
+    """One external-data file that several graphs point into, each distinct tensor stored once.
+
+    The UNet variants are traced from one module, so their weights are the same tensors; which ones is found
+    by content (the tracer names folded constants per graph), and each is written at an aligned offset so
+    that a runtime can memory-map it (docs/design.md, "One copy of the UNet's weights").
+    """
+
+    def __init__(self, path: Path, *, min_bytes: int = 1024):
+        self.path = path
+        self.min_bytes = min_bytes  # smaller tensors (shape constants, scalars) stay inside each graph
+        self._stored: dict[bytes, tuple[int, int]] = {}
+        self._end = 0
+
+    def externalize(self, proto: onnx.ModelProto) -> None:
+        """Move ``proto``'s large initializers into the shared file (or point at their stored copy)."""
+        import onnx
+        from onnx import numpy_helper
+
+        with self.path.open("ab") as file:
+            for tensor in proto.graph.initializer:
+                data = tensor.raw_data if tensor.HasField("raw_data") else None
+                if data is None:
+                    data = numpy_helper.to_array(tensor).tobytes()
+                if len(data) < self.min_bytes:
+                    continue
+                key = hashlib.sha256(data).digest()
+                if key not in self._stored:
+                    offset = -(-self._end // WEIGHTS_ALIGNMENT) * WEIGHTS_ALIGNMENT
+                    file.write(b"\0" * (offset - self._end))
+                    file.write(data)
+                    self._end = offset + len(data)
+                    self._stored[key] = (offset, len(data))
+                offset, length = self._stored[key]
+                for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
+                    tensor.ClearField(field)
+                del tensor.external_data[:]
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                for key_name, value in (("location", self.path.name), ("offset", offset), ("length", length)):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = key_name, str(value)
+
+    @property
+    def size(self) -> int:
+        return self._end
+
+
+def save_graph(
+    proto: onnx.ModelProto, path: Path, *, external_data: str, shared: SharedWeights | None = None
+) -> None:
+    """Write ``proto`` to ``path`` (weights in ``shared``, beside it past 2 GB, or inline) and check it."""
+    import onnx
+
+    if shared is not None:
+        shared.externalize(proto)
         onnx.save_model(proto, str(path))
+    else:
+        size = sum(init.ByteSize() for init in proto.graph.initializer)
+        use_external = external_data == "always" or (external_data == "auto" and size > PROTOBUF_LIMIT)
+        if use_external:
+            onnx.save_model(
+                proto,
+                str(path),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=path.name + ".data",
+                size_threshold=1024,
+            )
+        else:
+            onnx.save_model(proto, str(path))
     onnx.checker.check_model(str(path), full_check=True)
 
 
@@ -178,10 +246,18 @@ def export_onnx(
     model_config: str | Path | None = None,
     prediction_type: str | None = None,
     loras: Sequence[object] = (),
+    device: str = "cpu",
     progress: Callable[[str], None] | None = None,
 ) -> ExportManifest:
-    """Export ``model`` (a diffusers SD 1.x folder or ``"tiny"``) into ``out_dir``; returns the manifest."""
+    """Export ``model`` (a diffusers SD 1.x folder or ``"tiny"``) into ``out_dir``; returns the manifest.
+
+    The tracer runs each graph once on ``device`` at the smallest image the export allows (8x8 latents when
+    the spatial axes are dynamic): the graphs do not depend on the traced size, and at the opt size a float16
+    trace on a CPU took most of an hour for SD 1.5. The UNet variants share one weights file
+    (``UNET_WEIGHTS_FILE``) unless ``external_data="never"``.
+    """
     from fpedit import __version__
+    from fpedit.engine.backends import resolve_device
 
     if map_format not in ("qk", "probs"):
         raise InvalidInputError("map_format", f"must be 'qk' or 'probs', got {map_format!r}")
@@ -190,6 +266,7 @@ def export_onnx(
     unknown = sorted(set(graphs) - set(GRAPHS))
     if unknown:
         raise InvalidInputError("graphs", f"unknown graphs {unknown}; known: {list(GRAPHS)}")
+    torch_device = resolve_device(device)
     out_dir = Path(out_dir).expanduser()
     check_output_dir(out_dir)
     check_no_graphs_dropped(out_dir, graphs)
@@ -212,32 +289,36 @@ def export_onnx(
             raise InvalidInputError("image_size", f"sides must be multiples of {multiple}, got {value}")
     precision = "float16" if fp16 else "float32"
     source_hash = model_hash(parts)
+    for module in (parts.unet, parts.vae, parts.text_encoder):
+        module.to(torch_device)
     if fp16:
         parts.unet.half()
         parts.text_encoder.half()
     static_size = image_size.min == image_size.max
     # Trace at batch >= 2 so that no batch-1 shortcut is baked into the graphs.
     example_batch = max(2, min(batch.opt, batch.max))
-    latent_hw = _latent_hw(spec, image_size.opt)
+    latent_hw = _latent_hw(spec, image_size.min if static_size else multiple)
     files = {}
     with staging_dir(out_dir) as stage:
+        unet_graphs = [g for g in graphs if g in UNET_GRAPHS.values()]
+        shared = (
+            SharedWeights(stage / UNET_WEIGHTS_FILE) if unet_graphs and external_data != "never" else None
+        )
         for graph in graphs:
             if progress:
                 progress(graph)
             inputs, outputs = graph_io(graph, spec, layer_numbers, map_format, precision)
             module = graph_module(graph, parts, layer_numbers, map_format).eval()
-            args = example_inputs(inputs, spec, example_batch, latent_hw)
+            args = tuple(t.to(torch_device) for t in example_inputs(inputs, spec, example_batch, latent_hw))
             files[graph] = f"{graph}.onnx"
-            export_graph(
-                module,
-                args,
-                inputs,
-                outputs,
+            proto = trace_graph(module, args, inputs, outputs, stage, opset=opset, static_size=static_size)
+            save_graph(
+                proto,
                 stage / files[graph],
-                opset=opset,
-                static_size=static_size,
                 external_data=external_data,
+                shared=shared if graph in unet_graphs else None,
             )
+            del proto
         parts.tokenizer.save_pretrained(str(stage / TOKENIZER_DIR))
         manifest = ExportManifest(
             spec=spec,
@@ -293,6 +374,7 @@ def staging_dir(out_dir: Path) -> Iterator[Path]:
     stage.mkdir()
     try:
         yield stage
+        follow_umask(stage)
         old = None
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
@@ -303,6 +385,15 @@ def staging_dir(out_dir: Path) -> Iterator[Path]:
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
+
+
+def follow_umask(folder: Path) -> None:
+    """Give every file under ``folder`` the mode the umask gives a new file: some writers (onnx's external
+    data among them) create theirs 0600, which another account serving the export could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def write_manifest(folder: Path, manifest: ExportManifest) -> None:

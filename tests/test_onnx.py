@@ -17,7 +17,14 @@ from helpers import make_image, model_input
 from reference import rel_l2
 
 from fpedit import EditEngine, EditOptions, InvalidInputError, ModelLoadError
-from fpedit.engine.contract import GRAPHS, PAPER_LAYERS, ShapeRange, unet_io
+from fpedit.engine.contract import (
+    GRAPHS,
+    PAPER_LAYERS,
+    UNET_WEIGHTS_FILE,
+    WEIGHTS_ALIGNMENT,
+    ShapeRange,
+    unet_io,
+)
 from fpedit.export.onnx_export import export_onnx
 from fpedit.export.verify import verify_export
 
@@ -146,19 +153,59 @@ def test_export_is_deterministic_and_supports_external_data(model_dir, tmp_path)
     kwargs = {"image_size": SIZES, "graphs": ["unet_inject", "text_encoder"]}
     a = export_onnx(model_dir, tmp_path / "a", **kwargs)
     export_onnx(model_dir, tmp_path / "b", **kwargs)
-    for graph in kwargs["graphs"]:
-        digest = [hashlib.sha256((tmp_path / d / f"{graph}.onnx").read_bytes()).hexdigest() for d in "ab"]
-        assert digest[0] == digest[1], graph
+    for file in ("unet_inject.onnx", UNET_WEIGHTS_FILE, "text_encoder.onnx"):
+        digest = [hashlib.sha256((tmp_path / d / file).read_bytes()).hexdigest() for d in "ab"]
+        assert digest[0] == digest[1], file
     assert (tmp_path / "a" / "manifest.json").read_text() == (tmp_path / "b" / "manifest.json").read_text()
     assert a.source_hash.startswith("sha256:")
 
+    # A graph other than the UNet's keeps its own data file when asked to (or past 2 GB).
     ext = export_onnx(
-        model_dir, tmp_path / "ext", external_data="always", image_size=SIZES, graphs=["unet_plain"]
+        model_dir, tmp_path / "ext", external_data="always", image_size=SIZES, graphs=["text_encoder"]
     )
-    data = tmp_path / "ext" / "unet_plain.onnx.data"
-    assert data.stat().st_size > (tmp_path / "ext" / "unet_plain.onnx").stat().st_size
-    onnx.checker.check_model(str(tmp_path / "ext" / "unet_plain.onnx"), full_check=True)
-    assert ext.files == {"unet_plain": "unet_plain.onnx"}
+    data = tmp_path / "ext" / "text_encoder.onnx.data"
+    assert data.stat().st_size > (tmp_path / "ext" / "text_encoder.onnx").stat().st_size
+    onnx.checker.check_model(str(tmp_path / "ext" / "text_encoder.onnx"), full_check=True)
+    assert ext.files == {"text_encoder": "text_encoder.onnx"}
+
+    # --external-data never: every UNet graph embeds its weights, no shared file.
+    export_onnx(
+        model_dir, tmp_path / "inline", external_data="never", image_size=SIZES, graphs=["unet_plain"]
+    )
+    assert not (tmp_path / "inline" / UNET_WEIGHTS_FILE).exists()
+    assert initializer_bytes(tmp_path / "inline" / "unet_plain.onnx") > 0.9 * unet_parameter_bytes(model_dir)
+
+
+def initializer_bytes(graph: Path) -> int:
+    """Bytes of the initializers a graph file holds inline (external ones are not loaded)."""
+    proto = onnx.load(str(graph), load_external_data=False)
+    return sum(len(t.raw_data) for t in proto.graph.initializer)
+
+
+def unet_parameter_bytes(model_dir: Path) -> int:
+    from safetensors.numpy import load_file
+
+    return sum(a.nbytes for f in (model_dir / "unet").glob("*.safetensors") for a in load_file(f).values())
+
+
+def test_unet_graphs_hold_one_copy_of_the_weights(qk_export, model_dir):
+    """The three UNet graphs point into one weights file, each tensor stored once (three inline copies were
+    3x the UNet's bytes; ONNX Runtime and TensorRT then held three copies too)."""
+    one_copy = unet_parameter_bytes(model_dir)
+    held = (qk_export / UNET_WEIGHTS_FILE).stat().st_size + sum(
+        initializer_bytes(qk_export / f"{graph}.onnx")
+        for graph in ("unet_plain", "unet_capture", "unet_inject")
+    )
+    assert one_copy < held < 1.1 * one_copy
+    for graph in ("unet_plain", "unet_capture", "unet_inject"):
+        proto = onnx.load(str(qk_export / f"{graph}.onnx"), load_external_data=False)
+        external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+        offsets = [int({e.key: e.value for e in t.external_data}["offset"]) for t in external]
+        assert {e.value for t in external for e in t.external_data if e.key == "location"} == {
+            UNET_WEIGHTS_FILE
+        }
+        assert all(offset % WEIGHTS_ALIGNMENT == 0 for offset in offsets), graph
+        assert sum(len(t.raw_data) for t in proto.graph.initializer) < 0.02 * one_copy, graph
 
 
 @pytest.fixture(scope="module")
@@ -198,16 +245,16 @@ def test_fp16_export_runs_an_edit(fp16_export, image):
 def test_a_failed_export_leaves_no_export_behind(model_dir, tmp_path, monkeypatch):
     import fpedit.export.onnx_export as onnx_export
 
-    real_export_graph = onnx_export.export_graph
+    real_trace_graph = onnx_export.trace_graph
     calls = []
 
     def fail_on_second(*args, **kwargs):
         calls.append(args)
         if len(calls) == 2:
             raise RuntimeError("simulated exporter failure")
-        return real_export_graph(*args, **kwargs)
+        return real_trace_graph(*args, **kwargs)
 
-    monkeypatch.setattr(onnx_export, "export_graph", fail_on_second)
+    monkeypatch.setattr(onnx_export, "trace_graph", fail_on_second)
     graphs = ["text_encoder", "vae_decoder"]
     with pytest.raises(RuntimeError, match="simulated"):
         export_onnx(model_dir, tmp_path / "new", image_size=SIZES, graphs=graphs)

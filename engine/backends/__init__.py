@@ -23,6 +23,23 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device this machine has; refused with the reason (not deep inside torch)."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidInputError("device", f"must be cpu, cuda or cuda:N, got {device!r}") from exc
+    if resolved.type not in ("cpu", "cuda"):
+        raise InvalidInputError("device", f"must be cpu, cuda or cuda:N, got {device!r}")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidInputError("device", "CUDA was requested but torch sees no GPU")
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise InvalidInputError("device", f"{device} does not exist: torch sees {count} GPU(s)")
+    return resolved
+
+
 def create_backend(
     model: str | Path,
     backend: str,
@@ -44,17 +61,12 @@ def create_backend(
     (torch) describe a single-file checkpoint (see :mod:`fpedit.engine.single_file`).
     """
     options = dict(backend_options or {})
-    try:
-        torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise InvalidInputError("device", f"must be cpu, cuda or cuda:N, got {device!r}") from exc
+    torch_device = resolve_device(device)
     if backend == "torch":
         from ..loading import load_components
         from .torch_backend import TorchBackend
 
-        on_cuda = torch.device(device).type == "cuda"
-        if on_cuda and not torch.cuda.is_available():
-            raise InvalidInputError("device", "CUDA was requested but torch sees no GPU")
+        on_cuda = torch_device.type == "cuda"
         torch_dtype = parse_dtype(dtype or ("float16" if on_cuda else "float32"))
         if "vae_dtype" in options and options["vae_dtype"] is not None:
             options["vae_dtype"] = parse_dtype(options["vae_dtype"])
