@@ -14,6 +14,14 @@ from .errors import InvalidInputError
 MAX_STEPS = 1000
 #: Classifier-free guidance above this only saturates the image (1e30 gives black): refuse it.
 MAX_GUIDANCE_SCALE = 50.0
+#: The inclusive ranges of the numeric options, by their request names: the one table :class:`EditOptions`
+#: checks and the editor page's number inputs carry (``min``/``max``).
+OPTION_RANGES: dict[str, tuple[float, float]] = {
+    "steps": (1, MAX_STEPS),
+    "guidance_scale": (0.0, MAX_GUIDANCE_SCALE),
+    "replace_start": (0.0, 1.0),
+    "replace_end": (0.0, 1.0),
+}
 #: Longest prompt accepted (characters). CLIP reads 77 tokens; a longer prompt only costs tokenizer time and
 #: memory (a 7 MB prompt held a worker for half a minute), so anything past a generous limit is refused.
 DEFAULT_MAX_PROMPT_CHARS = 4096
@@ -59,16 +67,14 @@ class EditOptions:
     map_format: str = "qk"
 
     def __post_init__(self) -> None:
-        steps = self.steps
-        if isinstance(steps, bool) or not isinstance(steps, Integral) or not 1 <= steps <= MAX_STEPS:
-            raise InvalidInputError("steps", f"must be an integer in 1..{MAX_STEPS}, got {steps!r}")
+        steps, (low, high) = self.steps, OPTION_RANGES["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, Integral) or not low <= steps <= high:
+            raise InvalidInputError("steps", f"must be an integer in {low:g}..{high:g}, got {steps!r}")
         object.__setattr__(self, "steps", int(steps))
 
-        g = self.guidance_scale
-        if isinstance(g, bool) or not isinstance(g, Real) or not 0 <= g <= MAX_GUIDANCE_SCALE:
-            raise InvalidInputError(
-                "guidance_scale", f"must be a number in 0..{MAX_GUIDANCE_SCALE:g}, got {g!r}"
-            )
+        g, (low, high) = self.guidance_scale, OPTION_RANGES["guidance_scale"]
+        if isinstance(g, bool) or not isinstance(g, Real) or not low <= g <= high:
+            raise InvalidInputError("guidance_scale", f"must be a number in {low:g}..{high:g}, got {g!r}")
         object.__setattr__(self, "guidance_scale", float(g))
 
         window = self.replace_window
@@ -76,8 +82,11 @@ class EditOptions:
             start, end = (float(x) for x in window)
         except (TypeError, ValueError) as exc:
             raise InvalidInputError("replace_window", f"must be a pair (start, end), got {window!r}") from exc
-        if not (math.isfinite(start) and math.isfinite(end)) or not 0.0 <= start <= end <= 1.0:
-            raise InvalidInputError("replace_window", f"needs 0 <= start <= end <= 1, got ({start}, {end})")
+        (low, _), (_, high) = OPTION_RANGES["replace_start"], OPTION_RANGES["replace_end"]
+        if not (math.isfinite(start) and math.isfinite(end)) or not low <= start <= end <= high:
+            raise InvalidInputError(
+                "replace_window", f"needs {low:g} <= start <= end <= {high:g}, got ({start}, {end})"
+            )
         object.__setattr__(self, "replace_window", (start, end))
 
         if isinstance(self.layers, str):

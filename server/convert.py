@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import io
+import json
 import math
+import re
+from collections.abc import Callable
 from typing import Any
 
+from google.protobuf import json_format, message_factory
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
 from PIL import Image
 
 from fpedit.engine import EditOptions, InvalidInputError, ProgressEvent
+from fpedit.engine.options import DEFAULT_NULL_TEXT_EPSILON, DEFAULT_NULL_TEXT_STEPS, check_null_text_options
 from fpedit.v1 import edit_pb2 as pb
 
 from .results import EditOutcome, GenerateOutcome, InfoOutcome, InvertOutcome
@@ -24,7 +31,15 @@ IMAGE_FORMATS = {
 
 
 def options_from_proto(message: pb.EditOptions, base: EditOptions | None = None) -> EditOptions:
-    """Unset fields keep ``base`` (the engine defaults); the engine validates the result."""
+    """Unset fields keep ``base`` (the engine defaults); the engine validates the result, and a refusal names
+    the field by its path in the request (``options.steps``)."""
+    try:
+        return _options_from_proto(message, base)
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"options.{exc.field}", exc.reason) from None
+
+
+def _options_from_proto(message: pb.EditOptions, base: EditOptions | None) -> EditOptions:
     base = base or EditOptions()
     changes: dict[str, Any] = {}
     if message.HasField("steps"):
@@ -47,6 +62,140 @@ def options_from_proto(message: pb.EditOptions, base: EditOptions | None = None)
             raise InvalidInputError("map_format", f"unknown value {message.map_format}")
         changes["map_format"] = MAP_FORMATS[message.map_format]
     return base.replace(**changes) if changes else base
+
+
+# --- JSON requests --------------------------------------------------------------------------------------------
+
+#: The engine's rule for a request field, by the field's full proto name: called with a JSON value that the
+#: field's proto type cannot hold (steps -3 in a uint32), it raises the InvalidInputError that gRPC validation
+#: raises for a value out of the same rule's range (steps 0). Fields without one get their proto type's rule.
+VALUE_RULES: dict[str, Callable[[Any], object]] = {
+    "fpedit.v1.EditOptions.steps": lambda value: EditOptions(steps=value),
+    "fpedit.v1.EditOptions.guidance_scale": lambda value: EditOptions(guidance_scale=value),
+    "fpedit.v1.EditOptions.replace_start": lambda value: EditOptions(replace_window=(value, 1.0)),
+    "fpedit.v1.EditOptions.replace_end": lambda value: EditOptions(replace_window=(0.0, value)),
+    "fpedit.v1.EditOptions.layers": lambda value: EditOptions(layers=value),
+    "null_text_steps": lambda value: check_null_text_options(value, DEFAULT_NULL_TEXT_EPSILON),
+    "null_text_epsilon": lambda value: check_null_text_options(DEFAULT_NULL_TEXT_STEPS, value),
+}
+#: How a bytes field that is not base64 is refused (the JSON fronts' one wording).
+NOT_BASE64 = "is not valid base64"
+#: proto3 JSON bytes: base64, standard or URL-safe alphabet, padding optional.
+_BASE64 = re.compile(r"[A-Za-z0-9+/_-]*={0,2}")
+_INTEGER_RANGES = {
+    FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_SINT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_SFIXED32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_UINT32: (0, 2**32 - 1),
+    FieldDescriptor.TYPE_FIXED32: (0, 2**32 - 1),
+    FieldDescriptor.TYPE_INT64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_SINT64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_SFIXED64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_UINT64: (0, 2**64 - 1),
+    FieldDescriptor.TYPE_FIXED64: (0, 2**64 - 1),
+}
+
+
+def parse_json(data: dict[str, Any], message: Message, path: str = "") -> Message:
+    """Fill ``message`` from ``data`` (the proto3 JSON mapping). A value the field cannot take is refused with
+    the field's path and its rule (``options.steps: must be an integer in 1..1000, got -3``): the engine's rule
+    where :data:`VALUE_RULES` has one, else the proto type's; never protobuf's parser text."""
+    bad_bytes = _bad_base64(data, message.DESCRIPTOR, path)
+    if bad_bytes is not None:
+        raise bad_bytes
+    try:
+        json_format.ParseDict(data, message)
+    except (json_format.ParseError, ValueError, TypeError, AttributeError, RecursionError) as exc:
+        refusal = _first_bad_value(data, message.DESCRIPTOR, path)
+        if refusal is not None:
+            raise refusal from None
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InvalidInputError(path or "request", reason) from None
+    return message
+
+
+def _field(descriptor: Descriptor, key: str) -> FieldDescriptor | None:
+    return descriptor.fields_by_camelcase_name.get(key) or descriptor.fields_by_name.get(key)
+
+
+def _is_single_message(field: FieldDescriptor) -> bool:
+    return field.type == FieldDescriptor.TYPE_MESSAGE and not field.is_repeated
+
+
+def _bad_base64(data: Any, descriptor: Descriptor, path: str) -> InvalidInputError | None:
+    """protobuf's JSON parser reads ``"!!!"`` as empty bytes (it drops what is not base64): refuse it."""
+    if not isinstance(data, dict):
+        return None
+    for key, value in data.items():
+        field = _field(descriptor, str(key))
+        if field is None:
+            continue
+        where = f"{path}.{field.name}" if path else field.name
+        if field.type == FieldDescriptor.TYPE_BYTES and not field.is_repeated and isinstance(value, str):
+            if not _BASE64.fullmatch(value):
+                return InvalidInputError(where, NOT_BASE64)
+        elif _is_single_message(field) and isinstance(value, dict):
+            nested = _bad_base64(value, field.message_type, where)
+            if nested is not None:
+                return nested
+    return None
+
+
+def _first_bad_value(data: Any, descriptor: Descriptor, path: str) -> InvalidInputError | None:
+    """The refusal for the first field of ``data`` whose value its proto type cannot take; None when the
+    fault is elsewhere (an unknown field name)."""
+    if not isinstance(data, dict):
+        return None
+    message_type = message_factory.GetMessageClass(descriptor)
+    for key, value in data.items():
+        field = _field(descriptor, str(key))
+        if field is None:
+            continue
+        where = f"{path}.{field.name}" if path else field.name
+        if _is_single_message(field) and isinstance(value, dict):
+            nested = _first_bad_value(value, field.message_type, where)
+            if nested is not None:
+                return nested
+            continue
+        try:
+            json_format.ParseDict({key: value}, message_type())
+        except (json_format.ParseError, ValueError, TypeError, AttributeError, RecursionError):
+            return _value_refusal(field, value, where)
+    return None
+
+
+def _value_refusal(field: FieldDescriptor, value: Any, where: str) -> InvalidInputError:
+    rule = VALUE_RULES.get(field.full_name) or VALUE_RULES.get(field.name)
+    if rule is not None:
+        try:
+            rule(value)
+        except InvalidInputError as exc:
+            return InvalidInputError(where, exc.reason)
+        except (TypeError, ValueError):
+            pass
+    shown = json.dumps(value)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    return InvalidInputError(where, f"{_type_rule(field)}, got {shown}")
+
+
+def _type_rule(field: FieldDescriptor) -> str:
+    """What the proto type of ``field`` takes, in words."""
+    if field.is_repeated:
+        return "must be a list"
+    if field.type in _INTEGER_RANGES:
+        low, high = _INTEGER_RANGES[field.type]
+        return f"must be an integer in {low}..{high}"
+    if field.type in (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE):
+        return "must be a number"
+    if field.type == FieldDescriptor.TYPE_BOOL:
+        return "must be true or false"
+    if field.type == FieldDescriptor.TYPE_STRING:
+        return "must be a string"
+    if field.type == FieldDescriptor.TYPE_BYTES:
+        return "must be base64"
+    if field.type == FieldDescriptor.TYPE_ENUM:
+        return f"must be one of {', '.join(v.name for v in field.enum_type.values)}"
+    return "must be a JSON object"
 
 
 def shortest_decimal(value: float) -> float:

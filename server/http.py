@@ -41,6 +41,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from fpedit.engine.options import OPTION_RANGES
 from fpedit.v1 import edit_pb2 as pb
 
 from .config import ServerConfig
@@ -156,7 +157,10 @@ class HttpApi:
     # --- plain routes ---------------------------------------------------------------------------------------
 
     async def page(self, request: Request) -> Response:
+        """The editor, with the engine's option ranges written in: its inputs carry the limits the server
+        enforces (one table, :data:`~fpedit.engine.options.OPTION_RANGES`), not copies of them."""
         html = resources.files("fpedit.server").joinpath("static/editor.html").read_text(encoding="utf-8")
+        html = html.replace("{{OPTION_RANGES}}", json.dumps(OPTION_RANGES))
         return HTMLResponse(html, headers={"Cache-Control": "no-cache"})
 
     async def healthz(self, request: Request) -> Response:

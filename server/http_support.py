@@ -17,6 +17,8 @@ from starlette.responses import JSONResponse
 
 from fpedit.engine.errors import InvalidInputError
 
+from .convert import parse_json
+
 #: gRPC status -> HTTP status, as Google's HTTP APIs map them (google.rpc.Code).
 HTTP_STATUS = {
     grpc.StatusCode.OK: 200,
@@ -115,12 +117,7 @@ class JsonBody:
             raise InvalidInputError(
                 "request", f"must be a JSON object (an {name} in the proto3 JSON mapping)"
             )
-        message = message_type()
-        try:
-            json_format.ParseDict(data, message)
-        except (json_format.ParseError, ValueError, TypeError, AttributeError, RecursionError) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise InvalidInputError("request", reason) from None
+        message = parse_json(data, message_type())
         if self.image is not None:
             if "image" not in message_type.DESCRIPTOR.fields_by_name:
                 raise InvalidInputError("image", f"{name} takes no image")

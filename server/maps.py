@@ -28,14 +28,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from google.protobuf import json_format
 from PIL import Image
 
 from fpedit.engine.errors import InvalidInputError
 from fpedit.engine.options import check_prompt
 from fpedit.v1 import edit_pb2 as pb
 
-from .convert import options_from_proto
+from .convert import NOT_BASE64, options_from_proto, parse_json
 
 #: The body's fields (proto3 JSON names); anything else is refused like an unknown proto field.
 FIELDS = ("prompt", "image", "inversionId", "seed", "width", "height", "resolution", "options")
@@ -95,7 +94,7 @@ def parse_maps(raw: Any, max_prompt_chars: int) -> MapsCall:
     try:
         image_bytes = base64.b64decode(image, validate=True) if image else b""
     except (binascii.Error, ValueError):
-        raise InvalidInputError("image", "is not base64") from None
+        raise InvalidInputError("image", NOT_BASE64) from None
     options: dict[str, Any] = {}
     seed = _integer(data, "seed", 0, 2**63 - 1)
     width, height = _integer(data, "width", 8, 4096), _integer(data, "height", 8, 4096)
@@ -104,12 +103,10 @@ def parse_maps(raw: Any, max_prompt_chars: int) -> MapsCall:
         raise InvalidInputError(name, "applies to a generation (no image, no inversionId)")
     options.update(seed=seed, width=width, height=height)
     options["resolution"] = _integer(data, "resolution", 1, 512)
-    message = pb.EditOptions()
-    try:
-        json_format.ParseDict(data.get("options") or {}, message)
-    except (json_format.ParseError, ValueError, TypeError, AttributeError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InvalidInputError("options", reason) from None
+    options_json = data.get("options") or {}
+    if not isinstance(options_json, dict):
+        raise InvalidInputError("options", "must be a JSON object")
+    message = parse_json(options_json, pb.EditOptions(), "options")
     given = {"layers": bool(message.layers), "layer_preset": message.HasField("layer_preset"),
              "map_format": message.map_format != pb.MAP_FORMAT_UNSPECIFIED}  # fmt: skip
     for field, present in given.items():

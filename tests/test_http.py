@@ -196,12 +196,17 @@ def test_info_health_and_openapi(http, running):
         ('{"targetPrompt": "a", "bogus": 1}', 400, 'request: Message type "fpedit.v1.EditRequest" has no field named "bogus"'),
         ("{not json", 400, "request: is not JSON"),
         ("[1, 2]", 400, "request: must be a JSON object"),
-        ('{"targetPrompt": 5}', 400, "request: Failed to parse targetPrompt field"),
-        ('{"options": {"steps": "many"}}', 400, "request: Failed to parse options field"),
+        ('{"targetPrompt": 5}', 400, "target_prompt: must be a string, got 5"),
+        ('{"options": {"steps": "many"}}', 400, "options.steps: must be an integer in 1..1000, got 'many'"),
+        ('{"image": "aGk=", "targetPrompt": "a", "options": {"steps": -3}}', 400, "options.steps: must be an integer in 1..1000, got -3"),
+        ('{"targetPrompt": "a", "options": {"guidanceScale": "lots"}}', 400, "options.guidance_scale: must be a number in 0..50, got 'lots'"),
+        ('{"targetPrompt": "a", "outputFormat": "GIF"}', 400, "output_format: must be one of IMAGE_FORMAT_UNSPECIFIED"),
+        ('{"targetPrompt": "a", "nullTextSteps": -1}', 400, "null_text_steps: must be an integer in 1..100, got -1"),
+        ('{"image": "!!!", "targetPrompt": "a"}', 400, "image: is not valid base64"),
         (b'{"targetPrompt": "\xff"}', 400, "request: is not JSON"),
         ('{"targetPrompt": "a"}', 400, "image: give exactly one of image or inversion_id"),
         ('{"inversionId": "' + "0" * 32 + '", "targetPrompt": "a"}', 404, "inversion_id '" + "0" * 32 + "' is unknown"),
-        ('{"inversionId": "abc", "targetPrompt": "a", "options": {"steps": 5000}}', 400, "steps: "),
+        ('{"inversionId": "abc", "targetPrompt": "a", "options": {"steps": 5000}}', 400, "options.steps: must be an integer in 1..1000, got 5000"),
     ],
 )  # fmt: skip
 def test_errors_map_to_http_statuses(http, body, status, message):
@@ -211,6 +216,17 @@ def test_errors_map_to_http_statuses(http, body, status, message):
     names = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND"}
     assert error["code"] == status and error["status"] == names[status]
     assert error["message"].startswith(message), error["message"]
+
+
+def test_json_value_the_proto_cannot_hold_is_judged_by_the_grpc_rule(http, stub):
+    """steps -3 cannot travel in gRPC's uint32; over HTTP it is refused by the rule gRPC applies to steps 0."""
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Edit(pb.EditRequest(image=png(), target_prompt="a", options=pb.EditOptions(steps=0)), timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    body = {"image": b64(png()), "targetPrompt": "a", "options": {"steps": -3}}
+    refused = http.post("/v1/edit", json=body).json()["error"]
+    assert info.value.details().endswith("got 0") and refused["status"] == "INVALID_ARGUMENT"
+    assert refused["message"] == info.value.details().removesuffix("got 0") + "got -3"
 
 
 def test_transport_errors_deadline_and_size(http, running):
@@ -518,12 +534,21 @@ def test_maps_by_inversion_id_and_of_a_generation(http):
         ({"prompt": "a", "bogus": 1}, 400, "request: unknown field 'bogus'"),
         ({"image": b64(png())}, 400, "prompt: "),
         ({"prompt": "a", "image": b64(png()), "inversionId": "abc"}, 400, "image: give image or inversionId"),
-        ({"prompt": "a", "image": "not base64!"}, 400, "image: is not base64"),
+        ({"prompt": "a", "image": "not base64!"}, 400, "image: is not valid base64"),
         ({"prompt": "a", "image": b64(b"not an image")}, 400, "image: "),
         ({"prompt": "a", "inversionId": "0" * 32}, 404, "inversion_id '" + "0" * 32 + "' is unknown"),
         ({"prompt": "a", "image": b64(png()), "seed": 3}, 400, "seed: applies to a generation"),
         ({"prompt": "a", "options": {"layers": [4]}}, 400, "layers: does not apply"),
-        ({"prompt": "a", "options": {"steps": 5000}}, 400, "steps: "),
+        (
+            {"prompt": "a", "options": {"steps": 5000}},
+            400,
+            "options.steps: must be an integer in 1..1000, got 5000",
+        ),
+        (
+            {"prompt": "a", "options": {"steps": -3}},
+            400,
+            "options.steps: must be an integer in 1..1000, got -3",
+        ),
         ({"prompt": "a", "resolution": 5, "options": {"steps": 2}}, 400, "resolution: must be one of"),
         ({"prompt": "a", "width": "wide"}, 400, "width: must be an integer"),
     ],

@@ -112,12 +112,15 @@ def test_page_shows_the_api_error_message(page, server, tmp_path):
     make_image(64, 64, seed=2).save(path)
     page.set_input_files("#file", str(path))
     page.click("summary")
-    page.fill("#steps", "5000")
+    page.fill(
+        "#start", "0.9"
+    )  # each value is in range, the window they make is not: only the server can tell
+    page.fill("#end", "0.2")
     page.fill("#prompt", "a cat")
     page.click("#run")
     page.wait_for_selector("#error-message", timeout=60_000)
     body = {"image": base64.b64encode(path.read_bytes()).decode(), "targetPrompt": "a cat",
-            "options": {"steps": 5000}}  # fmt: skip
+            "options": {"replaceStart": 0.9, "replaceEnd": 0.2}}  # fmt: skip
     api = httpx.post(server.http.url + "v1/edit", json=body, timeout=60)
     assert api.status_code == 400
     assert page.inner_text("#error-message") == api.json()["error"]["message"]
@@ -154,3 +157,52 @@ def test_page_shows_one_heatmap_per_token_of_the_target_prompt(page, server, tmp
     )
     assert all(natural == api["mapWidth"] and shown_width >= 64 for natural, shown_width in sizes), sizes
     assert page.locator("#error").is_hidden() and page.blocked == []
+
+
+def test_page_states_the_server_limits_and_explains_a_refusal_before_sending(browser, server, tmp_path):
+    """The number inputs carry the limits the server enforces (1..1000 steps, guidance 0..50, window 0..1);
+    steps -3 is explained next to the field and nothing is sent; loading the page logs no error (no 404)."""
+    context = browser.new_context()
+    page = context.new_page()
+    problems: list[str] = []
+    page.on(
+        "console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None
+    )
+    page.on("response", lambda r: problems.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    page.on("requestfailed", lambda r: problems.append(f"failed {r.url}"))
+    posts: list[str] = []
+    page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
+    try:
+        page.goto(server.http.url)
+        page.wait_for_function("document.getElementById('server-info').textContent.includes('torch')")
+        limits = {
+            name: (page.get_attribute(f"#{name}", "min"), page.get_attribute(f"#{name}", "max"))
+            for name in ("steps", "guidance", "start", "end")
+        }
+        assert limits == {
+            "steps": ("1", "1000"),
+            "guidance": ("0", "50"),
+            "start": ("0", "1"),
+            "end": ("0", "1"),
+        }
+        path = tmp_path / "photo.png"
+        make_image(64, 64, seed=3).save(path)
+        page.set_input_files("#file", str(path))
+        page.fill("#prompt", "a cat")
+        page.click("summary")
+        page.fill("#steps", "-3")
+        page.click("#run")
+        page.wait_for_selector("#steps-note:not(:empty)", timeout=10_000)
+        note = page.inner_text("#steps-note")
+        assert note.startswith("Steps: ") and "1" in note, note
+        assert page.evaluate("document.getElementById('steps').validity.rangeUnderflow")
+        page.wait_for_timeout(300)  # a request sent anyway would have started by now
+        assert posts == []
+        page.fill("#steps", str(STEPS))
+        page.click("#run")
+        page.wait_for_selector("#f-edited img", timeout=120_000)
+        assert page.inner_text("#steps-note") == ""
+        assert len(posts) == 1
+        assert problems == []
+    finally:
+        context.close()

@@ -176,6 +176,23 @@ def test_single_file_edit_equals_folder_edit(checkpoint, model_dir, engine, no_n
     np.testing.assert_array_equal(a.edited_latents, b.edited_latents)
 
 
+def test_loaded_weights_start_where_torch_would_allocate_them(checkpoint, model_dir, no_network):
+    """Weights left in the mapped safetensors file sit at the file's byte offsets; CPU kernels take another
+    path (other last bits) for another alignment, which made the two loads above differ."""
+    from fpedit.engine.components import CPU_ALIGNMENT
+    from fpedit.engine.loading import load_components
+
+    for parts in (load_components(model_dir), load_components(checkpoint, model_config=model_dir)):
+        for name in ("unet", "vae", "text_encoder"):
+            module = getattr(parts, name)
+            odd = [
+                n
+                for n, t in (*module.named_parameters(), *module.named_buffers())
+                if t.data_ptr() % CPU_ALIGNMENT
+            ]
+            assert not odd, (parts.source, name, odd[:3])
+
+
 def test_convert_both_ways(checkpoint, model_dir, tmp_path, no_network):
     """folder -> file gives this test's own key layout, tensor for tensor; file -> folder gives the weights."""
     out = convert(model_dir, tmp_path / "converted.safetensors")

@@ -142,7 +142,11 @@ def test_inversion_matches_diffusers_inverse_scheduler(sd2):
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_the_one_ddim_formula_is_diffusers_step_bit_for_bit(prediction_type):
     """Sampling and inversion take the engine's one DDIM formula (schedule.ddim_move, which the null-text
-    optimisation differentiates through): it must give diffusers' scheduler steps exactly, both ways."""
+    optimisation differentiates through): it must give diffusers' scheduler steps exactly, both ways.
+
+    Bitwise on purpose, though it spans two libraries: a wrong step (the neighbouring level of 50, or ε read as
+    v) lands within 2.4e-7 of diffusers' at some steps, so any tolerance that would survive diffusers reordering
+    its arithmetic would also pass a wrong formula. If a diffusers release fails this, re-sync ddim_move."""
     from diffusers import DDIMInverseScheduler, DDIMScheduler
 
     from fpedit.engine.schedule import DDIMSchedule
