@@ -382,17 +382,19 @@ def test_generate_and_client_generate_share_the_seed_default():
 
 def test_model_loads_print_no_library_chatter_without_verbose(model_dir, tmp_path):
     """A subprocess, because pytest captures warnings: without -v, stderr stays empty for a folder load
-    (transformers' "Loading weights" bar) and a single file with --model-config (diffusers' deprecation
-    notes on the folder's scheduler config, which asks for steps_offset and clip_sample)."""
+    (transformers' "Loading weights" bar), a single file with --model-config (diffusers' deprecation
+    notes on the folder's scheduler config, which asks for steps_offset and clip_sample) and an export."""
     from fpedit.engine.conversion import convert
 
     single = convert(model_dir, tmp_path / "tiny.safetensors")
     folder_load = ["info", "--model", str(model_dir)]
     single_file_load = ["info", "--model", str(single), "--model-config", str(model_dir)]
-    script = (  # both loads in one process: torch and diffusers import once
+    export = ["export", "--model", str(model_dir), "--out", str(tmp_path / "e"), "--graphs", "text_encoder"]
+    script = (  # the loads in one process (torch and diffusers import once), the export first: once a
+        # command has quieted the libraries they stay quiet in that process
         "import sys\n"
         "from fpedit.cli import main\n"
-        f"sys.exit(main({folder_load!r}) or main({single_file_load!r}))\n"
+        f"sys.exit(main({export!r}) or main({folder_load!r}) or main({single_file_load!r}))\n"
     )
     proc = subprocess.run(
         [sys.executable, "-c", script],

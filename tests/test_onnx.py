@@ -497,3 +497,105 @@ def test_serve_refuses_a_partial_export_before_loading_it(qk_export, tmp_path, m
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("fpedit: error: --model: "), err
     assert "partial export without vae_encoder, unet_plain" in err
+
+
+def test_export_traces_at_the_smallest_size_whatever_the_export_sizes(model_dir, tmp_path, monkeypatch):
+    """The tracer runs each graph once at 8x8 latents, not at the export's opt size: the graphs do not depend
+    on the traced size (the fp16 export verifies at its opt size above), and a float16 trace of SD 1.5 at
+    the opt size ran for most of an hour on a CPU."""
+    traced = []
+    real_export = torch.onnx.export
+
+    def record(module, args, *rest, **kwargs):
+        traced.append((tuple(args[0].shape), args[0].dtype))
+        return real_export(module, args, *rest, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", record)
+    export_onnx(
+        model_dir,
+        tmp_path / "e",
+        fp16=True,
+        image_size=ShapeRange(64, 256, 256),
+        graphs=["unet_plain", "vae_decoder"],
+    )
+    assert traced == [((2, 4, 8, 8), torch.float16), ((2, 4, 8, 8), torch.float32)]
+
+
+def test_export_refuses_a_device_it_does_not_have_in_one_line(model_dir, tmp_path, capsys):
+    from fpedit.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: cuda is a device it has")
+    assert main(["export", "--model", str(model_dir), "--out", str(tmp_path / "e"), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["fpedit: error: --device: CUDA was requested but torch sees no GPU"]
+    assert not (tmp_path / "e").exists()
+
+
+def test_export_files_follow_the_umask(model_dir, tmp_path):
+    """onnx writes external data files 0600; another account serving the export could not read them."""
+    import os
+    import stat
+
+    previous = os.umask(0o027)
+    try:
+        export_onnx(
+            model_dir,
+            tmp_path / "e",
+            image_size=SIZES,
+            external_data="always",
+            graphs=["unet_plain", "text_encoder"],
+        )
+    finally:
+        os.umask(previous)
+    files = [p for p in (tmp_path / "e").rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {UNET_WEIGHTS_FILE, "text_encoder.onnx.data", "unet_plain.onnx"}
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o640 for p in files}
+
+
+MEMORY_PROBE = """
+import json, sys
+from pathlib import Path
+import onnxruntime, psutil, torch
+from fpedit.engine.backends.onnx_backend import OnnxRuntimeBackend
+from fpedit.engine.calls import UNetCall
+from fpedit.engine.maps import Injection
+
+process = psutil.Process()
+before = process.memory_info().rss
+backend = OnnxRuntimeBackend(Path(sys.argv[1]))
+spec = backend.spec
+g = torch.Generator().manual_seed(0)
+sample = torch.randn((2, spec.latent_channels, 8, 8), generator=g)
+t = torch.tensor([501.0, 501.0])
+context = torch.randn((2, spec.text_max_length, spec.text_hidden_size), generator=g)
+layers = backend.capture_layers(list(backend.manifest.layers))
+maps = backend.unet(UNetCall(sample, t, context, "qk", capture=layers)).maps
+backend.unet(UNetCall(sample, t, context))
+injection = Injection.for_rows(maps.rows([1, 1]), [False, True], layers)
+backend.unet(UNetCall(sample, t, context, "qk", inject=injection))
+print(json.dumps({"grown": process.memory_info().rss - before}))
+"""
+
+
+def test_onnxruntime_holds_the_unet_weights_once(tmp_path_factory):
+    """Its three UNet sessions hold one copy of the weights: the process grows by less than 1.6 copies while
+    it loads and runs all three (each session used to keep its own copy and re-laid-out, pre-packed ones:
+    6x). A wider tiny model (190 MiB of UNet weights) so that copies stand out from the runtime's own."""
+    import subprocess
+
+    from fpedit.engine.tiny import save_tiny_model
+
+    root = tmp_path_factory.mktemp("wide")
+    model = save_tiny_model(root / "model", width=128)
+    export = root / "onnx"
+    export_onnx(
+        model, export, image_size=ShapeRange(64, 64, 64), graphs=["unet_plain", "unet_capture", "unet_inject"]
+    )
+    weights = unet_parameter_bytes(model)
+    proc = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(export)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    grown = json.loads(proc.stdout.strip().splitlines()[-1])["grown"]
+    assert 0.9 * weights < grown < 1.6 * weights, (grown / weights, weights)
