@@ -24,6 +24,17 @@ log = logging.getLogger("fpedit.server")
 #: How often a waiting front checks its request's cancellation and deadline.
 CANCEL_POLL_S = 0.1
 
+
+def _cancel_quietly(stream: Any) -> None:
+    """Stop a Serve stream the caller no longer reads. Cancelling a stream whose request failed raises that
+    failure again (a refused request raises its BackPressureError): the caller already has its outcome, so
+    that must not replace it (it turned a refusal for load into INTERNAL)."""
+    try:
+        stream.cancel()
+    except Exception as exc:
+        log.debug("cancelling a Serve stream raised %s", type(exc).__name__)
+
+
 # --- the front's runner -------------------------------------------------------------------------------------
 
 
@@ -143,12 +154,16 @@ class RayRunner:
             self._routed(call.inversion_id or new_id).options(stream=True).edit_stream.remote(call, new_id)
         )
 
+        ended = threading.Event()  # Serve's stream is over (finished or failed): nothing left to cancel
+
         def produce(emit: Callable[[object], None]) -> None:  # Serve's stream blocks between items
             try:
                 for item in stream:
                     emit(item)
             except Exception as exc:
                 raise _translate(exc) from None
+            finally:
+                ended.set()
 
         def check() -> None:  # the caller's cancel check: while the replica is silent, and between items
             if cancel_check is not None:
@@ -166,8 +181,8 @@ class RayRunner:
                 check()  # progress may never pause for a poll: a deadline must still be noticed
                 yield item
         finally:
-            if not finished:  # cancelled, past its deadline, or the consumer went away: stop the replica
-                stream.cancel()
+            if not finished and not ended.is_set():  # cancelled, past its deadline, or the consumer left
+                _cancel_quietly(stream)
 
     def generate(
         self,
