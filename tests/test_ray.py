@@ -37,6 +37,8 @@ from fpedit.server.ray.store import (
 # As `fpedit serve --ray` does before it first imports Ray: the module's local instance keeps to loopback.
 local_ray_on_loopback()
 
+pytestmark = pytest.mark.ray
+
 STEPS = 3
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "ray-test-token"

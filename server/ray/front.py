@@ -18,6 +18,7 @@ from ..results import EditOutcome, GenerateOutcome, InfoOutcome, InvertOutcome
 from ..runner import EditCall, GenerateCall, InvertCall, RunnerStats
 from ..streaming import stream_of
 from .errors import ReplicaError, _translate
+from .watch import ServiceWatch
 
 log = logging.getLogger("fpedit.server")
 
@@ -48,12 +49,15 @@ class RayRunner:
         *,
         max_running: int | None = None,
         max_queue: int | None = None,
+        watch: ServiceWatch | None = None,
     ) -> None:
         """``max_running`` (replicas x requests each) and ``max_queue`` bound the calls this front has in
         flight: beyond their sum a call is refused at once (RESOURCE_EXHAUSTED), as the local runner's queue
-        does, so handler threads never pile up behind Serve; GetInfo reports the same two figures."""
+        does, so handler threads never pile up behind Serve; GetInfo reports the same two figures.
+        ``watch`` (live replicas, the store) is what health and ``/readyz`` report; without one, SERVING."""
         self.handle = handle
         self.store = store
+        self.watch = watch
         self.max_running = max_running
         self.max_queue = max_queue
         self.capacity = None if max_running is None else max_running + (max_queue or 0)
@@ -223,6 +227,14 @@ class RayRunner:
         except Exception:  # a scrape must not fail while replicas restart
             replicas = []
         return sum_replica_stats(replicas, self.in_flight)
+
+    def readiness(self) -> tuple[bool, str]:
+        """(can serve, why not) from the service watch's last probe (the servicer's health follows it)."""
+        return (True, "") if self.watch is None else self.watch.readiness()
+
+    def metric_families(self) -> list[Any]:
+        """Replicas alive and store restarts for the front's /metrics (empty without a watch)."""
+        return [] if self.watch is None else self.watch.metric_families()
 
     @property
     def in_flight(self) -> int:
