@@ -193,13 +193,17 @@ def test_losing_the_node_of_a_replica_keeps_store_ids_and_serving(cluster_front)
         cluster_front["cluster"].remove_node(node_of(cluster_front, victim))
         recovery_s, failures = time_to_serve_again(client)
         outcomes = edits_by_id(client, list(made))
+        # Once the front has seen the loss (one replica alive), health must still say SERVING.
+        seen_s = wait_for(
+            lambda: value(scrape(front.metrics_port), "fpedit_ray_replicas_alive") == 1, 10, "one alive"
+        )
         assert client.health() == "SERVING"
         assert readyz(front) == 200
     print(f"\nnode loss (a): served again after {recovery_s:.1f} s {failures}; ids {outcomes}")
+    print(f"the front counted one replica alive {recovery_s + seen_s:.1f} s after the node was removed")
     assert set(failures) <= {grpc.StatusCode.UNAVAILABLE}, failures
     assert "UNAVAILABLE" not in outcomes.values()
     assert list(outcomes.values()) == ["OK"] * 6  # every record outlived the node (the store's is the head)
-    wait_for(lambda: value(scrape(front.metrics_port), "fpedit_ray_replicas_alive") == 1, 10, "one alive")
     assert value(scrape(front.metrics_port), "fpedit_ray_store_restarts_total") == 0
     # Placement, last (so a misplaced store fails the behaviour above first): the store is on the head.
     assert store_node(service) == head
@@ -236,4 +240,25 @@ def test_losing_a_replica_only_node_then_the_last_one(cluster_front):
         up_s = wait_for(lambda: client.health() == "SERVING", 60, "SERVING once a replica is back")
         assert readyz(front) == 200
         assert edit_new_image(client, seed=300) == grpc.StatusCode.OK
-    print(f"no replica: NOT_SERVING after {down_s:.1f} s; SERVING {up_s:.1f} s after a node was added")
+        print(f"no replica: NOT_SERVING after {down_s:.1f} s; SERVING {up_s:.1f} s after a node was added")
+
+        # The store's process dies: Ray restarts it on the head, the front counts the restart, and the ids
+        # whose holders are gone (all of them: both replicas that held them were removed) lost their data.
+        store = ray.get_actor(service.settings.store_name, namespace=service.settings.store_namespace)
+        ray.kill(store, no_restart=False)
+        wait_for(
+            lambda: value(scrape(front.metrics_port), "fpedit_ray_store_restarts_total") == 1, 20, "restart"
+        )
+        assert store_node(service) == head
+        assert list(edits_by_id(client, list(made)).values()) == ["NOT_FOUND"] * 4
+        assert client.health() == "SERVING"
+    # A store the front cannot reach is not serving either (a watch over a store name that does not exist).
+    from fpedit.server.ray.store import StoreClient
+    from fpedit.server.ray.watch import ServiceWatch
+
+    blind = ServiceWatch(service.app_name, "EditReplica", StoreClient("no-such-store", timeout_s=1.0))
+    try:
+        serving, reason = blind.readiness()
+    finally:
+        blind.close()
+    assert not serving and "store" in reason, reason
