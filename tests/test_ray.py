@@ -480,6 +480,10 @@ def test_config_file_runs_with_rays_tooling(ray_service, model_dir, tmp_path):
         wait_until_running("fpedit-config")
         port = serve.get_app_handle("fpedit-config").port.remote().result(timeout_s=60)
         with EditClient(f"127.0.0.1:{port}", token=TOKEN, timeout=120) as client:
+            # The front learns that its replicas run from its own probe (every second), after Serve does.
+            deadline = time.monotonic() + 15
+            while client.health() != "SERVING" and time.monotonic() < deadline:
+                time.sleep(0.2)
             assert client.health() == "SERVING"
             response = client.edit(
                 "a red car", image=png_bytes(make_image(64, 64)), options=edit_options(steps=2)

@@ -66,6 +66,8 @@ class ServiceWatch:
         self._restarts = 0
         self._stop = threading.Event()
         self._view = self._probe()  # the first view before anyone asks
+        if self._view.problem:
+            log.warning("service not serving yet: %s", self._view.problem)
         self._thread = threading.Thread(target=self._run, name="fpedit-ray-watch", daemon=True)
         self._thread.start()
 
@@ -74,7 +76,7 @@ class ServiceWatch:
         try:
             alive = count_running_replicas(self.app_name, self.deployment_name)
         except Exception as exc:  # the controller is restarting: no figure this time
-            log.debug("serve.status failed: %s", exc)
+            log.debug("serve.status failed: %r", exc)
             alive = 0
         if alive == 0:
             problems.append("no live replica")
