@@ -190,7 +190,8 @@ def test_losing_the_node_of_a_replica_keeps_store_ids_and_serving(cluster_front)
         lost_replicas = {name for name, node in replicas.items() if node == victim}
         assert any(holder in lost_replicas for holder in made.values())  # some ids lose their holder
 
-        cluster_front["cluster"].remove_node(node_of(cluster_front, victim))
+        # Killed, not shut down: the node's processes get no chance to say goodbye, as in a crash.
+        cluster_front["cluster"].remove_node(node_of(cluster_front, victim), allow_graceful=False)
         recovery_s, failures = time_to_serve_again(client)
         outcomes = edits_by_id(client, list(made))
         # Once the front has seen the loss (one replica alive), health must still say SERVING.
