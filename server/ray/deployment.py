@@ -259,8 +259,8 @@ class GrpcFront:
         # The store on this replica's node: the front's failure domain (replicas only look it up by name).
         open_store(settings.store_name, settings.store_namespace, settings.store_bytes, settings.store_ttl_s)
         store = StoreClient(settings.store_name, settings.store_namespace)
-        watch = ServiceWatch(serve.get_replica_context().app_name, DEPLOYMENT_NAME, store)
-        self.running = build_server(RayRunner(replicas, store, watch=watch), config)
+        self.watch = ServiceWatch(serve.get_replica_context().app_name, DEPLOYMENT_NAME, store)
+        self.running = build_server(RayRunner(replicas, store, watch=self.watch), config)
         log.info("fpedit gRPC front on %s:%d over Ray Serve", config.host, self.running.port)
 
     async def port(self) -> int:
@@ -270,6 +270,9 @@ class GrpcFront:
         running = getattr(self, "running", None)
         if running is not None:
             running.drain(self.config.grace_s)
+        watch = getattr(self, "watch", None)
+        if watch is not None:
+            watch.close()
 
 
 def build_app(args: dict[str, Any]) -> Any:
