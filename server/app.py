@@ -12,7 +12,7 @@ import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from fpedit.engine.errors import InvalidInputError
 from fpedit.v1 import edit_pb2
 
 from .config import ServerConfig
-from .health import HealthServicer
+from .health import NOT_SERVING, SERVING, HealthServicer, runner_readiness
 from .logs import log_request
 from .metrics import ServerMetrics
 from .runner import LocalRunner, Runner
@@ -85,6 +85,25 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
 
 #: After the grace period, how long aborted requests get to notice and answer before the port closes.
 ABORT_WAIT_S = 10.0
+#: How often health follows a runner that can tell whether it can serve (the Ray front's replicas and store).
+READINESS_POLL_S = 0.5
+
+
+def follow_readiness(runner: Any, health: HealthServicer, stop: threading.Event) -> threading.Thread | None:
+    """Keep health SERVING/NOT_SERVING as the runner's readiness says, until ``stop`` (the drain, which then
+    owns health). Health answers from memory: a probe never waits on the runner."""
+    if getattr(runner, "readiness", None) is None:
+        return None
+
+    def follow() -> None:
+        while not stop.wait(READINESS_POLL_S):
+            status = SERVING if runner_readiness(runner)[0] else NOT_SERVING
+            for name in ("", SERVICE_NAME):
+                health.set(name, status)
+
+    thread = threading.Thread(target=follow, name="fpedit-readiness", daemon=True)
+    thread.start()
+    return thread
 
 
 @dataclass
@@ -97,10 +116,12 @@ class RunningServer:
     metrics: ServerMetrics
     metrics_port: int | None = None
     http: Any = None  # the HTTP/JSON front (fpedit.server.http.HttpFront) with --http-port
+    readiness_stop: threading.Event = field(default_factory=threading.Event)
 
     def drain(self, grace_s: float) -> None:
         """Drain: health says NOT_SERVING and new work gets UNAVAILABLE while in-flight work finishes (up to
         ``grace_s``); what still runs then is aborted (UNAVAILABLE, logged as aborted by shutdown)."""
+        self.readiness_stop.set()
         self.health.enter_graceful_shutdown()  # the port stays open: probes keep getting answers
         self.servicer.begin_drain()
         if not self.servicer.wait_idle(grace_s):
@@ -124,7 +145,7 @@ def build_server(target: EditEngine | Runner, config: ServerConfig) -> RunningSe
     address = f"{config.host}:{config.port}"
     credentials = _tls_credentials(config) if config.tls_cert else None
     runner: Runner = LocalRunner(target, config) if isinstance(target, EditEngine) else target
-    metrics = ServerMetrics(runner.stats)
+    metrics = ServerMetrics(runner.stats, getattr(runner, "metric_families", None))
     servicer = EditServicer(runner, config, metrics)
     interceptors = [TokenAuthInterceptor(config.token, metrics)] if config.token else []
     # Handler threads mostly wait on the runner, and admission control is the runner's (refusals are
@@ -177,8 +198,11 @@ def build_server(target: EditEngine | Runner, config: ServerConfig) -> RunningSe
             metrics.close()
             raise
     server.start()
+    status = SERVING if runner_readiness(runner)[0] else NOT_SERVING
     for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        health_servicer.set(name, status)
+    readiness_stop = threading.Event()
+    follow_readiness(runner, health_servicer, readiness_stop)
     log.info(
         "serving %s on %s:%d (%s)%s",
         getattr(getattr(runner, "engine", None), "source", type(runner).__name__),
@@ -191,7 +215,9 @@ def build_server(target: EditEngine | Runner, config: ServerConfig) -> RunningSe
     )
     if http is not None:
         log.info("HTTP/JSON front and editor page on %s", http.url)
-    return RunningServer(server, port, servicer, runner, health_servicer, metrics, metrics_port, http)
+    return RunningServer(
+        server, port, servicer, runner, health_servicer, metrics, metrics_port, http, readiness_stop
+    )
 
 
 def _tls_credentials(config: ServerConfig) -> grpc.ServerCredentials:

@@ -31,6 +31,13 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 
 
+def runner_readiness(runner: Any) -> tuple[bool, str]:
+    """(can serve, why not) of a runner that reports it (``readiness()``, answered from memory); a local
+    runner always can. gRPC health and HTTP ``/readyz`` both follow it."""
+    readiness = getattr(runner, "readiness", None)
+    return (True, "") if readiness is None else readiness()
+
+
 class _Watcher:
     """One Watch call: how to send to it, and the last status sent (sends are serialized by ``lock``)."""
 

@@ -45,6 +45,7 @@ from fpedit.engine.options import OPTION_RANGES
 from fpedit.v1 import edit_pb2 as pb
 
 from .config import ServerConfig
+from .health import runner_readiness
 from .http_support import (
     Aborted,
     BodyTooLarge,
@@ -169,6 +170,9 @@ class HttpApi:
     async def readyz(self, request: Request) -> Response:
         if self.servicer.draining:
             return JSONResponse({"status": "NOT_SERVING", "reason": "draining"}, status_code=503)
+        serving, reason = runner_readiness(self.servicer.runner)  # from memory: never waits on the runner
+        if not serving:
+            return JSONResponse({"status": "NOT_SERVING", "reason": reason}, status_code=503)
         return JSONResponse({"status": "SERVING"})
 
     async def openapi(self, request: Request) -> Response:

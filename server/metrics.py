@@ -81,6 +81,16 @@ class _RunnerCollector(Collector):
             )
 
 
+class _FamiliesCollector(Collector):
+    """Families a runner builds itself when scraped."""
+
+    def __init__(self, families: Callable[[], list[Metric]]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._families()
+
+
 def _batch_rows_histogram(calls_by_rows: tuple[tuple[int, int], ...]) -> HistogramMetricFamily:
     """Backend calls by their row count, as a cumulative Prometheus histogram (sum = rows)."""
     buckets = []
@@ -98,7 +108,13 @@ def _batch_rows_histogram(calls_by_rows: tuple[tuple[int, int], ...]) -> Histogr
 class ServerMetrics:
     """The metrics of one server; :meth:`observe` is called once per finished RPC."""
 
-    def __init__(self, runner_stats: Callable[[], RunnerStats] | None = None) -> None:
+    def __init__(
+        self,
+        runner_stats: Callable[[], RunnerStats] | None = None,
+        runner_families: Callable[[], list[Metric]] | None = None,
+    ) -> None:
+        """``runner_families``: further families a runner reports at scrape time (the Ray front's replicas
+        alive and store restarts)."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -146,6 +162,8 @@ class ServerMetrics:
         )
         if runner_stats is not None:
             r.register(_RunnerCollector(runner_stats))
+        if runner_families is not None:
+            r.register(_FamiliesCollector(runner_families))
         self._http: Any = None
 
     def observe(

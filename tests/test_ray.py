@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 import pytest
 from helpers import decoded_pixels as pixels
-from helpers import make_image, png_bytes
+from helpers import json_server_log, make_image, png_bytes, run_concurrently
 
 from fpedit import EditEngine, EditOptions
 from fpedit.server.ray.install import local_ray_on_loopback
@@ -36,6 +36,8 @@ from fpedit.server.ray.store import (
 
 # As `fpedit serve --ray` does before it first imports Ray: the module's local instance keeps to loopback.
 local_ray_on_loopback()
+
+pytestmark = pytest.mark.ray
 
 STEPS = 3
 REPO = Path(__file__).resolve().parents[1]
@@ -478,6 +480,10 @@ def test_config_file_runs_with_rays_tooling(ray_service, model_dir, tmp_path):
         wait_until_running("fpedit-config")
         port = serve.get_app_handle("fpedit-config").port.remote().result(timeout_s=60)
         with EditClient(f"127.0.0.1:{port}", token=TOKEN, timeout=120) as client:
+            # The front learns that its replicas run from its own probe (every second), after Serve does.
+            deadline = time.monotonic() + 15
+            while client.health() != "SERVING" and time.monotonic() < deadline:
+                time.sleep(0.2)
             assert client.health() == "SERVING"
             response = client.edit(
                 "a red car", image=png_bytes(make_image(64, 64)), options=edit_options(steps=2)
@@ -762,3 +768,49 @@ def test_http_front_serves_the_ray_runner_like_grpc(ray_service):
     )
     assert response.json()["stats"].get("replica")
     assert maps.status_code == 501 and maps.json()["error"]["status"] == "UNIMPLEMENTED"
+
+
+# --- issue 26 item 5: a stream refused for load ------------------------------------------------------------
+
+
+def test_a_stream_refused_by_serves_queue_is_resource_exhausted_with_one_log_line(ray_service):
+    """A burst of EditStream calls beyond a deployment's ``max_queued_requests``: Serve refuses the excess
+    (BackPressureError), and each refused stream ends RESOURCE_EXHAUSTED with one request log line and no
+    traceback, as unary Edit does. Before, cancelling the failed Serve stream raised the BackPressureError
+    again over the mapped error: INTERNAL and two tracebacks per call."""
+    from ray import serve
+
+    from fpedit.server.app import build_server
+    from fpedit.server.config import ServerConfig
+    from fpedit.server.ray import RayRunner, replica_deployment
+    from fpedit.v1 import edit_pb2 as pb
+    from fpedit.v1 import edit_pb2_grpc
+
+    # One replica running one request with one waiting: Serve itself refuses the rest. The front admits
+    # everything (a large capacity), so the refusals come from Serve, not from the front's admission.
+    app = replica_deployment(ray_service.settings, replicas=1, max_ongoing_requests=1, max_queued_requests=1)
+    handle = serve.run(app, name="fpedit-burst", route_prefix=None)
+    front = build_server(RayRunner(handle, max_running=100, max_queue=100), ServerConfig(port=0))
+    image = png_bytes(make_image(64, 64, seed=51))
+
+    def one_stream(i: int) -> grpc.StatusCode:
+        with grpc.insecure_channel(f"127.0.0.1:{front.port}") as channel:
+            request = pb.EditRequest(image=image, target_prompt=f"car {i}", options=pb.EditOptions(steps=6))
+            try:
+                list(edit_pb2_grpc.EditServiceStub(channel).EditStream(request, timeout=120))
+                return grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                return exc.code()
+
+    try:
+        with json_server_log() as entries:
+            codes = run_concurrently([lambda i=i: one_stream(i) for i in range(12)], timeout_s=240)
+    finally:
+        front.drain(5)
+        serve.delete("fpedit-burst")
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+    refused = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert refused >= 1 and codes.count(grpc.StatusCode.OK) >= 1, codes
+    stream_lines = [e for e in entries if e.get("method") == "EditStream"]
+    assert sorted(e["status"] for e in stream_lines) == sorted(c.name for c in codes)
+    assert [e for e in entries if "exception" in e or e["level"] == "ERROR"] == []

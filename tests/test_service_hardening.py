@@ -159,6 +159,26 @@ def test_bad_fields_are_refused_before_queueing(conn, busy_server):
 
 
 @pytest.mark.filterwarnings("ignore:prompt has")  # 300 characters are more than 77 tokens
+def test_a_stream_refused_for_load_is_resource_exhausted_with_one_log_line(conn, busy_server):
+    """Issue 26 item 5, locally: EditStream calls while the only worker is busy and there is no queue end
+    RESOURCE_EXHAUSTED, each with one request log line and no traceback, as unary Edit does."""
+    stream = _occupy(conn)
+    try:
+        with json_server_log() as entries:
+            results = [
+                status_of(conn.stub.EditStream, pb.EditRequest(image=png(), target_prompt=f"car {i}"))
+                for i in range(3)
+            ]
+    finally:
+        stream.cancel()
+    _wait_idle(busy_server)
+    assert [code for code, _ in results] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3, results
+    assert all("server busy" in detail for _, detail in results), results
+    refused = [e for e in entries if e.get("method") == "EditStream" and e["status"] == "RESOURCE_EXHAUSTED"]
+    assert len(refused) == 3
+    assert [e for e in entries if "exception" in e or e["level"] == "ERROR"] == []
+
+
 def test_prompt_at_the_limit_is_accepted(conn):
     response = conn.stub.Edit(
         pb.EditRequest(image=png(), target_prompt="a" * 300, options=opts(), skip_reconstruction=True),

@@ -17,6 +17,9 @@ the in-process runner; the runner calls Serve deployment handles.
   :mod:`~fpedit.server.ray.store` (bounded by bytes and age). A replica asked for an id it does not hold
   (holder scaled down, restarted, evicted) rebuilds the inversion from the store; the first edit recomputes
   the source maps from the trajectory, so the result is the same as on the holder.
+- **Node loss**: the store is pinned to the front's node and restarted by Ray, every call to it has a
+  timeout, and a :class:`~fpedit.server.ray.watch.ServiceWatch` on the front probes live replicas and the
+  store, so health and ``/readyz`` say NOT_SERVING when nothing can serve (docs/design.md §10).
 - Errors cross the Ray boundary by value (:class:`ReplicaError`) and come back out of the runner as the same
   fpedit errors a :class:`~fpedit.server.runner.LocalRunner` raises, so the servicer maps them to the same
   status codes. A full Serve queue (``max_queued_requests``) is RESOURCE_EXHAUSTED; a replica that dies
@@ -25,7 +28,7 @@ the in-process runner; the runner calls Serve deployment handles.
 Modules: :mod:`.install` (is the extra there), :mod:`.settings` (what replicas are built from),
 :mod:`.errors` (errors across the boundary), :mod:`.replica` (the deployment), :mod:`.front` (the front's
 runner), :mod:`.deployment` (assembling and running the application), :mod:`.store` (the shared inversion
-store). Nothing here imports Ray at import time: ``require_ray`` answers in one line when it is missing.
+store), :mod:`.watch` (what the front knows of its replicas and store). Nothing here imports Ray at import time: ``require_ray`` answers in one line when it is missing.
 """
 
 from __future__ import annotations

@@ -24,7 +24,8 @@ from .settings import (
     replica_server_config,
     settings_from_flags,
 )
-from .store import open_store
+from .store import StoreClient, open_store
+from .watch import ServiceWatch
 
 log = logging.getLogger("fpedit.server")
 LOOPBACK = "127.0.0.1"
@@ -35,6 +36,9 @@ DEPLOYMENT_NAME = "EditReplica"
 DEFAULT_MAX_QUEUED_REQUESTS = 64
 #: How long ``fpedit serve --ray`` waits for Ray to delete the application when it stops.
 CLOSE_TIMEOUT_S = 30.0
+#: How often Serve's controller checks each replica: a replica lost with its node is replaced (and leaves the
+#: front's count of live replicas) within about this period after Ray reports the node dead.
+DEFAULT_HEALTH_CHECK_PERIOD_S = 2.0
 
 # --- assembling and running the application -----------------------------------------------------------------
 
@@ -54,6 +58,7 @@ def replica_deployment(
     max_ongoing_requests: int = DEFAULT_MAX_ONGOING_REQUESTS,
     max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS,
     ray_actor_options: dict[str, Any] | None = None,
+    health_check_period_s: float = DEFAULT_HEALTH_CHECK_PERIOD_S,
 ) -> Any:
     """The bound :class:`EditReplica` deployment (a fixed replica count, or Serve autoscaling)."""
     from ray import serve
@@ -63,8 +68,9 @@ def replica_deployment(
         "max_ongoing_requests": max_ongoing_requests,
         "max_queued_requests": max_queued_requests,
         "ray_actor_options": ray_actor_options or replica_actor_options(settings.engine.device),
-        # Loading a model can take minutes on a cold node; health checks must not kill a loading replica.
-        "health_check_period_s": 10,
+        # A short period finds replicas lost with their node quickly; a long timeout keeps a busy replica
+        # (a GPU-second edit, a model loading on a cold node) from being killed for a slow answer.
+        "health_check_period_s": health_check_period_s,
         "health_check_timeout_s": 60,
         "graceful_shutdown_timeout_s": settings.server.grace_s,
     }
@@ -111,6 +117,7 @@ class RayService:
         ray_actor_options: dict[str, Any] | None = None,
         ray_init: dict[str, Any] | None = None,
         host: str = LOOPBACK,
+        health_check_period_s: float = DEFAULT_HEALTH_CHECK_PERIOD_S,
     ) -> RayService:
         """Join (``address``) or start a local Ray instance, deploy the replicas, wait until they serve.
 
@@ -133,6 +140,7 @@ class RayService:
                 init.setdefault("_node_ip_address", local_node_address(host))
             init_ray(ray, address, init)
         serve.start(proxy_location="Disabled")  # clients reach the gRPC front, never Serve's proxies
+        # On this (the front's) node: the store shares the front's failure domain, not a worker's.
         open_store(settings.store_name, settings.store_namespace, settings.store_bytes, settings.store_ttl_s)
         app = replica_deployment(
             settings,
@@ -141,15 +149,17 @@ class RayService:
             max_ongoing_requests=max_ongoing_requests,
             max_queued_requests=max_queued_requests,
             ray_actor_options=ray_actor_options,
+            health_check_period_s=health_check_period_s,
         )
         handle = serve.run(app, name=app_name, route_prefix=None)
-        store = ray.get_actor(settings.store_name, namespace=settings.store_namespace)
+        store = StoreClient(settings.store_name, settings.store_namespace)
         most_replicas = (autoscaling or {}).get("max_replicas", replicas or 1)
         runner = RayRunner(
             handle,
             store,
             max_running=int(most_replicas) * max_ongoing_requests,
             max_queue=max_queued_requests,
+            watch=ServiceWatch(app_name, DEPLOYMENT_NAME, store),
         )
         return cls(runner, settings, app_name, owns_ray)
 
@@ -159,6 +169,8 @@ class RayService:
 
         from .store import close_store
 
+        if self.runner.watch is not None:
+            self.runner.watch.close()
         try:
             serve.delete(self.app_name)
         finally:
@@ -238,11 +250,17 @@ class GrpcFront:
     node your load balancer or Kubernetes Service points at.
     """
 
-    def __init__(self, replicas: Any, config: ServerConfig) -> None:
+    def __init__(self, replicas: Any, config: ServerConfig, settings: ReplicaSettings) -> None:
+        from ray import serve
+
         from ..app import build_server
 
         self.config = config
-        self.running = build_server(RayRunner(replicas), config)
+        # The store on this replica's node: the front's failure domain (replicas only look it up by name).
+        open_store(settings.store_name, settings.store_namespace, settings.store_bytes, settings.store_ttl_s)
+        store = StoreClient(settings.store_name, settings.store_namespace)
+        self.watch = ServiceWatch(serve.get_replica_context().app_name, DEPLOYMENT_NAME, store)
+        self.running = build_server(RayRunner(replicas, store, watch=self.watch), config)
         log.info("fpedit gRPC front on %s:%d over Ray Serve", config.host, self.running.port)
 
     async def port(self) -> int:
@@ -252,6 +270,9 @@ class GrpcFront:
         running = getattr(self, "running", None)
         if running is not None:
             running.drain(self.config.grace_s)
+        watch = getattr(self, "watch", None)
+        if watch is not None:
+            watch.close()
 
 
 def build_app(args: dict[str, Any]) -> Any:
@@ -265,4 +286,4 @@ def build_app(args: dict[str, Any]) -> Any:
     front = serve.deployment(GrpcFront).options(
         name="GrpcFront", num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=100
     )
-    return front.bind(replicas, config)
+    return front.bind(replicas, config, settings)

@@ -18,11 +18,23 @@ from ..results import EditOutcome, GenerateOutcome, InfoOutcome, InvertOutcome
 from ..runner import EditCall, GenerateCall, InvertCall, RunnerStats
 from ..streaming import stream_of
 from .errors import ReplicaError, _translate
+from .watch import ServiceWatch
 
 log = logging.getLogger("fpedit.server")
 
 #: How often a waiting front checks its request's cancellation and deadline.
 CANCEL_POLL_S = 0.1
+
+
+def _cancel_quietly(stream: Any) -> None:
+    """Stop a Serve stream the caller no longer reads. Cancelling a stream whose request failed raises that
+    failure again (a refused request raises its BackPressureError): the caller already has its outcome, so
+    that must not replace it (it turned a refusal for load into INTERNAL)."""
+    try:
+        stream.cancel()
+    except Exception as exc:
+        log.debug("cancelling a Serve stream raised %s", type(exc).__name__)
+
 
 # --- the front's runner -------------------------------------------------------------------------------------
 
@@ -37,12 +49,15 @@ class RayRunner:
         *,
         max_running: int | None = None,
         max_queue: int | None = None,
+        watch: ServiceWatch | None = None,
     ) -> None:
         """``max_running`` (replicas x requests each) and ``max_queue`` bound the calls this front has in
         flight: beyond their sum a call is refused at once (RESOURCE_EXHAUSTED), as the local runner's queue
-        does, so handler threads never pile up behind Serve; GetInfo reports the same two figures."""
+        does, so handler threads never pile up behind Serve; GetInfo reports the same two figures.
+        ``watch`` (live replicas, the store) is what health and ``/readyz`` report; without one, SERVING."""
         self.handle = handle
         self.store = store
+        self.watch = watch
         self.max_running = max_running
         self.max_queue = max_queue
         self.capacity = None if max_running is None else max_running + (max_queue or 0)
@@ -143,12 +158,16 @@ class RayRunner:
             self._routed(call.inversion_id or new_id).options(stream=True).edit_stream.remote(call, new_id)
         )
 
+        ended = threading.Event()  # Serve's stream is over (finished or failed): nothing left to cancel
+
         def produce(emit: Callable[[object], None]) -> None:  # Serve's stream blocks between items
             try:
                 for item in stream:
                     emit(item)
             except Exception as exc:
                 raise _translate(exc) from None
+            finally:
+                ended.set()
 
         def check() -> None:  # the caller's cancel check: while the replica is silent, and between items
             if cancel_check is not None:
@@ -166,8 +185,8 @@ class RayRunner:
                 check()  # progress may never pause for a poll: a deadline must still be noticed
                 yield item
         finally:
-            if not finished:  # cancelled, past its deadline, or the consumer went away: stop the replica
-                stream.cancel()
+            if not finished and not ended.is_set():  # cancelled, past its deadline, or the consumer left
+                _cancel_quietly(stream)
 
     def generate(
         self,
@@ -208,6 +227,14 @@ class RayRunner:
         except Exception:  # a scrape must not fail while replicas restart
             replicas = []
         return sum_replica_stats(replicas, self.in_flight)
+
+    def readiness(self) -> tuple[bool, str]:
+        """(can serve, why not) from the service watch's last probe (the servicer's health follows it)."""
+        return (True, "") if self.watch is None else self.watch.readiness()
+
+    def metric_families(self) -> list[Any]:
+        """Replicas alive and store restarts for the front's /metrics (empty without a watch)."""
+        return [] if self.watch is None else self.watch.metric_families()
 
     @property
     def in_flight(self) -> int:

@@ -18,7 +18,13 @@ from ..results import EditOutcome, GenerateOutcome, InfoOutcome, InvertOutcome
 from ..runner import EditCall, GenerateCall, InvertCall, LocalRunner
 from .errors import ReplicaError
 from .settings import ReplicaSettings, _build_engine
-from .store import engine_fingerprint, inversion_from_record, open_store, record_from_inversion
+from .store import (
+    StoreClient,
+    StoreUnreachable,
+    engine_fingerprint,
+    inversion_from_record,
+    record_from_inversion,
+)
 
 log = logging.getLogger("fpedit.server")
 T = TypeVar("T")
@@ -51,9 +57,8 @@ class EditReplica:
         self.engine = _build_engine(settings)
         self.runner = LocalRunner(self.engine, settings.server, replica=self.name)
         self.fingerprint = engine_fingerprint(self.engine.info())
-        self.store = open_store(
-            settings.store_name, settings.store_namespace, settings.store_bytes, settings.store_ttl_s
-        )
+        # Found by name, never created here: the front creates it on its own node (its failure domain).
+        self.store = StoreClient(settings.store_name, settings.store_namespace)
         self._fresh: set[str] = set()  # ids this replica just made, waiting to be registered
         self._threads = ThreadPoolExecutor(
             max_workers=settings.server.workers + settings.server.max_queue + 2,
@@ -106,12 +111,15 @@ class EditReplica:
         return _Held(local_key)
 
     def _restore(self, inversion_id: str) -> str:
-        import ray
-
-        refs = ray.get(self.store.get.remote(inversion_id))
-        if refs is None:
+        try:
+            record = self.store.get(inversion_id)
+        except StoreUnreachable as exc:  # its data died with a node or the store restarted: never retry
+            log.warning("inversion %s cannot be restored: %s", inversion_id, exc)
+            raise NotFoundError(
+                f"inversion_id {inversion_id!r} was lost with a Ray node or the store; send the image again"
+            ) from None
+        if record is None:
             raise NotFoundError(f"inversion_id {inversion_id!r} is unknown or expired; send the image again")
-        record = ray.get(refs[0])
         if record.fingerprint != self.fingerprint:
             raise NotFoundError(
                 f"inversion_id {inversion_id!r} was made by a different model or precision; send the image again"
@@ -126,15 +134,25 @@ class EditReplica:
         held here."""
         inversion = self.runner.cache.get(inversion_id)
         if inversion is not None:
-            record = await asyncio.get_running_loop().run_in_executor(
-                self._threads, record_from_inversion, inversion, self.fingerprint
+            await asyncio.get_running_loop().run_in_executor(
+                self._threads, self._share, inversion_id, inversion
             )
-            if not await self.store.put.remote(inversion_id, record):
-                log.warning(
-                    "inversion %s (%d bytes) exceeds the shared store's budget", inversion_id, record.nbytes
-                )
         self._fresh.add(inversion_id)
         await self._hold(inversion_id)  # registers the id here: Serve routes its edits to this replica
+
+    def _share(self, inversion_id: str, inversion: Any) -> None:
+        """Put a new inversion in the shared store. Without the store the request still succeeds: the id is
+        held here only, and is NOT_FOUND if this replica goes away."""
+        record = record_from_inversion(inversion, self.fingerprint)
+        try:
+            kept = self.store.put(inversion_id, record)
+        except StoreUnreachable as exc:
+            log.warning("inversion %s is held by this replica only: %s", inversion_id, exc)
+            return
+        if not kept:
+            log.warning(
+                "inversion %s (%d bytes) exceeds the shared store's budget", inversion_id, record.nbytes
+            )
 
     def _edit_held(self, call: EditCall, held: _Held, **kw: Any) -> EditOutcome:
         if not held.local_key:  # unknown when first asked for: look again (NotFoundError if still unknown)
@@ -244,10 +262,12 @@ class EditReplica:
 
     async def stats(self) -> dict[str, Any]:
         """This replica's load and cache figures (the front sums them over replicas)."""
+        import ray
         import torch
 
         return {
             "name": self.name,
+            "node_id": ray.get_runtime_context().get_node_id(),  # where it runs (node-loss checks)
             "torch_threads": torch.get_num_threads(),
             # The engine's backend calls: ``batch_rows`` shows whether concurrent requests merged.
             "engine": self.engine.counters(),

@@ -11,6 +11,12 @@ The store is one named Ray actor (:class:`InversionStore`) that holds a Ray obje
 actor itself calls ``ray.put``, so it owns every object: a record outlives the replica that made it (an
 object owned by a dead worker is lost in Ray). :class:`BoundedRecords` bounds it by bytes (least recently
 used first) and by age; it is plain Python so its policy is testable without Ray.
+
+Failure domains (docs/design.md): the store is pinned to the front's node (the node that opens it), so it
+lives and dies with the front and the loss of any other node leaves it and its objects (``ray.put`` by the
+store: owned by it, first copy on its node) intact. Ray restarts it if its process dies (its records are
+lost then: those ids answer NOT_FOUND). Every call to it goes through :class:`StoreClient`, with a timeout,
+and a failed call degrades (an inversion not shared, an id not found) instead of failing the request.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,11 +33,18 @@ import numpy as np
 
 from ..cache import BoundedLRU
 
+log = logging.getLogger("fpedit.server")
+
 #: Default name and namespace of the store actor; every replica of one deployment must use the same pair.
 STORE_NAME = "fpedit-inversion-store"
 STORE_NAMESPACE = "fpedit"
 DEFAULT_STORE_BYTES = 2 * 1024**3
 DEFAULT_STORE_TTL_S = 3600.0
+#: The longest any call to the store may take (a record is a few MB on one machine or a LAN): past it the
+#: caller goes on without the store rather than hang.
+STORE_CALL_TIMEOUT_S = 5.0
+#: Calls to the store that Ray sends again by itself when the store restarts under them.
+STORE_TASK_RETRIES = 2
 
 
 @dataclass(frozen=True)
@@ -140,6 +155,14 @@ class InversionStore:
 
     def __init__(self, max_bytes: int = DEFAULT_STORE_BYTES, ttl_s: float = DEFAULT_STORE_TTL_S) -> None:
         self._records = BoundedRecords(int(max_bytes), float(ttl_s))
+        #: A new value per start: the front counts restarts by seeing it change.
+        self.incarnation = uuid.uuid4().hex
+
+    def ping(self) -> dict[str, Any]:
+        """Liveness, the incarnation and where the store runs (the front's health and placement checks)."""
+        import ray
+
+        return {"incarnation": self.incarnation, "node_id": ray.get_runtime_context().get_node_id()}
 
     def put(self, key: str, record: InversionRecord) -> bool:
         import ray
@@ -167,13 +190,19 @@ def open_store(
     namespace: str = STORE_NAMESPACE,
     max_bytes: int = DEFAULT_STORE_BYTES,
     ttl_s: float = DEFAULT_STORE_TTL_S,
+    node_id: str | None = None,
 ) -> Any:
-    """Get the store actor, creating it on first use (the first caller's bounds apply).
+    """Get the store actor, creating it on first use pinned to ``node_id`` (default: this process's node).
 
-    Detached: Serve's replicas come and go, and the store must outlive each of them; whoever started the
-    application removes it (``close_store``). It needs no CPU reservation (it only moves references).
+    Only the front opens it (``RayService.start``, ``GrpcFront``); replicas find it by name
+    (:class:`StoreClient`). Pinned with a hard node affinity, so it shares the front's failure domain and
+    never lands on a node whose loss would take every record with it; restarted by Ray without limit if its
+    process dies. Detached: Serve's replicas come and go and the store must outlive each of them; whoever
+    started the application removes it (``close_store``). It needs no CPU reservation (it only moves
+    references).
     """
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     actor = ray.remote(InversionStore).options(
         name=name,
@@ -182,6 +211,11 @@ def open_store(
         get_if_exists=True,
         num_cpus=0,
         max_concurrency=32,
+        max_restarts=-1,
+        max_task_retries=STORE_TASK_RETRIES,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(
+            node_id=node_id or ray.get_runtime_context().get_node_id(), soft=False
+        ),
     )
     return actor.remote(max_bytes, ttl_s)
 
@@ -192,3 +226,53 @@ def close_store(name: str = STORE_NAME, namespace: str = STORE_NAMESPACE) -> Non
 
     with contextlib.suppress(ValueError):
         ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+
+
+class StoreUnreachable(Exception):
+    """The store did not answer in time or is gone: callers go on without it."""
+
+
+class StoreClient:
+    """Every call to the store: found by name when first needed (and again after a failure), each call
+    bounded by ``timeout_s``. Ray errors and timeouts come out as :class:`StoreUnreachable`."""
+
+    def __init__(
+        self,
+        name: str = STORE_NAME,
+        namespace: str = STORE_NAMESPACE,
+        timeout_s: float = STORE_CALL_TIMEOUT_S,
+    ) -> None:
+        self.name, self.namespace, self.timeout_s = name, namespace, timeout_s
+        self._actor: Any = None
+
+    def _call(self, method: str, *args: Any) -> Any:
+        import ray
+
+        try:
+            if self._actor is None:
+                self._actor = ray.get_actor(self.name, namespace=self.namespace)
+            return ray.get(getattr(self._actor, method).remote(*args), timeout=self.timeout_s)
+        except (ValueError, ray.exceptions.RayError) as exc:  # not created yet, dead, or too slow
+            self._actor = None
+            raise StoreUnreachable(
+                f"the shared inversion store did not answer ({type(exc).__name__})"
+            ) from exc
+
+    def put(self, key: str, record: InversionRecord) -> bool:
+        return bool(self._call("put", key, record))
+
+    def get(self, key: str) -> InversionRecord | None:
+        """The record, or None when the store does not know ``key``. A record whose object was lost (its
+        node or owner died) is :class:`StoreUnreachable` too: the data is gone either way."""
+        import ray
+
+        refs = self._call("get", key)
+        if refs is None:
+            return None
+        try:
+            return ray.get(refs[0], timeout=self.timeout_s)
+        except ray.exceptions.RayError as exc:
+            raise StoreUnreachable(f"the stored inversion was lost ({type(exc).__name__})") from exc
+
+    def ping(self) -> dict[str, Any]:
+        return self._call("ping")
