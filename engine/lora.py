@@ -5,6 +5,11 @@ file keeps it (kohya ``.alpha`` keys, the ``lora_adapter_metadata`` safetensors 
 absent); ``fuse_lora`` adds ``scale * alpha / r * B @ A`` to each matched weight. The LoRA layers are then
 unloaded, so the modules are plain again: an edit costs the same with or without LoRA, CUDA graphs and
 ``torch.compile`` see fused weights, and ``fpedit export`` bakes them into the ONNX graphs.
+
+Each file is loaded, fused and unloaded before the next one loads: PEFT unmerges every adapter of a layer
+that gets a new one ("Adapter cannot be set when the model is merged"), so loading a second file onto
+modules the first one had fused would take the first back out of the weights. Unloading keeps the fused
+weights and leaves plain modules for the next file to wrap.
 """
 
 from __future__ import annotations
@@ -92,6 +97,7 @@ def apply_loras(unet: Any, text_encoder: Any, tokenizer: Any, loras: Sequence[An
             raise ModelLoadError(f"LoRA {spec.path} matches no UNet or text encoder module of this model")
         components = [c for c, names in adapters.items() if name in names]
         pipe.fuse_lora(components=components, lora_scale=spec.scale, adapter_names=[name])
+        # Before the next file loads: its adapters would unmerge this one's on shared modules.
+        pipe.unload_lora_weights()
         log.info("fused LoRA %s (scale %s) into %s", spec.path, spec.scale, ", ".join(components))
-    pipe.unload_lora_weights()
     return specs

@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from reference import rel_l2
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from fpedit import EditEngine, EditOptions
 from fpedit.cli import main
@@ -62,6 +64,15 @@ def random_factors(
 
 def merged_folder(model_dir: Path, out: Path, unet_factors, text_factors, factor: float) -> Path:
     """A copy of the folder with W + factor * B @ A written into each targeted weight (the expectation)."""
+    deltas = {
+        "unet": {name: factor * (b @ a) for name, (a, b) in unet_factors.items()},
+        "text_encoder": {name: factor * (b @ a) for name, (a, b) in text_factors.items()},
+    }
+    return folder_with_deltas(model_dir, out, deltas)
+
+
+def folder_with_deltas(model_dir: Path, out: Path, deltas: dict[str, dict[str, torch.Tensor]]) -> Path:
+    """A copy of the folder with ``deltas[component][module]`` added to each named module's weight."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -69,12 +80,42 @@ def merged_folder(model_dir: Path, out: Path, unet_factors, text_factors, factor
     unet = UNet2DConditionModel.from_pretrained(out / "unet")
     text = CLIPTextModel.from_pretrained(out / "text_encoder")
     with torch.no_grad():
-        for module_map, factors in ((unet_targets(unet), unet_factors), (text_targets(text), text_factors)):
-            for name, (a, b) in factors.items():
-                module_map[name].weight += factor * (b @ a)
+        for model, component in ((unet, "unet"), (text, "text_encoder")):
+            modules = dict(model.named_modules())
+            for name, delta in deltas[component].items():
+                weight = modules[name].weight
+                weight.copy_((weight.double() + delta.reshape(weight.shape)).to(weight.dtype))
     unet.save_pretrained(out / "unet", safe_serialization=True)
     text.save_pretrained(out / "text_encoder", safe_serialization=True)
     return out
+
+
+def file_deltas(
+    path: Path, scale: float, modules: dict[str, list[str]]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """``scale * alpha / r * up @ down`` (float64) per module of ``modules[component]`` that the file touches,
+    read back from the file with plain torch: PEFT keys ``<component>.<module>.lora_A/B.weight`` with alpha
+    and r from ``lora_adapter_metadata``, or kohya keys ``lora_unet_`` / ``lora_te_text_model_`` +
+    ``<module with underscores>.lora_down/lora_up.weight`` with ``.alpha`` and r = lora_down's rows."""
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        metadata = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    kohya_prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_text_model_"}
+    deltas: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "text_encoder": {}}
+    for component, names in modules.items():
+        for name in names:
+            peft, kohya = f"{component}.{name}", kohya_prefix[component] + name.replace(".", "_")
+            if f"{peft}.lora_A.weight" in tensors:
+                down, up = tensors[f"{peft}.lora_A.weight"], tensors[f"{peft}.lora_B.weight"]
+                alpha, rank = float(metadata[f"{component}.lora_alpha"]), int(metadata[f"{component}.r"])
+            elif f"{kohya}.lora_down.weight" in tensors:
+                down, up = tensors[f"{kohya}.lora_down.weight"], tensors[f"{kohya}.lora_up.weight"]
+                alpha, rank = float(tensors[f"{kohya}.alpha"]), down.shape[0]
+            else:
+                continue
+            product = up.double().flatten(1) @ down.double().flatten(1)
+            deltas[component][name] = scale * alpha / rank * product
+    return deltas
 
 
 @pytest.fixture(scope="module")
@@ -84,17 +125,19 @@ def factors(raw_modules):
     )
 
 
-def write_peft_lora(path: Path, unet_factors, alpha: float) -> Path:
-    """diffusers/PEFT layout: ``unet.<module>.lora_A/B.weight``; alpha in ``lora_adapter_metadata``."""
-    tensors = {}
-    for name, (a, b) in unet_factors.items():
-        tensors[f"unet.{name}.lora_A.weight"] = a.contiguous()
-        tensors[f"unet.{name}.lora_B.weight"] = b.contiguous()
-    metadata = {
-        "unet.r": RANK,
-        "unet.lora_alpha": alpha,
-        "unet.target_modules": sorted(unet_factors),
-    }
+def write_peft_lora(path: Path, unet_factors, alpha: float, text_factors=None) -> Path:
+    """diffusers/PEFT layout: ``unet.<module>.lora_A/B.weight`` (and ``text_encoder.<module>...``); alpha
+    in ``lora_adapter_metadata``."""
+    tensors, metadata = {}, {}
+    for component, factors in (("unet", unet_factors), ("text_encoder", text_factors or {})):
+        if not factors:
+            continue
+        for name, (a, b) in factors.items():
+            tensors[f"{component}.{name}.lora_A.weight"] = a.contiguous()
+            tensors[f"{component}.{name}.lora_B.weight"] = b.contiguous()
+        metadata[f"{component}.r"] = RANK
+        metadata[f"{component}.lora_alpha"] = alpha
+        metadata[f"{component}.target_modules"] = sorted(factors)
     save_file(tensors, str(path), metadata={"format": "pt", "lora_adapter_metadata": json.dumps(metadata)})
     return path
 
@@ -145,6 +188,56 @@ def test_kohya_lora_with_text_encoder_equals_hand_merged(model_dir, engine, fact
     )
     assert rel_l2(edit(with_lora), edit(expected)) < 1e-5
     assert rel_l2(edit(with_lora), edit(engine)) > 1e-3
+
+
+def test_two_loras_on_the_same_modules_both_fuse(model_dir, engine, raw_modules, factors, tmp_path, capsys):
+    """A PEFT file and a kohya file on the same UNet and text encoder modules, with their own alpha and scale:
+    the engine's weights are W + sum of scale * alpha / r * B @ A over both files, merged here from the
+    files' tensors, and its edits equal those of a folder holding those weights. (Loading the second file
+    while the first was fused used to unmerge the first: the weights held the kohya file alone.)"""
+    unet, text = raw_modules["unet"], raw_modules["text_encoder"]
+    unet_a, text_a = factors
+    unet_b, text_b = random_factors(unet_targets(unet), 3), random_factors(text_targets(text), 4)
+    peft = write_peft_lora(tmp_path / "peft.safetensors", unet_a, 2.0, text_a)  # alpha 2, r 4
+    kohya = write_kohya_lora(tmp_path / "kohya.safetensors", unet_b, text_b, 1.0)  # alpha 1, r 4
+    loras = [(peft, 0.7), (kohya, 1.5)]
+    modules = {"unet": sorted(unet_targets(unet)), "text_encoder": sorted(text_targets(text))}
+    per_file = [file_deltas(path, scale, modules) for path, scale in loras]
+    for deltas in per_file:
+        assert {c: sorted(d) for c, d in deltas.items()} == modules  # both files touch every target
+    deltas = {c: {n: per_file[0][c][n] + per_file[1][c][n] for n in modules[c]} for c in modules}
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with_loras = EditEngine.from_pretrained(model_dir, loras=[f"{path}:{scale}" for path, scale in loras])
+    assert not [w for w in caught if "merged" in str(w.message)], [str(w.message) for w in caught]
+    assert with_loras.info()["loras"] == [{"file": str(path), "scale": scale} for path, scale in loras]
+
+    backend = with_loras.backend
+    for component, raw, got in (("unet", unet, backend._unet), ("text_encoder", text, backend._text)):
+        want = {k: v.double() for k, v in raw.state_dict().items()}
+        for name, delta in deltas[component].items():
+            weight = want[f"{name}.weight"]
+            # Each file alone moves the weight far beyond the tolerance: keeping one file cannot pass.
+            assert min(d[component][name].abs().max() for d in per_file) > 1e-3 * weight.abs().max()
+            want[f"{name}.weight"] = weight + delta.reshape(weight.shape)
+        state = got.state_dict()
+        assert sorted(state) == sorted(want)
+        for key, value in want.items():
+            off = float((state[key].double() - value).abs().max())
+            assert off <= 1e-6 * float(value.abs().max()), (component, key, off)
+
+    expected = EditEngine.from_pretrained(folder_with_deltas(model_dir, tmp_path / "merged", deltas))
+    got, want, plain = edit(with_loras), edit(expected), edit(engine)
+    assert rel_l2(got, want) < 1e-5
+    assert rel_l2(got, plain) > 100 * 1e-5
+
+    capsys.readouterr()
+    args = ["info", "--model", str(model_dir)] + [f"--lora={path}:{scale}" for path, scale in loras]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert err == ""  # no library chatter without -v
+    assert json.loads(out)["loras"] == [{"file": str(path), "scale": scale} for path, scale in loras]
 
 
 def test_lora_matching_nothing_is_an_error_naming_the_file(model_dir, tmp_path, capsys):
