@@ -297,8 +297,8 @@ class EditEngine:
         """Invert ``image`` over ``options.steps`` steps; keep the whole trajectory.
 
         ``inversion`` (:class:`InversionOptions`, or the same fields as separate keywords) says how:
-        ``method="ddim"`` (default): DDIM inversion with prompt "" (Algorithm 2; ``source_prompt`` is
-        ignored). ``"null-text"``: conditional-only inversion with ``source_prompt`` and per-step null
+        ``method="ddim"`` (default): DDIM inversion with prompt "" (Algorithm 2; a ``source_prompt`` is
+        refused). ``"null-text"``: conditional-only inversion with ``source_prompt`` and per-step null
         embeddings optimised for ``options.guidance_scale`` (Algorithm 3; torch backend; at most
         ``null_text_steps`` Adam iterations per step, early stop at ``null_text_epsilon``). ``"negative-prompt"``:
         the same inversion with the source prompt's embedding as every step's null embedding (no optimisation).

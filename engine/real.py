@@ -20,7 +20,7 @@ from .backends.capture import CAPTURE_GATE
 from .errors import InvalidInputError
 from .executor import CancelCheck, ProgressCallback, ProgressEvent, RequestRun
 from .maps import AttentionMaps
-from .options import EditOptions
+from .options import EditOptions, refuse_inversion_options
 from .plan import EditPlan, InversionPlan, check_layers
 from .results import Inversion
 
@@ -59,10 +59,7 @@ def inversion_to_edit(
     """The inversion a real edit starts from (``image`` inverted now, or checked against the request) and
     the edit's run, which counts a fresh inversion's work too."""
     if isinstance(image, Inversion):
-        if invert_options:
-            raise InvalidInputError(
-                next(iter(invert_options)), "applies when inverting an image; the inversion has its own"
-            )
+        refuse_inversion_options(list(invert_options))
         check_inversion(image, options, engine.engine_id)
         check_edit_guidance(image, options)
         return image, engine._run(progress, cancel_check)
@@ -164,6 +161,7 @@ def invert_latents(
             run.progress(ProgressEvent("null_text", done, total))
 
     unet = engine.backend.differentiable_unet()
+    assert plan.null_text_steps is not None and plan.null_text_epsilon is not None  # null-text's own
     assert unet is not None  # null_text.check_method refused the method where there is none
     # Gradient work on the device outside the backend's entry points: never beside a graph capture (the gate
     # is held per iteration, so a capture waits one iteration, not the whole optimisation).

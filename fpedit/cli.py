@@ -132,6 +132,7 @@ def edit_outputs(template: Path, prompts: Sequence[str]) -> list[Path]:
 def _saved_inversion_from_args(args: argparse.Namespace) -> dict[str, str] | None:
     """With ``--inversion-file``: its metadata (read without loading a model); the inversion flags and an
     image do not apply, and ``--steps``/``--guidance`` default to the file's."""
+    from fpedit.engine.options import refuse_inversion_options
     from fpedit.engine.saved import read_metadata
 
     if args.inversion_file is None:
@@ -140,12 +141,10 @@ def _saved_inversion_from_args(args: argparse.Namespace) -> dict[str, str] | Non
         return None
     if args.image is not None:
         raise InvalidInputError("inversion_file", "edits a saved inversion: leave out IMAGE")
-    given = cli_args.typed_flags(
-        args, "--inversion", "--source-prompt", "--null-text-steps", "--null-text-epsilon", "--save-inversion"
-    )
-    if given:
+    refuse_inversion_options(cli_args.inversion_fields_given(args))
+    if args.save_inversion is not None:
         raise InvalidInputError(
-            "inversion_file", f"the saved inversion has its own settings; leave out {given[0]}"
+            "save_inversion", "the inversion is saved already (--inversion-file); leave it out"
         )
     metadata = read_metadata(args.inversion_file)
     steps = int(metadata.get("steps", 0))

@@ -21,9 +21,9 @@ from fpedit.args import (
     add_inversion_arguments,
     add_serve_arguments,
     describe_error,
+    inversion_fields_given,
     server_config_from_args,
     source_output_path,
-    typed_flags,
 )
 
 __all__ = ["add_commands", "server_config_from_args"]
@@ -271,12 +271,13 @@ def cmd_client_edit(args: argparse.Namespace) -> int:
     if bool(args.inversion_id) == (args.image is not None):
         raise UsageError("give an IMAGE or --inversion-id (exactly one)")
     if args.inversion_id:
-        typed = typed_flags(args, "--inversion", "--source-prompt", "--null-text-steps")
-        if typed:
-            raise UsageError(
-                f"{typed[0]}: inversion options do not apply to --inversion-id (the inversion was made with "
-                "its own); leave them out, or give the IMAGE instead"
-            )
+        from fpedit.engine.errors import InvalidInputError
+        from fpedit.engine.options import refuse_inversion_options
+
+        try:
+            refuse_inversion_options(inversion_fields_given(args))
+        except InvalidInputError as exc:
+            raise UsageError(describe_error(exc, args)) from None
     output_format = _output_format(
         args, ("-o/--output", args.output), ("--reconstruction", args.reconstruction)
     )
