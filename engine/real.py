@@ -62,14 +62,14 @@ def inversion_to_edit(
         refuse_inversion_options(list(invert_options))
         check_inversion(image, options, engine.engine_id)
         check_edit_guidance(image, options)
-        return image, engine._run(progress, cancel_check)
+        return image, engine.request_run(progress, cancel_check)
     if options.layers != "resolution":  # that preset needs the image's size; others are checked now,
         check_layers(options, engine.backend, None)  # before the inversion, not after it ran for nothing
     inversion = engine.invert(
         image, options=options, progress=progress, cancel_check=cancel_check, **invert_options
     )
     # Started after the inversion, which absorb() prepends: its time is counted once, not twice.
-    run = engine._run(progress, cancel_check)
+    run = engine.request_run(progress, cancel_check)
     run.absorb(inversion.stats)  # one call did both: report the whole real edit
     return inversion, run
 

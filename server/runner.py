@@ -40,7 +40,7 @@ from .cache import InversionCache
 from .config import ServerConfig
 from .convert import encode_image
 from .errors import OverloadedError
-from .pool import WorkerPool, _device_memory, _never, cpu_threads
+from .pool import WorkerPool, cpu_threads, device_memory, never_cancelled
 from .results import EditOutcome, GenerateOutcome, InfoOutcome, InvertOutcome, Limits
 from .streaming import stream_of
 
@@ -168,7 +168,7 @@ class LocalRunner:
         cancel_check: CancelCheck | None,
     ) -> tuple[T, float]:
         """Run ``work(engine_kwargs)`` on the pool; returns (result, queue wait in ms)."""
-        check = cancel_check or _never
+        check = cancel_check or never_cancelled
         submitted = time.perf_counter()
         started: list[float] = []
 
@@ -373,7 +373,7 @@ class LocalRunner:
             cache_hits=counts["hits"],
             cache_misses=counts["misses"],
             cache_evictions=counts["evictions"],
-            device_memory_bytes=_device_memory(self._device),
+            device_memory_bytes=device_memory(self._device),
             backend_calls=engine_counts["unet_calls"],
             backend_rows=engine_counts["unet_rows"],
             backend_batch_rows=tuple(sorted(engine_counts["batch_rows"].items())),
