@@ -33,6 +33,8 @@ INVERSION_METHODS = ("ddim", "null-text", "negative-prompt")
 DEFAULT_NULL_TEXT_STEPS = 10
 MAX_NULL_TEXT_STEPS = 100
 DEFAULT_NULL_TEXT_EPSILON = 1e-5
+#: Image formats a result may be written as, by file extension (PIL's names; the service returns them).
+IMAGE_FILE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
 
 def check_prompt(

@@ -102,12 +102,8 @@ class EditEngine:
 
     @property
     def tokenizer(self) -> Any:
-        """The CLIP tokenizer prompts go through (the text cache's: one object, whichever is set)."""
+        """The CLIP tokenizer prompts go through (the text cache's)."""
         return self.text.tokenizer
-
-    @tokenizer.setter
-    def tokenizer(self, tokenizer: Any) -> None:
-        self.text.tokenizer = tokenizer
 
     # --- construction ---------------------------------------------------------------------------------------
 

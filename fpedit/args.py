@@ -23,6 +23,7 @@ from fpedit.engine.errors import InvalidInputError
 from fpedit.engine.options import (
     DEFAULT_NULL_TEXT_EPSILON,
     DEFAULT_NULL_TEXT_STEPS,
+    IMAGE_FILE_FORMATS,
     INVERSION_METHODS,
     MAX_NULL_TEXT_STEPS,
     EditOptions,
@@ -92,7 +93,9 @@ MISSING_EXTRAS = {
 }
 DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
 #: Image formats results may be written as, by file extension (what PIL writes and the service returns).
-OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+OUTPUT_FORMATS = IMAGE_FILE_FORMATS
+#: The variable a bearer token is read from when --token is left out (server and client).
+TOKEN_ENV = "FPEDIT_TOKEN"
 #: What the generate commands use without --seed: runs repeat, locally and on a server.
 DEFAULT_SEED = 0
 #: The paper's edit options: the local commands' flag defaults (a client's unset flag takes the server's).
@@ -104,6 +107,13 @@ class FpeditParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USER_ERROR, f"fpedit: error: {message} (see `{self.prog} --help`)\n")
+
+
+def bearer_token(given: str | None) -> str | None:
+    """``--token``, else ``$FPEDIT_TOKEN``, else none (``fpedit serve`` and ``fpedit client``)."""
+    import os
+
+    return given or os.environ.get(TOKEN_ENV) or None
 
 
 def describe_error(exc: InvalidInputError, args: argparse.Namespace) -> str:
@@ -657,11 +667,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def server_config_from_args(args: argparse.Namespace) -> Any:
     """The validated :class:`ServerConfig` of ``fpedit serve`` flags (also read by the Ray Serve config file)."""
-    import os
 
     from fpedit.server.config import ServerConfig
 
-    token = args.token or os.environ.get("FPEDIT_TOKEN") or None
+    token = bearer_token(args.token)
     return ServerConfig(
         host=args.host,
         port=args.port,

@@ -72,8 +72,6 @@ _STATUS_NAME = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND
 DEADLINE_HEADER = "x-server-timeout"
 #: Slack over the decoded message limit for the JSON around it (field names, base64 line-up).
 BODY_SLACK_BYTES = 64 * 1024
-#: Paths served without the bearer token: probes, the editor page and the API description.
-PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/openapi.json", "/docs"})
 
 
 # --- the application ----------------------------------------------------------------------------------------

@@ -36,9 +36,7 @@ class WorkerPool:
     def submit(self, fn: Callable[[], T]) -> Future[T]:
         with self._lock:
             if self._pending >= self.capacity:
-                raise OverloadedError(
-                    f"server busy: {self._pending} requests running or queued (limit {self.capacity})"
-                )
+                raise OverloadedError.busy(self._pending, self.capacity)
             self._pending += 1
 
         def counted() -> T:
