@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fpedit.engine.errors import InvalidInputError
+from fpedit.engine.options import EditOptions
 
 METRIC_FLAGS = {
     "clip": "--clip",
@@ -341,7 +342,12 @@ def add_commands(sub: Any) -> None:
     maps.add_argument("--output", "-o", type=Path, required=True, help="output folder")
     maps.add_argument("--seed", type=parse_seed, default=0, help="generated image's seed (default 0)")
     maps.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    maps.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default 7.5)")
+    maps.add_argument(
+        "--guidance",
+        type=float,
+        default=EditOptions.guidance_scale,
+        help=f"guidance scale (default {EditOptions.guidance_scale})",
+    )
     maps.add_argument(
         "--window",
         type=float,

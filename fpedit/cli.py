@@ -179,8 +179,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     )
     if args.save_inversion is not None:
         check_save_path(args.save_inversion, "save_inversion")
-    args.steps = 50 if args.steps is None else args.steps
-    args.guidance = 7.5 if args.guidance is None else args.guidance
+    args.steps = cli_args.PAPER_OPTIONS.steps if args.steps is None else args.steps
+    args.guidance = cli_args.PAPER_OPTIONS.guidance_scale if args.guidance is None else args.guidance
     inversion = None if saved is not None else inversion_options_from_args(args)
     options = edit_options_from_args(args)  # validate before loading anything
     config = engine_config_from_args(args, show_progress=not args.no_progress)
@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(edit)
     add_edit_arguments(edit)
     add_run_arguments(edit)
-    # None = not given: with --inversion-file the file's values apply, else 50 and 7.5 (cmd_edit).
+    # None = not given: with --inversion-file the file's values apply, else EditOptions' defaults (cmd_edit).
     edit.set_defaults(func=cmd_edit, flags={**COMMON_FLAGS, **EDIT_FLAGS}, steps=None, guidance=None)
 
     gen = sub.add_parser("generate", help="generate from a source prompt and edit toward a target prompt")
