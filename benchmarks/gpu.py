@@ -339,7 +339,7 @@ def vae_check(engine: Any, size: int) -> dict[str, Any]:
     from fpedit.engine.images import image_to_tensor, tensor_to_images
 
     backend = engine.backend
-    vae = backend._vae
+    vae = backend.vae_module
     latents = torch.randn((1, 4, size // 8, size // 8), generator=torch.Generator().manual_seed(1)).cuda()
     pixels = image_to_tensor(synthetic_image(size)).cuda()
     out: dict[str, Any] = {}

@@ -148,8 +148,8 @@ def compute_attention_maps(
     *,
     image: ImageInput | Inversion | None = None,
     seed: int = 0,
-    steps: int = 50,
-    guidance_scale: float = 7.5,
+    steps: int = EditOptions.steps,
+    guidance_scale: float = EditOptions.guidance_scale,
     window: tuple[float, float] = (0.0, 1.0),
     resolution: int | None = None,
     components: int = DEFAULT_COMPONENTS,
@@ -164,7 +164,7 @@ def compute_attention_maps(
     backend = engine.backend
     if not isinstance(backend, TorchBackend):
         raise InvalidInputError("backend", "attention maps need the torch backend")
-    prompt = engine._check_prompt(prompt, "prompt", allow_empty=False)
+    prompt = engine.check_prompt(prompt, "prompt", allow_empty=False)
     options = EditOptions(steps=steps, guidance_scale=guidance_scale, replace_window=window)
     chosen = list(options.replaced_steps())
     if not chosen:
@@ -172,7 +172,7 @@ def compute_attention_maps(
     if isinstance(components, bool) or not isinstance(components, int) or components < 1:
         raise InvalidInputError("components", f"must be a positive integer, got {components!r}")
 
-    run = engine._run(progress, cancel_check)
+    run = engine.request_run(progress, cancel_check)
     with torch.inference_mode():
         if image is None:
             z, _ = initial_latents(engine.spec, engine.max_side, seed, None, height, width)
@@ -203,7 +203,7 @@ def compute_attention_maps(
 
         uncond = engine.text.embed("", run)
         cond = engine.text.embed(prompt, run)
-        schedule = engine._schedules(steps)
+        schedule = engine.schedules(steps)
         device, dtype = backend.device, backend.dtype
         state = CallState()
         sums = _Sums(state=state, row=0, tokens=grid[0] * grid[1])
@@ -225,7 +225,7 @@ def compute_attention_maps(
                             state if recording else CallState(),
                         )
                     z = schedule.step(guide(noise.float(), guidance_scale), i, z)
-                (picture,) = engine._decode(z, run)
+                (picture,) = engine.decode(z, run)
             else:  # the real image's trajectory with the prompt as condition
                 context = cond.to(device, dtype)
                 for i in chosen:

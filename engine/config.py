@@ -16,6 +16,7 @@ from typing import Any
 from .errors import InvalidInputError
 from .lora import parse_lora
 
+#: The backends and the engine dtypes (torch names): the one table the CLI choices and the loaders read.
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 DTYPES = ("float32", "float16", "bfloat16")
 #: The backend an export or engine folder was made for, by its manifest's ``format``.

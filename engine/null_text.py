@@ -28,23 +28,8 @@ import torch.nn.functional as F
 
 from .backends.base import Backend
 from .errors import InvalidInputError
-from .options import (
-    DEFAULT_NULL_TEXT_EPSILON,
-    DEFAULT_NULL_TEXT_STEPS,
-    INVERSION_METHODS,
-    MAX_NULL_TEXT_STEPS,
-    check_inversion_method,
-)
-from .options import (
-    check_null_text_options as check_null_text_options,  # re-exported: the server's request checks
-)
+from .options import DEFAULT_NULL_TEXT_EPSILON, DEFAULT_NULL_TEXT_STEPS, check_inversion_method
 from .schedule import DDIMSchedule, ddim_move
-
-#: The request rules live in the torch-free .options (the client CLI uses them); these names stay for callers.
-DEFAULT_INNER_STEPS = DEFAULT_NULL_TEXT_STEPS
-DEFAULT_EPSILON = DEFAULT_NULL_TEXT_EPSILON
-MAX_INNER_STEPS = MAX_NULL_TEXT_STEPS
-METHODS = INVERSION_METHODS
 
 
 @dataclass(frozen=True)
@@ -85,8 +70,8 @@ def optimize_null_embeddings(
     guidance: float,
     schedule: Sequence[DenoiseStep],
     *,
-    inner_steps: int = DEFAULT_INNER_STEPS,
-    epsilon: float = DEFAULT_EPSILON,
+    inner_steps: int = DEFAULT_NULL_TEXT_STEPS,
+    epsilon: float = DEFAULT_NULL_TEXT_EPSILON,
     progress: Callable[[int, int], None] | None = None,
     cancel_check: Callable[[], None] | None = None,
     device_section: Callable[[], AbstractContextManager[object]] = nullcontext,

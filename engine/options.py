@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
 
@@ -32,6 +33,8 @@ INVERSION_METHODS = ("ddim", "null-text", "negative-prompt")
 DEFAULT_NULL_TEXT_STEPS = 10
 MAX_NULL_TEXT_STEPS = 100
 DEFAULT_NULL_TEXT_EPSILON = 1e-5
+#: Image formats a result may be written as, by file extension (PIL's names; the service returns them).
+IMAGE_FILE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
 
 def check_prompt(
@@ -132,37 +135,78 @@ def check_null_text_options(inner_steps: object, epsilon: object) -> tuple[int, 
 
 
 def check_inversion_method(method: object, source_prompt: str) -> str:
-    """Refuse an unknown method, and a method that needs a source prompt without one (whether the backend
-    can run it is the engine's check: ``null_text.check_method``)."""
+    """Refuse an unknown method, a method that needs a source prompt without one, and a source prompt given
+    to DDIM inversion, which does not use it (whether the backend can run the method is the engine's check:
+    ``null_text.check_method``)."""
     if method not in INVERSION_METHODS:
         raise InvalidInputError("method", f"must be one of {list(INVERSION_METHODS)}, got {method!r}")
     if method != "ddim" and not source_prompt.strip():
         raise InvalidInputError(
             "source_prompt", f"must describe the image: inversion method {method!r} needs one"
         )
+    if method == "ddim" and source_prompt.strip():
+        raise InvalidInputError(
+            "source_prompt",
+            "DDIM inversion (the default) does not use a source prompt; choose inversion method null-text or "
+            "negative-prompt to use it, or leave it out",
+        )
     return str(method)
+
+
+#: The inversion options, by their request names: what a request that edits an inversion already made (an
+#: :class:`~fpedit.engine.results.Inversion`, a server's inversion id, a saved file) must leave out.
+INVERSION_FIELDS = ("source_prompt", "method", "null_text_steps", "null_text_epsilon")
+
+
+def refuse_inversion_options(given: Sequence[str]) -> None:
+    """Refuse inversion options (``given``: the names of those a request set, in the caller's spelling)
+    beside an inversion already made: it was made with its own."""
+    if given:
+        raise InvalidInputError(
+            given[0],
+            "inversion options do not apply to an inversion already made (it carries its own); leave them "
+            "out, or give the image instead",
+        )
 
 
 @dataclass(frozen=True)
 class InversionOptions:
-    """How to invert a real image (docs/design.md, Algorithms 2 and 3), validated on construction.
+    """How to invert a real image (docs/design.md, Algorithms 2 and 3), validated on construction: the one
+    place the inversion rules live (the CLI, gRPC, HTTP, eval and the Python API all build one).
 
-    ``method="ddim"`` (default) inverts with prompt "" and ignores ``source_prompt``; ``"null-text"``
+    ``method="ddim"`` (default) inverts with prompt "" and refuses a ``source_prompt``; ``"null-text"``
     optimises one null embedding per step (at most ``null_text_steps`` Adam iterations, early stop at
-    ``null_text_epsilon``; torch backend); ``"negative-prompt"`` uses the source prompt's embedding as every
-    step's null embedding. Both need ``source_prompt``, what the image shows.
+    ``null_text_epsilon``, defaults :data:`DEFAULT_NULL_TEXT_STEPS` and :data:`DEFAULT_NULL_TEXT_EPSILON`;
+    torch backend); ``"negative-prompt"`` uses the source prompt's embedding as every step's null embedding.
+    Both need ``source_prompt``, what the image shows. The null-text settings are ``None`` for the other
+    methods, which refuse them.
     """
 
     method: str = "ddim"
     source_prompt: str = ""
-    null_text_steps: int = DEFAULT_NULL_TEXT_STEPS
-    null_text_epsilon: float = DEFAULT_NULL_TEXT_EPSILON
+    null_text_steps: int | None = None
+    null_text_epsilon: float | None = None
 
     def __post_init__(self) -> None:
         # The length limit is the engine's (EditEngine.max_prompt_chars), judged where the request runs.
         check_prompt(self.source_prompt, "source_prompt", allow_empty=True, max_chars=sys.maxsize)
-        object.__setattr__(self, "method", check_inversion_method(self.method, self.source_prompt))
-        steps, epsilon = check_null_text_options(self.null_text_steps, self.null_text_epsilon)
+        steps, epsilon = check_null_text_options(
+            DEFAULT_NULL_TEXT_STEPS if self.null_text_steps is None else self.null_text_steps,
+            DEFAULT_NULL_TEXT_EPSILON if self.null_text_epsilon is None else self.null_text_epsilon,
+        )
+        method = check_inversion_method(self.method, self.source_prompt)
+        object.__setattr__(self, "method", method)
+        if method != "null-text":
+            given = [
+                name for name in ("null_text_steps", "null_text_epsilon") if getattr(self, name) is not None
+            ]
+            if given:
+                raise InvalidInputError(
+                    given[0],
+                    f"only null-text inversion uses it ({method} inversion does not optimise); choose "
+                    "inversion method null-text to use it, or leave it out",
+                )
+            return
         object.__setattr__(self, "null_text_steps", steps)
         object.__setattr__(self, "null_text_epsilon", epsilon)
 

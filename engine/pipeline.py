@@ -95,18 +95,15 @@ class EditEngine:
         self.max_prompt_chars = int(max_prompt_chars)
         self.engine_id = uuid.uuid4().hex
         self.executor = Executor(backend, batching=batching, max_wait_ms=max_wait_ms)
-        self._schedules = ScheduleCache(self.spec.scheduler)
+        #: DDIM schedules by step count (``schedules(steps)``), the recent ones cached.
+        self.schedules = ScheduleCache(self.spec.scheduler)
         #: Prompt embeddings of this engine's text encoder, the recent ones cached.
         self.text = TextEncoderCache(backend, tokenizer, self.spec.text_max_length)
 
     @property
     def tokenizer(self) -> Any:
-        """The CLIP tokenizer prompts go through (the text cache's: one object, whichever is set)."""
+        """The CLIP tokenizer prompts go through (the text cache's)."""
         return self.text.tokenizer
-
-    @tokenizer.setter
-    def tokenizer(self, tokenizer: Any) -> None:
-        self.text.tokenizer = tokenizer
 
     # --- construction ---------------------------------------------------------------------------------------
 
@@ -214,18 +211,23 @@ class EditEngine:
 
         return load_inversion(self, path)
 
-    def _run(self, progress: ProgressCallback | None, cancel_check: CancelCheck | None) -> RequestRun:
+    # --- the surface the engine's sibling modules (.real, .attention_maps) build on ----------------------------
+
+    def request_run(self, progress: ProgressCallback | None, cancel_check: CancelCheck | None) -> RequestRun:
+        """A new request's bookkeeping (stage times, UNet counts, progress, cancellation) on this engine."""
         return RequestRun(self.backend, progress, cancel_check, self.show_progress)
 
-    def _check_prompt(self, prompt: Any, field: str, *, allow_empty: bool) -> str:
+    def check_prompt(self, prompt: Any, field: str, *, allow_empty: bool) -> str:
+        """``prompt`` if it is a usable prompt within this engine's length limit, else InvalidInputError."""
         return check_prompt(prompt, field, allow_empty=allow_empty, max_chars=self.max_prompt_chars)
 
     # --- shared steps ---------------------------------------------------------------------------------------
 
     def _plan(self, options: EditOptions, latent_hw: tuple[int, int]) -> EditPlan:
-        return EditPlan.build(options, self.backend, self._schedules, latent_hw)
+        return EditPlan.build(options, self.backend, self.schedules, latent_hw)
 
-    def _decode(self, latents: torch.Tensor, run: RequestRun) -> list[Image.Image]:
+    def decode(self, latents: torch.Tensor, run: RequestRun) -> list[Image.Image]:
+        """Latents (B, C, h, w) as B images, timed as ``run``'s ``vae_decode`` stage."""
         with run.stage("vae_decode"):
             decoded = self.backend.decode_latents(latents / self.spec.vae_scaling_factor)
             return tensor_to_images(decoded)
@@ -252,11 +254,11 @@ class EditEngine:
         before every stage and UNet call; whatever it raises stops the work.
         """
         options = options or EditOptions()
-        source_prompt = self._check_prompt(source_prompt, "source_prompt", allow_empty=True)
-        target_prompt = self._check_prompt(target_prompt, "target_prompt", allow_empty=False)
+        source_prompt = self.check_prompt(source_prompt, "source_prompt", allow_empty=True)
+        target_prompt = self.check_prompt(target_prompt, "target_prompt", allow_empty=False)
         z, seed = initial_latents(self.spec, self.max_side, seed, latents, height, width)
         plan = self._plan(options, (z.shape[-2], z.shape[-1]))
-        run = self._run(progress, cancel_check)
+        run = self.request_run(progress, cancel_check)
 
         uncond = self.text.embed("", run)
         # The source prompt "" needs one row: its cond and uncond rows would be identical.
@@ -268,7 +270,7 @@ class EditEngine:
         program = programs.generated_edit(z.to(self.backend.device), plan, src_ctx, tgt_ctx, donors=donors)
         z_src, z_tgt = self.executor.run(program, run)
 
-        source_image, edited_image = self._decode(torch.cat([z_src, z_tgt]), run)
+        source_image, edited_image = self.decode(torch.cat([z_src, z_tgt]), run)
         stats = run.stats(seed=seed, **plan.stats(), size=[edited_image.width, edited_image.height])
         return EditResult(
             source_image=source_image,
@@ -297,8 +299,8 @@ class EditEngine:
         """Invert ``image`` over ``options.steps`` steps; keep the whole trajectory.
 
         ``inversion`` (:class:`InversionOptions`, or the same fields as separate keywords) says how:
-        ``method="ddim"`` (default): DDIM inversion with prompt "" (Algorithm 2; ``source_prompt`` is
-        ignored). ``"null-text"``: conditional-only inversion with ``source_prompt`` and per-step null
+        ``method="ddim"`` (default): DDIM inversion with prompt "" (Algorithm 2; a ``source_prompt`` is
+        refused). ``"null-text"``: conditional-only inversion with ``source_prompt`` and per-step null
         embeddings optimised for ``options.guidance_scale`` (Algorithm 3; torch backend; at most
         ``null_text_steps`` Adam iterations per step, early stop at ``null_text_epsilon``). ``"negative-prompt"``:
         the same inversion with the source prompt's embedding as every step's null embedding (no optimisation).
@@ -317,20 +319,20 @@ class EditEngine:
         if inversion is not None and given:
             raise TypeError(f"give inversion=InversionOptions(...) or {next(iter(given))}=, not both")
         if "source_prompt" in given:  # judged by this engine's prompt limit before the options' rules
-            self._check_prompt(source_prompt, "source_prompt", allow_empty=True)
+            self.check_prompt(source_prompt, "source_prompt", allow_empty=True)
         how = inversion if inversion is not None else InversionOptions(**given)
-        source_prompt = self._check_prompt(how.source_prompt, "source_prompt", allow_empty=True)
+        source_prompt = self.check_prompt(how.source_prompt, "source_prompt", allow_empty=True)
         method = null_text.check_method(how.method, source_prompt, self.backend)
         ddim = method == "ddim"
         plan = InversionPlan(
-            self._schedules(options.steps),
+            self.schedules(options.steps),
             method,
             "" if ddim else source_prompt,
             options.guidance_scale,
             how.null_text_steps,
             how.null_text_epsilon,
         )
-        run = self._run(progress, cancel_check)
+        run = self.request_run(progress, cancel_check)
         run.check()
         given = load_image(image, max_input_pixels=self.max_input_pixels, formats=self.image_formats)
         pil = prepare_image(given, self.max_side)
@@ -381,7 +383,7 @@ class EditEngine:
         call and Adam iteration; whatever it raises stops the work.
         """
         options = options or EditOptions()
-        target_prompt = self._check_prompt(target_prompt, "target_prompt", allow_empty=False)
+        target_prompt = self.check_prompt(target_prompt, "target_prompt", allow_empty=False)
         output_size = check_output_size(output_size, self.max_input_pixels)
         invert_options = {
             name: value
@@ -405,10 +407,10 @@ class EditEngine:
 
         # Decoded one by one: batch size changes convolution rounding, and an edit from a cached
         # inversion must give the same pixels as a fresh one.
-        (edited_image,) = self._decode(z, run)
+        (edited_image,) = self.decode(z, run)
         reconstruction = inversion.reconstruction
         if reconstruction is None:
-            (reconstruction,) = self._decode(source.latent, run)
+            (reconstruction,) = self.decode(source.latent, run)
             inversion.keep_reconstruction(reconstruction)
         stats = run.stats(
             **plan.stats(),

@@ -87,8 +87,8 @@ class InversionPlan:
     method: str
     source_prompt: str
     guidance: float
-    null_text_steps: int
-    null_text_epsilon: float
+    null_text_steps: int | None  # None unless null-text
+    null_text_epsilon: float | None
 
     @property
     def steps(self) -> int:

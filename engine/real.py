@@ -20,7 +20,7 @@ from .backends.capture import CAPTURE_GATE
 from .errors import InvalidInputError
 from .executor import CancelCheck, ProgressCallback, ProgressEvent, RequestRun
 from .maps import AttentionMaps
-from .options import EditOptions
+from .options import EditOptions, refuse_inversion_options
 from .plan import EditPlan, InversionPlan, check_layers
 from .results import Inversion
 
@@ -59,20 +59,17 @@ def inversion_to_edit(
     """The inversion a real edit starts from (``image`` inverted now, or checked against the request) and
     the edit's run, which counts a fresh inversion's work too."""
     if isinstance(image, Inversion):
-        if invert_options:
-            raise InvalidInputError(
-                next(iter(invert_options)), "applies when inverting an image; the inversion has its own"
-            )
+        refuse_inversion_options(list(invert_options))
         check_inversion(image, options, engine.engine_id)
         check_edit_guidance(image, options)
-        return image, engine._run(progress, cancel_check)
+        return image, engine.request_run(progress, cancel_check)
     if options.layers != "resolution":  # that preset needs the image's size; others are checked now,
         check_layers(options, engine.backend, None)  # before the inversion, not after it ran for nothing
     inversion = engine.invert(
         image, options=options, progress=progress, cancel_check=cancel_check, **invert_options
     )
     # Started after the inversion, which absorb() prepends: its time is counted once, not twice.
-    run = engine._run(progress, cancel_check)
+    run = engine.request_run(progress, cancel_check)
     run.absorb(inversion.stats)  # one call did both: report the whole real edit
     return inversion, run
 
@@ -164,6 +161,7 @@ def invert_latents(
             run.progress(ProgressEvent("null_text", done, total))
 
     unet = engine.backend.differentiable_unet()
+    assert plan.null_text_steps is not None and plan.null_text_epsilon is not None  # null-text's own
     assert unet is not None  # null_text.check_method refused the method where there is none
     # Gradient work on the device outside the backend's entry points: never beside a graph capture (the gate
     # is held per iteration, so a capture waits one iteration, not the whole optimisation).

@@ -198,7 +198,7 @@ def _inversion(
     import torch
     from PIL import Image
 
-    from .null_text import METHODS
+    from .options import INVERSION_METHODS as METHODS
     from .results import Inversion
 
     def damaged(what: str) -> InvalidInputError:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fpedit.engine.errors import InvalidInputError
+from fpedit.engine.options import EditOptions
 
 METRIC_FLAGS = {
     "clip": "--clip",
@@ -144,9 +145,10 @@ def _layers_name(layers: Any) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from fpedit.args import edit_options_from_args, engine_config_from_args, engine_from_config
+    from fpedit.engine.options import InversionOptions
 
     from .datasets import load_dataset
-    from .runner import RunConfig, Setting, contact_sheet, run
+    from .runner import RunConfig, Setting, contact_sheet, inversion_kwargs, run
 
     base = edit_options_from_args(args)
     if args.limit is not None and args.limit < 1:
@@ -160,10 +162,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     if missing:  # some: those items fail (recorded in results.csv), the others run
         print(f"fpedit: warning: {len(missing)} image(s) not found, e.g. {missing[0]}", file=sys.stderr)
-    if args.inversion != "ddim" and any(not item.source_prompt.strip() for item in items if item.image):
-        raise InvalidInputError(
-            "method", f"--inversion {args.inversion} needs a source prompt for every image"
-        )
+    inversion: dict[str, Any] = {"method": args.inversion}
+    if args.inversion == "null-text":
+        inversion.update(null_text_steps=args.null_text_steps, null_text_epsilon=args.null_text_epsilon)
+    for item in items:  # each real item's inversion, judged by the engine's rules before any model loads
+        if item.image is not None:
+            try:
+                InversionOptions(**inversion_kwargs(inversion, item))
+            except InvalidInputError as exc:
+                raise InvalidInputError(exc.field, f"item {item.id}: {exc.reason}") from None
     settings = [Setting("default", base)]
     if args.sweep:
         settings = []
@@ -184,9 +191,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "dataset": str(args.dataset),
         "format": fmt,
     }
-    inversion = {"method": args.inversion}
-    if args.inversion == "null-text":
-        inversion.update(null_text_steps=args.null_text_steps, null_text_epsilon=args.null_text_epsilon)
     config = RunConfig(
         items=items,
         out=args.output,
@@ -338,7 +342,12 @@ def add_commands(sub: Any) -> None:
     maps.add_argument("--output", "-o", type=Path, required=True, help="output folder")
     maps.add_argument("--seed", type=parse_seed, default=0, help="generated image's seed (default 0)")
     maps.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    maps.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default 7.5)")
+    maps.add_argument(
+        "--guidance",
+        type=float,
+        default=EditOptions.guidance_scale,
+        help=f"guidance scale (default {EditOptions.guidance_scale})",
+    )
     maps.add_argument(
         "--window",
         type=float,

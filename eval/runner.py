@@ -252,7 +252,7 @@ def _edit_and_score(
         if inversion is not None and inversion.steps == setting.options.steps:  # a sweep: invert once
             result = engine.edit_real(inversion, item.target_prompt, options=setting.options)
         else:
-            kwargs = _inversion_kwargs(config.inversion, item)
+            kwargs = inversion_kwargs(config.inversion, item)
             result = engine.edit_real(item.image, item.target_prompt, options=setting.options, **kwargs)
         inversion = result.inversion
         source = result.inversion.image
@@ -286,7 +286,7 @@ def _failed_row(item: Item, exc: Exception) -> dict[str, Any]:
     return {"id": item.id, "edit_type": item.edit_type, "error": reason}
 
 
-def _inversion_kwargs(inversion: dict[str, Any], item: Item) -> dict[str, Any]:
+def inversion_kwargs(inversion: dict[str, Any], item: Item) -> dict[str, Any]:
     """The inversion options of a real item: null-text and negative-prompt take the item's source prompt."""
     method = inversion.get("method", "ddim")
     kwargs = {k: v for k, v in inversion.items() if k != "source_prompt"}

@@ -23,6 +23,7 @@ from fpedit.engine.errors import InvalidInputError
 from fpedit.engine.options import (
     DEFAULT_NULL_TEXT_EPSILON,
     DEFAULT_NULL_TEXT_STEPS,
+    IMAGE_FILE_FORMATS,
     INVERSION_METHODS,
     MAX_NULL_TEXT_STEPS,
     EditOptions,
@@ -92,7 +93,9 @@ MISSING_EXTRAS = {
 }
 DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
 #: Image formats results may be written as, by file extension (what PIL writes and the service returns).
-OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+OUTPUT_FORMATS = IMAGE_FILE_FORMATS
+#: The variable a bearer token is read from when --token is left out (server and client).
+TOKEN_ENV = "FPEDIT_TOKEN"
 #: What the generate commands use without --seed: runs repeat, locally and on a server.
 DEFAULT_SEED = 0
 #: The paper's edit options: the local commands' flag defaults (a client's unset flag takes the server's).
@@ -104,6 +107,13 @@ class FpeditParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USER_ERROR, f"fpedit: error: {message} (see `{self.prog} --help`)\n")
+
+
+def bearer_token(given: str | None) -> str | None:
+    """``--token``, else ``$FPEDIT_TOKEN``, else none (``fpedit serve`` and ``fpedit client``)."""
+    import os
+
+    return given or os.environ.get(TOKEN_ENV) or None
 
 
 def describe_error(exc: InvalidInputError, args: argparse.Namespace) -> str:
@@ -310,9 +320,19 @@ def checkpoint_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def typed_flags(args: argparse.Namespace, *flags: str) -> list[str]:
-    """Those of ``flags`` (as typed, e.g. ``--source-prompt``) that were given, for "does not apply" errors."""
-    return [flag for flag in flags if getattr(args, flag.lstrip("-").replace("-", "_")) is not None]
+#: Where argparse keeps each inversion option, by its request name (EDIT_FLAGS has the flags).
+INVERSION_DESTS = {
+    "method": "inversion",
+    "source_prompt": "source_prompt",
+    "null_text_steps": "null_text_steps",
+    "null_text_epsilon": "null_text_epsilon",
+}
+
+
+def inversion_fields_given(args: argparse.Namespace) -> list[str]:
+    """The inversion options given on the command line (request names), for the rule that an inversion
+    already made takes none (:func:`~fpedit.engine.options.refuse_inversion_options`)."""
+    return [field for field, dest in INVERSION_DESTS.items() if getattr(args, dest, None) is not None]
 
 
 def add_edit_arguments(parser: argparse.ArgumentParser, *, defaults: bool = True) -> None:
@@ -468,34 +488,13 @@ def edit_options_from_args(args: argparse.Namespace) -> EditOptions:
 
 
 def inversion_options_from_args(args: argparse.Namespace) -> InversionOptions:
-    """The inversion flags as :class:`InversionOptions`, judged before any model loads or call is made.
-
-    DDIM inversion takes no source prompt, and only null-text takes the null-text settings: one given where
-    it does nothing is refused rather than dropped without a word.
-    """
-    method = args.inversion or "ddim"
-    source_prompt = args.source_prompt or ""
-    if method == "ddim" and source_prompt.strip():
-        raise InvalidInputError(
-            "source_prompt",
-            "DDIM inversion (the default) does not use a source prompt; add --inversion negative-prompt or "
-            "--inversion null-text to use it, or leave it out",
-        )
-    if method != "ddim" and not source_prompt.strip():
-        raise InvalidInputError("source_prompt", f"must describe the image: --inversion {method} needs one")
-    given = {
-        "null_text_steps": args.null_text_steps,
-        "null_text_epsilon": getattr(args, "null_text_epsilon", None),
-    }
-    unused = [field for field, value in given.items() if value is not None]
-    if method != "null-text" and unused:  # refused like a source prompt with ddim, not dropped without a word
-        raise InvalidInputError(
-            unused[0],
-            f"only --inversion null-text uses it ({method} inversion does not optimise); add "
-            "--inversion null-text to use it, or leave it out",
-        )
+    """The inversion flags as :class:`InversionOptions`, judged (by its rules) before any model loads or call
+    is made."""
     return InversionOptions(
-        method=method, source_prompt=source_prompt, **{k: v for k, v in given.items() if v is not None}
+        method=args.inversion or "ddim",
+        source_prompt=args.source_prompt or "",
+        null_text_steps=args.null_text_steps,
+        null_text_epsilon=getattr(args, "null_text_epsilon", None),
     )
 
 
@@ -668,11 +667,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def server_config_from_args(args: argparse.Namespace) -> Any:
     """The validated :class:`ServerConfig` of ``fpedit serve`` flags (also read by the Ray Serve config file)."""
-    import os
 
     from fpedit.server.config import ServerConfig
 
-    token = args.token or os.environ.get("FPEDIT_TOKEN") or None
+    token = bearer_token(args.token)
     return ServerConfig(
         host=args.host,
         port=args.port,

@@ -132,6 +132,7 @@ def edit_outputs(template: Path, prompts: Sequence[str]) -> list[Path]:
 def _saved_inversion_from_args(args: argparse.Namespace) -> dict[str, str] | None:
     """With ``--inversion-file``: its metadata (read without loading a model); the inversion flags and an
     image do not apply, and ``--steps``/``--guidance`` default to the file's."""
+    from fpedit.engine.options import refuse_inversion_options
     from fpedit.engine.saved import read_metadata
 
     if args.inversion_file is None:
@@ -140,12 +141,10 @@ def _saved_inversion_from_args(args: argparse.Namespace) -> dict[str, str] | Non
         return None
     if args.image is not None:
         raise InvalidInputError("inversion_file", "edits a saved inversion: leave out IMAGE")
-    given = cli_args.typed_flags(
-        args, "--inversion", "--source-prompt", "--null-text-steps", "--null-text-epsilon", "--save-inversion"
-    )
-    if given:
+    refuse_inversion_options(cli_args.inversion_fields_given(args))
+    if args.save_inversion is not None:
         raise InvalidInputError(
-            "inversion_file", f"the saved inversion has its own settings; leave out {given[0]}"
+            "save_inversion", "the inversion is saved already (--inversion-file); leave it out"
         )
     metadata = read_metadata(args.inversion_file)
     steps = int(metadata.get("steps", 0))
@@ -180,8 +179,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     )
     if args.save_inversion is not None:
         check_save_path(args.save_inversion, "save_inversion")
-    args.steps = 50 if args.steps is None else args.steps
-    args.guidance = 7.5 if args.guidance is None else args.guidance
+    args.steps = cli_args.PAPER_OPTIONS.steps if args.steps is None else args.steps
+    args.guidance = cli_args.PAPER_OPTIONS.guidance_scale if args.guidance is None else args.guidance
     inversion = None if saved is not None else inversion_options_from_args(args)
     options = edit_options_from_args(args)  # validate before loading anything
     config = engine_config_from_args(args, show_progress=not args.no_progress)
@@ -324,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(edit)
     add_edit_arguments(edit)
     add_run_arguments(edit)
-    # None = not given: with --inversion-file the file's values apply, else 50 and 7.5 (cmd_edit).
+    # None = not given: with --inversion-file the file's values apply, else EditOptions' defaults (cmd_edit).
     edit.set_defaults(func=cmd_edit, flags={**COMMON_FLAGS, **EDIT_FLAGS}, steps=None, guidance=None)
 
     gen = sub.add_parser("generate", help="generate from a source prompt and edit toward a target prompt")

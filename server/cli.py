@@ -20,10 +20,11 @@ from fpedit.args import (
     add_generate_arguments,
     add_inversion_arguments,
     add_serve_arguments,
+    bearer_token,
     describe_error,
+    inversion_fields_given,
     server_config_from_args,
     source_output_path,
-    typed_flags,
 )
 
 __all__ = ["add_commands", "server_config_from_args"]
@@ -104,7 +105,7 @@ def _client(args: argparse.Namespace) -> Any:
     from .client import EditClient
 
     roots = Path(args.ca_cert).read_bytes() if args.ca_cert else None
-    token = args.token or os.environ.get("FPEDIT_TOKEN") or None
+    token = bearer_token(args.token)
     return EditClient(args.target, token=token, root_certificates=roots, timeout=args.timeout)
 
 
@@ -164,25 +165,18 @@ def _output_format(args: argparse.Namespace, *outputs: tuple[str, Path | None]) 
     """The image format of the files to write (``(flag, path)`` pairs): their extension's, which
     ``--format`` may only confirm. Two outputs that name one file are refused, naming the flag as
     ``fpedit edit`` does: the second write would replace the first result."""
+    from fpedit.args import check_distinct_outputs, check_output_path
+    from fpedit.engine.errors import InvalidInputError
+
     from .client import format_for_path
 
-    formats = set()
-    seen: dict[Path, str] = {}
-    for flag, path in outputs:
-        if path is None:
-            continue
-        resolved = path.expanduser().resolve()
-        if resolved in seen:
-            raise UsageError(
-                f"{flag}: {path} is also the {seen[resolved]} file; give each output its own file name"
-            )
-        seen[resolved] = flag
-        if path.is_dir():
-            raise UsageError(f"{path} is a directory; give a file name such as {path / 'out.png'}")
-        try:
-            formats.add(format_for_path(path))
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
+    try:  # the checks `fpedit edit` makes, in the same words
+        check_distinct_outputs(*((path, flag) for flag, path in outputs))
+        for flag, path in outputs:
+            check_output_path(path, flag)
+    except InvalidInputError as exc:
+        raise UsageError(str(exc)) from None
+    formats = {format_for_path(path) for _, path in outputs if path is not None}
     if len(formats) > 1:
         raise UsageError(
             f"the output files' extensions name different formats ({', '.join(sorted(formats))})"
@@ -194,10 +188,13 @@ def _output_format(args: argparse.Namespace, *outputs: tuple[str, Path | None]) 
 
 
 def _read_image(path: Path) -> bytes:
-    if path.is_dir():
-        raise UsageError(f"IMAGE: {path} is a directory, not an image file")
-    if not path.is_file():
-        raise UsageError(f"IMAGE: no such file: {path}")
+    from fpedit.args import check_input_image
+    from fpedit.engine.errors import InvalidInputError
+
+    try:
+        check_input_image(path)
+    except InvalidInputError as exc:
+        raise UsageError(str(exc)) from None
     return path.read_bytes()
 
 
@@ -271,12 +268,13 @@ def cmd_client_edit(args: argparse.Namespace) -> int:
     if bool(args.inversion_id) == (args.image is not None):
         raise UsageError("give an IMAGE or --inversion-id (exactly one)")
     if args.inversion_id:
-        typed = typed_flags(args, "--inversion", "--source-prompt", "--null-text-steps")
-        if typed:
-            raise UsageError(
-                f"{typed[0]}: inversion options do not apply to --inversion-id (the inversion was made with "
-                "its own); leave them out, or give the IMAGE instead"
-            )
+        from fpedit.engine.errors import InvalidInputError
+        from fpedit.engine.options import refuse_inversion_options
+
+        try:
+            refuse_inversion_options(inversion_fields_given(args))
+        except InvalidInputError as exc:
+            raise UsageError(describe_error(exc, args)) from None
     output_format = _output_format(
         args, ("-o/--output", args.output), ("--reconstruction", args.reconstruction)
     )

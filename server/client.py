@@ -15,13 +15,14 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fpedit.engine.options import IMAGE_FILE_FORMATS
 from fpedit.v1 import edit_pb2 as pb
 from fpedit.v1 import edit_pb2_grpc
 
 MAP_FORMATS = {"qk": pb.MAP_FORMAT_QK, "probs": pb.MAP_FORMAT_PROBS}
 IMAGE_FORMATS = {"png": pb.IMAGE_FORMAT_PNG, "jpeg": pb.IMAGE_FORMAT_JPEG, "webp": pb.IMAGE_FORMAT_WEBP}
 #: File extension -> the format the service is asked to return (results are written byte for byte).
-EXTENSION_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+EXTENSION_FORMATS = {extension: name.lower() for extension, name in IMAGE_FILE_FORMATS.items()}
 SEED_LIMIT = 2**63  # the engine's seed range, [0, 2**63)
 
 
@@ -109,11 +110,10 @@ def _image_bytes(image: bytes | str | os.PathLike | Any) -> bytes:
     if isinstance(image, (bytes, bytearray, memoryview)):
         return bytes(image)
     if isinstance(image, (str, os.PathLike)):
+        from fpedit.args import check_input_image
+
         path = Path(image)
-        if path.is_dir():
-            raise ValueError(f"image: {path} is a directory, not an image file")
-        if not path.is_file():
-            raise ValueError(f"image: no such file: {path}")
+        check_input_image(path, "image")  # an InvalidInputError, a ValueError
         return path.read_bytes()
     if hasattr(image, "read"):  # an open binary file or io.BytesIO
         data = image.read()

@@ -3,11 +3,20 @@ cannot take now. The engine never raises them; the runners, the servicer and the
 
 from __future__ import annotations
 
-from fpedit.engine.errors import FpeditError
+from fpedit.engine.errors import FpeditError, NotFoundError
 
 
 class OverloadedError(FpeditError):
     """Every worker is busy and the wait queue is full: retry later."""
+
+    @classmethod
+    def busy(cls, pending: int, capacity: int) -> OverloadedError:
+        return cls(f"server busy: {pending} requests running or queued (limit {capacity})")
+
+
+def unknown_inversion(inversion_id: str) -> NotFoundError:
+    """An inversion id the cache does not hold (never issued here, or evicted or expired)."""
+    return NotFoundError(f"inversion_id {inversion_id!r} is unknown or expired; send the image again")
 
 
 class UnavailableError(FpeditError):

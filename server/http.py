@@ -51,10 +51,10 @@ from .http_support import (
     BodyTooLarge,
     HttpContext,
     JsonBody,
-    _peer,
-    _too_large,
+    body_too_large,
     error_body,
     error_response,
+    peer_of,
     to_json,
 )
 from .logs import log_request
@@ -73,8 +73,6 @@ _STATUS_NAME = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND
 DEADLINE_HEADER = "x-server-timeout"
 #: Slack over the decoded message limit for the JSON around it (field names, base64 line-up).
 BODY_SLACK_BYTES = 64 * 1024
-#: Paths served without the bearer token: probes, the editor page and the API description.
-PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/openapi.json", "/docs"})
 
 
 # --- the application ----------------------------------------------------------------------------------------
@@ -221,7 +219,7 @@ class HttpApi:
         return error_response(code, message, status)
 
     async def _call(self, route: RpcRoute, request: Request) -> Response:
-        peer = _peer(request)
+        peer = peer_of(request)
         if self._expected is not None:
             given = request.headers.get("authorization", "").encode()
             if not hmac.compare_digest(given, self._expected):
@@ -318,12 +316,12 @@ class HttpApi:
         limit = self.multipart_limit if multipart else self.json_limit
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise BodyTooLarge(_too_large(limit))
+            raise BodyTooLarge(body_too_large(limit))
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise BodyTooLarge(_too_large(limit))
+                raise BodyTooLarge(body_too_large(limit))
             chunks.append(chunk)
         body = b"".join(chunks)
         if not multipart:

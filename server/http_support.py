@@ -131,11 +131,11 @@ class BodyTooLarge(Exception):
     pass
 
 
-def _too_large(limit: int) -> str:
+def body_too_large(limit: int) -> str:
     return f"the request body is larger than {limit} bytes (set by --max-message-mb)"
 
 
-def _peer(request: Request) -> str:
+def peer_of(request: Request) -> str:
     if request.client is None:
         return "unknown"
     host, port = request.client.host, request.client.port

@@ -2,7 +2,7 @@
 
 :class:`WorkerPool` bounds running and queued calls (beyond them, :class:`~.errors.OverloadedError`) and
 gives the C heap back when it idles; :func:`cpu_threads` shares the cores between workers; and
-:func:`_device_memory` is the device figure a metrics scrape reads.
+:func:`device_memory` is the device figure a metrics scrape reads.
 """
 
 from __future__ import annotations
@@ -36,9 +36,7 @@ class WorkerPool:
     def submit(self, fn: Callable[[], T]) -> Future[T]:
         with self._lock:
             if self._pending >= self.capacity:
-                raise OverloadedError(
-                    f"server busy: {self._pending} requests running or queued (limit {self.capacity})"
-                )
+                raise OverloadedError.busy(self._pending, self.capacity)
             self._pending += 1
 
         def counted() -> T:
@@ -114,7 +112,7 @@ def _libc() -> Any:
     return libc
 
 
-def _never() -> None:
+def never_cancelled() -> None:
     return None
 
 
@@ -141,7 +139,7 @@ def cpu_threads(config: ServerConfig, engine: EditEngine, device: str) -> int | 
     return threads
 
 
-def _device_memory(device: str) -> int | None:
+def device_memory(device: str) -> int | None:
     if not device.startswith("cuda"):
         return None
     try:

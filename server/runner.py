@@ -33,14 +33,14 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from fpedit.engine import EditEngine, EditOptions, ProgressEvent
-from fpedit.engine.errors import CancelledError, NotFoundError
+from fpedit.engine.errors import CancelledError
 from fpedit.engine.options import MAX_STEPS
 
 from .cache import InversionCache
 from .config import ServerConfig
 from .convert import encode_image
-from .errors import OverloadedError
-from .pool import WorkerPool, _device_memory, _never, cpu_threads
+from .errors import OverloadedError, unknown_inversion
+from .pool import WorkerPool, cpu_threads, device_memory, never_cancelled
 from .results import EditOutcome, GenerateOutcome, InfoOutcome, InvertOutcome, Limits
 from .streaming import stream_of
 
@@ -168,7 +168,7 @@ class LocalRunner:
         cancel_check: CancelCheck | None,
     ) -> tuple[T, float]:
         """Run ``work(engine_kwargs)`` on the pool; returns (result, queue wait in ms)."""
-        check = cancel_check or _never
+        check = cancel_check or never_cancelled
         submitted = time.perf_counter()
         started: list[float] = []
 
@@ -202,9 +202,7 @@ class LocalRunner:
         if call.inversion_id:
             inversion = self.cache.get(call.inversion_id)
             if inversion is None:
-                raise NotFoundError(
-                    f"inversion_id {call.inversion_id!r} is unknown or expired; send the image again"
-                )
+                raise unknown_inversion(call.inversion_id)
             if not call.steps_given:
                 options = options.replace(steps=inversion.steps)
             if not call.guidance_given and inversion.guidance_scale is not None:
@@ -318,9 +316,7 @@ class LocalRunner:
         if inversion_id:
             source = self.cache.get(inversion_id)
             if source is None:
-                raise NotFoundError(
-                    f"inversion_id {inversion_id!r} is unknown or expired; send the image again"
-                )
+                raise unknown_inversion(inversion_id)
             if maps_options.get("steps") is None:
                 maps_options["steps"] = source.steps
         maps_options = {k: v for k, v in maps_options.items() if v is not None}
@@ -373,7 +369,7 @@ class LocalRunner:
             cache_hits=counts["hits"],
             cache_misses=counts["misses"],
             cache_evictions=counts["evictions"],
-            device_memory_bytes=_device_memory(self._device),
+            device_memory_bytes=device_memory(self._device),
             backend_calls=engine_counts["unet_calls"],
             backend_rows=engine_counts["unet_rows"],
             backend_batch_rows=tuple(sorted(engine_counts["batch_rows"].items())),

@@ -22,6 +22,7 @@ INTERNAL (a bug; the traceback goes to the log, never to the client).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -34,13 +35,12 @@ from google.protobuf.message import DecodeError, Message
 
 from fpedit.engine import InvalidInputError
 from fpedit.engine.errors import CancelledError, DeadlineExceededError
-from fpedit.engine.null_text import (
-    DEFAULT_EPSILON,
-    DEFAULT_INNER_STEPS,
-    check_method,
-    check_null_text_options,
+from fpedit.engine.options import (
+    INVERSION_FIELDS,
+    InversionOptions,
+    check_prompt,
+    refuse_inversion_options,
 )
-from fpedit.engine.options import check_prompt
 from fpedit.v1 import edit_pb2 as pb
 
 from .config import ServerConfig
@@ -95,25 +95,29 @@ INVERSION_METHODS = {
 }
 
 
-def _inversion_method(request: pb.EditRequest | pb.InvertRequest, max_prompt_chars: int) -> dict[str, Any]:
-    """EditEngine.invert keywords of an Invert or image Edit request, judged before the request queues."""
+#: The request's names of the inversion options (:data:`~fpedit.engine.options.INVERSION_FIELDS`).
+INVERSION_REQUEST_FIELDS = {"method": "inversion_method"}
+
+
+def _inversion_options(request: pb.EditRequest | pb.InvertRequest, max_prompt_chars: int) -> dict[str, Any]:
+    """EditEngine.invert keywords of an Invert or image Edit request, judged (by :class:`InversionOptions`)
+    before the request queues; a refusal names the request's field."""
     source_prompt = check_prompt(
         request.source_prompt, "source_prompt", allow_empty=True, max_chars=max_prompt_chars
     )
     method = INVERSION_METHODS.get(request.inversion_method)
     if method is None:
         raise InvalidInputError("inversion_method", f"unknown value {request.inversion_method}")
-    check_method(method, source_prompt)
-    steps, epsilon = check_null_text_options(
-        request.null_text_steps if request.HasField("null_text_steps") else DEFAULT_INNER_STEPS,
-        request.null_text_epsilon if request.HasField("null_text_epsilon") else DEFAULT_EPSILON,
-    )
-    return {
-        "source_prompt": source_prompt,
-        "method": method,
-        "null_text_steps": steps,
-        "null_text_epsilon": epsilon,
-    }
+    try:
+        how = InversionOptions(
+            method=method,
+            source_prompt=source_prompt,
+            null_text_steps=request.null_text_steps if request.HasField("null_text_steps") else None,
+            null_text_epsilon=request.null_text_epsilon if request.HasField("null_text_epsilon") else None,
+        )
+    except InvalidInputError as exc:
+        raise InvalidInputError(INVERSION_REQUEST_FIELDS.get(exc.field, exc.field), exc.reason) from None
+    return dataclasses.asdict(how)
 
 
 def parse_edit(request: pb.EditRequest, max_prompt_chars: int) -> EditCall:
@@ -121,12 +125,15 @@ def parse_edit(request: pb.EditRequest, max_prompt_chars: int) -> EditCall:
     if has_image == has_id:
         raise InvalidInputError("image", "give exactly one of image or inversion_id")
     if has_id:  # first: judging these options would only confuse (a null-text method wants a prompt...)
-        for name in ("source_prompt", "inversion_method", "null_text_steps", "null_text_epsilon"):
-            if request.HasField(name) if name.startswith("null_text") else getattr(request, name):
-                raise InvalidInputError(
-                    name, "inversion options do not apply to an inversion id: the inversion carries its own"
-                )
-    inversion = _inversion_method(request, max_prompt_chars)
+        names = (INVERSION_REQUEST_FIELDS.get(name, name) for name in INVERSION_FIELDS)
+        refuse_inversion_options(
+            [
+                name
+                for name in names
+                if (request.HasField(name) if name.startswith("null_text") else getattr(request, name))
+            ]
+        )
+    inversion = _inversion_options(request, max_prompt_chars)
     if len(request.inversion_id) > MAX_INVERSION_ID_CHARS:
         raise InvalidInputError("inversion_id", "is not an id this server issued")
     return EditCall(
@@ -166,7 +173,7 @@ def parse_generate(request: pb.GenerateEditRequest, max_prompt_chars: int) -> Ge
 def parse_invert(request: pb.InvertRequest, max_prompt_chars: int) -> InvertCall:
     if not request.image:
         raise InvalidInputError("image", "is empty")
-    inversion = _inversion_method(request, max_prompt_chars)
+    inversion = _inversion_options(request, max_prompt_chars)
     return InvertCall(image=request.image, options=options_from_proto(request.options), inversion=inversion)
 
 

@@ -130,7 +130,7 @@ def test_source_prompt_without_an_inversion_method_is_refused(tmp_path, image_fi
     ):
         code, err = run_cli(argv, capsys)
         assert code == 2, (argv, err)
-        assert_one_line(err, "--source-prompt", "DDIM", "--inversion negative-prompt")
+        assert_one_line(err, "--source-prompt", "DDIM", "null-text or negative-prompt")
 
 
 def test_null_text_settings_without_null_text_are_refused(tmp_path, image_file, capsys, no_engine):
@@ -161,7 +161,7 @@ def test_null_text_settings_without_null_text_are_refused(tmp_path, image_file, 
     ):
         code, err = run_cli(argv, capsys)
         assert code == 2, (argv, err)  # 3 would mean the client made a call
-        assert_one_line(err, flag, "--inversion null-text")
+        assert_one_line(err, flag, "method null-text")
 
 
 def test_inversion_options_with_an_id_say_they_do_not_apply(tmp_path, capsys):
@@ -183,7 +183,7 @@ def test_inversion_options_with_an_id_say_they_do_not_apply(tmp_path, capsys):
         capsys,
     )
     assert code == 2
-    assert_one_line(err, "--inversion:", "do not apply to --inversion-id")
+    assert_one_line(err, "--inversion (method):", "do not apply to an inversion already made")
 
     # The server says the same to any client, before judging the options (a null-text method wants a prompt).
     from fpedit.engine.errors import InvalidInputError
@@ -196,7 +196,7 @@ def test_inversion_options_with_an_id_say_they_do_not_apply(tmp_path, capsys):
     with pytest.raises(InvalidInputError) as info:
         parse_edit(request, 4096)
     assert info.value.field == "inversion_method"
-    assert "do not apply to an inversion id" in str(info.value)
+    assert "do not apply to an inversion already made" in str(info.value)
 
 
 def test_layers_an_export_lacks_are_refused_before_inverting(

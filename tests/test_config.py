@@ -126,7 +126,7 @@ def test_engine_takes_inversion_options_as_the_keywords_do(engine):
     assert not np.allclose(ddim.trajectory.numpy(), typed.inversion.trajectory.numpy())  # the method counted
     with pytest.raises(TypeError, match="not both"):
         engine.invert(image, options=TINY_OPTIONS, inversion=how, method="ddim")
-    with pytest.raises(InvalidInputError, match="inversion has its own"):
+    with pytest.raises(InvalidInputError, match="do not apply to an inversion already made"):
         engine.edit_real(typed.inversion, "a cat", options=TINY_OPTIONS, inversion=how)
 
 

@@ -16,11 +16,8 @@ from reference import (
 )
 
 from fpedit.engine import CancelledError, EditOptions, InvalidInputError
-from fpedit.engine.null_text import (
-    DenoiseStep,
-    check_null_text_options,
-    optimize_null_embeddings,
-)
+from fpedit.engine.null_text import DenoiseStep, optimize_null_embeddings
+from fpedit.engine.options import check_null_text_options
 
 SOURCE = "a photo of a disc"
 STEPS, GUIDANCE, INNER = 4, 7.5, 10

@@ -214,7 +214,7 @@ def test_cli_several_prompts_one_inversion_then_edit_from_the_file(tmp_path, mod
 
     # Inversion settings do not apply to a saved inversion, and another model's engine refuses the file.
     code, _, err = run_cli([*argv, "--source-prompt", "a car", "--model", str(model_dir)], capsys)
-    assert code == 2 and "--inversion-file: the saved inversion has its own settings" in err
+    assert code == 2 and "--source-prompt: inversion options do not apply" in err
     code, _, err = run_cli([*argv, str(src), "--model", str(model_dir)], capsys)
     assert code == 2 and "leave out IMAGE" in err
     code, _, err = run_cli([*argv, "--steps", "5", "--model", str(model_dir)], capsys)

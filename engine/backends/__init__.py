@@ -8,11 +8,9 @@ from typing import Any
 
 import torch
 
+from ..config import BACKENDS, DTYPES
 from ..errors import InvalidInputError
 from .base import Backend
-
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -20,7 +18,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
         return dtype
     if dtype not in DTYPES:
         raise InvalidInputError("dtype", f"must be one of {list(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
+    return getattr(torch, dtype)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -133,6 +133,12 @@ class TorchBackend(Backend):
         layer order) without reaching into the backend's private state."""
         return self._unet
 
+    @property
+    def vae_module(self) -> torch.nn.Module:
+        """The serving VAE (float32 encoder; decoder in :attr:`vae_dtype`), for measurements such as
+        ``benchmarks/gpu.py``'s precision check."""
+        return self._vae
+
     def differentiable_unet(self) -> torch.nn.Module:
         """The serving UNet itself when it is float32, else one frozen float32 copy made on first use and kept
         with this backend (fp16 gradients underflow in Adam's moments; serving stays in the backend's dtype,
