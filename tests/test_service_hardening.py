@@ -124,9 +124,9 @@ def _bad_fields() -> list[tuple[str, object, str]]:
         (
             "Edit",
             pb.EditRequest(image=png(), target_prompt="a car", options=opts(guidance_scale=1e30)),
-            "guidance_scale",
+            "options.guidance_scale",
         ),
-        ("Edit", pb.EditRequest(image=png(), target_prompt="a car", options=opts(steps=0)), "steps"),
+        ("Edit", pb.EditRequest(image=png(), target_prompt="a car", options=opts(steps=0)), "options.steps"),
         ("Edit", pb.EditRequest(inversion_id="x" * 100, target_prompt="a car"), "inversion_id"),
         (
             "GenerateEdit",
@@ -134,7 +134,7 @@ def _bad_fields() -> list[tuple[str, object, str]]:
             "source_prompt",
         ),
         ("GenerateEdit", pb.GenerateEditRequest(target_prompt="a dog", output_format=7), "output_format"),
-        ("Invert", pb.InvertRequest(image=png(), options=opts(guidance_scale=-1)), "guidance_scale"),
+        ("Invert", pb.InvertRequest(image=png(), options=opts(guidance_scale=-1)), "options.guidance_scale"),
         ("Invert", pb.InvertRequest(image=png(), source_prompt=long_prompt), "source_prompt"),
         ("Edit", pb.EditRequest(image=png(), target_prompt="a", source_prompt=long_prompt), "source_prompt"),
     ]
