@@ -122,6 +122,29 @@ def image_difference(a: Path, b: Path) -> dict[str, float]:
     return {"mean_abs_levels": float(np.abs(x - y).mean()), "max_abs_levels": float(np.abs(x - y).max())}
 
 
+def fp16_edits(work: Path, model: Path, side: int, steps: int) -> dict[str, Any]:
+    """The same edit at ``side`` px in float16 on ONNX Runtime (the --fp16 export) and torch."""
+    photo = work / f"photo-{side}.png"
+    write_image(photo, side)
+    edit = ["edit", str(photo), "-p", PROMPT, "--steps", str(steps)]
+    runs = {
+        "onnxruntime": ["--model", str(work / "onnx-float16")],
+        "torch": ["--model", str(model), "--dtype", "float16"],
+    }
+    result: dict[str, Any] = {"size": side}
+    for backend, flags in runs.items():
+        print(f"fpedit edit on {backend}, float16 ({side}px, {steps} steps) ...", flush=True)
+        result[backend] = run_step([*edit, "-o", str(work / f"edit16-{backend}.png"), *flags])
+        print(
+            f"  {result[backend]['seconds']} s, peak RSS {gib(result[backend]['peak_rss_bytes'])}", flush=True
+        )
+    result["onnxruntime_over_torch_peak_rss"] = round(
+        result["onnxruntime"]["peak_rss_bytes"] / result["torch"]["peak_rss_bytes"], 3
+    )
+    result["difference"] = image_difference(work / "edit16-torch.png", work / "edit16-onnxruntime.png")
+    return result
+
+
 def gib(n: float) -> str:
     return f"{n / 1024**3:.2f} GiB"
 
@@ -133,6 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=512, help="edited image side in px (default 512)")
     parser.add_argument("--steps", type=int, default=2, help="DDIM steps of the edit (default 2)")
     parser.add_argument("--no-fp16", action="store_true", help="skip the float16 export")
+    parser.add_argument(
+        "--fp16-edit-size",
+        type=int,
+        default=0,
+        help="also run the edit in float16 (ONNX Runtime on the --fp16 export, torch --dtype float16) at this "
+        "side in px (default 0: skip; torch's float16 convolutions on a CPU take many minutes at 512)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the exports (the model is always kept)")
     args = parser.parse_args(argv)
 
@@ -196,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         results["edit_onnxruntime"]["seconds"] / results["edit_torch"]["seconds"], 3
     )
     results["edit_difference"] = image_difference(work / "edit-torch.png", work / "edit-onnxruntime.png")
+    if args.fp16_edit_size and "export_float16" in results:
+        results["fp16_edit"] = fp16_edits(work, model, args.fp16_edit_size, args.steps)
     print(json.dumps({k: v for k, v in results.items() if k != "machine"}, indent=2))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
