@@ -142,15 +142,23 @@ class OneCallerTokenizer:
         return getattr(self.tokenizer, name)
 
 
-@pytest.mark.parametrize("engine_name", ["engine", "batching"])
-def test_concurrent_requests_tokenize_one_at_a_time(engine_name, request, monkeypatch):
+@pytest.mark.parametrize("batched", [False, True], ids=["engine", "batching"])
+def test_concurrent_requests_tokenize_one_at_a_time(batched, engine):
     """Four requests with new prompts at once, alone and batched: each prompt is tokenized while no other
     thread is in the tokenizer, and every request finishes."""
-    engine = request.getfixturevalue(engine_name)
     guard = OneCallerTokenizer(engine.tokenizer)
-    monkeypatch.setattr(engine, "tokenizer", guard)
+    guarded = EditEngine(engine.backend, guard, batching=batched, max_wait_ms=30)
+    try:
+        results = tokenize_concurrently(guarded)
+    finally:
+        guarded.close()
+    assert all(hasattr(r, "edited_latents") for r in results), results
+    assert guard.calls >= 4 * 3  # "", source and target prompts of each request
+
+
+def tokenize_concurrently(engine: EditEngine) -> list[Any]:
     opts = EditOptions(steps=1)
-    results = run_concurrently(
+    return run_concurrently(
         [
             (
                 lambda i=i: engine.edit_generated(
@@ -160,8 +168,6 @@ def test_concurrent_requests_tokenize_one_at_a_time(engine_name, request, monkey
             for i in range(4)
         ]
     )
-    assert all(hasattr(r, "edited_latents") for r in results), results
-    assert guard.calls >= 4 * 3  # "", source and target prompts of each request
 
 
 def test_exported_graphs_batch_without_mixing_capture_and_inject(ort_engine, engine):
