@@ -249,3 +249,73 @@ def test_mask_bytes_array_and_path_agree(engine, inversion, tmp_path):
     for m in masks[1:]:
         np.testing.assert_array_equal(m, masks[0])
     assert masks[0].sum() == 64
+
+
+# --- the command line -------------------------------------------------------------------------------------
+
+
+def test_cli_edit_and_generate_write_the_mask(tmp_path, model_dir, capsys):
+    from helpers import make_image, run_cli
+
+    src, mask = tmp_path / "in.png", tmp_path / "mask.png"
+    make_image(100, 70).save(src)
+    rect_mask((50, 35), (0, 0, 25, 35)).save(mask)  # the left half, at another size than the image
+    common = ["--model", str(model_dir), "--steps", "2", "--no-progress"]
+    code, err = run_cli(
+        ["edit", str(src), "-p", TARGET, "-o", str(tmp_path / "out.png"), "--mask", str(mask),
+         "--blend", "car", "--blend-threshold", "1", "--save-mask", str(tmp_path / "m.png"), *common],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    saved = np.asarray(Image.open(tmp_path / "m.png"))
+    assert saved.shape == (70, 100) and set(np.unique(saved)) == {0, 255}
+    assert saved[:, :45].all() and not saved[:, 55:].any()  # the left half (a threshold of 1 adds no word)
+    code, err = run_cli(
+        ["generate", "-s", SOURCE, "-t", GEN_TARGET, "-o", str(tmp_path / "g.png"), "--height", "64",
+         "--width", "64", "--blend", "car", "--blend-start", "0", "--save-mask", str(tmp_path / "gm.png"), *common],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert Image.open(tmp_path / "gm.png").size == (64, 64)
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--mask", "missing.png"], ("--mask", "no such file")),
+        (["--mask-grow", "2"], ("--mask-grow", "give --mask")),
+        (["--mask", "IMG", "--mask-grow", "-1"], ("--mask-grow", "0..64")),
+        (["--blend", "car", "--blend-start", "2"], ("--blend-start", "0..1")),
+        (["--blend", "car", "--blend-threshold", "-1"], ("--blend-threshold", "0..1")),
+        (["--blend", " "], ("--blend", "non-empty")),
+        (["--save-mask", "m.png"], ("--save-mask", "--blend WORD")),
+        (["--blend", "car", "--save-mask", "m.jpg"], ("--save-mask", ".png")),
+        (["--blend-start", "x"], ("--blend-start", "invalid float")),
+    ],
+)
+def test_cli_blend_mistakes_are_one_line_before_any_work(tmp_path, capsys, no_engine, args, fragments):
+    from helpers import assert_one_line, make_image, run_cli
+
+    src = tmp_path / "in.png"
+    make_image(64, 64).save(src)
+    args = [
+        str(src) if a == "IMG" else str(tmp_path / a) if a.endswith((".png", ".jpg")) else a for a in args
+    ]
+    for command in (["edit", str(src), "-p", "x"], ["generate", "-s", "a", "-t", "b"]):
+        code, err = run_cli([*command, "-o", str(tmp_path / "o.png"), *args], capsys)
+        assert code == 2
+        assert_one_line(err, *fragments)
+
+
+def test_cli_word_in_neither_prompt_is_one_line(tmp_path, model_dir, capsys):
+    from helpers import assert_one_line, make_image, run_cli
+
+    src = tmp_path / "in.png"
+    make_image(64, 64).save(src)
+    code, err = run_cli(
+        ["edit", str(src), "-p", "a cat", "-o", str(tmp_path / "o.png"), "--blend", "dog", "--model",
+         str(model_dir), "--steps", "2", "--no-progress"],
+        capsys,
+    )  # fmt: skip
+    assert code == 2
+    assert_one_line(err, "--blend (blend_words)", "'dog'")
