@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import blend as blending
+from . import local_blend as blending
 from . import null_text, programs, real
 from .backends.base import Backend
 from .config import DEFAULT_MAP_CACHE_BYTES, EngineConfig

@@ -26,8 +26,8 @@ from typing import TypeVar
 
 import torch
 
-from .blend import BlendRun, reduce_cross
 from .calls import Donors, UNetCall, UNetResult
+from .local_blend import BlendRun, reduce_cross
 from .maps import AttentionMaps, Injection
 from .plan import EditPlan
 from .schedule import DDIMSchedule

@@ -11,8 +11,9 @@ from PIL import Image
 from reference import reference_blend_edit, reference_user_mask, reference_word_tokens, rel_l2
 
 from fpedit import EditEngine, EditOptions
-from fpedit.engine.blend import Blend, word_positions
+from fpedit.engine.blend import Blend
 from fpedit.engine.errors import InvalidInputError
+from fpedit.engine.local_blend import word_positions
 
 STEPS, G, WINDOW, LAYERS = 8, 7.5, (0.0, 0.5), tuple(range(4, 15))
 TOL_REAL, TOL_GEN = 3e-3, 1e-4  # as tests/test_real.py and tests/test_generated.py
