@@ -38,7 +38,7 @@ from fpedit.engine.options import MAX_STEPS
 
 from .cache import InversionCache
 from .config import ServerConfig
-from .convert import encode_image
+from .convert import blend_outputs, encode_image
 from .errors import OverloadedError
 from .pool import WorkerPool, _device_memory, _never, cpu_threads
 from .results import EditOutcome, GenerateOutcome, InfoOutcome, InvertOutcome, Limits
@@ -236,6 +236,7 @@ class LocalRunner:
             queue_ms=queue_ms,
             inversion_id=key,
             replica=self.replica,
+            **blend_outputs(result.blend_mask, result.edited_image.size),
         )
 
     def edit_stream(
@@ -273,6 +274,7 @@ class LocalRunner:
             stats=result.stats,
             queue_ms=queue_ms,
             replica=self.replica,
+            **blend_outputs(result.blend_mask, result.edited_image.size),
         )
 
     def invert(
