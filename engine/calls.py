@@ -63,6 +63,9 @@ class UNetCall:
     inject: Injection | None = None
     donors: Donors | None = None
     need_noise_pred: bool = True
+    #: Self-attention layer numbers whose transformer block's *cross*-attention probabilities (softmax over
+    #: the text tokens, averaged over heads, float32) come back for every row: a word-mask blend's input.
+    cross_probs: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         rows = self.sample.shape[0]
@@ -214,6 +217,7 @@ class UNetCall:
         with_maps = [c for c in calls if c.uses_maps]
         map_format = with_maps[0].map_format if with_maps else first.map_format
         capture = tuple(sorted({layer for c in calls for layer in c.capture}))
+        cross_probs = tuple(sorted({layer for c in calls for layer in c.cross_probs}))
         return cls(
             sample=torch.cat([c.sample for c in calls]),
             timesteps=torch.cat([c.timesteps for c in calls]),
@@ -223,6 +227,7 @@ class UNetCall:
             inject=_merge_injections(calls, map_format),
             donors=_merge_donors(calls),
             need_noise_pred=any(c.need_noise_pred for c in calls) or not capture,
+            cross_probs=cross_probs,
         )
 
     def padded(self, rows: int) -> UNetCall:
@@ -319,11 +324,19 @@ class UNetResult:
 
     noise: torch.Tensor | None
     maps: AttentionMaps | None = None
+    #: Per layer of the call's ``cross_probs``: (B, query tokens, text tokens) float32; ``None`` without.
+    cross: dict[int, torch.Tensor] | None = None
 
     def rows(
-        self, lo: int, hi: int, capture: Sequence[int] | None = None, need_noise: bool = True
+        self,
+        lo: int,
+        hi: int,
+        capture: Sequence[int] | None = None,
+        need_noise: bool = True,
+        cross_probs: Sequence[int] | None = None,
     ) -> UNetResult:
-        """Rows ``lo:hi``, with maps of ``capture`` only (all captured layers when ``None``)."""
+        """Rows ``lo:hi``, with maps of ``capture`` only (all captured layers when ``None``) and cross-attention
+        probabilities of ``cross_probs`` only (likewise)."""
         noise = self.noise[lo:hi] if self.noise is not None and need_noise else None
         maps = None
         if self.maps is not None and capture != ():
@@ -331,13 +344,17 @@ class UNetResult:
             maps = AttentionMaps(
                 self.maps.format, {layer: self.maps.tensors[layer][lo:hi] for layer in layers}
             )
-        return UNetResult(noise, maps)
+        cross = None
+        if self.cross is not None and cross_probs != ():
+            wanted = self.cross if cross_probs is None else cross_probs
+            cross = {layer: self.cross[layer][lo:hi] for layer in wanted}
+        return UNetResult(noise, maps, cross)
 
     def split(self, calls: Sequence[UNetCall]) -> list[UNetResult]:
         """Each merged call's rows and captured layers, in order (the inverse of :meth:`UNetCall.merge`)."""
         parts, lo = [], 0
         for c in calls:
-            parts.append(self.rows(lo, lo + c.rows, c.capture, c.need_noise_pred))
+            parts.append(self.rows(lo, lo + c.rows, c.capture, c.need_noise_pred, c.cross_probs))
             lo += c.rows
         return parts
 
@@ -349,4 +366,6 @@ class UNetResult:
         noises = [p.noise for p in parts]
         noise = torch.cat(noises) if all(n is not None for n in noises) else None  # type: ignore[arg-type]
         maps = [p.maps for p in parts if p.maps is not None]
-        return UNetResult(noise, AttentionMaps.cat(maps) if maps else None)
+        crosses = [p.cross for p in parts if p.cross is not None]
+        cross = {layer: torch.cat([c[layer] for c in crosses]) for layer in crosses[0]} if crosses else None
+        return UNetResult(noise, AttentionMaps.cat(maps) if maps else None, cross)

@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import torch
@@ -246,7 +246,7 @@ class Executor:
         result = self.backend.unet(call)
         self.counters.record(call.rows)
         if result.noise is not None and result.noise.dtype != torch.float32:
-            result = UNetResult(result.noise.float(), result.maps)
+            result = replace(result, noise=result.noise.float())
         return result
 
     def _execute_isolated(self, calls: Sequence[UNetCall]) -> list[UNetResult | BaseException]:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
 
+from .blend import Blend
 from .contract import LAYER_PRESETS, MAP_FORMATS, PAPER_LAYERS, ModelSpec, resolve_layers
 from .errors import InvalidInputError
 
@@ -60,7 +61,8 @@ class EditOptions:
     ``layers`` holds 1-based self-attention layer numbers in execution order (down 1-6, mid 7, up 8-16), or a
     preset: ``"paper"`` (4-14) or ``"resolution"`` (layers attending over at most 32x32 tokens at the
     request's size, the authors' code; 3-13 at 512 px). ``replace_window=(start, end)`` replaces step ``i``
-    (0 = noisiest) when ``int(steps*start) <= i < int(steps*end)``.
+    (0 = noisiest) when ``int(steps*start) <= i < int(steps*end)``. ``blend`` (:class:`~.blend.Blend`)
+    holds the edit to the source outside a mask; ``None``: the whole image may change.
     """
 
     steps: int = 50
@@ -68,6 +70,7 @@ class EditOptions:
     replace_window: tuple[float, float] = (0.0, 0.8)
     layers: tuple[int, ...] | str = PAPER_LAYERS
     map_format: str = "qk"
+    blend: Blend | None = None
 
     def __post_init__(self) -> None:
         steps, (low, high) = self.steps, OPTION_RANGES["steps"]
@@ -100,6 +103,8 @@ class EditOptions:
 
         if self.map_format not in MAP_FORMATS:
             raise InvalidInputError("map_format", f"must be one of {MAP_FORMATS}, got {self.map_format!r}")
+        if self.blend is not None and not isinstance(self.blend, Blend):
+            raise InvalidInputError("blend", f"must be a Blend or None, got {type(self.blend).__name__}")
 
     def replace(self, **changes: object) -> EditOptions:
         """A copy with some fields changed (validated again)."""

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import local_blend as blending
 from . import null_text, programs, real
 from .backends.base import Backend
 from .config import DEFAULT_MAP_CACHE_BYTES, EngineConfig
@@ -267,11 +268,22 @@ class EditEngine:
         # In-call donors fuse a replaced step into one call where the backend has them and the step's rows
         # fit one call; otherwise the source captures and the target injects.
         donors = self.backend.supports_donors and src_ctx.shape[0] + 2 <= self.backend.max_batch
-        program = programs.generated_edit(z.to(self.backend.device), plan, src_ctx, tgt_ctx, donors=donors)
+        blend = None
+        if options.blend is not None:
+            words = blending.check_words(self, options.blend, target_prompt, source_prompt)
+            blend = blending.start_blend(self, options.blend, plan.steps, tuple(z.shape[-2:]), words)
+        program = programs.generated_edit(
+            z.to(self.backend.device), plan, src_ctx, tgt_ctx, donors=donors, blend=blend
+        )
         z_src, z_tgt = self.executor.run(program, run)
 
         source_image, edited_image = self.decode(torch.cat([z_src, z_tgt]), run)
-        stats = run.stats(seed=seed, **plan.stats(), size=[edited_image.width, edited_image.height])
+        stats = run.stats(
+            seed=seed,
+            **plan.stats(),
+            size=[edited_image.width, edited_image.height],
+            **blending.blend_stats(blend),
+        )
         return EditResult(
             source_image=source_image,
             edited_image=edited_image,
@@ -279,6 +291,7 @@ class EditEngine:
             edited_latents=z_tgt.float().cpu().numpy(),
             options=options,
             stats=stats,
+            blend_mask=blending.mask_array(blend),
         )
 
     # --- Algorithm 2: real images ---------------------------------------------------------------------------
@@ -396,12 +409,30 @@ class EditEngine:
             )
             if value is not None
         }
+        if options.blend is not None:  # refused before the inversion runs
+            blending.check_words(
+                self, options.blend, target_prompt, blending.source_prompt_of(image, invert_options)
+            )
         inversion, run = real.inversion_to_edit(self, image, options, invert_options, progress, cancel_check)
         plan = self._plan(options, inversion.latent_hw)
         target_cond = self.text.embed(target_prompt, run)
-        source = real.source_branch(self, inversion, plan, run)
+        blend, words = None, {}
+        if options.blend is not None:
+            words = blending.check_words(self, options.blend, target_prompt, inversion.source_prompt)
+        cross_layers = blending.word_layers(self.spec, inversion.latent_hw) if "source" in words else ()
+        source = real.source_branch(self, inversion, plan, run, cross_layers)
+        if options.blend is not None:
+            blend = blending.start_blend(
+                self,
+                options.blend,
+                plan.steps,
+                inversion.latent_hw,
+                words,
+                source_cross=inversion.source_cross if cross_layers else None,
+                pinned=lambda i: inversion.latent(plan.steps - 1 - i),
+            )
         program = programs.denoise_target(
-            inversion.latent(plan.steps), plan, source.context_at(target_cond), source.maps
+            inversion.latent(plan.steps), plan, source.context_at(target_cond), source.maps, blend
         )
         z = self.executor.run(program, run)
 
@@ -418,6 +449,7 @@ class EditEngine:
             method=inversion.method,
             source_maps_cached=source.cached_steps,
             inversion_bytes=inversion.nbytes,
+            **blending.blend_stats(blend),
         )
         # Resized after the statistics: the reconstruction kept on the inversion stays at the working size.
         edited_image = output_image(edited_image, inversion.input_size, output_size)
@@ -432,6 +464,7 @@ class EditEngine:
             stats=stats,
             reconstruction_image=reconstruction,
             inversion=inversion,
+            blend_mask=blending.mask_array(blend),
         )
 
     # --- attention maps (Figure 3) --------------------------------------------------------------------------

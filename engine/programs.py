@@ -27,6 +27,7 @@ from typing import TypeVar
 import torch
 
 from .calls import Donors, UNetCall, UNetResult
+from .local_blend import BlendRun, reduce_cross
 from .maps import AttentionMaps, Injection
 from .plan import EditPlan
 from .schedule import DDIMSchedule
@@ -124,11 +125,12 @@ def denoise_target(
     plan: EditPlan,
     context_at: Callable[[int], torch.Tensor],
     source_maps: dict[int, AttentionMaps],
+    blend: BlendRun | None = None,
 ) -> Program[torch.Tensor]:
     """Denoise the target from ``z_T`` with rows (uncond, cond) of ``context_at(i)`` at step i; in every step
     of ``source_maps`` its conditional row attends with the source's map in ``plan.layers``. Returns the final
     latent. Algorithm 2 gives one context for every step; Algorithm 3 gives step i's null embedding as the
-    unconditional row."""
+    unconditional row. A ``blend`` holds the latent to the pinned source outside its mask after each step."""
     schedule = plan.schedule
     ts = schedule.timestep_tensor(z_T.device)
     n = schedule.steps
@@ -137,9 +139,20 @@ def denoise_target(
         inject = None
         if i in source_maps:
             inject = Injection.for_rows(source_maps[i].rows([0, 0]), [False, True], plan.layers)
-        call = UNetCall(rows_of(z, 2), ts[i : i + 1].expand(2), context_at(i), plan.map_format, inject=inject)
+        cross = blend.cross_probs if blend is not None else ()
+        call = UNetCall(
+            rows_of(z, 2),
+            ts[i : i + 1].expand(2),
+            context_at(i),
+            plan.map_format,
+            inject=inject,
+            cross_probs=cross,
+        )
         result = yield Step("target_denoise", i + 1, n, call, progress="denoise")
         z = schedule.step(guide(result.noise, plan.guidance), i, z)
+        if blend is not None:
+            blend.observe(i, result.cross, {"target": 1})
+            z = blend.apply(i, z)
     return z
 
 
@@ -153,12 +166,14 @@ def generated_edit(
     target_context: torch.Tensor,
     *,
     donors: bool,
+    blend: BlendRun | None = None,
 ) -> Program[tuple[torch.Tensor, torch.Tensor]]:
     """Source and target from the same ``z_T``; in the plan's replaced steps the target's conditional row
     attends with the source's conditional map in ``plan.layers``. ``source_context`` is (uncond, cond) or
     just (uncond) for the source prompt "". With ``donors`` a replaced step is one call (the target's cond row
     borrows the source's map in-call); else the source rows capture ``plan.capture_layers`` and the target
-    rows inject them. Returns the final (source, target) latents."""
+    rows inject them. A ``blend`` holds the target to the source outside its mask after each step. Returns the
+    final (source, target) latents."""
     schedule, layers, map_format, guidance = plan.schedule, plan.layers, plan.map_format, plan.guidance
     replaced = set(plan.replaced)
     ts = schedule.timestep_tensor(z_T.device)
@@ -166,21 +181,30 @@ def generated_edit(
     context = torch.cat([source_context, target_context])
     source_cond = n_src - 1
     borrow = Donors.for_rows([*range(n_src + 1), source_cond], layers)
+    cross = blend.cross_probs if blend is not None else ()
+    # The conditional rows whose cross-attention a word blend reads (a source prompt "" has none).
+    cross_rows = {"target": n_src + 1, **({"source": source_cond} if n_src == 2 else {})}
 
-    def fused_step(step: StepAt, rows: torch.Tensor, t: torch.Tensor) -> Program[torch.Tensor]:
+    def fused_step(step: StepAt, rows: torch.Tensor, t: torch.Tensor) -> Program[UNetResult]:
         """One call: the target's cond row (last) attends with the source's cond row's map."""
-        return (yield step(UNetCall(rows, t, context, map_format, donors=borrow))).noise
+        return (yield step(UNetCall(rows, t, context, map_format, donors=borrow, cross_probs=cross)))
 
-    def piped_step(step: StepAt, rows: torch.Tensor, t: torch.Tensor) -> Program[torch.Tensor]:
+    def piped_step(step: StepAt, rows: torch.Tensor, t: torch.Tensor) -> Program[UNetResult]:
         """Two calls: the source rows capture their maps, the target rows inject the source cond row's."""
         src, tgt = slice(0, n_src), slice(n_src, None)
         source = yield step(
-            UNetCall(rows[src], t[src], source_context, map_format, capture=plan.capture_layers)
+            UNetCall(
+                rows[src], t[src], source_context, map_format, capture=plan.capture_layers, cross_probs=cross
+            )
         )
         assert source.maps is not None
         inject = Injection.for_rows(source.maps.rows([source_cond, source_cond]), [False, True], layers)
-        target = yield step(UNetCall(rows[tgt], t[tgt], target_context, map_format, inject=inject))
-        return torch.cat([source.noise, target.noise])
+        target = yield step(
+            UNetCall(rows[tgt], t[tgt], target_context, map_format, inject=inject, cross_probs=cross)
+        )
+        return UNetResult.cat(
+            [UNetResult(source.noise, None, source.cross), UNetResult(target.noise, None, target.cross)]
+        )
 
     replaced_step = fused_step if donors else piped_step
     z_src = z_tgt = z_T
@@ -189,11 +213,15 @@ def generated_edit(
         rows = torch.cat([rows_of(z_src, n_src), rows_of(z_tgt, 2)])
         t = ts[i : i + 1].expand(n_src + 2)
         if i in replaced:
-            eps = yield from replaced_step(step, rows, t)
+            result = yield from replaced_step(step, rows, t)
         else:
-            eps = (yield step(UNetCall(rows, t, context))).noise
+            result = yield step(UNetCall(rows, t, context, cross_probs=cross))
+        eps = result.noise
         z_src = schedule.step(guide(eps[:n_src], guidance), i, z_src)
         z_tgt = schedule.step(guide(eps[n_src:], guidance), i, z_tgt)
+        if blend is not None:
+            blend.observe(i, result.cross, cross_rows)
+            z_tgt = blend.apply(i, z_tgt, z_src)
     return z_src, z_tgt
 
 
@@ -205,12 +233,18 @@ def generated_edit(
 
 
 def generate_source(
-    z_T: torch.Tensor, plan: EditPlan, source_cond: torch.Tensor, nulls: torch.Tensor | None
+    z_T: torch.Tensor,
+    plan: EditPlan,
+    source_cond: torch.Tensor,
+    nulls: torch.Tensor | None,
+    cross_layers: tuple[int, ...] = (),
+    cross_out: list[torch.Tensor] | None = None,
 ) -> Program[tuple[torch.Tensor, dict[int, AttentionMaps]]]:
     """The source branch, generated from ``z_T`` with the source prompt and step i's null embedding
     (``nulls[i]``; with ``nulls`` None the null is the source prompt's own embedding, the two rows are
     identical and one is run). Captures the conditional row's maps (``plan.capture_layers``) in the plan's
-    replaced steps. Returns (z_0, maps)."""
+    replaced steps; with ``cross_layers``, appends each step's conditional-row cross-attention probabilities
+    (averaged over those layers) to ``cross_out`` (a word blend's source maps). Returns (z_0, maps)."""
     schedule = plan.schedule
     ts = schedule.timestep_tensor(z_T.device)
     n = schedule.steps
@@ -221,8 +255,18 @@ def generate_source(
         context = source_cond if nulls is None else torch.cat([nulls[i : i + 1], source_cond])
         rows = context.shape[0]
         capture = plan.capture_layers if i in replaced else ()
-        call = UNetCall(rows_of(z, rows), ts[i : i + 1].expand(rows), context, plan.map_format, capture)
+        call = UNetCall(
+            rows_of(z, rows),
+            ts[i : i + 1].expand(rows),
+            context,
+            plan.map_format,
+            capture,
+            cross_probs=cross_layers,
+        )
         result = yield Step("source_generate", i + 1, n, call)
+        if cross_layers and cross_out is not None:
+            assert result.cross is not None
+            cross_out.append(reduce_cross(result.cross, rows - 1))
         if capture:
             assert result.maps is not None
             # A copy of the conditional row: a view would keep a whole (maybe merged) batch alive.

@@ -95,9 +95,16 @@ def check_edit_guidance(inversion: Inversion, options: EditOptions) -> None:
         )
 
 
-def source_branch(engine: EditEngine, inversion: Inversion, plan: EditPlan, run: RequestRun) -> Source:
+def source_branch(
+    engine: EditEngine,
+    inversion: Inversion,
+    plan: EditPlan,
+    run: RequestRun,
+    cross_layers: tuple[int, ...] = (),
+) -> Source:
     """The source of an edit of ``inversion`` under ``plan``: what an earlier edit left on the inversion, the
-    rest computed now and left there (maps within the inversion's budget)."""
+    rest computed now and left there (maps within the inversion's budget). ``cross_layers`` (a word blend of
+    an Algorithm 3 edit) also needs the generated source's cross-attention, kept as ``source_cross``."""
     if inversion.method == "ddim":  # Algorithm 2: the source is pinned to the trajectory
         uncond = engine.text.embed("", run)
         maps, cached = _pinned_source_maps(engine, inversion, plan, uncond, run)
@@ -112,11 +119,17 @@ def source_branch(engine: EditEngine, inversion: Inversion, plan: EditPlan, run:
     uncond = source_cond if nulls is None else nulls
     cached = inversion.cached_maps(plan.map_format, frozenset(plan.layers))
     latent = inversion.source_latent
-    if latent is not None and all(i in cached for i in plan.replaced):
+    need_cross = bool(cross_layers) and inversion.source_cross is None
+    if latent is not None and all(i in cached for i in plan.replaced) and not need_cross:
         return Source(latent, {i: cached[i] for i in plan.replaced}, len(plan.replaced), uncond)
-    program = programs.generate_source(inversion.latent(plan.steps), plan, source_cond, nulls)
+    cross: list[torch.Tensor] = []
+    program = programs.generate_source(
+        inversion.latent(plan.steps), plan, source_cond, nulls, cross_layers if need_cross else (), cross
+    )
     latent, maps = engine.executor.run(program, run)
     inversion.keep_source(latent)
+    if need_cross:
+        inversion.keep_source_cross(cross)
     inversion.store_maps(plan.map_format, frozenset(plan.capture_layers), maps)
     return Source(latent, maps, 0, uncond)
 

@@ -32,6 +32,8 @@ class EditResult:
     stats: dict[str, Any]
     reconstruction_image: Image.Image | None = None
     inversion: Inversion | None = None
+    #: The latent-grid (h, w) bool mask a blend used in its last step (1 = edited); ``None`` without a blend.
+    blend_mask: np.ndarray | None = None
 
 
 def image_nbytes(image: Image.Image | None) -> int:
@@ -87,6 +89,9 @@ class Inversion:
     _maps_format: str | None = field(default=None, repr=False)
     _maps_layers: frozenset[int] = field(default_factory=frozenset, repr=False)
     _reconstruction: Image.Image | None = field(default=None, repr=False)
+    #: Algorithm 3's source branch: per step, its conditional row's cross-attention probabilities in the word
+    #: map layers (engine.blend), once a word-mask edit needed them.
+    _source_cross: list[torch.Tensor] | None = field(default=None, repr=False)
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     @property
@@ -122,6 +127,15 @@ class Inversion:
     def keep_source(self, latent: torch.Tensor) -> None:
         with self.lock:
             self._source_latent = latent
+
+    @property
+    def source_cross(self) -> list[torch.Tensor] | None:
+        with self.lock:
+            return self._source_cross
+
+    def keep_source_cross(self, cross: list[torch.Tensor]) -> None:
+        with self.lock:
+            self._source_cross = cross
 
     def keep_reconstruction(self, image: Image.Image) -> None:
         with self.lock:

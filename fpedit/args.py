@@ -714,3 +714,90 @@ def serve_args_from_mapping(flags: dict[str, Any]) -> argparse.Namespace:
         return parser.parse_args(argv)
     except SystemExit as exc:  # argparse already printed what is wrong
         raise InvalidInputError("args", f"not valid `fpedit serve` flags: {argv}") from exc
+
+
+# --- local blending (issue 27) ----------------------------------------------------------------------------------
+
+#: Blend fields -> the flags of ``edit`` and ``generate``.
+BLEND_FLAGS = {
+    "mask": "--mask",
+    "mask_grow": "--mask-grow",
+    "blend_words": "--blend",
+    "blend_start": "--blend-start",
+    "blend_threshold": "--blend-threshold",
+    "save_mask": "--save-mask",
+}
+
+
+def add_blend_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--mask``, ``--blend WORD`` and their settings: edit only inside a mask (docs/design.md, local
+    blending)."""
+    from fpedit.engine.blend import DEFAULT_BLEND_START, DEFAULT_BLEND_THRESHOLD
+
+    group = parser.add_argument_group("local blending (edit only inside a mask; the rest stays the source's)")
+    group.add_argument(
+        "--mask", type=Path, metavar="FILE", help="image whose white (non-zero) part may change; any size"
+    )
+    group.add_argument(
+        "--mask-grow", type=int, default=0, metavar="K", help="grow the mask by K latent cells (8 px each)"
+    )
+    group.add_argument(
+        "--blend",
+        action="append",
+        default=[],
+        metavar="WORD",
+        help="a prompt word whose cross-attention marks what may change (repeatable; torch backend)",
+    )
+    group.add_argument(
+        "--blend-start",
+        type=float,
+        default=DEFAULT_BLEND_START,
+        metavar="F",
+        help=f"blend from step int(steps*F) on (default {DEFAULT_BLEND_START:g})",
+    )
+    group.add_argument(
+        "--blend-threshold",
+        type=float,
+        default=DEFAULT_BLEND_THRESHOLD,
+        metavar="F",
+        help=f"word maps keep cells above F of their maximum (default {DEFAULT_BLEND_THRESHOLD:g})",
+    )
+    group.add_argument(
+        "--save-mask",
+        type=Path,
+        metavar="FILE",
+        help="also write the mask the edit used, at the output's size, as a PNG (several prompts: use {i})",
+    )
+
+
+def blend_from_args(args: argparse.Namespace) -> Any:
+    """The blend flags as a :class:`~fpedit.engine.blend.Blend` (``None`` without ``--mask`` or ``--blend``),
+    judged before any model loads."""
+    from fpedit.engine.blend import Blend
+
+    if args.mask is not None:
+        check_input_image(args.mask, "mask")
+    if args.mask is None and not args.blend:
+        if args.mask_grow:
+            raise InvalidInputError("mask_grow", "grows a mask; give --mask FILE")
+        if args.save_mask is not None:
+            raise InvalidInputError("save_mask", "writes the blend's mask; give --mask FILE or --blend WORD")
+        return None
+    if args.save_mask is not None and args.save_mask.suffix.lower() != ".png":
+        raise InvalidInputError("save_mask", f"{args.save_mask} must end in .png")
+    return Blend(
+        mask=None if args.mask is None else str(args.mask),
+        mask_grow=args.mask_grow,
+        words=tuple(args.blend),
+        start=args.blend_start,
+        threshold=args.blend_threshold,
+    )
+
+
+def mask_picture(mask: Any, size: tuple[int, int]) -> Any:
+    """A latent-grid bool mask as a black-and-white PIL image of ``size`` (nearest: each cell a block)."""
+    import numpy as np
+    from PIL import Image
+
+    cells = Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255)
+    return cells.resize(size, Image.Resampling.NEAREST)

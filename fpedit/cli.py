@@ -22,6 +22,7 @@ from typing import Any
 
 from fpedit import args as cli_args
 from fpedit.args import (
+    BLEND_FLAGS,
     COMMON_FLAGS,
     EDIT_FLAGS,
     EXIT_USER_ERROR,
@@ -29,12 +30,14 @@ from fpedit.args import (
     MISSING_EXTRAS,
     OUTPUT_FORMATS,
     FpeditParser,
+    add_blend_arguments,
     add_checkpoint_arguments,
     add_edit_arguments,
     add_generate_arguments,
     add_inversion_arguments,
     add_model_arguments,
     add_run_arguments,
+    blend_from_args,
     check_distinct_outputs,
     check_input_image,
     check_output_path,
@@ -183,6 +186,10 @@ def cmd_edit(args: argparse.Namespace) -> int:
     args.guidance = cli_args.PAPER_OPTIONS.guidance_scale if args.guidance is None else args.guidance
     inversion = None if saved is not None else inversion_options_from_args(args)
     options = edit_options_from_args(args)  # validate before loading anything
+    options = options.replace(blend=blend_from_args(args))
+    masks = [] if args.save_mask is None else edit_outputs(args.save_mask, args.prompt)
+    for mask_path in masks:
+        check_output_path(mask_path, "--save-mask")
     config = engine_config_from_args(args, show_progress=not args.no_progress)
     engine = cli_args.engine_from_config(config)
     source = args.image if saved is None else engine.load_inversion(args.inversion_file)
@@ -209,6 +216,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
             seconds = result.stats.get("total_ms", 0.0) / 1000
             print(f"edit {i + 1}/{len(outputs)} {prompt!r}: {seconds:.2f} s ({what})", file=sys.stderr)
         _save(result.edited_image, output)
+        if masks:
+            _save(cli_args.mask_picture(result.blend_mask, result.edited_image.size), masks[i])
         edits.append({"prompt": prompt, "output": str(output), **result.stats})
     _print_stats(args, edits[0] if len(edits) == 1 else {"edits": edits})
     return 0
@@ -221,7 +230,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_output_path(args.output, "-o/--output")
     check_output_path(args.source_output, "--source-output")
     check_distinct_outputs((args.output, "-o/--output"), (source_path, "--source-output"))
-    options = edit_options_from_args(args)
+    options = edit_options_from_args(args).replace(blend=blend_from_args(args))
+    check_output_path(args.save_mask, "--save-mask")
     check_prompt(args.source_prompt, "source_prompt", allow_empty=True)
     check_prompt(args.target_prompt, "target_prompt", allow_empty=False)
     engine = cli_args.engine_from_config(engine_config_from_args(args, show_progress=not args.no_progress))
@@ -237,6 +247,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _log_stats("generate done", result.stats)
     _save(result.source_image, source_path)
     _save(result.edited_image, args.output)
+    if args.save_mask is not None:
+        _save(cli_args.mask_picture(result.blend_mask, result.edited_image.size), args.save_mask)
     _print_stats(args, result.stats)
     return 0
 
@@ -322,16 +334,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_arguments(edit)
     add_edit_arguments(edit)
+    add_blend_arguments(edit)
     add_run_arguments(edit)
     # None = not given: with --inversion-file the file's values apply, else EditOptions' defaults (cmd_edit).
-    edit.set_defaults(func=cmd_edit, flags={**COMMON_FLAGS, **EDIT_FLAGS}, steps=None, guidance=None)
+    edit.set_defaults(
+        func=cmd_edit, flags={**COMMON_FLAGS, **EDIT_FLAGS, **BLEND_FLAGS}, steps=None, guidance=None
+    )
 
     gen = sub.add_parser("generate", help="generate from a source prompt and edit toward a target prompt")
     add_generate_arguments(gen)
     add_model_arguments(gen)
     add_edit_arguments(gen)
+    add_blend_arguments(gen)
     add_run_arguments(gen)
-    gen.set_defaults(func=cmd_generate, flags={**COMMON_FLAGS, **GENERATE_FLAGS})
+    gen.set_defaults(func=cmd_generate, flags={**COMMON_FLAGS, **GENERATE_FLAGS, **BLEND_FLAGS})
 
     convert = sub.add_parser(
         "convert",

@@ -15,6 +15,7 @@ from google.protobuf.message import Message
 from PIL import Image
 
 from fpedit.engine import EditOptions, InvalidInputError, ProgressEvent
+from fpedit.engine.blend import DEFAULT_BLEND_START, DEFAULT_BLEND_THRESHOLD, Blend
 from fpedit.engine.options import DEFAULT_NULL_TEXT_EPSILON, DEFAULT_NULL_TEXT_STEPS, check_null_text_options
 from fpedit.v1 import edit_pb2 as pb
 
@@ -61,7 +62,29 @@ def _options_from_proto(message: pb.EditOptions, base: EditOptions | None) -> Ed
         if message.map_format not in MAP_FORMATS:
             raise InvalidInputError("map_format", f"unknown value {message.map_format}")
         changes["map_format"] = MAP_FORMATS[message.map_format]
+    blend = blend_from_proto(message)
+    if blend is not None:
+        changes["blend"] = blend
     return base.replace(**changes) if changes else base
+
+
+def blend_from_proto(message: pb.EditOptions) -> Blend | None:
+    """The blend fields as a :class:`Blend`; ``None`` when none is set. Settings without a mask or words
+    are refused by :class:`Blend` itself (naming the field)."""
+    settings = ("mask_grow", "blend_start", "blend_threshold")
+    if not message.mask and not message.blend_words and not any(message.HasField(f) for f in settings):
+        return None
+    return Blend(
+        mask=bytes(message.mask) or None,
+        mask_grow=message.mask_grow,
+        words=tuple(message.blend_words),
+        start=shortest_decimal(message.blend_start)
+        if message.HasField("blend_start")
+        else DEFAULT_BLEND_START,
+        threshold=shortest_decimal(message.blend_threshold)
+        if message.HasField("blend_threshold")
+        else DEFAULT_BLEND_THRESHOLD,
+    )
 
 
 # --- JSON requests --------------------------------------------------------------------------------------------
@@ -75,6 +98,9 @@ VALUE_RULES: dict[str, Callable[[Any], object]] = {
     "fpedit.v1.EditOptions.replace_start": lambda value: EditOptions(replace_window=(value, 1.0)),
     "fpedit.v1.EditOptions.replace_end": lambda value: EditOptions(replace_window=(0.0, value)),
     "fpedit.v1.EditOptions.layers": lambda value: EditOptions(layers=value),
+    "fpedit.v1.EditOptions.mask_grow": lambda value: Blend(mask=b"?", mask_grow=value),
+    "fpedit.v1.EditOptions.blend_start": lambda value: Blend(words=("?",), start=value),
+    "fpedit.v1.EditOptions.blend_threshold": lambda value: Blend(words=("?",), threshold=value),
     "null_text_steps": lambda value: check_null_text_options(value, DEFAULT_NULL_TEXT_EPSILON),
     "null_text_epsilon": lambda value: check_null_text_options(DEFAULT_NULL_TEXT_STEPS, value),
 }
@@ -270,6 +296,8 @@ def edit_response(outcome: EditOutcome) -> pb.EditResponse:
         width=outcome.width,
         height=outcome.height,
         stats=stats_to_proto(outcome.stats, outcome.queue_ms, outcome.replica),
+        blend_mask=outcome.blend_mask,
+        notes=list(outcome.notes),
     )
 
 
@@ -281,6 +309,8 @@ def generate_response(outcome: GenerateOutcome) -> pb.GenerateEditResponse:
         width=outcome.width,
         height=outcome.height,
         stats=stats_to_proto(outcome.stats, outcome.queue_ms, outcome.replica),
+        blend_mask=outcome.blend_mask,
+        notes=list(outcome.notes),
     )
 
 
@@ -328,3 +358,20 @@ def stream_message(item: ProgressEvent | EditOutcome) -> pb.EditEvent:
     if isinstance(item, ProgressEvent):
         return pb.EditEvent(progress=pb.Progress(stage=item.stage, step=item.step, total=item.total))
     return pb.EditEvent(result=edit_response(item))
+
+
+def blend_outputs(mask: Any, size: tuple[int, int]) -> dict[str, Any]:
+    """An outcome's ``blend_mask`` (a PNG of the latent mask at ``size``, each cell a block) and ``notes``
+    for a result's ``blend_mask`` (``None``: no blend, nothing to add)."""
+    if mask is None:
+        return {}
+    import numpy as np
+
+    cells = np.asarray(mask, dtype=bool)
+    picture = Image.fromarray(cells.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)
+    notes = []
+    if not cells.any():
+        notes.append("the blend mask selects nothing: the edited image is the source's")
+    elif cells.all():
+        notes.append("the blend mask selects everything: the blend changed nothing")
+    return {"blend_mask": encode_image(picture, "PNG"), "notes": tuple(notes)}

@@ -10,7 +10,8 @@ cannot drift between the two transports. The servicer's gRPC status becomes an H
 ``{"error": {"code", "status", "message"}}``. The OpenAPI document and the ``/docs`` page are written from
 the proto descriptors in :mod:`.openapi`.
 
-Routes: ``POST /v1/edit`` (JSON, or ``multipart/form-data`` with an ``image`` file and a ``request`` JSON
+Routes: ``POST /v1/edit`` (JSON, or ``multipart/form-data`` with an ``image`` file, an optional ``mask``
+file (a blend's mask, docs/design.md) and a ``request`` JSON
 part), ``POST /v1/edit:stream`` (server-sent events: one ``EditEvent`` per event), ``POST /v1/generate``,
 ``POST /v1/invert``, ``GET /v1/info``, ``POST /v1/maps`` (cross-attention heatmaps; :mod:`.maps`), ``GET /healthz``, ``GET /readyz``, ``GET /openapi.json``,
 ``GET /docs`` and the editor page at ``GET /``. Starlette serves them under uvicorn, on a thread of the
@@ -342,15 +343,17 @@ async def _split_multipart(request: Request, body: bytes, limit: int) -> JsonBod
         return {"type": "http.request", "body": body, "more_body": False}
 
     try:
-        form = await Request(request.scope, replay).form(max_files=1, max_fields=1, max_part_size=limit)
+        form = await Request(request.scope, replay).form(max_files=2, max_fields=1, max_part_size=limit)
     except HTTPException as exc:  # Starlette's multipart errors
         return JsonBody(b"", error=f"is not valid multipart/form-data ({exc.detail})")
     except Exception as exc:
         return JsonBody(b"", error=f"is not valid multipart/form-data ({type(exc).__name__})")
     try:
-        unknown = sorted(set(form.keys()) - {"image", "request"})
+        unknown = sorted(set(form.keys()) - {"image", "request", "mask"})
         if unknown:
-            return JsonBody(b"", error=f"unknown form part {unknown[0]!r}; send 'image' and 'request'")
+            return JsonBody(
+                b"", error=f"unknown form part {unknown[0]!r}; send 'image', 'request' and optionally 'mask'"
+            )
         text = form.get("request")
         image = form.get("image")
         if text is not None and not isinstance(text, str):  # sent as a file: read it
@@ -358,7 +361,9 @@ async def _split_multipart(request: Request, body: bytes, limit: int) -> JsonBod
         if image is None:
             return JsonBody(b"", error="the multipart body has no 'image' file part")
         data = image.encode() if isinstance(image, str) else await image.read()
-        return JsonBody((text or "").encode(), image=data)
+        mask = form.get("mask")
+        mask_data = None if mask is None else mask.encode() if isinstance(mask, str) else await mask.read()
+        return JsonBody((text or "").encode(), image=data, mask=mask_data)
     finally:
         await form.close()
 

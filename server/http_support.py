@@ -102,6 +102,7 @@ class JsonBody:
 
     text: bytes
     image: bytes | None = None  # a multipart request's ``image`` file part
+    mask: bytes | None = None  # and its ``mask`` part: ``options.mask``
     error: str | None = None  # what was wrong with a multipart body
 
     def decode_as(self, message_type: type[Message]) -> Any:
@@ -124,6 +125,12 @@ class JsonBody:
             if message.image:
                 raise InvalidInputError("image", "give the image as the file part or in the JSON, not both")
             message.image = self.image
+        if self.mask is not None:
+            if "options" not in message_type.DESCRIPTOR.fields_by_name:
+                raise InvalidInputError("mask", f"{name} takes no mask")
+            if message.options.mask:
+                raise InvalidInputError("mask", "give the mask as the file part or in the JSON, not both")
+            message.options.mask = self.mask
         return message
 
 

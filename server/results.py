@@ -23,6 +23,8 @@ class EditOutcome:
     queue_ms: float = 0.0
     inversion_id: str = ""  # the id an edit by image's inversion is kept under; "" when too big to keep
     replica: str = ""  # the Ray replica that ran it; "" in-process
+    blend_mask: bytes = b""  # with a blend: the mask it used, a PNG at the image's size
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,8 @@ class GenerateOutcome:
     stats: dict[str, Any]
     queue_ms: float = 0.0
     replica: str = ""
+    blend_mask: bytes = b""
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

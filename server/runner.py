@@ -38,7 +38,7 @@ from fpedit.engine.options import MAX_STEPS
 
 from .cache import InversionCache
 from .config import ServerConfig
-from .convert import encode_image
+from .convert import blend_outputs, encode_image
 from .errors import OverloadedError, unknown_inversion
 from .pool import WorkerPool, cpu_threads, device_memory, never_cancelled
 from .results import EditOutcome, GenerateOutcome, InfoOutcome, InvertOutcome, Limits
@@ -234,6 +234,7 @@ class LocalRunner:
             queue_ms=queue_ms,
             inversion_id=key,
             replica=self.replica,
+            **blend_outputs(result.blend_mask, result.edited_image.size),
         )
 
     def edit_stream(
@@ -271,6 +272,7 @@ class LocalRunner:
             stats=result.stats,
             queue_ms=queue_ms,
             replica=self.replica,
+            **blend_outputs(result.blend_mask, result.edited_image.size),
         )
 
     def invert(

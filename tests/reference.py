@@ -24,6 +24,8 @@ class _Control:
     layers: set[int] = field(default_factory=set)
     replace: bool = False
     unet_rows: int = 0
+    #: When a list, every cross-attention appends its probabilities (B, heads, queries, 77) here.
+    cross: list | None = None
 
 
 class _RefAttn:
@@ -42,6 +44,8 @@ class _RefAttn:
         k = k.reshape(b, -1, h, d).permute(0, 2, 1, 3)
         v = v.reshape(b, -1, h, d).permute(0, 2, 1, 3)
         probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)
+        if encoder_hidden_states is not None and self.control.cross is not None:
+            self.control.cross.append(probs.detach().clone())
         if self.layer is not None and self.control.replace and self.layer in self.control.layers:
             probs = probs.clone()
             probs[3] = probs[1]
@@ -310,3 +314,135 @@ def reference_edit_with_nulls(
         zs = ref.ddim(zs, ref._cfg(eps[0:1], eps[1:2], guidance), t, t - r)
         zt = ref.ddim(zt, ref._cfg(eps[2:3], eps[3:4], guidance), t, t - r)
     return zs, zt
+
+
+# -- Local blending (issue 27): user masks, LocalBlend word masks, and the blend step ------------------------
+#
+# Written from the issue's semantics alone: numpy cell means and pooling, words found by splitting the prompt
+# on spaces (as Prompt-to-Prompt does), the cross-attention recorded by the processor above, and the edit
+# loops of this module (every step runs all four rows) with the blend after each step from the start step on.
+
+
+def reference_user_mask(mask_image, working_size: tuple[int, int], grow: int = 0) -> np.ndarray:
+    """(h, w) bool: the mask image at the working size (Lanczos when it differs), brightest channel / 255,
+    mean over 8x8 cells > 0.5, dilated by ``grow`` cells (square window)."""
+    from PIL import Image
+
+    img = mask_image.convert("RGB")
+    if img.size != tuple(working_size):
+        img = img.resize(tuple(working_size), Image.Resampling.LANCZOS)
+    px = np.asarray(img, dtype=np.float64).max(axis=2) / 255.0
+    h, w = px.shape[0] // 8, px.shape[1] // 8
+    cells = px.reshape(h, 8, w, 8).mean(axis=(1, 3)) > 0.5
+    if grow:
+        grown = np.zeros_like(cells)
+        for y in range(h):
+            for x in range(w):
+                grown[y, x] = cells[max(0, y - grow) : y + grow + 1, max(0, x - grow) : x + grow + 1].any()
+        cells = grown
+    return cells
+
+
+def reference_word_tokens(tokenizer, prompt: str, word: str) -> list[int]:
+    """Token positions (0 = start token) of ``word`` in ``prompt``, counting each space-separated word's
+    tokens."""
+    positions, at = [], 1
+    for piece in prompt.split(" "):
+        if not piece:
+            continue
+        n = len(tokenizer.tokenize(piece))
+        if piece == word:
+            positions.extend(range(at, at + n))
+        at += n
+    return positions
+
+
+class ReferenceLocalBlend:
+    """The mask of one edit: ``user`` (bool grid or None) united with the word map of each watched row
+    (``rows``: row of the 4-row call -> token positions), from the cross-attention of the layers whose query
+    grid is 1/4 of the latent side, summed over the steps so far."""
+
+    def __init__(self, latent_hw, user, rows: dict[int, list[int]], threshold: float) -> None:
+        self.h, self.w = latent_hw
+        self.user = user
+        self.rows = {r: p for r, p in rows.items() if p}
+        self.threshold = threshold
+        self.sums = {r: np.zeros((self.h // 4, self.w // 4)) for r in self.rows}
+
+    def observe(self, recorded: list) -> None:
+        grid = (self.h // 4) * (self.w // 4)
+        chosen = [p for p in recorded if p.shape[2] == grid]
+        for r, positions in self.rows.items():
+            per_layer = [p[r].double().mean(dim=0)[:, positions].sum(dim=1) for p in chosen]
+            self.sums[r] += torch.stack(per_layer).mean(dim=0).numpy().reshape(self.h // 4, self.w // 4)
+
+    def mask(self) -> np.ndarray:
+        out = np.zeros((self.h, self.w), dtype=bool) if self.user is None else self.user.copy()
+        for s in self.sums.values():
+            gh, gw = s.shape
+            padded = np.full((gh + 2, gw + 2), -np.inf)
+            padded[1:-1, 1:-1] = s
+            pooled = np.array([[padded[y : y + 3, x : x + 3].max() for x in range(gw)] for y in range(gh)])
+            up = np.repeat(np.repeat(pooled, self.h // gh, axis=0), self.w // gw, axis=1)
+            if up.max() > 0:
+                out |= up / up.max() > self.threshold
+        return out
+
+
+def _blended(zs, zt, mask: np.ndarray):
+    m = torch.tensor(mask, dtype=torch.float32)[None, None]
+    return zs + m * (zt - zs)
+
+
+@torch.no_grad()
+def reference_blend_edit(
+    ref: ReferenceFPE,
+    *,
+    z_T,
+    source_prompt: str,
+    target_prompt: str,
+    steps: int,
+    guidance: float,
+    window,
+    layers,
+    start: int | None,
+    user=None,
+    words: tuple[str, ...] = (),
+    threshold: float = 0.3,
+    traj: list | None = None,
+    nulls=None,
+):
+    """An FPE edit with local blending after every step ``i >= start`` (``None``: never).
+
+    ``traj`` given: a real edit whose blend source is the trajectory (``traj[steps - i - 1]`` after step i);
+    with ``nulls`` (Algorithm 3) the source is generated from z_T with ``source_prompt`` and step i's null,
+    else (Algorithm 2) pinned to the trajectory with prompt "". Without ``traj``: a generated edit blending
+    onto the generated source. Returns (final target latent, last mask)."""
+    ref.control.layers = set(layers)
+    e_u, e_s, e_t = ref.embed(""), ref.embed(source_prompt), ref.embed(target_prompt)
+    algorithm2 = traj is not None and nulls is None
+    rows = {3: [p for w in words for p in reference_word_tokens(ref.tokenizer, target_prompt, w)]}
+    if source_prompt and not algorithm2:
+        rows[1] = [p for w in words for p in reference_word_tokens(ref.tokenizer, source_prompt, w)]
+    blend = ReferenceLocalBlend(tuple(z_T.shape[-2:]), user, rows if words else {}, threshold)
+    replaced = ref._window(steps, window)
+    r = ref.T // steps
+    zs = zt = z_T.clone()
+    mask = None
+    for i, t in enumerate(ref.timesteps(steps)):
+        if algorithm2:
+            zs = traj[steps - i]
+            ctx = torch.cat([e_u, e_u, e_u, e_t])
+        else:
+            u = e_u if nulls is None else nulls[i : i + 1]
+            ctx = torch.cat([u, e_s, u, e_t])
+        ref.control.cross = []
+        eps = ref._unet(torch.cat([zs, zs, zt, zt]), t, ctx, i in replaced)
+        recorded, ref.control.cross = ref.control.cross, None
+        blend.observe(recorded)
+        zs = ref.ddim(zs, ref._cfg(eps[0:1], eps[1:2], guidance), t, t - r)
+        zt = ref.ddim(zt, ref._cfg(eps[2:3], eps[3:4], guidance), t, t - r)
+        if start is not None and i >= start:
+            mask = blend.mask()
+            zt = _blended(zs if traj is None else traj[steps - i - 1], zt, mask)
+    return zt, mask

@@ -599,3 +599,25 @@ def test_onnxruntime_holds_the_unet_weights_once(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr
     grown = json.loads(proc.stdout.strip().splitlines()[-1])["grown"]
     assert 0.9 * weights < grown < 1.6 * weights, (grown / weights, weights)
+
+
+def test_ort_user_mask_blend_equals_torch_and_word_masks_are_refused(ort_engine, engine):
+    """The blend runs outside the UNet, so a user mask works on an export as on torch (same mask, the
+    inversion's z_0 outside it bit for bit); word masks need cross-attention outputs the export lacks."""
+    from fpedit.engine.blend import Blend
+
+    image = make_image(64, 64)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, :32] = 255
+    opts = EditOptions(steps=4, blend=Blend(mask=mask, start=0.25))
+    r = ort_engine.edit_real(image, "a red car", options=opts)
+    t = engine.edit_real(image, "a red car", options=opts)
+    np.testing.assert_array_equal(r.blend_mask, t.blend_mask)
+    assert r.blend_mask[:, :4].all() and not r.blend_mask[:, 4:].any()
+    outside = ~r.blend_mask
+    z0 = r.inversion.latent(0).cpu().numpy()
+    np.testing.assert_array_equal(r.edited_latents[..., outside], z0[..., outside])
+    assert rel_l2(r.edited_latents, t.edited_latents) < 1e-3
+    with pytest.raises(InvalidInputError, match="word masks need cross-attention") as err:
+        ort_engine.edit_real(r.inversion, "a red car", options=opts.replace(blend=Blend(words=("car",))))
+    assert err.value.field == "blend_words"

@@ -37,6 +37,9 @@ class CallState:
     inject_rows: dict[int, torch.Tensor | None] = field(default_factory=dict)
     # Per donor layer: (B,) long on the device, the row whose map each row attends with in that layer.
     donor_index: dict[int, torch.Tensor] = field(default_factory=dict)
+    # Self-attention layer numbers whose block's cross-attention hands out its head-averaged probabilities.
+    cross_probs: frozenset[int] = frozenset()
+    cross_captured: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def touches(self, layer: int) -> bool:
         """Whether ``layer`` reads or writes a map in this forward (only those take the ``probs`` path)."""
@@ -45,7 +48,11 @@ class CallState:
     @classmethod
     def for_call(cls, call: UNetCall, device: torch.device) -> CallState:
         """The state of an eager forward: gates decided on the host, so layers no row uses cost nothing."""
-        state = cls(map_format=call.map_format, capture=frozenset(call.capture))
+        state = cls(
+            map_format=call.map_format,
+            capture=frozenset(call.capture),
+            cross_probs=frozenset(call.cross_probs),
+        )
         if not call.need_noise_pred and state.capture:
             state.last_needed_layer = max(state.capture)
         if call.inject is not None:
@@ -196,6 +203,33 @@ class PlainAttnProcessor(AttnProcessor2_0):
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 
+class CrossAttnProbsProcessor(PlainAttnProcessor):
+    """The cross-attention of self-attention layer ``layer``'s transformer block: unchanged output, and, when
+    the call asks (``fpe.cross_probs``), its softmax over the text tokens averaged over heads, computed beside
+    the fused attention (a blend's word masks read them; the output stays bit for bit a plain call's)."""
+
+    def __init__(self, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, fpe=None
+    ):
+        if fpe is not None and self.layer in fpe.cross_probs and encoder_hidden_states is not None:
+            context = encoder_hidden_states
+            if attn.norm_cross:
+                context = attn.norm_encoder_hidden_states(context)
+            batch, tokens, _ = hidden_states.shape
+            q, k = attn.to_q(hidden_states), attn.to_k(context)
+            heads = attn.heads
+            q = q.view(batch, tokens, heads, -1).transpose(1, 2).float()
+            k = k.view(batch, k.shape[1], heads, -1).transpose(1, 2).float()
+            fpe.cross_captured[self.layer] = (
+                (q @ k.transpose(-1, -2) * attn.scale).softmax(dim=-1).mean(dim=1)
+            )
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, fpe)
+
+
 def unet_forward(
     unet: torch.nn.Module,
     sample: torch.Tensor,
@@ -216,12 +250,16 @@ def unet_forward(
 def install_processors(unet: torch.nn.Module, spec: ModelSpec) -> None:
     """Give every attention module of ``unet`` a processor that understands the FPE call state."""
     self_attn = {layer.module_path: layer.index for layer in spec.layers}
-    processors = {}
+    cross_attn = {path.removesuffix("attn1") + "attn2": index for path, index in self_attn.items()}
+    processors: dict[str, object] = {}
     for name in unet.attn_processors:  # "<module path>.processor"
         path = name.removesuffix(".processor")
-        processors[name] = (
-            FPESelfAttnProcessor(self_attn[path]) if path in self_attn else PlainAttnProcessor()
-        )
+        if path in self_attn:
+            processors[name] = FPESelfAttnProcessor(self_attn[path])
+        elif path in cross_attn:
+            processors[name] = CrossAttnProbsProcessor(cross_attn[path])
+        else:
+            processors[name] = PlainAttnProcessor()
     found = {p for p in self_attn if f"{p}.processor" in processors}
     if len(found) != len(self_attn):
         raise InvalidInputError("model", f"self-attention modules missing: {sorted(set(self_attn) - found)}")

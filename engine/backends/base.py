@@ -42,6 +42,8 @@ class Backend(ABC):
     max_batch: int = 8
     #: Whether :meth:`unet` takes ``call.donors``: rows that attend with another row's map of the same call.
     supports_donors: bool = False
+    #: Whether :meth:`unet` returns ``call.cross_probs`` (cross-attention probabilities: word-mask blends).
+    supports_cross_probs: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

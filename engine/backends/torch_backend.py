@@ -38,6 +38,7 @@ class TorchBackend(Backend):
 
     name = "torch"
     supports_donors = True
+    supports_cross_probs = True
 
     def __init__(
         self,
@@ -120,12 +121,13 @@ class TorchBackend(Backend):
     @torch.inference_mode()
     def unet(self, call: UNetCall) -> UNetResult:
         call = self.on_device(call)
-        if self.graphs is not None:
+        if self.graphs is not None and not call.cross_probs:  # cross-attention probabilities: eager
             return self.graphs.run(call)
         state = CallState.for_call(call, self.device)
         noise = self.forward(call.sample, call.timesteps, call.context, state)
         maps = AttentionMaps(call.map_format, dict(state.captured)) if call.capture else None
-        return UNetResult(noise if call.need_noise_pred else None, maps)
+        cross = dict(state.cross_captured) if call.cross_probs else None
+        return UNetResult(noise if call.need_noise_pred else None, maps, cross)
 
     @property
     def unet_module(self) -> torch.nn.Module:

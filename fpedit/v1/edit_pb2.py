@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x66pedit/v1/edit.proto\x12\tfpedit.v1\"\x99\x02\n\x0b\x45\x64itOptions\x12\x12\n\x05steps\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x1a\n\rreplace_start\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x18\n\x0breplace_end\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x0e\n\x06layers\x18\x05 \x03(\r\x12\x19\n\x0clayer_preset\x18\x06 \x01(\tH\x04\x88\x01\x01\x12(\n\nmap_format\x18\x07 \x01(\x0e\x32\x14.fpedit.v1.MapFormatB\x08\n\x06_stepsB\x11\n\x0f_guidance_scaleB\x10\n\x0e_replace_startB\x0e\n\x0c_replace_endB\x0f\n\r_layer_preset\"\xff\x01\n\x05Stats\x12\x31\n\tstages_ms\x18\x01 \x03(\x0b\x32\x1e.fpedit.v1.Stats.StagesMsEntry\x12\x11\n\tengine_ms\x18\x02 \x01(\x02\x12\x10\n\x08queue_ms\x18\x03 \x01(\x02\x12\x11\n\tunet_rows\x18\x04 \x01(\r\x12\x12\n\nunet_calls\x18\x05 \x01(\r\x12\r\n\x05steps\x18\x06 \x01(\r\x12\x16\n\x0ereplaced_steps\x18\x07 \x03(\r\x12\x0e\n\x06layers\x18\x08 \x03(\r\x12\x0f\n\x07replica\x18\t \x01(\t\x1a/\n\rStagesMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xf3\x02\n\x0b\x45\x64itRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x14\n\x0cinversion_id\x18\x02 \x01(\t\x12\x15\n\rtarget_prompt\x18\x03 \x01(\t\x12\'\n\x07options\x18\x04 \x01(\x0b\x32\x16.fpedit.v1.EditOptions\x12-\n\routput_format\x18\x05 \x01(\x0e\x32\x16.fpedit.v1.ImageFormat\x12\x1b\n\x13skip_reconstruction\x18\x06 \x01(\x08\x12\x15\n\rsource_prompt\x18\x07 \x01(\t\x12\x34\n\x10inversion_method\x18\x08 \x01(\x0e\x32\x1a.fpedit.v1.InversionMethod\x12\x1c\n\x0fnull_text_steps\x18\t \x01(\rH\x00\x88\x01\x01\x12\x1e\n\x11null_text_epsilon\x18\n \x01(\x02H\x01\x88\x01\x01\x42\x12\n\x10_null_text_stepsB\x14\n\x12_null_text_epsilon\"\x98\x01\n\x0c\x45\x64itResponse\x12\x14\n\x0c\x65\x64ited_image\x18\x01 \x01(\x0c\x12\x1c\n\x14reconstruction_image\x18\x02 \x01(\x0c\x12\x14\n\x0cinversion_id\x18\x03 \x01(\t\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0e\n\x06height\x18\x05 \x01(\r\x12\x1f\n\x05stats\x18\x06 \x01(\x0b\x32\x10.fpedit.v1.Stats\"6\n\x08Progress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\r\x12\r\n\x05total\x18\x03 \x01(\r\"h\n\tEditEvent\x12\'\n\x08progress\x18\x01 \x01(\x0b\x32\x13.fpedit.v1.ProgressH\x00\x12)\n\x06result\x18\x02 \x01(\x0b\x32\x17.fpedit.v1.EditResponseH\x00\x42\x07\n\x05\x65vent\"\xf5\x01\n\x13GenerateEditRequest\x12\x15\n\rsource_prompt\x18\x01 \x01(\t\x12\x15\n\rtarget_prompt\x18\x02 \x01(\t\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\'\n\x07options\x18\x04 \x01(\x0b\x32\x16.fpedit.v1.EditOptions\x12\x13\n\x06height\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x12\n\x05width\x18\x06 \x01(\rH\x02\x88\x01\x01\x12-\n\routput_format\x18\x07 \x01(\x0e\x32\x16.fpedit.v1.ImageFormatB\x07\n\x05_seedB\t\n\x07_heightB\x08\n\x06_width\"\x90\x01\n\x14GenerateEditResponse\x12\x14\n\x0csource_image\x18\x01 \x01(\x0c\x12\x14\n\x0c\x65\x64ited_image\x18\x02 \x01(\x0c\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0e\n\x06height\x18\x05 \x01(\r\x12\x1f\n\x05stats\x18\x06 \x01(\x0b\x32\x10.fpedit.v1.Stats\"\xfc\x01\n\rInvertRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\'\n\x07options\x18\x02 \x01(\x0b\x32\x16.fpedit.v1.EditOptions\x12\x15\n\rsource_prompt\x18\x03 \x01(\t\x12\x34\n\x10inversion_method\x18\x04 \x01(\x0e\x32\x1a.fpedit.v1.InversionMethod\x12\x1c\n\x0fnull_text_steps\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x1e\n\x11null_text_epsilon\x18\x06 \x01(\x02H\x01\x88\x01\x01\x42\x12\n\x10_null_text_stepsB\x14\n\x12_null_text_epsilon\"\x8b\x01\n\x0eInvertResponse\x12\x14\n\x0cinversion_id\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\r\n\x05steps\x18\x04 \x01(\r\x12\x14\n\x0c\x65xpires_in_s\x18\x05 \x01(\r\x12\x1f\n\x05stats\x18\x06 \x01(\x0b\x32\x10.fpedit.v1.Stats\"\x10\n\x0eGetInfoRequest\"\xca\x01\n\x06Limits\x12\x11\n\tmax_steps\x18\x01 \x01(\r\x12\x18\n\x10max_image_pixels\x18\x02 \x01(\x04\x12\x10\n\x08max_side\x18\x03 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x04\x12\x0f\n\x07workers\x18\x05 \x01(\r\x12\x11\n\tmax_queue\x18\x06 \x01(\r\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x07 \x01(\x04\x12\x13\n\x0b\x63\x61\x63he_ttl_s\x18\x08 \x01(\r\x12\x18\n\x10max_prompt_chars\x18\t \x01(\r\"\xd0\x02\n\x0fGetInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x11\n\tprecision\x18\x05 \x01(\t\x12\x18\n\x10layers_available\x18\x06 \x03(\r\x12)\n\x0bmap_formats\x18\x07 \x03(\x0e\x32\x14.fpedit.v1.MapFormat\x12(\n\x08\x64\x65\x66\x61ults\x18\x08 \x01(\x0b\x32\x16.fpedit.v1.EditOptions\x12!\n\x06limits\x18\t \x01(\x0b\x32\x11.fpedit.v1.Limits\x12\x1a\n\x12\x64\x65\x66\x61ult_image_size\x18\n \x01(\r\x12\"\n\x05loras\x18\x0b \x03(\x0b\x32\x13.fpedit.v1.LoraInfo\x12\x17\n\x0fprediction_type\x18\x0c \x01(\t\"\'\n\x08LoraInfo\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\r\n\x05scale\x18\x02 \x01(\x02*P\n\tMapFormat\x12\x1a\n\x16MAP_FORMAT_UNSPECIFIED\x10\x00\x12\x11\n\rMAP_FORMAT_QK\x10\x01\x12\x14\n\x10MAP_FORMAT_PROBS\x10\x02*\x94\x01\n\x0fInversionMethod\x12 \n\x1cINVERSION_METHOD_UNSPECIFIED\x10\x00\x12\x19\n\x15INVERSION_METHOD_DDIM\x10\x01\x12\x1e\n\x1aINVERSION_METHOD_NULL_TEXT\x10\x02\x12$\n INVERSION_METHOD_NEGATIVE_PROMPT\x10\x03*o\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x01\x12\x15\n\x11IMAGE_FORMAT_JPEG\x10\x02\x12\x15\n\x11IMAGE_FORMAT_WEBP\x10\x03\x32\xd6\x02\n\x0b\x45\x64itService\x12\x37\n\x04\x45\x64it\x12\x16.fpedit.v1.EditRequest\x1a\x17.fpedit.v1.EditResponse\x12<\n\nEditStream\x12\x16.fpedit.v1.EditRequest\x1a\x14.fpedit.v1.EditEvent0\x01\x12O\n\x0cGenerateEdit\x12\x1e.fpedit.v1.GenerateEditRequest\x1a\x1f.fpedit.v1.GenerateEditResponse\x12=\n\x06Invert\x12\x18.fpedit.v1.InvertRequest\x1a\x19.fpedit.v1.InvertResponse\x12@\n\x07GetInfo\x12\x19.fpedit.v1.GetInfoRequest\x1a\x1a.fpedit.v1.GetInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x66pedit/v1/edit.proto\x12\tfpedit.v1\"\xbe\x03\n\x0b\x45\x64itOptions\x12\x12\n\x05steps\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x1a\n\rreplace_start\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x18\n\x0breplace_end\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x0e\n\x06layers\x18\x05 \x03(\r\x12\x19\n\x0clayer_preset\x18\x06 \x01(\tH\x04\x88\x01\x01\x12(\n\nmap_format\x18\x07 \x01(\x0e\x32\x14.fpedit.v1.MapFormat\x12\x0c\n\x04mask\x18\x08 \x01(\x0c\x12\x16\n\tmask_grow\x18\t \x01(\rH\x05\x88\x01\x01\x12\x13\n\x0b\x62lend_words\x18\n \x03(\t\x12\x18\n\x0b\x62lend_start\x18\x0b \x01(\x02H\x06\x88\x01\x01\x12\x1c\n\x0f\x62lend_threshold\x18\x0c \x01(\x02H\x07\x88\x01\x01\x42\x08\n\x06_stepsB\x11\n\x0f_guidance_scaleB\x10\n\x0e_replace_startB\x0e\n\x0c_replace_endB\x0f\n\r_layer_presetB\x0c\n\n_mask_growB\x0e\n\x0c_blend_startB\x12\n\x10_blend_threshold\"\xff\x01\n\x05Stats\x12\x31\n\tstages_ms\x18\x01 \x03(\x0b\x32\x1e.fpedit.v1.Stats.StagesMsEntry\x12\x11\n\tengine_ms\x18\x02 \x01(\x02\x12\x10\n\x08queue_ms\x18\x03 \x01(\x02\x12\x11\n\tunet_rows\x18\x04 \x01(\r\x12\x12\n\nunet_calls\x18\x05 \x01(\r\x12\r\n\x05steps\x18\x06 \x01(\r\x12\x16\n\x0ereplaced_steps\x18\x07 \x03(\r\x12\x0e\n\x06layers\x18\x08 \x03(\r\x12\x0f\n\x07replica\x18\t \x01(\t\x1a/\n\rStagesMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xf3\x02\n\x0b\x45\x64itRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x14\n\x0cinversion_id\x18\x02 \x01(\t\x12\x15\n\rtarget_prompt\x18\x03 \x01(\t\x12\'\n\x07options\x18\x04 \x01(\x0b\x32\x16.fpedit.v1.EditOptions\x12-\n\routput_format\x18\x05 \x01(\x0e\x32\x16.fpedit.v1.ImageFormat\x12\x1b\n\x13skip_reconstruction\x18\x06 \x01(\x08\x12\x15\n\rsource_prompt\x18\x07 \x01(\t\x12\x34\n\x10inversion_method\x18\x08 \x01(\x0e\x32\x1a.fpedit.v1.InversionMethod\x12\x1c\n\x0fnull_text_steps\x18\t \x01(\rH\x00\x88\x01\x01\x12\x1e\n\x11null_text_epsilon\x18\n \x01(\x02H\x01\x88\x01\x01\x42\x12\n\x10_null_text_stepsB\x14\n\x12_null_text_epsilon\"\xbb\x01\n\x0c\x45\x64itResponse\x12\x14\n\x0c\x65\x64ited_image\x18\x01 \x01(\x0c\x12\x1c\n\x14reconstruction_image\x18\x02 \x01(\x0c\x12\x14\n\x0cinversion_id\x18\x03 \x01(\t\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0e\n\x06height\x18\x05 \x01(\r\x12\x1f\n\x05stats\x18\x06 \x01(\x0b\x32\x10.fpedit.v1.Stats\x12\x12\n\nblend_mask\x18\x07 \x01(\x0c\x12\r\n\x05notes\x18\x08 \x03(\t\"6\n\x08Progress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\r\x12\r\n\x05total\x18\x03 \x01(\r\"h\n\tEditEvent\x12\'\n\x08progress\x18\x01 \x01(\x0b\x32\x13.fpedit.v1.ProgressH\x00\x12)\n\x06result\x18\x02 \x01(\x0b\x32\x17.fpedit.v1.EditResponseH\x00\x42\x07\n\x05\x65vent\"\xf5\x01\n\x13GenerateEditRequest\x12\x15\n\rsource_prompt\x18\x01 \x01(\t\x12\x15\n\rtarget_prompt\x18\x02 \x01(\t\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\'\n\x07options\x18\x04 \x01(\x0b\x32\x16.fpedit.v1.EditOptions\x12\x13\n\x06height\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x12\n\x05width\x18\x06 \x01(\rH\x02\x88\x01\x01\x12-\n\routput_format\x18\x07 \x01(\x0e\x32\x16.fpedit.v1.ImageFormatB\x07\n\x05_seedB\t\n\x07_heightB\x08\n\x06_width\"\xb3\x01\n\x14GenerateEditResponse\x12\x14\n\x0csource_image\x18\x01 \x01(\x0c\x12\x14\n\x0c\x65\x64ited_image\x18\x02 \x01(\x0c\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0e\n\x06height\x18\x05 \x01(\r\x12\x1f\n\x05stats\x18\x06 \x01(\x0b\x32\x10.fpedit.v1.Stats\x12\x12\n\nblend_mask\x18\x07 \x01(\x0c\x12\r\n\x05notes\x18\x08 \x03(\t\"\xfc\x01\n\rInvertRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\'\n\x07options\x18\x02 \x01(\x0b\x32\x16.fpedit.v1.EditOptions\x12\x15\n\rsource_prompt\x18\x03 \x01(\t\x12\x34\n\x10inversion_method\x18\x04 \x01(\x0e\x32\x1a.fpedit.v1.InversionMethod\x12\x1c\n\x0fnull_text_steps\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x1e\n\x11null_text_epsilon\x18\x06 \x01(\x02H\x01\x88\x01\x01\x42\x12\n\x10_null_text_stepsB\x14\n\x12_null_text_epsilon\"\x8b\x01\n\x0eInvertResponse\x12\x14\n\x0cinversion_id\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\r\n\x05steps\x18\x04 \x01(\r\x12\x14\n\x0c\x65xpires_in_s\x18\x05 \x01(\r\x12\x1f\n\x05stats\x18\x06 \x01(\x0b\x32\x10.fpedit.v1.Stats\"\x10\n\x0eGetInfoRequest\"\xca\x01\n\x06Limits\x12\x11\n\tmax_steps\x18\x01 \x01(\r\x12\x18\n\x10max_image_pixels\x18\x02 \x01(\x04\x12\x10\n\x08max_side\x18\x03 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x04\x12\x0f\n\x07workers\x18\x05 \x01(\r\x12\x11\n\tmax_queue\x18\x06 \x01(\r\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x07 \x01(\x04\x12\x13\n\x0b\x63\x61\x63he_ttl_s\x18\x08 \x01(\r\x12\x18\n\x10max_prompt_chars\x18\t \x01(\r\"\xd0\x02\n\x0fGetInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x11\n\tprecision\x18\x05 \x01(\t\x12\x18\n\x10layers_available\x18\x06 \x03(\r\x12)\n\x0bmap_formats\x18\x07 \x03(\x0e\x32\x14.fpedit.v1.MapFormat\x12(\n\x08\x64\x65\x66\x61ults\x18\x08 \x01(\x0b\x32\x16.fpedit.v1.EditOptions\x12!\n\x06limits\x18\t \x01(\x0b\x32\x11.fpedit.v1.Limits\x12\x1a\n\x12\x64\x65\x66\x61ult_image_size\x18\n \x01(\r\x12\"\n\x05loras\x18\x0b \x03(\x0b\x32\x13.fpedit.v1.LoraInfo\x12\x17\n\x0fprediction_type\x18\x0c \x01(\t\"\'\n\x08LoraInfo\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\r\n\x05scale\x18\x02 \x01(\x02*P\n\tMapFormat\x12\x1a\n\x16MAP_FORMAT_UNSPECIFIED\x10\x00\x12\x11\n\rMAP_FORMAT_QK\x10\x01\x12\x14\n\x10MAP_FORMAT_PROBS\x10\x02*\x94\x01\n\x0fInversionMethod\x12 \n\x1cINVERSION_METHOD_UNSPECIFIED\x10\x00\x12\x19\n\x15INVERSION_METHOD_DDIM\x10\x01\x12\x1e\n\x1aINVERSION_METHOD_NULL_TEXT\x10\x02\x12$\n INVERSION_METHOD_NEGATIVE_PROMPT\x10\x03*o\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x01\x12\x15\n\x11IMAGE_FORMAT_JPEG\x10\x02\x12\x15\n\x11IMAGE_FORMAT_WEBP\x10\x03\x32\xd6\x02\n\x0b\x45\x64itService\x12\x37\n\x04\x45\x64it\x12\x16.fpedit.v1.EditRequest\x1a\x17.fpedit.v1.EditResponse\x12<\n\nEditStream\x12\x16.fpedit.v1.EditRequest\x1a\x14.fpedit.v1.EditEvent0\x01\x12O\n\x0cGenerateEdit\x12\x1e.fpedit.v1.GenerateEditRequest\x1a\x1f.fpedit.v1.GenerateEditResponse\x12=\n\x06Invert\x12\x18.fpedit.v1.InvertRequest\x1a\x19.fpedit.v1.InvertResponse\x12@\n\x07GetInfo\x12\x19.fpedit.v1.GetInfoRequest\x1a\x1a.fpedit.v1.GetInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,42 +33,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STATS_STAGESMSENTRY']._loaded_options = None
   _globals['_STATS_STAGESMSENTRY']._serialized_options = b'8\001'
-  _globals['_MAPFORMAT']._serialized_start=2663
-  _globals['_MAPFORMAT']._serialized_end=2743
-  _globals['_INVERSIONMETHOD']._serialized_start=2746
-  _globals['_INVERSIONMETHOD']._serialized_end=2894
-  _globals['_IMAGEFORMAT']._serialized_start=2896
-  _globals['_IMAGEFORMAT']._serialized_end=3007
+  _globals['_MAPFORMAT']._serialized_start=2898
+  _globals['_MAPFORMAT']._serialized_end=2978
+  _globals['_INVERSIONMETHOD']._serialized_start=2981
+  _globals['_INVERSIONMETHOD']._serialized_end=3129
+  _globals['_IMAGEFORMAT']._serialized_start=3131
+  _globals['_IMAGEFORMAT']._serialized_end=3242
   _globals['_EDITOPTIONS']._serialized_start=36
-  _globals['_EDITOPTIONS']._serialized_end=317
-  _globals['_STATS']._serialized_start=320
-  _globals['_STATS']._serialized_end=575
-  _globals['_STATS_STAGESMSENTRY']._serialized_start=528
-  _globals['_STATS_STAGESMSENTRY']._serialized_end=575
-  _globals['_EDITREQUEST']._serialized_start=578
-  _globals['_EDITREQUEST']._serialized_end=949
-  _globals['_EDITRESPONSE']._serialized_start=952
-  _globals['_EDITRESPONSE']._serialized_end=1104
-  _globals['_PROGRESS']._serialized_start=1106
-  _globals['_PROGRESS']._serialized_end=1160
-  _globals['_EDITEVENT']._serialized_start=1162
-  _globals['_EDITEVENT']._serialized_end=1266
-  _globals['_GENERATEEDITREQUEST']._serialized_start=1269
-  _globals['_GENERATEEDITREQUEST']._serialized_end=1514
-  _globals['_GENERATEEDITRESPONSE']._serialized_start=1517
-  _globals['_GENERATEEDITRESPONSE']._serialized_end=1661
-  _globals['_INVERTREQUEST']._serialized_start=1664
-  _globals['_INVERTREQUEST']._serialized_end=1916
-  _globals['_INVERTRESPONSE']._serialized_start=1919
-  _globals['_INVERTRESPONSE']._serialized_end=2058
-  _globals['_GETINFOREQUEST']._serialized_start=2060
-  _globals['_GETINFOREQUEST']._serialized_end=2076
-  _globals['_LIMITS']._serialized_start=2079
-  _globals['_LIMITS']._serialized_end=2281
-  _globals['_GETINFORESPONSE']._serialized_start=2284
-  _globals['_GETINFORESPONSE']._serialized_end=2620
-  _globals['_LORAINFO']._serialized_start=2622
-  _globals['_LORAINFO']._serialized_end=2661
-  _globals['_EDITSERVICE']._serialized_start=3010
-  _globals['_EDITSERVICE']._serialized_end=3352
+  _globals['_EDITOPTIONS']._serialized_end=482
+  _globals['_STATS']._serialized_start=485
+  _globals['_STATS']._serialized_end=740
+  _globals['_STATS_STAGESMSENTRY']._serialized_start=693
+  _globals['_STATS_STAGESMSENTRY']._serialized_end=740
+  _globals['_EDITREQUEST']._serialized_start=743
+  _globals['_EDITREQUEST']._serialized_end=1114
+  _globals['_EDITRESPONSE']._serialized_start=1117
+  _globals['_EDITRESPONSE']._serialized_end=1304
+  _globals['_PROGRESS']._serialized_start=1306
+  _globals['_PROGRESS']._serialized_end=1360
+  _globals['_EDITEVENT']._serialized_start=1362
+  _globals['_EDITEVENT']._serialized_end=1466
+  _globals['_GENERATEEDITREQUEST']._serialized_start=1469
+  _globals['_GENERATEEDITREQUEST']._serialized_end=1714
+  _globals['_GENERATEEDITRESPONSE']._serialized_start=1717
+  _globals['_GENERATEEDITRESPONSE']._serialized_end=1896
+  _globals['_INVERTREQUEST']._serialized_start=1899
+  _globals['_INVERTREQUEST']._serialized_end=2151
+  _globals['_INVERTRESPONSE']._serialized_start=2154
+  _globals['_INVERTRESPONSE']._serialized_end=2293
+  _globals['_GETINFOREQUEST']._serialized_start=2295
+  _globals['_GETINFOREQUEST']._serialized_end=2311
+  _globals['_LIMITS']._serialized_start=2314
+  _globals['_LIMITS']._serialized_end=2516
+  _globals['_GETINFORESPONSE']._serialized_start=2519
+  _globals['_GETINFORESPONSE']._serialized_end=2855
+  _globals['_LORAINFO']._serialized_start=2857
+  _globals['_LORAINFO']._serialized_end=2896
+  _globals['_EDITSERVICE']._serialized_start=3245
+  _globals['_EDITSERVICE']._serialized_end=3587
 # @@protoc_insertion_point(module_scope)

@@ -39,7 +39,7 @@ IMAGE_FORMAT_JPEG: ImageFormat
 IMAGE_FORMAT_WEBP: ImageFormat
 
 class EditOptions(_message.Message):
-    __slots__ = ("steps", "guidance_scale", "replace_start", "replace_end", "layers", "layer_preset", "map_format")
+    __slots__ = ("steps", "guidance_scale", "replace_start", "replace_end", "layers", "layer_preset", "map_format", "mask", "mask_grow", "blend_words", "blend_start", "blend_threshold")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     REPLACE_START_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,11 @@ class EditOptions(_message.Message):
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     LAYER_PRESET_FIELD_NUMBER: _ClassVar[int]
     MAP_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    MASK_GROW_FIELD_NUMBER: _ClassVar[int]
+    BLEND_WORDS_FIELD_NUMBER: _ClassVar[int]
+    BLEND_START_FIELD_NUMBER: _ClassVar[int]
+    BLEND_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     steps: int
     guidance_scale: float
     replace_start: float
@@ -54,7 +59,12 @@ class EditOptions(_message.Message):
     layers: _containers.RepeatedScalarFieldContainer[int]
     layer_preset: str
     map_format: MapFormat
-    def __init__(self, steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., replace_start: _Optional[float] = ..., replace_end: _Optional[float] = ..., layers: _Optional[_Iterable[int]] = ..., layer_preset: _Optional[str] = ..., map_format: _Optional[_Union[MapFormat, str]] = ...) -> None: ...
+    mask: bytes
+    mask_grow: int
+    blend_words: _containers.RepeatedScalarFieldContainer[str]
+    blend_start: float
+    blend_threshold: float
+    def __init__(self, steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., replace_start: _Optional[float] = ..., replace_end: _Optional[float] = ..., layers: _Optional[_Iterable[int]] = ..., layer_preset: _Optional[str] = ..., map_format: _Optional[_Union[MapFormat, str]] = ..., mask: _Optional[bytes] = ..., mask_grow: _Optional[int] = ..., blend_words: _Optional[_Iterable[str]] = ..., blend_start: _Optional[float] = ..., blend_threshold: _Optional[float] = ...) -> None: ...
 
 class Stats(_message.Message):
     __slots__ = ("stages_ms", "engine_ms", "queue_ms", "unet_rows", "unet_calls", "steps", "replaced_steps", "layers", "replica")
@@ -110,20 +120,24 @@ class EditRequest(_message.Message):
     def __init__(self, image: _Optional[bytes] = ..., inversion_id: _Optional[str] = ..., target_prompt: _Optional[str] = ..., options: _Optional[_Union[EditOptions, _Mapping]] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., skip_reconstruction: _Optional[bool] = ..., source_prompt: _Optional[str] = ..., inversion_method: _Optional[_Union[InversionMethod, str]] = ..., null_text_steps: _Optional[int] = ..., null_text_epsilon: _Optional[float] = ...) -> None: ...
 
 class EditResponse(_message.Message):
-    __slots__ = ("edited_image", "reconstruction_image", "inversion_id", "width", "height", "stats")
+    __slots__ = ("edited_image", "reconstruction_image", "inversion_id", "width", "height", "stats", "blend_mask", "notes")
     EDITED_IMAGE_FIELD_NUMBER: _ClassVar[int]
     RECONSTRUCTION_IMAGE_FIELD_NUMBER: _ClassVar[int]
     INVERSION_ID_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    BLEND_MASK_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
     edited_image: bytes
     reconstruction_image: bytes
     inversion_id: str
     width: int
     height: int
     stats: Stats
-    def __init__(self, edited_image: _Optional[bytes] = ..., reconstruction_image: _Optional[bytes] = ..., inversion_id: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ...) -> None: ...
+    blend_mask: bytes
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, edited_image: _Optional[bytes] = ..., reconstruction_image: _Optional[bytes] = ..., inversion_id: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ..., blend_mask: _Optional[bytes] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("stage", "step", "total")
@@ -162,20 +176,24 @@ class GenerateEditRequest(_message.Message):
     def __init__(self, source_prompt: _Optional[str] = ..., target_prompt: _Optional[str] = ..., seed: _Optional[int] = ..., options: _Optional[_Union[EditOptions, _Mapping]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ...) -> None: ...
 
 class GenerateEditResponse(_message.Message):
-    __slots__ = ("source_image", "edited_image", "seed", "width", "height", "stats")
+    __slots__ = ("source_image", "edited_image", "seed", "width", "height", "stats", "blend_mask", "notes")
     SOURCE_IMAGE_FIELD_NUMBER: _ClassVar[int]
     EDITED_IMAGE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    BLEND_MASK_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
     source_image: bytes
     edited_image: bytes
     seed: int
     width: int
     height: int
     stats: Stats
-    def __init__(self, source_image: _Optional[bytes] = ..., edited_image: _Optional[bytes] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ...) -> None: ...
+    blend_mask: bytes
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, source_image: _Optional[bytes] = ..., edited_image: _Optional[bytes] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ..., blend_mask: _Optional[bytes] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class InvertRequest(_message.Message):
     __slots__ = ("image", "options", "source_prompt", "inversion_method", "null_text_steps", "null_text_epsilon")
