@@ -392,7 +392,9 @@ def _serve(model_dir: Path, state: Path) -> tuple[subprocess.Popen, str]:
     return proc, url
 
 
-def test_kill_9_mid_job_and_restart_on_the_same_state_dir(model_dir, tmp_path, capsys, no_engine):
+def test_kill_9_mid_job_and_restart_on_the_same_state_dir(
+    model_dir, jobs_engine, tmp_path, capsys, no_engine
+):
     state = tmp_path / "state"
     proc, url = _serve(model_dir, state)
     try:
@@ -420,8 +422,11 @@ def test_kill_9_mid_job_and_restart_on_the_same_state_dir(model_dir, tmp_path, c
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
 
-        proc, url = _serve(model_dir, state)
-        with httpx.Client(base_url=url, timeout=120, headers=AUTH) as http:
+        # The restart: in this process (one model load fewer), with an engine of the same model and settings.
+        restarted = build_server(
+            jobs_engine, ServerConfig(port=0, http_port=0, token=TOKEN), JobsConfig(state_dir=state)
+        )
+        with httpx.Client(base_url=restarted.http.url, timeout=120, headers=AUTH) as http:
             assert http.get(f"/v1/jobs/{finished['id']}").json() == finished
             again = http.post("/v1/edit", json={"inversionId": inversion, "targetPrompt": "a boat"}).json()
             assert np.array_equal(pixels(again["editedImage"]), pixels(by_id["editedImage"]))
@@ -432,6 +437,7 @@ def test_kill_9_mid_job_and_restart_on_the_same_state_dir(model_dir, tmp_path, c
             queued = wait_job(http, waiting, headers={})
             fresh = http.post("/v1/generate", json=generate).json()
             assert np.array_equal(pixels(queued["generate"]["editedImage"]), pixels(fresh["editedImage"]))
+        restarted.drain(5)
     finally:
         if proc.poll() is None:
             proc.kill()
