@@ -486,6 +486,10 @@ def add_commands(sub: Any) -> None:
     _add_connection_arguments(info)
     info.set_defaults(func=cmd_client_info)
 
+    from .jobs.cli import add_job_commands
+
+    add_job_commands(client_sub, _add_connection_arguments, _client, _grpc_errors, UsageError)
+
 
 def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(

@@ -442,3 +442,42 @@ def test_kill_9_mid_job_and_restart_on_the_same_state_dir(
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
+
+
+def test_client_job_commands(running, stub, tmp_path, capsys):
+    from fpedit.cli import main
+
+    request = tmp_path / "generate.json"
+    body = {"sourcePrompt": "a car", "targetPrompt": "a boat", "seed": 3, "height": 64, "width": 64,
+            "options": {"steps": STEPS}}  # fmt: skip
+    request.write_text(json.dumps(body))
+    connection = ["--target", f"127.0.0.1:{running.port}", "--token", TOKEN]
+
+    def run(*argv: str) -> tuple[int, dict | None, str]:
+        code = main(["client", "job", *argv, *connection])
+        captured = capsys.readouterr()
+        lines = captured.out.strip().splitlines()
+        return code, json.loads(lines[-1]) if lines else None, captured.err
+
+    code, job, _ = run("submit", "generate", "--request", str(request))
+    assert code == 0 and job["state"] == "queued" and job["kind"] == "generate"
+    code, watched, _ = run("watch", job["id"], "--output-dir", str(tmp_path / "out"))
+    assert code == 0 and watched["state"] == "succeeded"
+    sync = stub.GenerateEdit(
+        pb.GenerateEditRequest(source_prompt="a car", target_prompt="a boat", seed=3, height=64, width=64,
+                               options=pb.EditOptions(steps=STEPS)),
+        metadata=META,
+    )  # fmt: skip
+    assert np.array_equal(
+        pixels(Path(watched["generate"]["edited_image"]).read_bytes()), pixels(sync.edited_image)
+    )
+    code, listed, _ = run("list", "--limit", "1")
+    assert code == 0 and [j["id"] for j in listed["jobs"]] == [job["id"]]
+    code, _, err = run("get", "nope")
+    assert code == 1 and "NOT_FOUND" in err
+    code, _, err = run("list", "--limit", "101")
+    assert code == 1 and "INVALID_ARGUMENT" in err
+    code, err = run_cli(
+        ["client", "job", "cancel", job["id"], "--target", f"127.0.0.1:{running.port}"], capsys
+    )
+    assert code == 1 and "UNAUTHENTICATED" in err
