@@ -481,3 +481,30 @@ def test_client_job_commands(running, stub, tmp_path, capsys):
         ["client", "job", "cancel", job["id"], "--target", f"127.0.0.1:{running.port}"], capsys
     )
     assert code == 1 and "UNAUTHENTICATED" in err
+
+
+def test_state_bounds_evict_results_and_inversions_and_forget_old_jobs(jobs_engine, tmp_path):
+    state = tmp_path / "state"
+    server = build_server(
+        jobs_engine,
+        ServerConfig(port=0, http_port=0),
+        JobsConfig(state_dir=state, state_bytes=1, job_ttl_s=1.0),
+    )
+    try:
+        with httpx.Client(base_url=server.http.url, timeout=120) as http:
+            job_id = http.post("/v1/jobs", json={"kind": "edit", **EDIT}).json()["id"]
+            job = wait_job(http, job_id, headers={})
+            assert (
+                job["state"] == "JOB_STATE_SUCCEEDED"
+                and job.get("resultEvicted") is True
+                and "edit" not in job
+            )
+            assert list((state / "inversions").glob("*.safetensors")) == []  # over the 1-byte bound: evicted
+            time.sleep(1.1)
+            server.jobs.sweep()
+            assert http.get(f"/v1/jobs/{job_id}").status_code == 404  # past --job-ttl: forgotten
+            server.servicer.begin_drain()
+            draining = http.post("/v1/jobs", json={"kind": "edit", **EDIT})
+            assert draining.status_code == 503 and draining.json()["error"]["status"] == "UNAVAILABLE"
+    finally:
+        server.drain(5)
