@@ -75,7 +75,7 @@ class Receiver:
     """A webhook receiver on 127.0.0.1 that answers 503 to its first delivery and checks every signature
     with its own HMAC."""
 
-    def __init__(self, secret: str) -> None:
+    def __init__(self, secret: str, statuses: tuple[int, ...] = (503, 200)) -> None:
         self.secret = secret.encode()
         self.calls: list[dict] = []
         self.done = threading.Event()
@@ -95,11 +95,13 @@ class Receiver:
                     "job": json.loads(body),
                 }
                 outer.calls.append(call)
-                status = 503 if len(outer.calls) == 1 else 200
+                status = statuses[min(len(outer.calls), len(statuses)) - 1]
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
+                if status == 302:
+                    self.send_header("Location", "http://127.0.0.1:9/elsewhere")
                 self.end_headers()
-                if status == 200:
+                if status != 503:
                     outer.done.set()
 
             def log_message(self, *args: object) -> None:
@@ -186,6 +188,25 @@ def test_http_edit_job_equals_the_synchronous_edit_and_its_webhook_is_signed_and
             time.sleep(0.05)
         attempts = http.get(f"/v1/jobs/{job_id}", headers=AUTH).json()["webhookAttempts"]
         assert [a["status"] for a in attempts] == [503, 200]
+    finally:
+        receiver.close()
+
+
+def test_a_redirecting_receiver_is_not_followed_nor_retried(http):
+    receiver = Receiver(SECRET, statuses=(302,))
+    try:
+        job_id = http.post(
+            "/v1/jobs", json={"kind": "invert", "image": b64(png()), "options": {"steps": STEPS},
+                              "webhookUrl": receiver.url}, headers=AUTH,
+        ).json()["id"]  # fmt: skip
+        assert receiver.done.wait(30)
+        deadline = time.monotonic() + 10
+        while not http.get(f"/v1/jobs/{job_id}", headers=AUTH).json().get("webhookAttempts"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.3)  # a retry (backoff 0.05 s) would have come by now
+        attempts = http.get(f"/v1/jobs/{job_id}", headers=AUTH).json()["webhookAttempts"]
+        assert [a["status"] for a in attempts] == [302] and len(receiver.calls) == 1
     finally:
         receiver.close()
 
