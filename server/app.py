@@ -116,6 +116,7 @@ class RunningServer:
     metrics: ServerMetrics
     metrics_port: int | None = None
     http: Any = None  # the HTTP/JSON front (fpedit.server.http.HttpFront) with --http-port
+    jobs: Any = None  # the job manager (fpedit.server.jobs.manager.JobManager)
     readiness_stop: threading.Event = field(default_factory=threading.Event)
 
     def drain(self, grace_s: float) -> None:
@@ -128,6 +129,8 @@ class RunningServer:
             log.warning("grace period over: aborting %d in-flight requests", self.servicer.in_flight)
             self.servicer.abort_in_flight()
             self.servicer.wait_idle(ABORT_WAIT_S)
+        if self.jobs is not None:  # running jobs get what is left of the grace; queued ones stay queued
+            self.jobs.close(grace_s=0 if self.servicer.in_flight else grace_s)
         if self.http is not None:
             self.http.close()
         self.server.stop(1).wait()
@@ -135,11 +138,15 @@ class RunningServer:
         self.metrics.close()
 
 
-def build_server(target: EditEngine | Runner, config: ServerConfig) -> RunningServer:
+def build_server(
+    target: EditEngine | Runner, config: ServerConfig, jobs: Any = None, state: Any = None
+) -> RunningServer:
     """Create, bind and start a server over a runner (or an engine, run by a :class:`LocalRunner`).
 
     ``config.port`` 0 picks a free port. Configuration and bind problems raise :class:`InvalidInputError`
-    or :class:`OSError` with a one-line message, before anything is served.
+    or :class:`OSError` with a one-line message, before anything is served. ``jobs``: the job settings
+    (:class:`~fpedit.server.jobs.config.JobsConfig`; default: in memory, no webhooks); ``state``: the state
+    directory already claimed (``fpedit serve`` claims it before the model loads), else claimed here.
     """
     config.validate()
     address = f"{config.host}:{config.port}"
@@ -164,6 +171,8 @@ def build_server(target: EditEngine | Runner, config: ServerConfig) -> RunningSe
         ],
     )
     server.add_generic_rpc_handlers((servicer.rpc_handler(),))
+    manager = _start_jobs(runner, servicer, metrics, jobs, state)
+    server.add_generic_rpc_handlers((servicer.jobs.rpc_handler(),))
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
@@ -173,9 +182,11 @@ def build_server(target: EditEngine | Runner, config: ServerConfig) -> RunningSe
         else:
             port = server.add_insecure_port(address)
     except RuntimeError as exc:  # grpc raises RuntimeError("Failed to bind ...")
+        manager.close()
         runner.close()
         raise OSError(f"cannot bind {address}: the port is in use or the host does not resolve") from exc
     if port == 0:
+        manager.close()
         runner.close()
         raise OSError(f"cannot bind {address}: the port is in use or the host does not resolve")
     metrics_port = None
@@ -184,6 +195,7 @@ def build_server(target: EditEngine | Runner, config: ServerConfig) -> RunningSe
             metrics_port = metrics.serve(config.metrics_host or config.host, config.metrics_port)
         except OSError:
             server.stop(None)
+            manager.close()
             runner.close()
             raise
     http = None
@@ -194,6 +206,7 @@ def build_server(target: EditEngine | Runner, config: ServerConfig) -> RunningSe
             http = start_http_front(servicer, config)
         except BaseException:
             server.stop(None)
+            manager.close()
             runner.close()
             metrics.close()
             raise
@@ -216,8 +229,30 @@ def build_server(target: EditEngine | Runner, config: ServerConfig) -> RunningSe
     if http is not None:
         log.info("HTTP/JSON front and editor page on %s", http.url)
     return RunningServer(
-        server, port, servicer, runner, health_servicer, metrics, metrics_port, http, readiness_stop
+        server, port, servicer, runner, health_servicer, metrics, metrics_port, http, manager, readiness_stop
     )
+
+
+def _start_jobs(runner: Runner, servicer: EditServicer, metrics: ServerMetrics, jobs: Any, state: Any) -> Any:
+    """The job manager over ``servicer`` (and, with a state directory, the runner's inversions on disk)."""
+    from .jobs.config import JobsConfig
+    from .jobs.inversions import SavedInversionCache
+    from .jobs.manager import JobManager
+    from .jobs.metrics import JobsCollector
+    from .jobs.service import JobServicer
+    from .jobs.state import open_state
+
+    jobs = (jobs or JobsConfig()).validate()
+    if state is None:
+        state = open_state(jobs.state_dir)
+    if state is not None and isinstance(runner, LocalRunner):
+        runner.cache = SavedInversionCache(
+            runner.engine, state.inversions, runner.config.cache_bytes, runner.config.cache_ttl_s
+        )
+    manager = JobManager(servicer, jobs, state)
+    servicer.jobs = JobServicer(servicer, manager)
+    metrics.registry.register(JobsCollector(manager))
+    return manager
 
 
 def _tls_credentials(config: ServerConfig) -> grpc.ServerCredentials:
@@ -237,9 +272,11 @@ def serve(
     target: EditEngine | Runner,
     config: ServerConfig,
     ready: Callable[[RunningServer], None] | None = None,
+    jobs: Any = None,
+    state: Any = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then drain in-flight requests and return."""
-    running = build_server(target, config)
+    running = build_server(target, config, jobs, state)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:

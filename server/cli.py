@@ -52,6 +52,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     elif args.replicas is not None or args.ray_address:
         raise InvalidInputError("replicas", "--replicas and --ray-address need --ray")
     check_can_start(config)  # TLS pair, host, free ports
+    from .jobs.config import jobs_config_from_args
+    from .jobs.state import open_state
+
+    jobs = jobs_config_from_args(args)
+    if args.ray and jobs.state_dir is not None:
+        raise InvalidInputError(
+            "state-dir", "is not supported with --ray yet (jobs there live in the front's memory)"
+        )
+    state = open_state(jobs.state_dir)  # locked for this process's life: a second server is refused now
     missing = graphs_missing_from(engine_config.model)
     if missing:  # a partial export (`fpedit export --graphs`) would load, then refuse every edit
         raise InvalidInputError(
@@ -74,7 +83,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         serve_on_ray(args, config, ready=ready)
     else:
-        serve(engine_from_config(engine_config), config, ready=ready)
+        serve(engine_from_config(engine_config), config, ready=ready, jobs=jobs, state=state)
     # Drained: every request is answered and logged. Leave without interpreter teardown, where native
     # threads (gRPC's pollers, the BLAS pool) racing static destructors have aborted the process.
     logging.shutdown()
@@ -413,6 +422,9 @@ def info_as_engine_json(info: Any) -> dict[str, Any]:
 def add_commands(sub: Any) -> None:
     serve = sub.add_parser("serve", help="serve the gRPC EditService")
     add_serve_arguments(serve)
+    from .jobs.config import add_jobs_arguments
+
+    add_jobs_arguments(serve)
     serve.set_defaults(func=cmd_serve)
 
     client = sub.add_parser(
@@ -473,6 +485,10 @@ def add_commands(sub: Any) -> None:
     info = client_sub.add_parser("info", help="server info and health as JSON")
     _add_connection_arguments(info)
     info.set_defaults(func=cmd_client_info)
+
+    from .jobs.cli import add_job_commands
+
+    add_job_commands(client_sub, _add_connection_arguments, _client, _grpc_errors, UsageError)
 
 
 def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:

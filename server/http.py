@@ -148,6 +148,9 @@ class HttpApi:
             Route("/openapi.json", self.openapi, methods=["GET"]),
             Route("/docs", self.docs, methods=["GET"]),
         ]
+        from .jobs.routes import job_routes  # POST/GET/DELETE /v1/jobs (jobs.routes)
+
+        routes += job_routes(self)
         self.app = Starlette(
             routes=routes,
             exception_handlers={HTTPException: self._http_error, Exception: self._internal_error},

@@ -205,6 +205,7 @@ class EditServicer:
         self._aborting = threading.Event()
         self._active = 0
         self._idle = threading.Condition()
+        self.jobs: Any = None  # the job RPCs (fpedit.server.jobs.service.JobServicer), set by build_server
 
     # --- drain ----------------------------------------------------------------------------------------------
 
@@ -422,6 +423,24 @@ class EditServicer:
             return self.runner.attention_maps(call.prompt, cancel_check=check, **call.runner_kwargs())
 
         return self._unary("AttentionMaps", context, body)
+
+    # --- for RPCs served beside these (jobs: fpedit.server.jobs.service) -----------------------------------
+
+    def unary(self, method: str, context: grpc.ServicerContext, body: Callable[[], Message]) -> Message:
+        """Run ``body`` as an RPC of this service: the same status mapping, log line and metrics."""
+        return self._unary(method, context, body, work=False)
+
+    def parse_request(self, message_type: type[Message], raw: Any) -> Any:
+        """A request body parsed as this service's RPCs parse theirs (size limit, INVALID_ARGUMENT)."""
+        return self._parse(message_type, raw)
+
+    def record(
+        self, method: str, context: grpc.ServicerContext, started: float, exc: BaseException | None
+    ) -> tuple[grpc.StatusCode, str]:
+        """The log line and metrics of a streaming RPC served beside these; returns its status."""
+        code, detail = (grpc.StatusCode.OK, "") if exc is None else self._failure(method, exc, context)
+        self._finish(method, context, started, code, detail, None)
+        return code, detail
 
     def rpc_handler(self) -> grpc.GenericRpcHandler:
         """Handlers that take raw request bytes (parsed by the servicer, so bad bodies get a clear status)."""

@@ -26,6 +26,15 @@ class ImageFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     IMAGE_FORMAT_PNG: _ClassVar[ImageFormat]
     IMAGE_FORMAT_JPEG: _ClassVar[ImageFormat]
     IMAGE_FORMAT_WEBP: _ClassVar[ImageFormat]
+
+class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
+    JOB_STATE_QUEUED: _ClassVar[JobState]
+    JOB_STATE_RUNNING: _ClassVar[JobState]
+    JOB_STATE_SUCCEEDED: _ClassVar[JobState]
+    JOB_STATE_FAILED: _ClassVar[JobState]
+    JOB_STATE_CANCELLED: _ClassVar[JobState]
 MAP_FORMAT_UNSPECIFIED: MapFormat
 MAP_FORMAT_QK: MapFormat
 MAP_FORMAT_PROBS: MapFormat
@@ -37,6 +46,12 @@ IMAGE_FORMAT_UNSPECIFIED: ImageFormat
 IMAGE_FORMAT_PNG: ImageFormat
 IMAGE_FORMAT_JPEG: ImageFormat
 IMAGE_FORMAT_WEBP: ImageFormat
+JOB_STATE_UNSPECIFIED: JobState
+JOB_STATE_QUEUED: JobState
+JOB_STATE_RUNNING: JobState
+JOB_STATE_SUCCEEDED: JobState
+JOB_STATE_FAILED: JobState
+JOB_STATE_CANCELLED: JobState
 
 class EditOptions(_message.Message):
     __slots__ = ("steps", "guidance_scale", "replace_start", "replace_end", "layers", "layer_preset", "map_format", "mask", "mask_grow", "blend_words", "blend_start", "blend_threshold")
@@ -288,3 +303,101 @@ class LoraInfo(_message.Message):
     file: str
     scale: float
     def __init__(self, file: _Optional[str] = ..., scale: _Optional[float] = ...) -> None: ...
+
+class SubmitJobRequest(_message.Message):
+    __slots__ = ("edit", "generate", "invert", "webhook_url")
+    EDIT_FIELD_NUMBER: _ClassVar[int]
+    GENERATE_FIELD_NUMBER: _ClassVar[int]
+    INVERT_FIELD_NUMBER: _ClassVar[int]
+    WEBHOOK_URL_FIELD_NUMBER: _ClassVar[int]
+    edit: EditRequest
+    generate: GenerateEditRequest
+    invert: InvertRequest
+    webhook_url: str
+    def __init__(self, edit: _Optional[_Union[EditRequest, _Mapping]] = ..., generate: _Optional[_Union[GenerateEditRequest, _Mapping]] = ..., invert: _Optional[_Union[InvertRequest, _Mapping]] = ..., webhook_url: _Optional[str] = ...) -> None: ...
+
+class GetJobRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class ListJobsRequest(_message.Message):
+    __slots__ = ("state", "limit", "page_token")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    state: JobState
+    limit: int
+    page_token: str
+    def __init__(self, state: _Optional[_Union[JobState, str]] = ..., limit: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListJobsResponse(_message.Message):
+    __slots__ = ("jobs", "next_page_token")
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[Job]
+    next_page_token: str
+    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class CancelJobRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class JobError(_message.Message):
+    __slots__ = ("code", "status", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    status: str
+    message: str
+    def __init__(self, code: _Optional[int] = ..., status: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class WebhookAttempt(_message.Message):
+    __slots__ = ("time", "status", "error")
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    time: float
+    status: int
+    error: str
+    def __init__(self, time: _Optional[float] = ..., status: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+
+class Job(_message.Message):
+    __slots__ = ("id", "kind", "state", "progress", "created", "started", "finished", "edit", "generate", "invert", "error", "result_evicted", "webhook_url", "webhook_attempts", "webhook_delivery", "attempts")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    EDIT_FIELD_NUMBER: _ClassVar[int]
+    GENERATE_FIELD_NUMBER: _ClassVar[int]
+    INVERT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    RESULT_EVICTED_FIELD_NUMBER: _ClassVar[int]
+    WEBHOOK_URL_FIELD_NUMBER: _ClassVar[int]
+    WEBHOOK_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    WEBHOOK_DELIVERY_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    kind: str
+    state: JobState
+    progress: Progress
+    created: float
+    started: float
+    finished: float
+    edit: EditResponse
+    generate: GenerateEditResponse
+    invert: InvertResponse
+    error: JobError
+    result_evicted: bool
+    webhook_url: str
+    webhook_attempts: _containers.RepeatedCompositeFieldContainer[WebhookAttempt]
+    webhook_delivery: str
+    attempts: int
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., created: _Optional[float] = ..., started: _Optional[float] = ..., finished: _Optional[float] = ..., edit: _Optional[_Union[EditResponse, _Mapping]] = ..., generate: _Optional[_Union[GenerateEditResponse, _Mapping]] = ..., invert: _Optional[_Union[InvertResponse, _Mapping]] = ..., error: _Optional[_Union[JobError, _Mapping]] = ..., result_evicted: _Optional[bool] = ..., webhook_url: _Optional[str] = ..., webhook_attempts: _Optional[_Iterable[_Union[WebhookAttempt, _Mapping]]] = ..., webhook_delivery: _Optional[str] = ..., attempts: _Optional[int] = ...) -> None: ...

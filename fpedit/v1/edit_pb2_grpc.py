@@ -5,7 +5,7 @@ import warnings
 
 from fpedit.v1 import edit_pb2 as fpedit_dot_v1_dot_edit__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -59,6 +59,31 @@ class EditServiceStub:
                 request_serializer=fpedit_dot_v1_dot_edit__pb2.GetInfoRequest.SerializeToString,
                 response_deserializer=fpedit_dot_v1_dot_edit__pb2.GetInfoResponse.FromString,
                 _registered_method=True)
+        self.SubmitJob = channel.unary_unary(
+                '/fpedit.v1.EditService/SubmitJob',
+                request_serializer=fpedit_dot_v1_dot_edit__pb2.SubmitJobRequest.SerializeToString,
+                response_deserializer=fpedit_dot_v1_dot_edit__pb2.Job.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/fpedit.v1.EditService/GetJob',
+                request_serializer=fpedit_dot_v1_dot_edit__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=fpedit_dot_v1_dot_edit__pb2.Job.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/fpedit.v1.EditService/ListJobs',
+                request_serializer=fpedit_dot_v1_dot_edit__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=fpedit_dot_v1_dot_edit__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/fpedit.v1.EditService/CancelJob',
+                request_serializer=fpedit_dot_v1_dot_edit__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=fpedit_dot_v1_dot_edit__pb2.Job.FromString,
+                _registered_method=True)
+        self.WatchJob = channel.unary_stream(
+                '/fpedit.v1.EditService/WatchJob',
+                request_serializer=fpedit_dot_v1_dot_edit__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=fpedit_dot_v1_dot_edit__pb2.Job.FromString,
+                _registered_method=True)
 
 
 class EditServiceServicer:
@@ -99,6 +124,42 @@ class EditServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitJob(self, request, context):
+        """Queue an Edit, GenerateEdit or Invert as a job (validated now, run later); answers at once with its id.
+        With --state-dir the job, its result and the inversion cache survive a restart.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """A job by id (NOT_FOUND for an id this token did not submit, or that expired).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """This token's jobs, newest first, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Cancel a queued job, or stop a running one at its next step.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchJob(self, request, context):
+        """The job now, then again at every change (progress, state) until it ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EditServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +187,31 @@ def add_EditServiceServicer_to_server(servicer, server):
                     servicer.GetInfo,
                     request_deserializer=fpedit_dot_v1_dot_edit__pb2.GetInfoRequest.FromString,
                     response_serializer=fpedit_dot_v1_dot_edit__pb2.GetInfoResponse.SerializeToString,
+            ),
+            'SubmitJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitJob,
+                    request_deserializer=fpedit_dot_v1_dot_edit__pb2.SubmitJobRequest.FromString,
+                    response_serializer=fpedit_dot_v1_dot_edit__pb2.Job.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=fpedit_dot_v1_dot_edit__pb2.GetJobRequest.FromString,
+                    response_serializer=fpedit_dot_v1_dot_edit__pb2.Job.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=fpedit_dot_v1_dot_edit__pb2.ListJobsRequest.FromString,
+                    response_serializer=fpedit_dot_v1_dot_edit__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=fpedit_dot_v1_dot_edit__pb2.CancelJobRequest.FromString,
+                    response_serializer=fpedit_dot_v1_dot_edit__pb2.Job.SerializeToString,
+            ),
+            'WatchJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchJob,
+                    request_deserializer=fpedit_dot_v1_dot_edit__pb2.GetJobRequest.FromString,
+                    response_serializer=fpedit_dot_v1_dot_edit__pb2.Job.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +349,141 @@ class EditService:
             '/fpedit.v1.EditService/GetInfo',
             fpedit_dot_v1_dot_edit__pb2.GetInfoRequest.SerializeToString,
             fpedit_dot_v1_dot_edit__pb2.GetInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fpedit.v1.EditService/SubmitJob',
+            fpedit_dot_v1_dot_edit__pb2.SubmitJobRequest.SerializeToString,
+            fpedit_dot_v1_dot_edit__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fpedit.v1.EditService/GetJob',
+            fpedit_dot_v1_dot_edit__pb2.GetJobRequest.SerializeToString,
+            fpedit_dot_v1_dot_edit__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fpedit.v1.EditService/ListJobs',
+            fpedit_dot_v1_dot_edit__pb2.ListJobsRequest.SerializeToString,
+            fpedit_dot_v1_dot_edit__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fpedit.v1.EditService/CancelJob',
+            fpedit_dot_v1_dot_edit__pb2.CancelJobRequest.SerializeToString,
+            fpedit_dot_v1_dot_edit__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fpedit.v1.EditService/WatchJob',
+            fpedit_dot_v1_dot_edit__pb2.GetJobRequest.SerializeToString,
+            fpedit_dot_v1_dot_edit__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,
