@@ -14,11 +14,10 @@ import httpx
 import numpy as np
 import pytest
 from conftest import make_image
-from helpers import json_server_log, self_signed_cert
+from helpers import json_server_log, self_signed_cert, serving_engine
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from fpedit import EditEngine
 from fpedit.engine.errors import InvalidInputError
 from fpedit.server.app import build_server
 from fpedit.server.config import ServerConfig
@@ -56,7 +55,7 @@ def scrape(port: int) -> dict[tuple[str, frozenset], float]:
 
 @pytest.fixture(scope="module")
 def http_engine(model_dir):
-    return EditEngine.from_pretrained(model_dir)
+    return serving_engine(model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from ..errors import OverloadedError, UnavailableError
 from ..results import EditOutcome, GenerateOutcome, InfoOutcome, InvertOutcome
 from ..runner import EditCall, GenerateCall, InvertCall, RunnerStats
 from ..streaming import stream_of
-from .errors import ReplicaError, _translate
+from .errors import ReplicaError, translate
 from .watch import ServiceWatch
 
 log = logging.getLogger("fpedit.server")
@@ -113,7 +113,7 @@ class RayRunner:
             except TimeoutError:
                 pass
             except Exception as exc:
-                raise _translate(exc) from None
+                raise translate(exc) from None
             if cancel_check is not None:
                 try:
                     cancel_check()
@@ -165,7 +165,7 @@ class RayRunner:
                 for item in stream:
                     emit(item)
             except Exception as exc:
-                raise _translate(exc) from None
+                raise translate(exc) from None
             finally:
                 ended.set()
 

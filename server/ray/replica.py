@@ -17,7 +17,7 @@ from fpedit.engine.errors import CancelledError, NotFoundError
 from ..results import EditOutcome, GenerateOutcome, InfoOutcome, InvertOutcome
 from ..runner import EditCall, GenerateCall, InvertCall, LocalRunner
 from .errors import ReplicaError
-from .settings import ReplicaSettings, _build_engine
+from .settings import ReplicaSettings, build_engine
 from .store import (
     StoreClient,
     StoreUnreachable,
@@ -54,7 +54,7 @@ class EditReplica:
 
         self.settings = settings
         self.name = ray.get_runtime_context().get_actor_name() or "local"
-        self.engine = _build_engine(settings)
+        self.engine = build_engine(settings)
         self.runner = LocalRunner(self.engine, settings.server, replica=self.name)
         self.fingerprint = engine_fingerprint(self.engine.info())
         # Found by name, never created here: the front creates it on its own node (its failure domain).
