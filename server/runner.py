@@ -9,6 +9,7 @@ same validation, status codes, logs and metrics. A runner is any object with the
     edit_stream(call: EditCall, *, cancel_check=None) -> Iterator[ProgressEvent | EditOutcome]  # then result
     generate(call: GenerateCall, *, progress=None, cancel_check=None) -> GenerateOutcome
     invert(call: InvertCall, *, progress=None, cancel_check=None) -> InvertOutcome
+    attention_maps(prompt, *, image=b"", inversion_id="", progress=None, cancel_check=None, **options)
     info() -> InfoOutcome
     stats() -> RunnerStats            # load and cache figures, read at every metrics scrape
     close() -> None                   # stop workers; queued calls are cancelled
@@ -145,6 +146,17 @@ class Runner(Protocol):
     def invert(
         self, call: InvertCall, *, progress: ProgressFn | None = None, cancel_check: CancelCheck | None = None
     ) -> InvertOutcome: ...
+
+    def attention_maps(
+        self,
+        prompt: str,
+        *,
+        image: bytes = b"",
+        inversion_id: str = "",
+        progress: ProgressFn | None = None,
+        cancel_check: CancelCheck | None = None,
+        **maps_options: Any,
+    ) -> Any: ...
 
     def info(self) -> InfoOutcome: ...
 

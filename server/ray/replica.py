@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from fpedit.engine import ProgressEvent
 from fpedit.engine.errors import CancelledError, NotFoundError
 
+from ..errors import unknown_inversion
 from ..results import EditOutcome, GenerateOutcome, InfoOutcome, InvertOutcome
 from ..runner import EditCall, GenerateCall, InvertCall, LocalRunner
 from .errors import ReplicaError
@@ -119,7 +120,7 @@ class EditReplica:
                 f"inversion_id {inversion_id!r} was lost with a Ray node or the store; send the image again"
             ) from None
         if record is None:
-            raise NotFoundError(f"inversion_id {inversion_id!r} is unknown or expired; send the image again")
+            raise unknown_inversion(inversion_id)
         if record.fingerprint != self.fingerprint:
             raise NotFoundError(
                 f"inversion_id {inversion_id!r} was made by a different model or precision; send the image again"
