@@ -1,6 +1,6 @@
 """What an engine is built from, as one typed value (:class:`EngineConfig`).
 
-The CLI maps its flags to it once (``fpedit.args``), the server passes it on, and Ray pickles it to every
+The CLI maps its flags to it once (``fpedit.engine.flags``), the server passes it on, and Ray pickles it to every
 replica: nothing below the command line sees argparse. Importing this module costs no torch.
 """
 

@@ -38,7 +38,7 @@ def _messages(scorer: Any) -> None:
 
 
 def _scorer(args: argparse.Namespace) -> Any:
-    from fpedit.args import quiet_libraries
+    from fpedit.engine.flags import quiet_libraries
 
     from .metrics import Scorer
 
@@ -71,7 +71,7 @@ def _add_metric_models(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from fpedit.args import check_input_image
+    from fpedit.engine.paths import check_input_image
 
     from .masks import load_mask_image, resize_mask
     from .metrics import as_uint8
@@ -144,7 +144,8 @@ def _layers_name(layers: Any) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from fpedit.args import edit_options_from_args, engine_config_from_args, engine_from_config
+    from fpedit.args import edit_options_from_args
+    from fpedit.engine.flags import engine_config_from_args, engine_from_config
     from fpedit.engine.options import InversionOptions
 
     from .datasets import load_dataset
@@ -223,8 +224,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_maps(args: argparse.Namespace) -> int:
-    from fpedit.args import check_input_image, engine_config_from_args, engine_from_config
+    from fpedit.engine.flags import engine_config_from_args, engine_from_config
     from fpedit.engine.options import EditOptions, check_prompt
+    from fpedit.engine.paths import check_input_image
 
     from .pictures import save_cross_attention, save_self_attention
 
@@ -267,11 +269,11 @@ def add_commands(sub: Any) -> None:
     from fpedit.args import (
         COMMON_FLAGS,
         add_edit_arguments,
-        add_model_arguments,
         add_run_arguments,
         parse_seed,
         parse_side,
     )
+    from fpedit.engine.flags import add_model_arguments
     from fpedit.engine.options import INVERSION_METHODS
 
     flags = {**COMMON_FLAGS, **METRIC_FLAGS}

@@ -27,7 +27,7 @@ def _progress(name: str) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from fpedit.args import checkpoint_options, quiet_libraries
+    from fpedit.engine.flags import checkpoint_options, quiet_libraries
 
     from .onnx_export import export_onnx
 
@@ -96,7 +96,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
-    from fpedit.args import add_checkpoint_arguments, parse_device, parse_layers
+    from fpedit.args import parse_layers
+    from fpedit.engine.flags import add_checkpoint_arguments, parse_device
 
     export = sub.add_parser("export", help="export UNet variants with map I/O, text encoder and VAE to ONNX")
     export.add_argument(

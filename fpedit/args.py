@@ -1,10 +1,12 @@
-"""The command line's one argument module: every command's shared flags, their parsers, and how they map to
-the typed configs (:class:`~fpedit.engine.config.EngineConfig`, :class:`~fpedit.engine.options.EditOptions`,
-:class:`~fpedit.engine.options.InversionOptions`).
+"""What every command shares: the parser that reports usage mistakes, flag names in messages, the edit,
+inversion and generate flags and their parsers, and their mapping to the request's options
+(:class:`~fpedit.engine.options.EditOptions`, :class:`~fpedit.engine.options.InversionOptions`).
 
-``fpedit/cli.py`` and each subsystem's ``cli.py`` build their commands from these; none imports another
-command module, so there is no import cycle. Importing this module costs no torch (``fpedit --help`` and
-``fpedit client`` stay fast); :func:`engine_from_config` loads the engine when a command needs one.
+Each subsystem owns the flags of its own config next to it: the model flags and engine loading in
+:mod:`fpedit.engine.flags` (:class:`~fpedit.engine.config.EngineConfig`), ``fpedit serve``'s in
+:mod:`fpedit.server.config` (:class:`~fpedit.server.config.ServerConfig`). ``fpedit/cli.py`` and each
+subsystem's ``cli.py`` build their commands from these; nothing below the command line imports this module.
+Importing it costs no torch (``fpedit --help`` and ``fpedit client`` stay fast).
 """
 
 from __future__ import annotations
@@ -12,12 +14,9 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-import time
-import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
-from fpedit.engine.config import BACKENDS, DTYPES, EngineConfig, resolve_backend
 from fpedit.engine.contract import LAYER_PRESETS, MAP_FORMATS
 from fpedit.engine.errors import InvalidInputError
 from fpedit.engine.options import (
@@ -29,6 +28,7 @@ from fpedit.engine.options import (
     EditOptions,
     InversionOptions,
 )
+from fpedit.engine.paths import check_input_image
 
 EXIT_USER_ERROR = 2
 log = logging.getLogger("fpedit.cli")
@@ -91,11 +91,8 @@ MISSING_EXTRAS = {
     "prometheus_client": "server",
     "ray": "ray",
 }
-DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
 #: Image formats results may be written as, by file extension (what PIL writes and the service returns).
 OUTPUT_FORMATS = IMAGE_FILE_FORMATS
-#: The variable a bearer token is read from when --token is left out (server and client).
-TOKEN_ENV = "FPEDIT_TOKEN"
 #: What the generate commands use without --seed: runs repeat, locally and on a server.
 DEFAULT_SEED = 0
 #: The paper's edit options: the local commands' flag defaults (a client's unset flag takes the server's).
@@ -107,13 +104,6 @@ class FpeditParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USER_ERROR, f"fpedit: error: {message} (see `{self.prog} --help`)\n")
-
-
-def bearer_token(given: str | None) -> str | None:
-    """``--token``, else ``$FPEDIT_TOKEN``, else none (``fpedit serve`` and ``fpedit client``)."""
-    import os
-
-    return given or os.environ.get(TOKEN_ENV) or None
 
 
 def describe_error(exc: InvalidInputError, args: argparse.Namespace) -> str:
@@ -154,13 +144,6 @@ def parse_layers(text: str) -> str | tuple[int, ...]:
     return tuple(layers)
 
 
-def parse_device(text: str) -> str:
-    """``cpu``, ``cuda`` or ``cuda:N``: refused here rather than deep inside torch."""
-    if not DEVICE_PATTERN.fullmatch(text.strip()):
-        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
-    return text.strip()
-
-
 def parse_seed(text: str) -> int:
     try:
         seed = int(text)
@@ -194,42 +177,7 @@ def parse_output_size(text: str) -> str | tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
-# --- path checks (before any work) ----------------------------------------------------------------------------
-
-
-def check_output_path(path: Path | None, flag: str) -> None:
-    """Refuse, before any work, an output that could not be written as an image."""
-    if path is None:
-        return
-    if path.is_dir():
-        raise InvalidInputError(flag, f"{path} is a directory; give a file name such as {path / 'out.png'}")
-    if path.suffix.lower() not in OUTPUT_FORMATS:
-        raise InvalidInputError(
-            flag, f"{path}: the extension must be one of {', '.join(OUTPUT_FORMATS)} (it picks the format)"
-        )
-    if path.parent.exists() and not path.parent.is_dir():
-        raise InvalidInputError(flag, f"{path.parent} is not a directory")
-
-
-def check_distinct_outputs(*outputs: tuple[Path | None, str]) -> None:
-    """Refuse two outputs that name one file: the later write would silently replace the earlier result."""
-    seen: dict[Path, str] = {}
-    for path, flag in outputs:
-        if path is None:
-            continue
-        key = path.expanduser().resolve()
-        if key in seen:
-            raise InvalidInputError(
-                flag, f"{path} is also the {seen[key]} file; give each output its own file name"
-            )
-        seen[key] = flag
-
-
-def check_input_image(path: Path, flag: str = "IMAGE") -> None:
-    if path.is_dir():
-        raise InvalidInputError(flag, f"{path} is a directory, not an image file")
-    if not path.is_file():
-        raise InvalidInputError(flag, f"no such file: {path}")
+# --- outputs --------------------------------------------------------------------------------------------------
 
 
 def source_output_path(output: Path, source_output: Path | None) -> Path:
@@ -238,86 +186,6 @@ def source_output_path(output: Path, source_output: Path | None) -> Path:
 
 
 # --- flag groups ----------------------------------------------------------------------------------------------
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """What engine to load: mapped to an :class:`EngineConfig` by :func:`engine_config_from_args`."""
-    group = parser.add_argument_group("model")
-    group.add_argument(
-        "--model",
-        default=EngineConfig.model,
-        help="'tiny' (default, the embedded toy model), a diffusers SD 1.x folder, or a folder written by "
-        "`fpedit export` / `fpedit build-engines` (then the backend is read from its manifest)",
-    )
-    group.add_argument(
-        "--backend",
-        choices=BACKENDS,
-        help="runtime (default: torch, or what the --model folder's manifest was made for)",
-    )
-    group.add_argument(
-        "--device", default=EngineConfig.device, type=parse_device, help="cpu, cuda or cuda:N (default: cpu)"
-    )
-    group.add_argument(
-        "--dtype",
-        choices=DTYPES,
-        help="UNet/text precision (default: float16 on CUDA, float32 on CPU; an export's own precision)",
-    )
-    group.add_argument(
-        "--vae-dtype",
-        choices=DTYPES,
-        help="VAE decoder precision, torch backend (default: bfloat16 on CUDA, float32 on CPU)",
-    )
-    group.add_argument(
-        "--no-cuda-graphs",
-        action="store_true",
-        help="torch and tensorrt on CUDA: no CUDA-graph replay (default: replay where supported)",
-    )
-    group.add_argument(
-        "--compile", action="store_true", help="torch: torch.compile the UNet (experimental; default: off)"
-    )
-    group.add_argument(
-        "--provider",
-        action="append",
-        dest="providers",
-        help="ONNX Runtime provider (repeatable; default: CUDA then CPU on --device cuda, CPU on cpu)",
-    )
-    group.add_argument(
-        "--allow-pickle",
-        action="store_true",
-        help="allow pickled (.bin/.ckpt) weights; only for trusted files (default: safetensors only)",
-    )
-    add_checkpoint_arguments(group)
-
-
-def add_checkpoint_arguments(group: Any) -> None:
-    """Flags describing a single-file checkpoint and LoRAs fused at load (README 'Your own model')."""
-    group.add_argument(
-        "--model-config",
-        type=Path,
-        help="a diffusers folder whose configs and tokenizer describe a non-standard single-file checkpoint",
-    )
-    group.add_argument(
-        "--prediction-type",
-        choices=("epsilon", "v_prediction"),
-        help="what the UNet predicts, when the checkpoint does not say (v-prediction fine-tunes)",
-    )
-    group.add_argument(
-        "--lora",
-        action="append",
-        dest="loras",
-        metavar="FILE[:SCALE]",
-        help="fuse a LoRA (.safetensors, diffusers/PEFT or kohya keys) into the weights at load; repeatable",
-    )
-
-
-def checkpoint_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The loader keywords the checkpoint flags (and --allow-pickle) name, one mapping for every command."""
-    return {
-        "model_config": args.model_config,
-        "prediction_type": args.prediction_type,
-        "loras": tuple(args.loras or ()),
-        "allow_pickle": args.allow_pickle,
-    }
 
 
 #: Where argparse keeps each inversion option, by its request name (EDIT_FLAGS has the flags).
@@ -452,30 +320,6 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 # --- flags -> configs -----------------------------------------------------------------------------------------
 
 
-def engine_config_from_args(args: argparse.Namespace, **engine: Any) -> EngineConfig:
-    """The model flags as an :class:`EngineConfig` (the backend settled from the folder's manifest, a
-    mismatch refused now); ``engine`` sets further fields (``batching``, ``show_progress``...)."""
-    backend = resolve_backend(args.model, args.backend)
-    args.backend = backend  # what the command reports and checks (e.g. `maps` needs torch)
-    backend_options: dict[str, Any] = {}
-    if backend in ("torch", "tensorrt") and args.no_cuda_graphs:
-        backend_options["cuda_graphs"] = False
-    if backend == "torch":
-        backend_options["vae_dtype"] = args.vae_dtype
-        if args.compile:
-            backend_options["compile_unet"] = True
-    return EngineConfig(
-        model=args.model,
-        backend=backend,
-        device=args.device,
-        dtype=args.dtype,
-        **checkpoint_options(args),
-        providers=tuple(args.providers) if args.providers else None,
-        backend_options=backend_options,
-        **engine,
-    )
-
-
 def edit_options_from_args(args: argparse.Namespace) -> EditOptions:
     """The edit flags as :class:`EditOptions` (judged now, before any model loads)."""
     return EditOptions(
@@ -496,224 +340,6 @@ def inversion_options_from_args(args: argparse.Namespace) -> InversionOptions:
         null_text_steps=args.null_text_steps,
         null_text_epsilon=getattr(args, "null_text_epsilon", None),
     )
-
-
-def engine_from_config(config: EngineConfig) -> Any:
-    """Load the engine ``config`` describes, with one log line for the load and its time."""
-    from fpedit.engine import EditEngine
-
-    quiet_libraries()
-    log.info("loading model %s (backend %s, device %s)", config.model, config.backend, config.device)
-    started = time.perf_counter()
-    engine = EditEngine.from_config(config)
-    described = engine.info()
-    log.info(
-        "model loaded in %.2f s: backend %s on %s, %s",
-        time.perf_counter() - started,
-        described.get("backend"),
-        described.get("device"),
-        described.get("dtype"),
-    )
-    return engine
-
-
-def quiet_libraries() -> None:
-    """diffusers/transformers advice (accelerate, fp16 on CPU, token-length notes) is noise to a CLI user;
-    fpedit reports what matters itself (e.g. one warning for a truncated prompt). ``-v`` keeps it."""
-    # The engine logs a truncated prompt and also raises a Python warning for library callers; on the command
-    # line the log line alone says it once.
-    warnings.filterwarnings("ignore", message=r"prompt has \d+ tokens; truncated", category=UserWarning)
-    if logging.getLogger().isEnabledFor(logging.INFO):
-        return
-    for name in ("diffusers", "transformers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    # diffusers' deprecate() notes on a checkpoint's scheduler config (steps_offset, clip_sample) are warnings,
-    # not log records: several lines asking the user to open a pull request on the Hub.
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(diffusers|transformers)(\.|$)")
-    try:
-        import diffusers.utils.logging as diffusers_logging
-        import transformers.utils.logging as transformers_logging
-
-        diffusers_logging.set_verbosity_error()
-        transformers_logging.set_verbosity_error()
-        diffusers_logging.disable_progress_bar()
-        transformers_logging.disable_progress_bar()  # "Loading weights" of every text encoder load
-    except ImportError:  # pragma: no cover - both are dependencies
-        pass
-
-
-# --- `fpedit serve` -------------------------------------------------------------------------------------------
-
-#: Requests in flight on one engine when batching is on: enough for the device loop to fill batches of
-#: 2-row target steps and 8-row capture calls without holding many requests' activations at once.
-DEFAULT_BATCHING_WORKERS = 4
-
-
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """``fpedit serve``'s flags; every default is :class:`~fpedit.server.config.ServerConfig`'s own."""
-    from fpedit.server.config import LOG_FORMATS, ServerConfig
-
-    defaults = ServerConfig()
-    add_model_arguments(parser)
-    parser.add_argument("--host", default=defaults.host, help="bind address (default loopback)")
-    parser.add_argument(
-        "--port",
-        type=int,
-        default=defaults.port,
-        help=f"gRPC port (default {defaults.port}; 0 picks a free one)",
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        help=f"requests the engine runs at once (default: {DEFAULT_BATCHING_WORKERS} with batching, whose "
-        f"device loop merges their UNet calls; {defaults.workers} without)",
-    )
-    parser.add_argument(
-        "--batching",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="merge the UNet calls of concurrent requests into shared backend calls (default: on)",
-    )
-    parser.add_argument(
-        "--threads-per-worker",
-        type=int,
-        help="CPU: torch intra-op threads (default: all cores with batching, else cores // --workers)",
-    )
-    parser.add_argument(
-        "--max-queue",
-        type=int,
-        default=defaults.max_queue,
-        help=f"requests that may wait; more get RESOURCE_EXHAUSTED (default {defaults.max_queue})",
-    )
-    message_mb = defaults.max_message_bytes // 1024**2
-    parser.add_argument(
-        "--max-message-mb",
-        type=int,
-        default=message_mb,
-        help=f"largest request or response message (default {message_mb} MiB)",
-    )
-    cache_gib = defaults.cache_bytes / 1024**3
-    parser.add_argument(
-        "--cache-gib",
-        type=float,
-        default=cache_gib,
-        help=f"inversion cache budget (default {cache_gib:g} GiB)",
-    )
-    parser.add_argument(
-        "--cache-ttl-s",
-        type=float,
-        default=defaults.cache_ttl_s,
-        help=f"an unused inversion expires after this (default {defaults.cache_ttl_s:g} s)",
-    )
-    parser.add_argument(
-        "--max-image-pixels",
-        type=int,
-        default=defaults.max_image_pixels,
-        help=f"larger images get INVALID_ARGUMENT (default {defaults.max_image_pixels})",
-    )
-    parser.add_argument(
-        "--max-prompt-chars",
-        type=int,
-        default=defaults.max_prompt_chars,
-        help=f"longer prompts get INVALID_ARGUMENT (default {defaults.max_prompt_chars})",
-    )
-    parser.add_argument(
-        "--token", help="require 'authorization: Bearer TOKEN' (default: $FPEDIT_TOKEN, else no token)"
-    )
-    parser.add_argument("--tls-cert", help="PEM certificate chain (default: plaintext; needs --tls-key)")
-    parser.add_argument("--tls-key", help="PEM private key of --tls-cert, unencrypted (default: none)")
-    parser.add_argument(
-        "--grace-s",
-        type=float,
-        default=defaults.grace_s,
-        help=f"drain time on SIGTERM, in seconds (default {defaults.grace_s:g})",
-    )
-    parser.add_argument(
-        "--metrics-port", type=int, help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)"
-    )
-    parser.add_argument("--metrics-host", help="metrics bind address (default: --host)")
-    parser.add_argument(
-        "--http-port",
-        type=int,
-        help="also serve HTTP/JSON and the editor page at http://HOST:PORT/ (default: off; 0 picks a port)",
-    )
-    parser.add_argument("--http-host", help="HTTP bind address (default: --host)")
-    parser.add_argument(
-        "--log-format",
-        choices=LOG_FORMATS,
-        default=defaults.log_format,
-        help=f"json: one object per request (default {defaults.log_format})",
-    )
-    ray = parser.add_argument_group("scale out on Ray Serve (pip install 'fpedit[ray]')")
-    ray.add_argument(
-        "--ray",
-        action="store_true",
-        help="run the engines as Ray Serve replicas (one per GPU on CUDA) behind this gRPC front",
-    )
-    ray.add_argument("--replicas", type=int, help="with --ray: engine replicas (default 1)")
-    ray.add_argument(
-        "--ray-address",
-        help="with --ray: join this Ray cluster (auto, or HEAD:6379; run on one of its nodes); default: start one",
-    )
-    # Start-up errors name the flag as typed (`--workers: must be at least 1`): config fields are flag names.
-    flags = {
-        option[2:]: option
-        for action in parser._actions
-        for option in action.option_strings
-        if option.startswith("--")
-    }
-    parser.set_defaults(flags=flags)
-
-
-def server_config_from_args(args: argparse.Namespace) -> Any:
-    """The validated :class:`ServerConfig` of ``fpedit serve`` flags (also read by the Ray Serve config file)."""
-
-    from fpedit.server.config import ServerConfig
-
-    token = bearer_token(args.token)
-    return ServerConfig(
-        host=args.host,
-        port=args.port,
-        workers=args.workers
-        if args.workers is not None
-        else (DEFAULT_BATCHING_WORKERS if args.batching else ServerConfig.workers),
-        max_queue=args.max_queue,
-        max_message_bytes=args.max_message_mb * 1024 * 1024,
-        cache_bytes=int(args.cache_gib * 1024**3),
-        cache_ttl_s=args.cache_ttl_s,
-        max_image_pixels=args.max_image_pixels,
-        max_prompt_chars=args.max_prompt_chars,
-        token=token,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        grace_s=args.grace_s,
-        metrics_port=args.metrics_port,
-        metrics_host=args.metrics_host,
-        log_format=args.log_format,
-        http_port=args.http_port,
-        http_host=args.http_host,
-        threads_per_worker=args.threads_per_worker,
-    ).validate()  # before the model loads: a bad flag fails in a second, not after a minute
-
-
-def serve_args_from_mapping(flags: dict[str, Any]) -> argparse.Namespace:
-    """``fpedit serve`` flags given as a mapping (a Ray Serve config file's ``args``: ``{model: /models/sd15,
-    device: cuda, cache-gib: 8}``), judged by the same parser as the command line."""
-    argv: list[str] = []
-    for key, value in flags.items():
-        flag = "--" + str(key).replace("_", "-")
-        values = value if isinstance(value, (list, tuple)) else [value]
-        for item in values:
-            if item is True:
-                argv.append(flag)
-            elif item is not False and item is not None:
-                argv += [flag, str(item)]
-    parser = FpeditParser(prog="fpedit serve")
-    add_serve_arguments(parser)
-    try:
-        return parser.parse_args(argv)
-    except SystemExit as exc:  # argparse already printed what is wrong
-        raise InvalidInputError("args", f"not valid `fpedit serve` flags: {argv}") from exc
 
 
 # --- local blending (issue 27) ----------------------------------------------------------------------------------
@@ -739,7 +365,11 @@ def add_blend_arguments(parser: argparse.ArgumentParser) -> None:
         "--mask", type=Path, metavar="FILE", help="image whose white (non-zero) part may change; any size"
     )
     group.add_argument(
-        "--mask-grow", type=int, default=0, metavar="K", help="grow the mask by K latent cells (8 px each)"
+        "--mask-grow",
+        type=int,
+        default=0,
+        metavar="K",
+        help="grow the mask by K latent cells (8 px each; default 0)",
     )
     group.add_argument(
         "--blend",

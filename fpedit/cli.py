@@ -31,26 +31,28 @@ from fpedit.args import (
     OUTPUT_FORMATS,
     FpeditParser,
     add_blend_arguments,
-    add_checkpoint_arguments,
     add_edit_arguments,
     add_generate_arguments,
     add_inversion_arguments,
-    add_model_arguments,
     add_run_arguments,
     blend_from_args,
-    check_distinct_outputs,
-    check_input_image,
-    check_output_path,
     describe_error,
     edit_options_from_args,
-    engine_config_from_args,
     inversion_options_from_args,
     parse_layers,
     parse_output_size,
-    quiet_libraries,
     source_output_path,
 )
+from fpedit.engine import flags as engine_flags
 from fpedit.engine.errors import FpeditError, InvalidInputError
+from fpedit.engine.flags import (
+    add_checkpoint_arguments,
+    add_model_arguments,
+    checkpoint_options,
+    engine_config_from_args,
+    quiet_libraries,
+)
+from fpedit.engine.paths import check_distinct_outputs, check_input_image, check_output_path
 
 __all__ = ["build_parser", "edit_outputs", "main", "parse_layers", "parse_output_size", "prompt_slug"]
 
@@ -191,7 +193,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     for mask_path in masks:
         check_output_path(mask_path, "--save-mask")
     config = engine_config_from_args(args, show_progress=not args.no_progress)
-    engine = cli_args.engine_from_config(config)
+    engine = engine_flags.engine_from_config(config)
     source = args.image if saved is None else engine.load_inversion(args.inversion_file)
     log.info(
         "editing %s (%s inversion, %d steps, %d prompts)",
@@ -234,7 +236,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_output_path(args.save_mask, "--save-mask")
     check_prompt(args.source_prompt, "source_prompt", allow_empty=True)
     check_prompt(args.target_prompt, "target_prompt", allow_empty=False)
-    engine = cli_args.engine_from_config(engine_config_from_args(args, show_progress=not args.no_progress))
+    engine = engine_flags.engine_from_config(
+        engine_config_from_args(args, show_progress=not args.no_progress)
+    )
     log.info("generating and editing (seed %d, %d steps)", args.seed, options.steps)
     result = engine.edit_generated(
         args.source_prompt,
@@ -256,7 +260,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     import fpedit
 
-    engine = cli_args.engine_from_config(engine_config_from_args(args))
+    engine = engine_flags.engine_from_config(engine_config_from_args(args))
     print(json.dumps({"fpedit": fpedit.__version__, **engine.info()}, indent=2))
     return 0
 
@@ -268,7 +272,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     out = convert(
         args.src,
         args.dst,
-        **cli_args.checkpoint_options(args),
+        **checkpoint_options(args),
     )
     print(f"wrote {out}")
     return 0

@@ -19,29 +19,30 @@ from fpedit.args import (
     add_edit_arguments,
     add_generate_arguments,
     add_inversion_arguments,
-    add_serve_arguments,
-    bearer_token,
     describe_error,
     inversion_fields_given,
-    server_config_from_args,
     source_output_path,
 )
+
+from .config import add_serve_arguments, bearer_token, server_config_from_args
 
 __all__ = ["add_commands", "server_config_from_args"]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from fpedit.args import engine_config_from_args, engine_from_config
+    from fpedit.engine import flags as engine_flags
     from fpedit.engine.contract import graphs_missing_from
     from fpedit.engine.errors import InvalidInputError
 
     from .app import RunningServer, serve
     from .config import check_can_start
     from .logs import configure
+    from .runner import serving_engine_config
 
     # Every start-up setting is judged before the model loads (a minute on a large model) or Ray starts.
     config = server_config_from_args(args)
-    engine_config = engine_config_from_args(args, batching=args.batching)  # --backend from the manifest
+    # --backend from the manifest; the server's limits (image pixels, formats, map cache) are the engine's
+    engine_config = engine_flags.engine_config_from_args(args, batching=args.batching)
     if args.ray:
         if args.replicas is not None and args.replicas < 1:
             raise InvalidInputError("replicas", "must be at least 1")
@@ -79,11 +80,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"fpedit HTTP/JSON and editor page on {running.http.url}", flush=True)
 
     if args.ray:
-        from .ray import serve_on_ray
+        from .ray import replica_settings, serve_on_ray
 
-        serve_on_ray(args, config, ready=ready)
+        settings = replica_settings(config, engine_config)
+        serve_on_ray(settings, config, replicas=args.replicas, address=args.ray_address, ready=ready)
     else:
-        serve(engine_from_config(engine_config), config, ready=ready, jobs=jobs, state=state)
+        engine = engine_flags.engine_from_config(serving_engine_config(engine_config, config))
+        serve(engine, config, ready=ready, jobs=jobs, state=state)
     # Drained: every request is answered and logged. Leave without interpreter teardown, where native
     # threads (gRPC's pollers, the BLAS pool) racing static destructors have aborted the process.
     logging.shutdown()
@@ -174,8 +177,8 @@ def _output_format(args: argparse.Namespace, *outputs: tuple[str, Path | None]) 
     """The image format of the files to write (``(flag, path)`` pairs): their extension's, which
     ``--format`` may only confirm. Two outputs that name one file are refused, naming the flag as
     ``fpedit edit`` does: the second write would replace the first result."""
-    from fpedit.args import check_distinct_outputs, check_output_path
     from fpedit.engine.errors import InvalidInputError
+    from fpedit.engine.paths import check_distinct_outputs, check_output_path
 
     from .client import format_for_path
 
@@ -197,8 +200,8 @@ def _output_format(args: argparse.Namespace, *outputs: tuple[str, Path | None]) 
 
 
 def _read_image(path: Path) -> bytes:
-    from fpedit.args import check_input_image
     from fpedit.engine.errors import InvalidInputError
+    from fpedit.engine.paths import check_input_image
 
     try:
         check_input_image(path)

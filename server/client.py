@@ -110,7 +110,7 @@ def _image_bytes(image: bytes | str | os.PathLike | Any) -> bytes:
     if isinstance(image, (bytes, bytearray, memoryview)):
         return bytes(image)
     if isinstance(image, (str, os.PathLike)):
-        from fpedit.args import check_input_image
+        from fpedit.engine.paths import check_input_image
 
         path = Path(image)
         check_input_image(path, "image")  # an InvalidInputError, a ValueError

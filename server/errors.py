@@ -23,5 +23,9 @@ class UnavailableError(FpeditError):
     """The service is not taking this request now (draining for shutdown, or shut down mid-request)."""
 
 
+class UnimplementedError(FpeditError):
+    """This runner does not serve the call (the Ray front has no attention maps): UNIMPLEMENTED, 501."""
+
+
 class MessageTooLargeError(FpeditError):
     """A request or response over ``--max-message-mb``: counted and answered like any other refusal."""

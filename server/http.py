@@ -93,8 +93,8 @@ class RpcRoute:
     stream: bool = False
     #: Turns the servicer's result into a JSON-able body (routes whose result is not a message).
     encode: Callable[[Any], Any] | None = None
-    #: The runner method the route needs; a runner without it (the Ray front) answers 501.
-    needs: str | None = None
+    #: Served by the local runner only: the Ray front's runner refuses it (UNIMPLEMENTED, 501; documented).
+    local_only: bool = False
     #: Request and response schema names for routes without messages.
     schemas: tuple[str, str] = ("", "")
 
@@ -123,7 +123,7 @@ API_ROUTES = (
     RpcRoute("/v1/maps", "POST", "AttentionMaps", None, None,
              "Cross-attention heatmaps of a prompt, one per token (the paper's Figure 3), over an image, a kept "
              "inversion or the prompt's generation. Local runner only: 501 under --ray.",
-             encode=maps_json, needs="attention_maps", schemas=("MapsRequest", "MapsResponse")),
+             encode=maps_json, local_only=True, schemas=("MapsRequest", "MapsResponse")),
 )  # fmt: skip
 
 
@@ -239,12 +239,6 @@ class HttpApi:
         except ValueError:
             message = f"{DEADLINE_HEADER}: must be a number of seconds"
             return self._refuse(route, peer, grpc.StatusCode.INVALID_ARGUMENT, message, 400)
-        if route.needs is not None and not hasattr(self.servicer.runner, route.needs):
-            message = (
-                f"{route.path} is served by the local runner only (fpedit serve without --ray); "
-                "use `fpedit maps` for this model"
-            )
-            return self._refuse(route, peer, grpc.StatusCode.UNIMPLEMENTED, message, 501)
         context = HttpContext(peer, timeout_s)
         try:
             raw: bytes | JsonBody = b"" if route.http_method == "GET" else await self._body(route, request)

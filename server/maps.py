@@ -4,8 +4,8 @@ Why here and not in the proto: the maps are an inspection tool of the editor pag
 an edit, and the gRPC service does not expose them yet. The body still follows the proto3 JSON conventions
 (lowerCamelCase names, bytes as base64, ``options`` is an ``EditOptions``, parsed by ``json_format``) and the
 call goes through the servicer's admission, drain, status mapping, log line and metrics like every other
-route (method ``AttentionMaps``). Only a runner with an ``attention_maps`` method serves it (the local one);
-under ``--ray`` the route answers 501 UNIMPLEMENTED.
+route (method ``AttentionMaps``). Every runner declares ``attention_maps``; the local one serves it, the Ray
+front's refuses it (``UnimplementedError``), which the route answers as 501 UNIMPLEMENTED.
 
 Request: ``prompt`` (required), then the picture the maps are of: ``image`` (inverted first with DDIM),
 ``inversionId`` (a kept inversion: no inverting), or neither (the prompt's own generation from ``seed``,

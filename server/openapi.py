@@ -127,7 +127,7 @@ def openapi_document(routes: Sequence[RpcRoute]) -> dict[str, Any]:
             ],
             "responses": {"200": {"description": "OK"}, **errors},
         }
-        if route.needs is not None:
+        if route.local_only:
             operation["responses"]["501"] = unimplemented
         if route.stream:
             operation["responses"]["200"]["content"] = {

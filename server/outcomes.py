@@ -15,7 +15,7 @@ from fpedit.engine.errors import (
     NotFoundError,
 )
 
-from .errors import MessageTooLargeError, OverloadedError, UnavailableError
+from .errors import MessageTooLargeError, OverloadedError, UnavailableError, UnimplementedError
 
 #: Error types a client can act on, most specific first, with their outcome (a gRPC status code name).
 CLIENT_ERRORS: tuple[tuple[type[Exception], str], ...] = (
@@ -26,6 +26,7 @@ CLIENT_ERRORS: tuple[tuple[type[Exception], str], ...] = (
     (UnavailableError, "UNAVAILABLE"),
     (DeadlineExceededError, "DEADLINE_EXCEEDED"),
     (CancelledError, "CANCELLED"),
+    (UnimplementedError, "UNIMPLEMENTED"),
 )
 
 OUT_OF_MEMORY = "out of memory; retry with a smaller image or fewer steps"

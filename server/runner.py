@@ -9,6 +9,7 @@ same validation, status codes, logs and metrics. A runner is any object with the
     edit_stream(call: EditCall, *, cancel_check=None) -> Iterator[ProgressEvent | EditOutcome]  # then result
     generate(call: GenerateCall, *, progress=None, cancel_check=None) -> GenerateOutcome
     invert(call: InvertCall, *, progress=None, cancel_check=None) -> InvertOutcome
+    attention_maps(prompt, *, image=b"", inversion_id="", progress=None, cancel_check=None, **options)
     info() -> InfoOutcome
     stats() -> RunnerStats            # load and cache figures, read at every metrics scrape
     close() -> None                   # stop workers; queued calls are cancelled
@@ -32,7 +33,7 @@ from concurrent.futures import CancelledError as FutureCancelled
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from fpedit.engine import EditEngine, EditOptions, ProgressEvent
+from fpedit.engine import EditEngine, EditOptions, EngineConfig, ProgressEvent
 from fpedit.engine.errors import CancelledError
 from fpedit.engine.options import MAX_STEPS
 
@@ -50,6 +51,19 @@ CancelCheck = Callable[[], None]
 
 #: The image formats a server decodes (others are refused before decoding).
 ACCEPTED_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+
+
+def serving_engine_config(engine: EngineConfig, server: ServerConfig) -> EngineConfig:
+    """``engine`` with the server's limits as the engine's own: at most ``--max-image-pixels`` per input
+    image, the formats a server decodes, and source maps within the ``--cache-gib`` budget. ``fpedit serve``
+    and each Ray replica build their engine from this, so no one changes an engine after it is built."""
+    from fpedit.engine.images import DEFAULT_MAX_INPUT_PIXELS
+
+    return engine.replace(
+        max_input_pixels=min(engine.max_input_pixels or DEFAULT_MAX_INPUT_PIXELS, server.max_image_pixels),
+        image_formats=ACCEPTED_IMAGE_FORMATS,
+        map_cache_bytes=min(engine.map_cache_bytes, server.cache_bytes),
+    )
 
 
 # --- validated requests -------------------------------------------------------------------------------------
@@ -133,6 +147,17 @@ class Runner(Protocol):
         self, call: InvertCall, *, progress: ProgressFn | None = None, cancel_check: CancelCheck | None = None
     ) -> InvertOutcome: ...
 
+    def attention_maps(
+        self,
+        prompt: str,
+        *,
+        image: bytes = b"",
+        inversion_id: str = "",
+        progress: ProgressFn | None = None,
+        cancel_check: CancelCheck | None = None,
+        **maps_options: Any,
+    ) -> Any: ...
+
     def info(self) -> InfoOutcome: ...
 
     def stats(self) -> RunnerStats: ...
@@ -144,7 +169,10 @@ class Runner(Protocol):
 
 
 class LocalRunner:
-    """An in-process engine behind a bounded worker pool, with the server-side inversion cache."""
+    """An in-process engine behind a bounded worker pool, with the server-side inversion cache.
+
+    The engine is used as built: its input limits are its own (build it from :func:`serving_engine_config`
+    to have the server's), so an engine shared with other callers is never changed underneath them."""
 
     def __init__(self, engine: EditEngine, config: ServerConfig, replica: str = "") -> None:
         """``replica``: the name results carry (a Ray replica's; empty in-process)."""
@@ -153,9 +181,6 @@ class LocalRunner:
         self.replica = replica
         self.cache = InversionCache(config.cache_bytes, config.cache_ttl_s)
         self.pool = WorkerPool(config.workers, config.max_queue)
-        engine.max_input_pixels = min(engine.max_input_pixels, config.max_image_pixels)
-        engine.image_formats = ACCEPTED_IMAGE_FORMATS
-        engine.map_cache_bytes = min(engine.map_cache_bytes, config.cache_bytes)
         self._device = str(engine.info().get("device", "cpu"))
         self.threads = cpu_threads(config, engine, self._device)
 

@@ -414,7 +414,7 @@ class EditServicer:
 
     def AttentionMaps(self, raw: Any, context: grpc.ServicerContext) -> Any:
         """HTTP only for now (``POST /v1/maps``, :mod:`fpedit.server.maps`), with the RPCs' admission, status,
-        log line and metrics; the HTTP front checks first that the runner has ``attention_maps``."""
+        log line and metrics; a runner that does not serve maps (the Ray front's) raises UNIMPLEMENTED."""
         from .maps import parse_maps
 
         def body() -> Any:

@@ -108,9 +108,9 @@ def image() -> Image.Image:
 @pytest.fixture
 def no_engine(monkeypatch):
     """Fails the test if a command loads a model: these mistakes must be caught before any work."""
-    import fpedit.args
+    import fpedit.engine.flags
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the mistake was reported")
 
-    monkeypatch.setattr(fpedit.args, "engine_from_config", refuse)
+    monkeypatch.setattr(fpedit.engine.flags, "engine_from_config", refuse)

@@ -219,3 +219,14 @@ def json_server_log() -> Iterator[list[dict[str, Any]]]:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
         entries.extend(json.loads(line) for line in stream.getvalue().splitlines())
+
+
+def serving_engine(model: Any, config: Any = None) -> Any:
+    """An engine as ``fpedit serve`` builds one: the server's limits (``config``, default ServerConfig())
+    are the engine's own, set through its EngineConfig."""
+    from fpedit.engine import EditEngine, EngineConfig
+    from fpedit.server.config import ServerConfig
+    from fpedit.server.runner import serving_engine_config
+
+    engine_config = EngineConfig(model=str(model), backend="torch")
+    return EditEngine.from_config(serving_engine_config(engine_config, config or ServerConfig()))

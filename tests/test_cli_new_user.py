@@ -278,10 +278,10 @@ def test_serve_port_in_use_is_one_line_before_the_model_loads(tmp_path):
     port = taken.getsockname()[1]
     script = (
         "import sys\n"
-        "import fpedit.args, fpedit.cli\n"
+        "import fpedit.engine.flags, fpedit.cli\n"
         "def refuse(*a, **k):\n"
         "    raise SystemExit('MODEL LOADED')\n"
-        "fpedit.args.engine_from_config = refuse\n"
+        "fpedit.engine.flags.engine_from_config = refuse\n"
         f"sys.exit(fpedit.cli.main(['serve', '--port', '{port}', '--metrics-port', '0']))\n"
     )
     try:
@@ -298,12 +298,12 @@ def test_serve_port_in_use_is_one_line_before_the_model_loads(tmp_path):
 def test_serve_side_port_in_use_is_one_line_naming_its_flag_before_the_model_loads(flag, monkeypatch, capsys):
     """The metrics and HTTP ports are judged with the gRPC one, not found taken after the model loaded.
     In-process: these checks come before gRPC binds, so its C core writes nothing to stderr."""
-    import fpedit.args
+    import fpedit.engine.flags
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the ports were checked")
 
-    monkeypatch.setattr(fpedit.args, "engine_from_config", refuse)
+    monkeypatch.setattr(fpedit.engine.flags, "engine_from_config", refuse)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -12,15 +12,10 @@ import numpy as np
 import pytest
 from helpers import make_image
 
-from fpedit.args import (
-    FpeditParser,
-    add_model_arguments,
-    add_serve_arguments,
-    engine_config_from_args,
-    inversion_options_from_args,
-    server_config_from_args,
-)
+from fpedit.args import FpeditParser, inversion_options_from_args
 from fpedit.engine import EditEngine, EditOptions, EngineConfig, InvalidInputError, InversionOptions
+from fpedit.engine.flags import add_model_arguments, engine_config_from_args
+from fpedit.server.config import add_serve_arguments, server_config_from_args
 
 TINY_OPTIONS = EditOptions(steps=3, layers=(4, 5))
 
@@ -138,12 +133,40 @@ def test_serve_flags_take_their_defaults_from_server_config():
     assert server_config_from_args(parser.parse_args(["--no-batching"])) == ServerConfig()
 
 
+def test_server_config_fields_are_the_serve_flags():
+    """One definition: every ServerConfig field is a `fpedit serve` flag, its value in the flag's unit."""
+    import dataclasses
+
+    from fpedit.engine.flags import flag_name
+    from fpedit.server.config import ServerConfig
+
+    parser = FpeditParser(prog="fpedit serve")
+    add_serve_arguments(parser)
+    options = {option for action in parser._actions for option in action.option_strings}
+    assert {f"--{flag_name(ServerConfig, f.name)}" for f in dataclasses.fields(ServerConfig)} <= options
+    args = parser.parse_args(["--max-message-mb", "5", "--cache-gib", "0.5", "--workers", "3"])
+    config = server_config_from_args(args)
+    assert (config.max_message_bytes, config.cache_bytes, config.workers) == (5 * 1024**2, 1024**3 // 2, 3)
+    with pytest.raises(InvalidInputError, match="max-message-mb"):
+        ServerConfig(max_message_bytes=1).validate()
+
+
 def test_ray_settings_carry_an_engine_config_not_flags():
     from fpedit.server.ray import ReplicaSettings, settings_from_flags
+    from fpedit.server.runner import ACCEPTED_IMAGE_FORMATS
 
     config, settings = settings_from_flags({"model": "tiny", "no-batching": True, "cache-gib": 1, "port": 0})
     assert isinstance(settings, ReplicaSettings)
-    assert settings.engine == EngineConfig(model="tiny", backend="torch", backend_options={"vae_dtype": None})
+
+    # The server's limits are the replicas' engine's own, set in its config (nothing changes it once built).
+    assert settings.engine == EngineConfig(
+        model="tiny",
+        backend="torch",
+        backend_options={"vae_dtype": None},
+        max_input_pixels=config.max_image_pixels,
+        image_formats=ACCEPTED_IMAGE_FORMATS,
+        map_cache_bytes=1024**3,
+    )
     assert config.cache_bytes == 1024**3 and config.workers == 1
     assert pickle.loads(pickle.dumps(settings)) == settings
     with pytest.raises(InvalidInputError, match="not valid `fpedit serve` flags"):

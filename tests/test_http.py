@@ -14,11 +14,10 @@ import httpx
 import numpy as np
 import pytest
 from conftest import make_image
-from helpers import json_server_log, self_signed_cert
+from helpers import json_server_log, self_signed_cert, serving_engine
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from fpedit import EditEngine
 from fpedit.engine.errors import InvalidInputError
 from fpedit.server.app import build_server
 from fpedit.server.config import ServerConfig
@@ -56,7 +55,7 @@ def scrape(port: int) -> dict[tuple[str, frozenset], float]:
 
 @pytest.fixture(scope="module")
 def http_engine(model_dir):
-    return EditEngine.from_pretrained(model_dir)
+    return serving_engine(model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -560,14 +559,18 @@ def test_maps_errors(http, body, status, message):
 
 
 class _RunnerWithoutMaps:
-    """A runner that has no attention_maps (as the Ray front): the route must say so, not crash."""
+    """A local runner whose maps are refused as the Ray front's are (``RayRunner.attention_maps``): the route
+    answers 501 through the servicer's error mapping, not a probe of the runner's methods."""
 
     def __init__(self, inner: LocalRunner) -> None:
         self._inner = inner
 
+    def attention_maps(self, prompt: str, **options):
+        from fpedit.server.ray.front import RayRunner
+
+        return RayRunner(handle=None).attention_maps(prompt, **options)
+
     def __getattr__(self, name: str):
-        if name == "attention_maps":
-            raise AttributeError(name)
         return getattr(self._inner, name)
 
 
@@ -587,3 +590,15 @@ def test_maps_on_a_runner_without_maps_is_501(http_engine):
         assert scrape(server.metrics_port).get(("fpedit_requests_total", frozenset(labels.items()))) == 1
     finally:
         server.drain(2)
+
+
+def test_every_runner_declares_what_the_fronts_call():
+    """The servicer and the HTTP front call only what :class:`Runner` declares (no ``hasattr`` probes), and
+    both runners have all of it, attention maps included."""
+    from fpedit.server.ray.front import RayRunner
+    from fpedit.server.runner import Runner
+
+    declared = {name for name in vars(Runner) if not name.startswith("_")}
+    assert "attention_maps" in declared
+    for runner in (LocalRunner, RayRunner):
+        assert declared <= set(dir(runner)), runner

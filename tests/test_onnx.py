@@ -479,13 +479,13 @@ def test_onnxruntime_cuda_provider(qk_export):
 def test_serve_refuses_a_partial_export_before_loading_it(qk_export, tmp_path, monkeypatch, capsys):
     """A folder from ``fpedit export --graphs`` would load and then refuse every edit: ``fpedit serve`` says so
     at start-up, naming the graphs it lacks, before any model loads."""
-    import fpedit.args
+    import fpedit.engine.flags
     from fpedit.cli import main
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the export was judged")
 
-    monkeypatch.setattr(fpedit.args, "engine_from_config", must_not_load)
+    monkeypatch.setattr(fpedit.engine.flags, "engine_from_config", must_not_load)
     partial = tmp_path / "partial"
     shutil.copytree(qk_export, partial)
     manifest = json.loads((partial / "manifest.json").read_text())

@@ -186,7 +186,7 @@ def test_replica_errors_come_back_as_the_runners_errors():
         NotFoundError,
     )
     from fpedit.server.errors import OverloadedError, UnavailableError
-    from fpedit.server.ray.errors import ReplicaError, _translate
+    from fpedit.server.ray.errors import ReplicaError, translate
 
     for original in (
         InvalidInputError("steps", "must be in 1..1000"),
@@ -202,8 +202,8 @@ def test_replica_errors_come_back_as_the_runners_errors():
     assert ReplicaError.wrap(InvalidInputError("steps", "bad")).unwrap().field == "steps"
     bug = KeyError("a bug")
     assert ReplicaError.wrap(bug) is bug  # not an answer: it stays an error (INTERNAL)
-    assert isinstance(_translate(BackPressureError(64, 64)), OverloadedError)
-    assert isinstance(_translate(ActorDiedError()), UnavailableError)
+    assert isinstance(translate(BackPressureError(64, 64)), OverloadedError)
+    assert isinstance(translate(ActorDiedError()), UnavailableError)
 
 
 # --- on a real local Ray instance ---------------------------------------------------------------------------

@@ -104,12 +104,12 @@ def verdict_of_server(message: str) -> tuple[str, str]:
 
 
 def via_cli(rule: Rule, tmp_path, capsys, monkeypatch) -> tuple[str, str] | None:
-    import fpedit.args
+    import fpedit.engine.flags
 
     def loaded(*args, **kwargs):
         raise Accepted
 
-    monkeypatch.setattr(fpedit.args, "engine_from_config", loaded)
+    monkeypatch.setattr(fpedit.engine.flags, "engine_from_config", loaded)
     image = tmp_path / "in.png"
     make_image(64, 64).save(image)
     source = ["--inversion-file", str(tmp_path / "made.safetensors")] if rule.kept else [str(image)]

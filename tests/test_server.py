@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 import pytest
 from helpers import decoded_pixels as decode
-from helpers import make_image, png_bytes, self_signed_cert
+from helpers import make_image, png_bytes, self_signed_cert, serving_engine
 from PIL import Image
 
 from fpedit import EditEngine, EditOptions
@@ -31,7 +31,7 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def server_engine(model_dir):
-    return EditEngine.from_pretrained(model_dir)
+    return serving_engine(model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import json_server_log, make_image
+from helpers import json_server_log, make_image, serving_engine
 from helpers import png_bytes as png
 from PIL import Image
 
-from fpedit import EditEngine, EditOptions
+from fpedit import EditOptions
 from fpedit.server.app import build_server
 from fpedit.server.config import ServerConfig
 from fpedit.v1 import edit_pb2 as pb
@@ -65,7 +65,7 @@ def status_of(fn, *args, **kwargs) -> tuple[grpc.StatusCode, str]:
 
 @pytest.fixture(scope="module")
 def hardening_engine(model_dir):
-    return EditEngine.from_pretrained(model_dir)
+    return serving_engine(model_dir)
 
 
 @pytest.fixture(scope="module")

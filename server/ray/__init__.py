@@ -53,7 +53,9 @@ from .settings import (
     DEFAULT_MAX_INVERSIONS_PER_REPLICA,
     DEFAULT_MAX_ONGOING_REQUESTS,
     ReplicaSettings,
+    build_engine,
     replica_server_config,
+    replica_settings,
     settings_from_flags,
 )
 
@@ -73,9 +75,11 @@ __all__ = [
     "ReplicaError",
     "ReplicaSettings",
     "build_app",
+    "build_engine",
     "replica_actor_options",
     "replica_deployment",
     "replica_server_config",
+    "replica_settings",
     "require_ray",
     "serve_on_ray",
     "settings_from_flags",

@@ -3,7 +3,6 @@ tooling (``serve run`` / ``serve deploy`` with :func:`build_app`, the front as t
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import logging
 import os
@@ -18,12 +17,7 @@ from ..config import ServerConfig
 from .front import RayRunner
 from .install import LOCAL_ONLY_ENV, local_ray_on_loopback, require_ray, starts_local_ray
 from .replica import EditReplica
-from .settings import (
-    DEFAULT_MAX_ONGOING_REQUESTS,
-    ReplicaSettings,
-    replica_server_config,
-    settings_from_flags,
-)
+from .settings import DEFAULT_MAX_ONGOING_REQUESTS, ReplicaSettings, settings_from_flags
 from .store import StoreClient, open_store
 from .watch import ServiceWatch
 
@@ -201,27 +195,28 @@ def init_ray(ray: Any, address: str | None, init: dict[str, Any]) -> None:
 
 
 def serve_on_ray(
-    args: argparse.Namespace, config: ServerConfig, ready: Callable[[Any], None] | None = None
+    settings: ReplicaSettings,
+    config: ServerConfig,
+    *,
+    replicas: int | None = None,
+    address: str | None = None,
+    ready: Callable[[Any], None] | None = None,
 ) -> None:
-    """``fpedit serve --ray``: deploy ``--replicas`` engine replicas on Ray Serve and serve the gRPC front on
-    ``--host``/``--port`` until SIGTERM or SIGINT; then drain the front and delete the application."""
-    require_ray(local=starts_local_ray(args.ray_address))
-    replicas = 1 if args.replicas is None else args.replicas
+    """``fpedit serve --ray``: deploy ``replicas`` engine replicas (``settings``, see
+    :func:`~.settings.replica_settings`) on Ray Serve, joining the cluster at ``address`` or starting a local
+    one, and serve the gRPC front of ``config`` until SIGTERM or SIGINT; then drain the front and delete the
+    application. Configs only: the command line's flags are mapped before this is called."""
+    require_ray(local=starts_local_ray(address))
+    replicas = 1 if replicas is None else replicas
     if replicas < 1:
         raise InvalidInputError("replicas", "must be at least 1")
-    from fpedit.args import engine_config_from_args
-
     from ..app import serve
 
-    settings = ReplicaSettings(
-        engine=engine_config_from_args(args, batching=args.batching),
-        server=replica_server_config(config, DEFAULT_MAX_ONGOING_REQUESTS, batching=args.batching),
-    )
-    log.info("starting Ray Serve (%s), %d replicas", args.ray_address or "local Ray instance", replicas)
+    log.info("starting Ray Serve (%s), %d replicas", address or "local Ray instance", replicas)
     service = RayService.start(
         settings,
         replicas=replicas,
-        address=args.ray_address,
+        address=address,
         host=config.host,
         max_queued_requests=max(1, config.max_queue),  # --max-queue is the front's queue, as standalone
     )

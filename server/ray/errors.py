@@ -45,7 +45,7 @@ class ReplicaError(Exception):
         return kinds.get(self.kind, UnavailableError)(self.message)
 
 
-def _translate(exc: BaseException) -> BaseException:
+def translate(exc: BaseException) -> BaseException:
     """Map what a handle call raised to the error a LocalRunner would have raised."""
     from ray import exceptions as ray_errors
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError

@@ -13,11 +13,11 @@ from typing import Any
 from fpedit.engine import ProgressEvent
 from fpedit.engine.errors import CancelledError
 
-from ..errors import OverloadedError, UnavailableError
+from ..errors import OverloadedError, UnavailableError, UnimplementedError
 from ..results import EditOutcome, GenerateOutcome, InfoOutcome, InvertOutcome
 from ..runner import EditCall, GenerateCall, InvertCall, RunnerStats
 from ..streaming import stream_of
-from .errors import ReplicaError, _translate
+from .errors import ReplicaError, translate
 from .watch import ServiceWatch
 
 log = logging.getLogger("fpedit.server")
@@ -67,9 +67,7 @@ class RayRunner:
     def _enter(self, admit: bool = True) -> None:
         with self._lock:
             if admit and self.capacity is not None and self._in_flight >= self.capacity:
-                raise OverloadedError(
-                    f"server busy: {self._in_flight} requests running or queued (limit {self.capacity})"
-                )
+                raise OverloadedError.busy(self._in_flight, self.capacity)
             self._in_flight += 1
 
     def _leave(self) -> None:
@@ -113,7 +111,7 @@ class RayRunner:
             except TimeoutError:
                 pass
             except Exception as exc:
-                raise _translate(exc) from None
+                raise translate(exc) from None
             if cancel_check is not None:
                 try:
                     cancel_check()
@@ -165,7 +163,7 @@ class RayRunner:
                 for item in stream:
                     emit(item)
             except Exception as exc:
-                raise _translate(exc) from None
+                raise translate(exc) from None
             finally:
                 ended.set()
 
@@ -207,6 +205,14 @@ class RayRunner:
         new_id = uuid.uuid4().hex
         routed = self._routed(new_id)
         return self._wait(lambda: routed.invert.remote(call, new_id), cancel_check)
+
+    def attention_maps(self, prompt: str, **maps_options: Any) -> Any:
+        """Not served over Ray (the replicas run edits; a maps call would need its own routing and result
+        transport): refused as UNIMPLEMENTED, which the HTTP front answers as 501 like any other error."""
+        raise UnimplementedError(
+            "attention maps are served by the local runner only (fpedit serve without --ray); "
+            "use `fpedit maps` for this model"
+        )
 
     def info(self) -> InfoOutcome:
         info = self._wait(lambda: self.handle.info.remote(), None, admit=False)

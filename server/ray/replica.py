@@ -14,10 +14,11 @@ from typing import Any, TypeVar
 from fpedit.engine import ProgressEvent
 from fpedit.engine.errors import CancelledError, NotFoundError
 
+from ..errors import unknown_inversion
 from ..results import EditOutcome, GenerateOutcome, InfoOutcome, InvertOutcome
 from ..runner import EditCall, GenerateCall, InvertCall, LocalRunner
 from .errors import ReplicaError
-from .settings import ReplicaSettings, _build_engine
+from .settings import ReplicaSettings, build_engine
 from .store import (
     StoreClient,
     StoreUnreachable,
@@ -54,7 +55,7 @@ class EditReplica:
 
         self.settings = settings
         self.name = ray.get_runtime_context().get_actor_name() or "local"
-        self.engine = _build_engine(settings)
+        self.engine = build_engine(settings)
         self.runner = LocalRunner(self.engine, settings.server, replica=self.name)
         self.fingerprint = engine_fingerprint(self.engine.info())
         # Found by name, never created here: the front creates it on its own node (its failure domain).
@@ -119,7 +120,7 @@ class EditReplica:
                 f"inversion_id {inversion_id!r} was lost with a Ray node or the store; send the image again"
             ) from None
         if record is None:
-            raise NotFoundError(f"inversion_id {inversion_id!r} is unknown or expired; send the image again")
+            raise unknown_inversion(inversion_id)
         if record.fingerprint != self.fingerprint:
             raise NotFoundError(
                 f"inversion_id {inversion_id!r} was made by a different model or precision; send the image again"

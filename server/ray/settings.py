@@ -18,7 +18,6 @@ DEFAULT_MAX_ONGOING_REQUESTS = 8
 #: Inversion ids a replica advertises as held (Serve's multiplexing LRU); the bytes are bounded by the
 #: replica's inversion cache (``--cache-gib``) and the shared store (``store_gib``).
 DEFAULT_MAX_INVERSIONS_PER_REPLICA = 64
-#: How often a waiting front checks its request's cancellation and deadline.
 # --- settings -----------------------------------------------------------------------------------------------
 
 
@@ -47,21 +46,31 @@ def replica_server_config(front: ServerConfig, max_ongoing_requests: int, batchi
     )  # fmt: skip
 
 
-def _build_engine(settings: ReplicaSettings) -> Any:
-    from fpedit.args import engine_from_config
+def replica_settings(front: ServerConfig, engine: EngineConfig) -> ReplicaSettings:
+    """What the replicas of a front with ``front``'s limits are built from: their runner's limits
+    (:func:`replica_server_config`) and ``engine`` with those limits as its own (``serving_engine_config``).
+    The one place ``fpedit serve --ray`` and a Ray Serve config file both build it."""
+    from ..runner import serving_engine_config
+
+    server = replica_server_config(front, DEFAULT_MAX_ONGOING_REQUESTS, batching=engine.batching)
+    return ReplicaSettings(engine=serving_engine_config(engine, server), server=server)
+
+
+def build_engine(settings: ReplicaSettings) -> Any:
+    """A replica's engine, loaded as every command loads one (one log line, libraries quiet)."""
+    from fpedit.engine.flags import engine_from_config
 
     return engine_from_config(settings.engine)
 
 
 def settings_from_flags(flags: dict[str, Any]) -> tuple[ServerConfig, ReplicaSettings]:
     """The front's config and the replicas' settings from ``fpedit serve`` flags given as a mapping (a config
-    file's ``args``: ``{model: /models/sd15, device: cuda, port: 50051, cache-gib: 8}``)."""
-    from fpedit.args import engine_config_from_args, serve_args_from_mapping, server_config_from_args
+    file's ``args``: ``{model: /models/sd15, device: cuda, port: 50051, cache-gib: 8}``), read by the
+    flags' owners (:mod:`fpedit.server.config`, :mod:`fpedit.engine.flags`), not the command line."""
+    from fpedit.engine.flags import engine_config_from_args
+
+    from ..config import serve_args_from_mapping, server_config_from_args
 
     args = serve_args_from_mapping(flags)
     config = server_config_from_args(args)
-    settings = ReplicaSettings(
-        engine=engine_config_from_args(args, batching=args.batching),
-        server=replica_server_config(config, DEFAULT_MAX_ONGOING_REQUESTS, batching=args.batching),
-    )
-    return config, settings
+    return config, replica_settings(config, engine_config_from_args(args, batching=args.batching))

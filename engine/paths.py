@@ -1,0 +1,47 @@
+"""The image files a request reads and writes, checked before any work: the CLI's commands and the gRPC
+client (``EditClient`` given a path) refuse the same mistakes in the same words. Importing this module costs
+no torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import InvalidInputError
+from .options import IMAGE_FILE_FORMATS
+
+
+def check_output_path(path: Path | None, flag: str) -> None:
+    """Refuse, before any work, an output that could not be written as an image."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise InvalidInputError(flag, f"{path} is a directory; give a file name such as {path / 'out.png'}")
+    if path.suffix.lower() not in IMAGE_FILE_FORMATS:
+        raise InvalidInputError(
+            flag,
+            f"{path}: the extension must be one of {', '.join(IMAGE_FILE_FORMATS)} (it picks the format)",
+        )
+    if path.parent.exists() and not path.parent.is_dir():
+        raise InvalidInputError(flag, f"{path.parent} is not a directory")
+
+
+def check_distinct_outputs(*outputs: tuple[Path | None, str]) -> None:
+    """Refuse two outputs that name one file: the later write would silently replace the earlier result."""
+    seen: dict[Path, str] = {}
+    for path, flag in outputs:
+        if path is None:
+            continue
+        key = path.expanduser().resolve()
+        if key in seen:
+            raise InvalidInputError(
+                flag, f"{path} is also the {seen[key]} file; give each output its own file name"
+            )
+        seen[key] = flag
+
+
+def check_input_image(path: Path, flag: str = "IMAGE") -> None:
+    """Refuse a directory or a missing file before any work (the decoder's message would be less clear)."""
+    if path.is_dir():
+        raise InvalidInputError(flag, f"{path} is a directory, not an image file")
+    if not path.is_file():
+        raise InvalidInputError(flag, f"no such file: {path}")
