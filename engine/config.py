@@ -60,7 +60,7 @@ class EngineConfig:
     ``"tiny"``); ``dtype=None`` the backend's default (float16 on CUDA, float32 on the CPU, an export's own).
     ``backend_options`` tune the backend (torch: ``vae_dtype``, ``cuda_graphs``, ``compile_unet``, ...).
     ``model_config``, ``prediction_type`` and ``loras`` describe a single-file checkpoint and what is fused
-    into it (torch; README "Your own model"). The engine limits left ``None`` take the engine's defaults.
+    into it (torch; docs/models.md). The engine limits left ``None`` take the engine's defaults.
     """
 
     model: str = "tiny"

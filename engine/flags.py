@@ -168,7 +168,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_checkpoint_arguments(group: Any) -> None:
-    """Flags describing a single-file checkpoint and LoRAs fused at load (README 'Your own model')."""
+    """Flags describing a single-file checkpoint and LoRAs fused at load (docs/models.md)."""
     group.add_argument(
         "--model-config",
         type=Path,

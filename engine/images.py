@@ -1,6 +1,6 @@
 """Image decoding, the resize policy, and conversions between PIL images and model tensors.
 
-Size policy (documented in the README): an image is edited at a *working size* whose sides are multiples of 64
+Size policy (documented in docs/python-api.md, "Sizes"): an image is edited at a *working size* whose sides are multiples of 64
 (SD 1.x's UNet halves the latent three times, so latent sides must be multiples of 8) and whose aspect ratio
 is within 5 % of the input's. An image whose sides are already multiples of 64 and whose longer side is at
 most ``max_side`` is used as it is. Otherwise it is scaled, aspect kept, so that its longer side fits

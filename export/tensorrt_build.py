@@ -9,7 +9,7 @@ since TensorRT 10.0, so one code path serves both. The output directory mirrors 
 ``manifest.json`` (format ``fpedit-tensorrt``, the engine files, TensorRT version), ``<graph>.plan`` and
 ``tokenizer/``; it appears only once every engine is built.
 
-Not executed on the machines this project is developed on (no TensorRT there); see the README.
+Not executed on the machines this project is developed on (no TensorRT there); see the README's "What has run where".
 """
 
 from __future__ import annotations

@@ -268,7 +268,7 @@ def add_inversion_arguments(
     parser: argparse.ArgumentParser, *, epsilon: bool = True
 ) -> argparse._ArgumentGroup:
     """How a real image is inverted (mapped by :func:`inversion_options_from_args`); unset flags are None."""
-    group = parser.add_argument_group("inversion (see the README's 'Inversion methods')")
+    group = parser.add_argument_group("inversion (see docs/inversion.md)")
     group.add_argument(
         "--inversion",
         choices=INVERSION_METHODS,

@@ -95,7 +95,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     os._exit(0)
 
 
-#: `fpedit client` exit statuses (README, "gRPC service"): a mistake on the command line, found before any
+#: `fpedit client` exit statuses (docs/serving.md): a mistake on the command line, found before any
 #: call; an error status the server answered; no server to answer (not running, unreachable, draining).
 EXIT_SERVER_REFUSED = 1
 EXIT_USAGE = 2
