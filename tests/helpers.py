@@ -230,3 +230,23 @@ def serving_engine(model: Any, config: Any = None) -> Any:
 
     engine_config = EngineConfig(model=str(model), backend="torch")
     return EditEngine.from_config(serving_engine_config(engine_config, config or ServerConfig()))
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset], float]:
+    """{(sample name, labels): value} from a real HTTP scrape of the text exposition format at /metrics."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        assert response.status == 200
+        text = response.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: dict[tuple[str, frozenset], float], name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)

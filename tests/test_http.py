@@ -7,16 +7,14 @@ import io
 import json
 import threading
 import time
-import urllib.request
 
 import grpc
 import httpx
 import numpy as np
 import pytest
 from conftest import make_image
-from helpers import json_server_log, self_signed_cert, serving_engine
+from helpers import json_server_log, scrape, self_signed_cert, serving_engine
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
 from fpedit.engine.errors import InvalidInputError
 from fpedit.server.app import build_server
@@ -41,16 +39,6 @@ def b64(data: bytes) -> str:
 def pixels(data: bytes | str) -> np.ndarray:
     raw = base64.b64decode(data) if isinstance(data, str) else data
     return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
-
-
-def scrape(port: int) -> dict[tuple[str, frozenset], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 @pytest.fixture(scope="module")

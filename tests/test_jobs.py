@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -25,9 +24,8 @@ import httpx
 import numpy as np
 import pytest
 from conftest import make_image
-from helpers import assert_one_line, run_cli
+from helpers import assert_one_line, run_cli, scrape
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
 from fpedit import EditEngine
 from fpedit.engine.errors import InvalidInputError
@@ -304,13 +302,7 @@ def test_job_route_and_rpc_refusals(http, stub):
 
 def test_job_metrics_over_a_real_scrape(running, http):
     http.get("/v1/jobs", headers=AUTH)
-    with urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    samples = {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+    samples = scrape(running.metrics_port)
     jobs = {dict(labels)["state"]: v for (name, labels), v in samples.items() if name == "fpedit_jobs"}
     assert set(jobs) == {"queued", "running", "succeeded", "failed", "cancelled"}
     assert jobs["succeeded"] >= 2 and jobs["cancelled"] >= 2

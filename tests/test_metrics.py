@@ -7,8 +7,7 @@ import urllib.request
 
 import grpc
 import pytest
-from helpers import make_image, png_bytes
-from prometheus_client.parser import text_string_to_metric_families
+from helpers import make_image, png_bytes, scrape, value
 
 from fpedit import EditEngine
 from fpedit.server.app import build_server
@@ -20,22 +19,6 @@ from fpedit.v1 import edit_pb2_grpc
 
 def png(seed: int = 0) -> bytes:
     return png_bytes(make_image(64, 64, seed=seed))
-
-
-def scrape(port: int) -> dict[tuple[str, frozenset], float]:
-    """{(sample name, labels): value} from the text exposition format at /metrics."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        assert response.status == 200
-        text = response.read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples
-
-
-def value(samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 def test_counters_move_by_the_requests_made(engine):

@@ -560,7 +560,7 @@ def test_concurrent_edits_by_id_batch_on_the_holder(client, ray_service):
 def test_front_metrics_scrape_after_real_work(ray_service):
     """Item 1: the Ray front's /metrics answered HTTP 500 (batch sizes summed as integers); now it answers
     before any work and after it, with the counters moved by the calls made."""
-    from test_metrics import scrape, value
+    from helpers import scrape, value
 
     from fpedit.server.app import build_server
     from fpedit.server.client import EditClient, edit_options

@@ -16,8 +16,7 @@ from collections.abc import Callable
 import grpc
 import httpx
 import pytest
-from helpers import make_image, png_bytes
-from test_metrics import scrape, value
+from helpers import make_image, png_bytes, scrape, value
 
 from fpedit.server.ray.install import local_ray_on_loopback
 
