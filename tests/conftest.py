@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import os
+import re
 from pathlib import Path
 
 # Threads per test process, set before torch (or onnxruntime's OpenMP) is imported and exported so that every
@@ -114,3 +116,24 @@ def no_engine(monkeypatch):
         raise AssertionError("a model was loaded before the mistake was reported")
 
     monkeypatch.setattr(fpedit.engine.flags, "engine_from_config", refuse)
+
+
+#: tests/<folder>/: each folder is a subsystem and a marker of the same name (pyproject.toml).
+SUBSYSTEMS = ("engine", "export", "server", "scaleout", "cli", "eval", "project")
+#: A test whose own code starts a process (a server, the CLI, a script): slower, and deselectable.
+STARTS_A_PROCESS = re.compile(r"\bsubprocess\.(run|Popen|check_output|call)\b|\bPopen\(")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Mark each test with its subsystem (its folder) and, when its body starts a process, ``subprocess``."""
+    for item in items:
+        folder = Path(str(item.fspath)).parent.name
+        if folder in SUBSYSTEMS:
+            item.add_marker(folder)
+        function = getattr(item, "function", None)
+        try:
+            source = inspect.getsource(function) if function is not None else ""
+        except (OSError, TypeError):
+            source = ""
+        if STARTS_A_PROCESS.search(source):
+            item.add_marker("subprocess")

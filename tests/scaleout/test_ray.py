@@ -40,7 +40,7 @@ local_ray_on_loopback()
 pytestmark = pytest.mark.ray
 
 STEPS = 3
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOKEN = "ray-test-token"
 RAY_MISSING = "Ray Serve is not installed: pip install 'fpedit[ray]'"
 
@@ -793,18 +793,30 @@ def test_a_stream_refused_by_serves_queue_is_resource_exhausted_with_one_log_lin
     front = build_server(RayRunner(handle, max_running=100, max_queue=100), ServerConfig(port=0))
     image = png_bytes(make_image(64, 64, seed=51))
 
-    def one_stream(i: int) -> grpc.StatusCode:
+    def one_stream(i: int, steps: int = 2, started: threading.Event | None = None) -> grpc.StatusCode:
         with grpc.insecure_channel(f"127.0.0.1:{front.port}") as channel:
-            request = pb.EditRequest(image=image, target_prompt=f"car {i}", options=pb.EditOptions(steps=6))
+            request = pb.EditRequest(
+                image=image, target_prompt=f"car {i}", options=pb.EditOptions(steps=steps)
+            )
             try:
-                list(edit_pb2_grpc.EditServiceStub(channel).EditStream(request, timeout=120))
+                for _ in edit_pb2_grpc.EditServiceStub(channel).EditStream(request, timeout=120):
+                    if started is not None:
+                        started.set()
                 return grpc.StatusCode.OK
             except grpc.RpcError as exc:
                 return exc.code()
 
     try:
         with json_server_log() as entries:
-            codes = run_concurrently([lambda i=i: one_stream(i) for i in range(12)], timeout_s=240)
+            # A long stream holds the one replica (its first message says it runs), then a burst arrives:
+            # one of it may wait in Serve's queue, the rest are refused.
+            running = threading.Event()
+            pool = ThreadPoolExecutor(1)
+            holder = pool.submit(one_stream, 0, 30, running)
+            assert running.wait(60), "the holding stream never started"
+            codes = run_concurrently([lambda i=i: one_stream(i) for i in range(1, 7)], timeout_s=120)
+            codes.append(holder.result(timeout=120))
+            pool.shutdown()
     finally:
         front.drain(5)
         serve.delete("fpedit-burst")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("engine", "server", "export", "eval", "benchmarks", "fpedit")
 #: Known exceptions (none: server/ray's were made public names).
 ALLOWED: set[tuple[str, str]] = set()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BELOW_CLI = ("engine", "server", "export", "eval", "benchmarks")
 CLI_MODULES = {"server/cli.py", "export/cli.py", "eval/cli.py", "benchmarks/cli.py"}
 FORBIDDEN = ("fpedit.args", "fpedit.cli")

@@ -342,7 +342,7 @@ def test_independently_generated_stubs_work(running, tmp_path):
     """Stubs generated from protos/ by grpc_tools (as an outside client would) call the server."""
     from grpc_tools import protoc
 
-    protos = Path(__file__).resolve().parent.parent / "protos"
+    protos = Path(__file__).resolve().parents[2] / "protos"
     out = tmp_path / "stubs"
     out.mkdir()
     assert (
@@ -380,7 +380,7 @@ def test_committed_stubs_are_current(tmp_path):
     """The stubs match the .proto; the version of grpcio-tools that wrote them may differ from the installed one."""
     from fpedit.server.protogen import generate, without_generator_versions
 
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     for path in generate(tmp_path):
         committed = repo / "fpedit" / "v1" / path.name
         assert without_generator_versions(committed.read_text()) == without_generator_versions(
@@ -392,7 +392,7 @@ def test_stub_comparison_blanks_only_generator_versions() -> None:
     """Another generator release compares equal; another field does not (the proto's change must show)."""
     from fpedit.server.protogen import without_generator_versions
 
-    stub = (Path(__file__).resolve().parent.parent / "fpedit" / "v1" / "edit_pb2_grpc.py").read_text()
+    stub = (Path(__file__).resolve().parents[2] / "fpedit" / "v1" / "edit_pb2_grpc.py").read_text()
     newer = re.sub(r"GRPC_GENERATED_VERSION = '[^']*'", "GRPC_GENERATED_VERSION = '9.99.9'", stub)
     assert newer != stub and without_generator_versions(newer) == without_generator_versions(stub)
     renamed = stub.replace("/fpedit.v1.EditService/Edit", "/fpedit.v1.EditService/Redo", 1)

@@ -17,6 +17,8 @@ from fpedit import EditEngine
 from fpedit.server.app import build_server
 from fpedit.server.config import ServerConfig
 
+pytestmark = pytest.mark.browser
+
 STEPS = 2
 #: The system browser (.ci/run installs Debian's chromium); Playwright never downloads its own.
 CHROMIUM = os.environ.get("FPEDIT_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")

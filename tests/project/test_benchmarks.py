@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fpedit.benchmarks.bench import BenchConfig, run_bench, write_outputs
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_bench_writes_the_documented_json(model_dir, qk_export, tmp_path, monkeypatch):
