@@ -29,6 +29,8 @@ METRIC_FLAGS = {
     "window": "--window",
     "sweep_windows": "--sweep-windows",
     "method": "--inversion",
+    "blend": "--blend",
+    "sweep_blends": "--sweep-blends",
 }
 
 
@@ -143,6 +145,17 @@ def _layers_name(layers: Any) -> str:
     return ",".join(parts)
 
 
+def parse_blends(text: str) -> list[str]:
+    """``"none,mask"`` -> ["none", "mask"] (each one of BLEND_MODES)."""
+    from .runner import BLEND_MODES
+
+    modes = [part.strip() for part in text.split(",") if part.strip()]
+    wrong = [m for m in modes if m not in BLEND_MODES]
+    if wrong or not modes:
+        raise argparse.ArgumentTypeError(f"expected modes from {', '.join(BLEND_MODES)}, got {text!r}")
+    return list(dict.fromkeys(modes))
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from fpedit.args import edit_options_from_args
     from fpedit.engine.flags import engine_config_from_args, engine_from_config
@@ -172,20 +185,38 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 InversionOptions(**inversion_kwargs(inversion, item))
             except InvalidInputError as exc:
                 raise InvalidInputError(exc.field, f"item {item.id}: {exc.reason}") from None
-    settings = [Setting("default", base)]
+    blends = args.sweep_blends if args.sweep and args.sweep_blends else [args.blend]
+    if args.sweep_blends and not args.sweep:
+        raise InvalidInputError("sweep_blends", "compares blend modes in a sweep; add --sweep")
+    if fmt != "pie" and set(blends) - {"none"}:
+        raise InvalidInputError(
+            "blend",
+            "FPE prompt pairs carry no masks nor blended words; mask and words need PIE-Bench's mapping",
+        )
+    if set(blends) - {"none"}:  # judged by the engine's rules before any model loads (field names as flags)
+        from fpedit.engine.blend import Blend
+
+        Blend(words=("?",), start=args.blend_start, threshold=args.blend_threshold)
+    settings = [Setting("default", base, blend=args.blend)]
     if args.sweep:
         settings = []
         for layers in args.sweep_layers:
             for window in args.sweep_windows:
                 options = base.replace(layers=layers, replace_window=window)
-                settings.append(
-                    Setting(f"layers_{_layers_name(layers)}__window_{window[0]:g}-{window[1]:g}", options)
-                )
+                name = f"layers_{_layers_name(layers)}__window_{window[0]:g}-{window[1]:g}"
+                for blend in blends:  # no suffix without a blend: a sweep's folders keep their names
+                    settings.append(
+                        Setting(name + ("" if blend == "none" else f"__blend_{blend}"), options, blend)
+                    )
     if args.output.exists() and not args.output.is_dir():
         raise InvalidInputError("output", f"{args.output} is a file; give a folder")
     engine_config = engine_config_from_args(args)
     scorer = _scorer(args)
     engine = engine_from_config(engine_config)
+    if "words" in blends and not engine.backend.supports_cross_probs:
+        raise InvalidInputError(
+            "blend", f"words need cross-attention probabilities; the {args.backend} graphs have none"
+        )
     describe = {
         "model": str(args.model),
         "backend": args.backend,
@@ -198,6 +229,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         settings=settings,
         inversion=inversion,
         describe=describe,
+        blend={"start": args.blend_start, "threshold": args.blend_threshold},
         progress=not args.no_progress,
     )
     args.output.mkdir(parents=True, exist_ok=True)
@@ -267,7 +299,9 @@ def cmd_maps(args: argparse.Namespace) -> int:
 
 def add_commands(sub: Any) -> None:
     from fpedit.args import (
+        BLEND_FLAGS,
         COMMON_FLAGS,
+        add_blend_arguments,
         add_edit_arguments,
         add_run_arguments,
         parse_seed,
@@ -276,7 +310,7 @@ def add_commands(sub: Any) -> None:
     from fpedit.engine.flags import add_model_arguments
     from fpedit.engine.options import INVERSION_METHODS
 
-    flags = {**COMMON_FLAGS, **METRIC_FLAGS}
+    flags = {**COMMON_FLAGS, **METRIC_FLAGS, **BLEND_FLAGS}
 
     score = sub.add_parser(
         "score", help="score one edit: CLIP score/direction, background PSNR/SSIM/..., structure"
@@ -330,6 +364,19 @@ def add_commands(sub: Any) -> None:
         default=[(0.0, 0.4), (0.0, 0.8), (0.4, 0.8)],
         help="replacement windows (default '0-0.4,0-0.8,0.4-0.8')",
     )
+    ev.add_argument(
+        "--blend",
+        choices=("none", "mask", "words"),
+        default="none",
+        help="local blending per PIE-Bench item: inside its edit mask, or where its blended_word attends "
+        "(docs/design.md §11); default none",
+    )
+    ev.add_argument(
+        "--sweep-blends",
+        type=parse_blends,
+        help="blend modes the sweep compares, e.g. 'none,mask,words' (default: --blend alone)",
+    )
+    add_blend_arguments(ev, settings_only=True)
     _add_metric_models(ev)
     add_model_arguments(ev)
     add_edit_arguments(ev)

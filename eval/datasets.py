@@ -26,6 +26,8 @@ class Item:
     edit_type: str = ""
     rle: Sequence[int] | None = None
     seed: int = 0
+    #: PIE-Bench's ``blended_word`` split on spaces (source-side word, then target-side word), for --blend words.
+    blended_words: tuple[str, ...] = ()
 
     def mask(self) -> np.ndarray | None:
         """The 512x512 PIE-Bench mask (1 = edited), or None."""
@@ -75,6 +77,9 @@ def _pie_items(data: dict[str, Any], root: Path, path: Path) -> list[Item]:
         rle = entry.get("mask")
         if rle is not None and not isinstance(rle, list):
             raise InvalidInputError("dataset", f"{where}: 'mask' must be PIE-Bench's run-length list")
+        blended = entry.get("blended_word") or ""
+        if not isinstance(blended, str):
+            raise InvalidInputError("dataset", f"{where}: 'blended_word' must be a string such as 'cat dog'")
         items.append(
             Item(
                 id=str(key),
@@ -83,6 +88,7 @@ def _pie_items(data: dict[str, Any], root: Path, path: Path) -> list[Item]:
                 image=image,
                 edit_type=str(entry.get("editing_type_id", "")),
                 rle=rle,
+                blended_words=tuple(blended.split()),
             )
         )
     return items

@@ -30,6 +30,8 @@ from .masks import resize_mask
 from .metrics import ALL_METRICS, LOWER_IS_BETTER, Scorer
 
 FIXED_COLUMNS = ("id", "edit_type", "edit_seconds")
+#: ``--blend``: edit only inside PIE-Bench's mask, or where its ``blended_word`` attends, or everywhere.
+BLEND_MODES = ("none", "mask", "words")
 COLUMNS = (*FIXED_COLUMNS, *ALL_METRICS, "error")
 #: Longest reason kept in the ``error`` column (one line).
 MAX_ERROR_CHARS = 300
@@ -41,6 +43,7 @@ class Setting:
 
     name: str
     options: Any  # EditOptions
+    blend: str = "none"  # one of BLEND_MODES, applied per item (blend_for)
 
 
 @dataclass
@@ -50,6 +53,7 @@ class RunConfig:
     settings: list[Setting]
     inversion: dict[str, Any] = field(default_factory=dict)  # method, source_prompt rule, null-text options
     describe: dict[str, Any] = field(default_factory=dict)  # model, dataset, ... for the summary
+    blend: dict[str, Any] = field(default_factory=dict)  # Blend's start and threshold (--blend-start ...)
     progress: bool = True
 
 
@@ -196,6 +200,8 @@ def _settings_record(setting: Setting, config: RunConfig) -> dict[str, Any]:
         "replace_window": list(o.replace_window),
         "layers": o.layers if isinstance(o.layers, str) else list(o.layers),
         "map_format": o.map_format,
+        "blend": setting.blend,
+        **({f"blend_{k}": v for k, v in config.blend.items()} if setting.blend != "none" else {}),
         **{k: v for k, v in config.inversion.items() if k != "source_prompt"},
     }
 
@@ -247,18 +253,21 @@ def _edit_and_score(
 ) -> tuple[dict[str, Any], Any]:
     folder = folders[setting.name] / "images"
     folder.mkdir(parents=True, exist_ok=True)
+    with_source = item.image is None or config.inversion.get("method", "ddim") != "ddim"
+    blend = blend_for(engine, item, setting.blend, with_source, **config.blend)
+    options = setting.options.replace(blend=blend)
     started = time.perf_counter()
     if item.image is not None:
-        if inversion is not None and inversion.steps == setting.options.steps:  # a sweep: invert once
-            result = engine.edit_real(inversion, item.target_prompt, options=setting.options)
+        if inversion is not None and inversion.steps == options.steps:  # a sweep: invert once
+            result = engine.edit_real(inversion, item.target_prompt, options=options)
         else:
             kwargs = inversion_kwargs(config.inversion, item)
-            result = engine.edit_real(item.image, item.target_prompt, options=setting.options, **kwargs)
+            result = engine.edit_real(item.image, item.target_prompt, options=options, **kwargs)
         inversion = result.inversion
         source = result.inversion.image
     else:
         result = engine.edit_generated(
-            item.source_prompt, item.target_prompt, options=setting.options, seed=item.seed
+            item.source_prompt, item.target_prompt, options=options, seed=item.seed
         )
         source = result.source_image
         source.save(folder / f"{item.id}.source.png")
@@ -274,6 +283,37 @@ def _edit_and_score(
         "edit_seconds": round(seconds, 4),
         **scores,
     }, inversion
+
+
+def blend_for(engine: Any, item: Item, mode: str, with_source: bool, **settings: Any) -> Any:
+    """The item's :class:`~fpedit.engine.blend.Blend` under ``mode`` (``None``: edit everywhere).
+
+    ``mask``: PIE-Bench's edit mask (white = may change). ``words``: its ``blended_word`` words that the edit's
+    prompts contain (the target prompt's, and the source prompt's where the edit has one: null-text and
+    negative-prompt inversions, generated items), as PIE-Bench's own LocalBlend runs use them. An item with
+    no mask (no such words) is edited without a blend, as PIE-Bench does for its empty ``blended_word``.
+    ``settings``: the Blend's ``start`` and ``threshold``."""
+    from fpedit.engine.blend import Blend
+
+    if mode == "mask":
+        mask = item.mask()
+        if mask is None:
+            return None
+        return Blend(mask=Image.fromarray((mask > 0).astype(np.uint8) * 255), **settings)
+    if mode == "words":
+        from fpedit.engine.local_blend import word_positions
+
+        prompts = [item.target_prompt, *([item.source_prompt] if with_source else [])]
+        length = engine.spec.text_max_length
+        words = tuple(
+            dict.fromkeys(
+                w
+                for w in item.blended_words
+                if any(word_positions(engine.tokenizer, p, w, length) for p in prompts)
+            )
+        )
+        return Blend(words=words, **settings) if words else None
+    return None
 
 
 def _failed_row(item: Item, exc: Exception) -> dict[str, Any]:

@@ -355,29 +355,15 @@ BLEND_FLAGS = {
 }
 
 
-def add_blend_arguments(parser: argparse.ArgumentParser) -> None:
+def add_blend_arguments(parser: argparse.ArgumentParser, *, settings_only: bool = False) -> None:
     """``--mask``, ``--blend WORD`` and their settings: edit only inside a mask (docs/design.md, local
-    blending)."""
+    blending). ``settings_only``: ``--blend-start`` and ``--blend-threshold`` alone (``fpedit eval`` takes
+    its masks and words from the dataset)."""
     from fpedit.engine.blend import DEFAULT_BLEND_START, DEFAULT_BLEND_THRESHOLD
 
     group = parser.add_argument_group("local blending (edit only inside a mask; the rest stays the source's)")
-    group.add_argument(
-        "--mask", type=Path, metavar="FILE", help="image whose white (non-zero) part may change; any size"
-    )
-    group.add_argument(
-        "--mask-grow",
-        type=int,
-        default=0,
-        metavar="K",
-        help="grow the mask by K latent cells (8 px each; default 0)",
-    )
-    group.add_argument(
-        "--blend",
-        action="append",
-        default=[],
-        metavar="WORD",
-        help="a prompt word whose cross-attention marks what may change (repeatable; torch backend)",
-    )
+    if not settings_only:
+        _add_blend_sources(group)
     group.add_argument(
         "--blend-start",
         type=float,
@@ -392,11 +378,29 @@ def add_blend_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="F",
         help=f"word maps keep cells above F of their maximum (default {DEFAULT_BLEND_THRESHOLD:g})",
     )
+    if not settings_only:
+        group.add_argument(
+            "--save-mask",
+            type=Path,
+            metavar="FILE",
+            help="also write the mask the edit used, at the output's size, as a PNG (several prompts: use {i})",
+        )
+
+
+def _add_blend_sources(group: Any) -> None:
+    """``--mask``, ``--mask-grow`` and ``--blend WORD``: where a command's blend comes from."""
     group.add_argument(
-        "--save-mask",
-        type=Path,
-        metavar="FILE",
-        help="also write the mask the edit used, at the output's size, as a PNG (several prompts: use {i})",
+        "--mask", type=Path, metavar="FILE", help="image whose white (non-zero) part may change; any size"
+    )
+    group.add_argument(
+        "--mask-grow", type=int, default=0, metavar="K", help="grow the mask by K latent cells (8 px each; default 0)"
+    )
+    group.add_argument(
+        "--blend",
+        action="append",
+        default=[],
+        metavar="WORD",
+        help="a prompt word whose cross-attention marks what may change (repeatable; torch backend)",
     )
 
 

@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from fpedit.args import (
+    BLEND_FLAGS,
     COMMON_FLAGS,
     EDIT_FLAGS,
     GENERATE_FLAGS,
+    add_blend_arguments,
     add_edit_arguments,
     add_generate_arguments,
     add_inversion_arguments,
@@ -148,7 +150,40 @@ def _options(args: argparse.Namespace) -> Any:
         replace_window=getattr(args, "window", None),
         layers=getattr(args, "layers", None),
         map_format=getattr(args, "map_format", None),
+        **_blend_fields(args),
     )
+
+
+def _blend_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The blend flags (``fpedit edit``'s, :func:`~fpedit.args.add_blend_arguments`) as ``edit_options``
+    keywords, judged by the same rules (:func:`~fpedit.args.blend_from_args`, no torch) before any call;
+    none without ``--mask`` or ``--blend``. The mask file travels as its bytes (the server resizes it)."""
+    from fpedit.args import blend_from_args
+    from fpedit.engine.paths import check_output_path
+    from fpedit.engine.errors import InvalidInputError
+
+    if not hasattr(args, "mask"):
+        return {}  # invert: no blend flags
+    try:
+        blend = blend_from_args(args)
+        check_output_path(args.save_mask, "--save-mask")
+    except InvalidInputError as exc:
+        raise UsageError(describe_error(exc, args)) from None
+    if blend is None:
+        return {}
+    return {
+        "mask": None if args.mask is None else args.mask.read_bytes(),
+        "mask_grow": blend.mask_grow,
+        "blend_words": blend.words,
+        "blend_start": blend.start,
+        "blend_threshold": blend.threshold,
+    }
+
+
+def _write_mask(args: argparse.Namespace, blend_mask: bytes) -> None:
+    """``--save-mask``: the mask the server used, a PNG at the image's size (as the response carries it)."""
+    if args.save_mask is not None and blend_mask:
+        _write(args.save_mask, blend_mask)
 
 
 def _inversion_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -197,6 +232,17 @@ def _output_format(args: argparse.Namespace, *outputs: tuple[str, Path | None]) 
     if args.format and args.format != chosen:
         raise UsageError(f"--format {args.format} does not match the output file's extension ({chosen})")
     return chosen
+
+
+def _distinct_mask_output(args: argparse.Namespace, *outputs: tuple[str, Path | None]) -> None:
+    """``--save-mask`` may not name an image output's file (the mask would replace that result)."""
+    from fpedit.engine.errors import InvalidInputError
+    from fpedit.engine.paths import check_distinct_outputs
+
+    try:
+        check_distinct_outputs(*((path, flag) for flag, path in outputs), (args.save_mask, "--save-mask"))
+    except InvalidInputError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _read_image(path: Path) -> bytes:
@@ -290,6 +336,7 @@ def cmd_client_edit(args: argparse.Namespace) -> int:
     output_format = _output_format(
         args, ("-o/--output", args.output), ("--reconstruction", args.reconstruction)
     )
+    _distinct_mask_output(args, ("-o/--output", args.output), ("--reconstruction", args.reconstruction))
     options = _options(args)
     inversion_args = _inversion_args(args)
     image = None if args.inversion_id else _read_image(args.image)
@@ -324,6 +371,7 @@ def cmd_client_edit(args: argparse.Namespace) -> int:
     _write(args.output, response.edited_image)
     if args.reconstruction and response.reconstruction_image:
         _write(args.reconstruction, response.reconstruction_image)
+    _write_mask(args, response.blend_mask)
     fields = {
         "inversion_id": response.inversion_id,
         "unet_rows": response.stats.unet_rows,
@@ -337,6 +385,7 @@ def cmd_client_edit(args: argparse.Namespace) -> int:
 def cmd_client_generate(args: argparse.Namespace) -> int:
     source_output = source_output_path(args.output, args.source_output)
     output_format = _output_format(args, ("-o/--output", args.output), ("--source-output", source_output))
+    _distinct_mask_output(args, ("-o/--output", args.output), ("--source-output", source_output))
     options = _options(args)
     with _client(args) as client:
         response = client.generate(
@@ -350,6 +399,7 @@ def cmd_client_generate(args: argparse.Namespace) -> int:
         )
     _write(args.output, response.edited_image)
     _write(source_output, response.source_image)
+    _write_mask(args, response.blend_mask)
     fields = {"seed": response.seed, "width": response.width, "height": response.height}
     print(json.dumps(_with_replica(fields, response.stats)))
     return 0
@@ -437,7 +487,7 @@ def add_commands(sub: Any) -> None:
         "(.png, .jpg/.jpeg, .webp); unset edit options take the server's defaults.",
     )
     client_sub = client.add_subparsers(dest="client_command", required=True, metavar="CALL")
-    edit_flags = {**COMMON_FLAGS, **EDIT_FLAGS}
+    edit_flags = {**COMMON_FLAGS, **EDIT_FLAGS, **BLEND_FLAGS}
 
     edit = client_sub.add_parser("edit", help="edit an image, or an inverted image by its id")
     edit.add_argument("image", type=Path, nargs="?", help="input image (or give --inversion-id)")
@@ -460,6 +510,7 @@ def add_commands(sub: Any) -> None:
     add_edit_arguments(edit, defaults=False)
     _add_format_argument(edit)
     add_inversion_arguments(edit, epsilon=False)
+    add_blend_arguments(edit)
     edit.set_defaults(func=cmd_client_edit, flags=edit_flags)
 
     gen = client_sub.add_parser("generate", help="generate from a source prompt and edit toward a target")
@@ -467,7 +518,8 @@ def add_commands(sub: Any) -> None:
     _add_connection_arguments(gen)
     add_edit_arguments(gen, defaults=False)
     _add_format_argument(gen)
-    gen.set_defaults(func=cmd_client_generate, flags={**COMMON_FLAGS, **GENERATE_FLAGS})
+    add_blend_arguments(gen)
+    gen.set_defaults(func=cmd_client_generate, flags={**COMMON_FLAGS, **GENERATE_FLAGS, **BLEND_FLAGS})
 
     inv = client_sub.add_parser(
         "invert", help="invert an image on the server; prints its inversion id for `edit --inversion-id`"

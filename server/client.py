@@ -56,8 +56,15 @@ def edit_options(
     replace_window: Sequence[float] | None = None,
     layers: Sequence[int] | str | None = None,
     map_format: str | None = None,
+    *,
+    mask: bytes | None = None,
+    mask_grow: int | None = None,
+    blend_words: Sequence[str] = (),
+    blend_start: float | None = None,
+    blend_threshold: float | None = None,
 ) -> pb.EditOptions:
-    """Build an ``EditOptions`` message; ``None`` leaves a field unset (the server's default)."""
+    """Build an ``EditOptions`` message; ``None`` leaves a field unset (the server's default). ``mask``
+    (encoded image bytes, white = may change) and ``blend_words`` enable local blending (docs/design.md)."""
     message = pb.EditOptions()
     if steps is not None:
         message.steps = steps
@@ -73,6 +80,15 @@ def edit_options(
         if map_format not in MAP_FORMATS:
             raise ValueError(f"map_format must be one of {list(MAP_FORMATS)}, got {map_format!r}")
         message.map_format = MAP_FORMATS[map_format]
+    if mask is not None:
+        message.mask = mask
+    if mask_grow is not None:
+        message.mask_grow = mask_grow
+    message.blend_words.extend(blend_words)
+    if blend_start is not None:
+        message.blend_start = blend_start
+    if blend_threshold is not None:
+        message.blend_threshold = blend_threshold
     return message
 
 

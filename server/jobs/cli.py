@@ -120,7 +120,7 @@ def add_job_commands(
     job = client_sub.add_parser("job", help="submit a job and follow it (works after the connection ends)")
     sub = job.add_subparsers(dest="job_command", required=True, metavar="ACTION")
     p = sub.add_parser("submit", help="queue an edit, generate or invert; prints the job (with its id)")
-    p.add_argument("kind", choices=KINDS, help="which synchronous call the job makes")
+    p.add_argument("kind", choices=KINDS, help="the synchronous call the job runs: " + ", ".join(KINDS))
     p.add_argument(
         "--request", required=True, help="JSON body of the synchronous route (a file, or - for stdin)"
     )

@@ -294,3 +294,83 @@ def test_eval_failed_items_are_recorded_skipped_in_means_and_retried(pie, model_
     )
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["items"], summary["failed"], summary["failed_ids"]) == (3, 1, ["000000000009"])
+
+
+def test_eval_sweep_compares_blend_modes_with_pie_bench_masks_and_words(model_dir, engine, tmp_path):
+    """--sweep-blends none,mask,words: one folder each; mask edits with PIE-Bench's mask, words with the
+    item's blended_word that the prompts contain (DDIM: the target's alone), and the mask keeps the
+    background closer to the source than no blend."""
+    from PIL import Image
+
+    from fpedit.engine.blend import Blend
+    from fpedit.engine.options import EditOptions
+
+    images = tmp_path / "annotation_images"
+    (images / "0").mkdir(parents=True)
+    make_image(128, 128, seed=3).save(images / "0" / "a.png")  # word maps of 4x4
+    entry = {"image_path": "0/a.png", "original_prompt": "a [red] disc", "editing_prompt": "a [blue] disc",
+             "editing_type_id": "0", "blended_word": "red blue", "mask": [512 * 100, 512 * 200]}  # fmt: skip
+    mapping = tmp_path / "mapping_file.json"
+    mapping.write_text(json.dumps({"000000000000": entry}))
+    out = tmp_path / "sweep"
+    argv = ["eval", str(mapping), "-o", str(out), "--images", str(images), "--model", str(model_dir),
+            "--steps", "2", "--no-progress", "--sweep", "--sweep-layers", "paper", "--sweep-windows", "0-0.8",
+            "--sweep-blends", "none,mask,words", "--blend-threshold", "0.99"]  # fmt: skip
+    assert main(argv) == 0
+    names = {"none": "layers_paper__window_0-0.8", "mask": "layers_paper__window_0-0.8__blend_mask",
+             "words": "layers_paper__window_0-0.8__blend_words"}  # fmt: skip
+    assert set(json.loads((out / "sweep.json").read_text())) == set(names.values())
+
+    def edited(mode: str) -> np.ndarray:
+        return np.asarray(Image.open(out / names[mode] / "images" / "000000000000.png").convert("RGB"))
+
+    # The same edits through the engine, the mask decoded here: rows 100..299 of 512 (PIE-Bench's RLE).
+    mask = np.zeros((512, 512), np.uint8)
+    mask[100:300] = 255
+    source = Image.open(images / "0" / "a.png")
+    inversion = engine.invert(source, options=EditOptions(steps=2))
+    expected = {}
+    for mode, blend in (("none", None), ("mask", Blend(mask=Image.fromarray(mask))),
+                        ("words", Blend(words=("blue",), threshold=0.99))):  # fmt: skip
+        result = engine.edit_real(inversion, "a blue disc", options=EditOptions(steps=2, blend=blend))
+        expected[mode] = result
+        assert np.array_equal(edited(mode), np.asarray(result.edited_image.convert("RGB"))), mode
+    for mode in ("mask", "words"):
+        cells = expected[mode].blend_mask
+        assert 0 < cells.sum() < cells.size, mode  # a real blend, neither nothing nor everything
+        assert not np.array_equal(edited(mode), edited("none")), mode
+
+    def summary(mode: str) -> dict:
+        return json.loads((out / names[mode] / "summary.json").read_text())
+
+    assert summary("mask")["means"]["mse_unedit_part"] < summary("none")["means"]["mse_unedit_part"]
+    assert summary("words")["settings"]["blend"] == "words"
+    assert summary("words")["settings"]["blend_threshold"] == 0.99
+    assert "blend_threshold" not in summary("none")["settings"]
+
+
+def test_eval_blend_mistakes_are_one_line_before_the_model_loads(pie, tmp_path, capsys):
+    from helpers import assert_one_line, run_cli
+
+    mapping, images = pie
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text(json.dumps([{"source_prompt": "a red car", "target_prompt": "a blue car"}]))
+    model = ["--model", str(tmp_path / "no-model-needed")]
+    cases = [
+        ([str(pairs), "--blend", "mask"], ("--blend", "PIE-Bench")),
+        ([str(pairs), "--sweep", "--sweep-blends", "none,words"], ("--blend", "PIE-Bench")),
+        ([str(mapping), "--images", str(images), "--sweep-blends", "mask"], ("--sweep-blends", "--sweep")),
+        ([str(mapping), "--images", str(images), "--blend", "words", "--blend-threshold", "2"],
+         ("--blend-threshold", "0..1")),
+        ([str(mapping), "--images", str(images), "--blend", "mask", "--blend-start", "-1"],
+         ("--blend-start", "0..1")),
+        ([str(mapping), "--sweep", "--sweep-blends", "mask,everything"], ("--sweep-blends", "everything")),
+    ]  # fmt: skip
+    for args, fragments in cases:
+        code, err = run_cli(["eval", *args, "-o", str(tmp_path / "out"), *model], capsys)
+        assert code == 2, (args, err)
+        assert err.count("\n") == 1 or "usage:" in err, err
+        if "usage:" not in err:
+            assert_one_line(err, *fragments)
+        else:
+            assert all(f in err for f in fragments), err

@@ -175,3 +175,90 @@ def test_grpc_blend_errors_are_invalid_argument(stub, options, fragment):
             call(request, timeout=60)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert info.value.details().startswith(fragment), info.value.details()
+
+
+def test_client_cli_blend_flags_equal_the_rpc_and_save_its_mask(running, stub, tmp_path, capsys):
+    """`fpedit client edit/generate` take `fpedit edit`'s blend flags: the mask file's bytes and the words go
+    in EditOptions, and --save-mask writes the mask the server used."""
+    from fpedit.cli import main
+
+    target = ["--target", f"127.0.0.1:{running.port}", "--timeout", "120"]
+    src, mask = tmp_path / "in.png", tmp_path / "left.png"
+    src.write_bytes(IMAGE)
+    mask.write_bytes(LEFT)
+    out, saved = tmp_path / "out.png", tmp_path / "mask.png"
+    argv = ["client", "edit", str(src), "-p", "a red car", "-o", str(out), "--steps", str(STEPS),
+            "--mask", str(mask), "--mask-grow", "1", "--blend-start", "0", "--save-mask", str(saved)]  # fmt: skip
+    assert main([*argv, *target]) == 0, capsys.readouterr().err
+    options = pb.EditOptions(steps=STEPS, mask=LEFT, mask_grow=1, blend_start=0)
+    expected = stub.Edit(pb.EditRequest(image=IMAGE, target_prompt="a red car", options=options), timeout=300)
+    assert np.array_equal(pixels(out.read_bytes()), pixels(expected.edited_image))
+    assert np.array_equal(pixels(saved.read_bytes()), pixels(expected.blend_mask))
+    grown = pixels(saved.read_bytes())
+    assert grown[:, :40].all() and not grown[:, 40:].any()  # the left half, one 8-px cell more
+
+    gen, gen_mask = tmp_path / "gen.png", tmp_path / "gen-mask.png"
+    argv = ["client", "generate", "-s", "a disc", "-t", "a car", "--seed", "1", "--height", "64", "--width", "64",
+            "--steps", str(STEPS), "--blend", "car", "--blend", "disc", "--blend-threshold", "0.5",
+            "-o", str(gen), "--save-mask", str(gen_mask)]  # fmt: skip
+    assert main([*argv, *target]) == 0, capsys.readouterr().err
+    request = pb.GenerateEditRequest(source_prompt="a disc", target_prompt="a car", seed=1, height=64, width=64,
+                                     options=pb.EditOptions(steps=STEPS, blend_words=["car", "disc"],
+                                                            blend_threshold=0.5))  # fmt: skip
+    expected = stub.GenerateEdit(request, timeout=300)
+    assert np.array_equal(pixels(gen.read_bytes()), pixels(expected.edited_image))
+    assert np.array_equal(pixels(gen_mask.read_bytes()), pixels(expected.blend_mask))
+
+
+def test_client_cli_blend_mistakes_are_one_line_before_any_call(tmp_path, capsys):
+    from helpers import assert_one_line, run_cli
+
+    target = ["--target", "127.0.0.1:1", "--timeout", "5"]  # nothing listens: a call would be UNAVAILABLE
+    src = tmp_path / "in.png"
+    src.write_bytes(IMAGE)
+    out = str(tmp_path / "e.png")
+    edit = ["client", "edit", str(src), "-p", "a car", "-o", out]
+    cases = [
+        (["--mask", str(tmp_path / "missing.png")], ("--mask", "no such file")),
+        (["--mask-grow", "2"], ("--mask-grow", "give --mask")),
+        (["--mask", str(src), "--mask-grow", "-1"], ("--mask-grow", "0..64")),
+        (["--blend", "car", "--blend-start", "2"], ("--blend-start", "0..1")),
+        (["--blend", "car", "--blend-threshold", "-1"], ("--blend-threshold", "0..1")),
+        (["--save-mask", str(tmp_path / "m.png")], ("--save-mask", "give --mask")),
+        (["--blend", "car", "--save-mask", str(tmp_path / "m.jpg")], ("--save-mask", ".png")),
+        (["--blend", "car", "--save-mask", out], ("--save-mask", "also the -o/--output file")),
+    ]
+    for flags, fragments in cases:
+        code, err = run_cli([*edit, *flags, *target], capsys)
+        assert code == 2, (flags, err)
+        assert_one_line(err, *fragments)
+    generate = ["client", "generate", "-s", "a", "-t", "a car", "-o", out, "--mask-grow", "1", *target]
+    code, err = run_cli(generate, capsys)
+    assert code == 2 and "--mask-grow" in err, err
+
+
+def test_client_blend_flags_are_fpedit_edits_own():
+    """One definition: the client's blend flags and `fpedit edit`'s have the same names, defaults and help."""
+    import argparse
+
+    from fpedit.args import BLEND_FLAGS
+    from fpedit.cli import build_parser
+
+    def subparser(parser: argparse.ArgumentParser, *names: str) -> argparse.ArgumentParser:
+        for name in names:
+            action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+            parser = action.choices[name]
+        return parser
+
+    def blend_actions(parser: argparse.ArgumentParser) -> dict[str, tuple]:
+        return {
+            a.option_strings[0]: (a.default, a.help, a.type, a.metavar)
+            for a in parser._actions
+            if a.option_strings and a.option_strings[0] in BLEND_FLAGS.values()
+        }
+
+    root = build_parser()
+    local = blend_actions(subparser(root, "edit"))
+    assert len(local) == len(BLEND_FLAGS)
+    for names in (("client", "edit"), ("client", "generate")):
+        assert blend_actions(subparser(root, *names)) == local, names

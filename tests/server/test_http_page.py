@@ -208,3 +208,151 @@ def test_page_states_the_server_limits_and_explains_a_refusal_before_sending(bro
         assert problems == []
     finally:
         context.close()
+
+
+def capsule(shape: tuple[int, int], start: tuple[float, float], end: tuple[float, float]) -> np.ndarray:
+    """Each pixel centre's distance to the segment ``start``-``end`` (pixel units, x right, y down)."""
+    ys, xs = np.mgrid[0 : shape[0], 0 : shape[1]] + 0.5
+    (x0, y0), (x1, y1) = start, end
+    t = np.clip(((xs - x0) * (x1 - x0) + (ys - y0) * (y1 - y0)) / ((x1 - x0) ** 2 + (y1 - y0) ** 2), 0, 1)
+    return np.hypot(xs - (x0 + t * (x1 - x0)), ys - (y0 + t * (y1 - y0)))
+
+
+def test_page_brush_mask_edits_only_inside_it(page, server, engine, tmp_path):
+    """A stroke painted over the source (then partly erased) is sent as the edit's mask; outside the latent
+    cells it selects, the edit's final latent is the inversion's z_0 bit for bit, and the mask the server
+    used is drawn over the result while "show" is ticked."""
+    from reference import reference_user_mask
+
+    from fpedit.engine.blend import Blend
+    from fpedit.engine.options import EditOptions
+
+    path = tmp_path / "photo.png"
+    make_image(64, 64, seed=4).save(path)
+    page.set_input_files("#file", str(path))
+    page.wait_for_selector("#brush-stage:not([hidden])")
+    assert page.evaluate("maskB64()") is None  # nothing painted: no mask is sent
+    box = page.locator("#mask-canvas").bounding_box()
+    scale = box["width"] / 64  # screen pixels per image pixel
+    page.eval_on_selector("#brush-size", "(e, v) => { e.value = v; }", str(12 * scale))  # 12 image px wide
+    start, end, erased = (6.0, 20.0), (30.0, 20.0), (30.0, 20.0)  # image px: a stroke along latent row 2
+
+    def at(point: tuple[float, float]) -> tuple[float, float]:
+        return box["x"] + point[0] * scale, box["y"] + point[1] * scale
+
+    page.mouse.move(*at(start))
+    page.mouse.down()
+    page.mouse.move(*at(end), steps=10)
+    page.mouse.up()
+    # Clear removes it all; paint again, then erase a dot at the stroke's end.
+    page.click("#brush-clear")
+    assert page.evaluate("maskB64()") is None
+    page.mouse.move(*at(start))
+    page.mouse.down()
+    page.mouse.move(*at(end), steps=10)
+    page.mouse.up()
+    page.click("#brush-erase")
+    page.mouse.move(*at(erased))
+    page.mouse.down()
+    page.mouse.up()
+    page.click("#brush-paint")
+
+    sent: list[dict] = []
+    page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/v1/edit:stream") else None)
+    page.fill("#prompt", "a red car")
+    page.click("summary")
+    page.fill("#steps", str(STEPS))
+    page.check("#show-mask")
+    page.click("#run")
+    page.wait_for_selector("#f-edited img#mask-overlay", state="attached", timeout=60_000)
+
+    # The mask sent: white within the painted stroke (less the erased dot), black elsewhere.
+    mask_png = base64.b64decode(sent[0]["options"]["mask"])
+    mask = np.asarray(Image.open(io.BytesIO(mask_png)).convert("L")) > 127
+    assert mask.shape == (64, 64)
+    stroke, dot = capsule(mask.shape, start, end), capsule(mask.shape, erased, (erased[0] + 1e-3, erased[1]))
+    assert mask[(stroke <= 4.5) & (dot > 7.5)].all()  # painted (6 px radius), away from the eraser
+    assert not mask[(stroke > 7.5) | (dot <= 4.5)].any()  # outside the stroke, or erased
+
+    # The same edit in process, to see its latents: the page shows exactly it.
+    image = Image.open(path)
+    options = EditOptions(steps=STEPS, blend=Blend(mask=mask_png))
+    result = engine.edit_real(
+        engine.invert(image, options=EditOptions(steps=STEPS)), "a red car", options=options
+    )
+    shown = page.get_attribute("#f-edited img:not(#mask-overlay)", "src").split(",", 1)[1]
+    assert np.array_equal(pixels(shown), np.asarray(result.edited_image.convert("RGB")))
+    cells = reference_user_mask(Image.open(io.BytesIO(mask_png)), (64, 64))
+    assert 0 < cells.sum() < cells.size
+    np.testing.assert_array_equal(result.blend_mask, cells)
+    outside = ~cells
+    np.testing.assert_array_equal(result.edited_latents[..., outside], result.source_latents[..., outside])
+    assert not np.array_equal(result.edited_latents[..., cells], result.source_latents[..., cells])
+
+    # The overlay is the mask the server used (each latent cell an 8x8 block), shown only while ticked.
+    overlay = pixels(page.get_attribute("#mask-overlay", "src").split(",", 1)[1])[..., 0] > 127
+    np.testing.assert_array_equal(overlay, np.kron(cells, np.ones((8, 8), bool)))
+    assert page.locator("#mask-overlay").is_visible()
+    page.uncheck("#show-mask")
+    assert page.locator("#mask-overlay").is_hidden()
+    assert page.locator("#error").is_hidden() and page.blocked == []
+
+
+def test_page_blend_words_are_sent_and_refused_words_explained(page, server, tmp_path):
+    path = tmp_path / "photo.png"
+    make_image(64, 64, seed=6).save(path)
+    page.set_input_files("#file", str(path))
+    page.fill("#prompt", "a red car")
+    page.click("summary")
+    page.fill("#steps", str(STEPS))
+    page.fill("#blend-words", "boat")
+    page.click("#run")
+    page.wait_for_selector("#error-message", timeout=60_000)
+    assert page.inner_text("#error-message").startswith(
+        "blend_words: 'boat' is not a word of the target prompt"
+    )
+    page.fill("#blend-words", "red, car")
+    page.fill("#blend-threshold", "0.97")
+    page.click("#run")
+    page.wait_for_selector("#f-edited img#mask-overlay", state="attached", timeout=60_000)
+    body = {"image": base64.b64encode(path.read_bytes()).decode(), "targetPrompt": "a red car",
+            "options": {"steps": STEPS, "blendWords": ["red", "car"], "blendThreshold": 0.97}}  # fmt: skip
+    api = httpx.post(server.http.url + "v1/edit", json=body, timeout=300).json()
+    shown = page.get_attribute("#f-edited img:not(#mask-overlay)", "src").split(",", 1)[1]
+    assert np.array_equal(pixels(shown), pixels(api["editedImage"]))
+    assert np.array_equal(
+        pixels(page.get_attribute("#mask-overlay", "src").split(",", 1)[1]), pixels(api["blendMask"])
+    )
+    assert page.locator("#mask-overlay").is_hidden()  # "show" is not ticked
+
+
+def test_page_submits_a_job_and_lists_recent_jobs(page, server, tmp_path):
+    """ "Submit as job" posts to /v1/jobs, the list shows GET /v1/jobs (newest first), and the finished job's
+    result is shown: the same image as the synchronous edit."""
+    path = tmp_path / "photo.png"
+    make_image(64, 64, seed=8).save(path)
+    page.set_input_files("#file", str(path))
+    page.fill("#prompt", "a blue boat")
+    page.click("summary")
+    page.fill("#steps", str(STEPS))
+    page.click("#job-btn")
+    page.wait_for_selector("#f-edited img", timeout=60_000)
+    listing = httpx.get(server.http.url + "v1/jobs", params={"limit": 10}, timeout=30).json()["jobs"]
+    newest = listing[0]
+    assert newest["kind"] == "edit" and newest["state"] == "JOB_STATE_SUCCEEDED"
+    page.wait_for_function(
+        "id => document.querySelector('#jobs tbody tr').dataset.id === id && "
+        "document.querySelector('#jobs tbody tr').cells[2].textContent === 'succeeded'",
+        arg=newest["id"],
+        timeout=10_000,
+    )
+    rows = page.eval_on_selector_all("#jobs tbody tr", "rows => rows.map(r => r.dataset.id)")
+    assert rows == [job["id"] for job in listing]
+    body = {"image": base64.b64encode(path.read_bytes()).decode(), "targetPrompt": "a blue boat",
+            "options": {"steps": STEPS}}  # fmt: skip
+    api = httpx.post(server.http.url + "v1/edit", json=body, timeout=300).json()
+    shown = page.get_attribute("#f-edited img", "src").split(",", 1)[1]
+    assert np.array_equal(pixels(shown), pixels(api["editedImage"]))
+    assert np.array_equal(pixels(shown), pixels(newest["edit"]["editedImage"]))
+    assert "job" in page.inner_text("#runs tbody tr:first-child")
+    assert page.locator("#error").is_hidden() and page.blocked == []
