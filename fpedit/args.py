@@ -393,7 +393,11 @@ def _add_blend_sources(group: Any) -> None:
         "--mask", type=Path, metavar="FILE", help="image whose white (non-zero) part may change; any size"
     )
     group.add_argument(
-        "--mask-grow", type=int, default=0, metavar="K", help="grow the mask by K latent cells (8 px each; default 0)"
+        "--mask-grow",
+        type=int,
+        default=0,
+        metavar="K",
+        help="grow the mask by K latent cells (8 px each; default 0)",
     )
     group.add_argument(
         "--blend",

@@ -159,8 +159,8 @@ def _blend_fields(args: argparse.Namespace) -> dict[str, Any]:
     keywords, judged by the same rules (:func:`~fpedit.args.blend_from_args`, no torch) before any call;
     none without ``--mask`` or ``--blend``. The mask file travels as its bytes (the server resizes it)."""
     from fpedit.args import blend_from_args
-    from fpedit.engine.paths import check_output_path
     from fpedit.engine.errors import InvalidInputError
+    from fpedit.engine.paths import check_output_path
 
     if not hasattr(args, "mask"):
         return {}  # invert: no blend flags
