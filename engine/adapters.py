@@ -23,11 +23,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidInputError, ModelLoadError
+
+if TYPE_CHECKING:  # the options module imports this one, and clients import it without torch
+    import torch
 
 log = logging.getLogger(__name__)
 

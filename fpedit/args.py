@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
+from fpedit.engine.adapters import DEFAULT_MAX_ADAPTERS
 from fpedit.engine.config import BACKENDS, DTYPES, EngineConfig, resolve_backend
 from fpedit.engine.contract import LAYER_PRESETS, MAP_FORMATS
 from fpedit.engine.errors import InvalidInputError
@@ -47,6 +48,9 @@ COMMON_FLAGS = {
     "model_config": "--model-config",
     "prediction_type": "--prediction-type",
     "loras": "--lora",
+    "lora_dir": "--lora-dir",
+    "max_adapters": "--max-adapters",
+    "adapters": "--adapter",
     "seed": "--seed",
     "height": "--height",
     "width": "--width",
@@ -287,6 +291,26 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="allow pickled (.bin/.ckpt) weights; only for trusted files (default: safetensors only)",
     )
     add_checkpoint_arguments(group)
+    add_adapter_arguments(parser)
+
+
+def add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
+    """Per-request LoRA adapters (issue 29): the folder an engine offers them from, and the per-request cap."""
+
+    group = parser.add_argument_group("adapters (LoRAs picked per request; torch backend)")
+    group.add_argument(
+        "--lora-dir",
+        type=Path,
+        metavar="DIR",
+        help="offer every *.safetensors LoRA in DIR (diffusers/PEFT or kohya keys) by its file stem; requests "
+        "pick them with --adapter / options.adapters (default: none)",
+    )
+    group.add_argument(
+        "--max-adapters",
+        type=int,
+        default=DEFAULT_MAX_ADAPTERS,
+        help=f"most adapters one request may combine (default {DEFAULT_MAX_ADAPTERS})",
+    )
 
 
 def add_checkpoint_arguments(group: Any) -> None:
@@ -376,6 +400,13 @@ def add_edit_arguments(parser: argparse.ArgumentParser, *, defaults: bool = True
         default=default["layers"],
         help="self-attention layers 1..16 in execution order: '4-14' (paper, default), 'resolution' (<=32x32 "
         "tokens, the authors' code), or a list such as '3,5,7-9'",
+    )
+    group.add_argument(
+        "--adapter",
+        action="append",
+        dest="adapters",
+        metavar="NAME[:SCALE]",
+        help="apply the engine's --lora-dir adapter NAME at SCALE (default 1, in [-4, 4]); repeatable",
     )
     group.add_argument(
         "--map-format",
@@ -472,6 +503,8 @@ def engine_config_from_args(args: argparse.Namespace, **engine: Any) -> EngineCo
         **checkpoint_options(args),
         providers=tuple(args.providers) if args.providers else None,
         backend_options=backend_options,
+        lora_dir=str(args.lora_dir) if getattr(args, "lora_dir", None) else None,
+        max_adapters=getattr(args, "max_adapters", DEFAULT_MAX_ADAPTERS),
         **engine,
     )
 
@@ -484,6 +517,7 @@ def edit_options_from_args(args: argparse.Namespace) -> EditOptions:
         replace_window=tuple(args.window),
         layers=args.layers,
         map_format=args.map_format,
+        adapters=tuple(getattr(args, "adapters", None) or ()),
     )
 
 

@@ -134,9 +134,10 @@ def _options(args: argparse.Namespace) -> Any:
         "replace_window": getattr(args, "window", None),
         "layers": getattr(args, "layers", None),
         "map_format": getattr(args, "map_format", None),
+        "adapters": getattr(args, "adapters", None),
     }
     try:
-        EditOptions(**{name: value for name, value in given.items() if value is not None})
+        judged = EditOptions(**{name: value for name, value in given.items() if value is not None})
     except InvalidInputError as exc:
         raise UsageError(describe_error(exc, args)) from None
     return edit_options(
@@ -145,6 +146,7 @@ def _options(args: argparse.Namespace) -> Any:
         replace_window=getattr(args, "window", None),
         layers=getattr(args, "layers", None),
         map_format=getattr(args, "map_format", None),
+        adapters=judged.adapters,
     )
 
 
@@ -415,6 +417,8 @@ def info_as_engine_json(info: Any) -> dict[str, Any]:
         },
         "prediction_type": info.prediction_type,
         "loras": [{"file": lora.file, "scale": round(lora.scale, 6)} for lora in info.loras],
+        "adapters": [{"name": a.name, "rank": a.rank, "layers": list(a.layers)} for a in info.adapters],
+        "max_adapters": info.max_adapters,
         "limits": MessageToDict(info.limits, preserving_proto_field_name=True),
     }
 

@@ -56,8 +56,10 @@ def edit_options(
     replace_window: Sequence[float] | None = None,
     layers: Sequence[int] | str | None = None,
     map_format: str | None = None,
+    adapters: Sequence[tuple[str, float]] = (),
 ) -> pb.EditOptions:
-    """Build an ``EditOptions`` message; ``None`` leaves a field unset (the server's default)."""
+    """Build an ``EditOptions`` message; ``None`` leaves a field unset (the server's default);
+    ``adapters`` are (name, scale) pairs of the server's ``--lora-dir``."""
     message = pb.EditOptions()
     if steps is not None:
         message.steps = steps
@@ -73,6 +75,7 @@ def edit_options(
         if map_format not in MAP_FORMATS:
             raise ValueError(f"map_format must be one of {list(MAP_FORMATS)}, got {map_format!r}")
         message.map_format = MAP_FORMATS[map_format]
+    message.adapters.extend(pb.Adapter(name=name, scale=scale) for name, scale in adapters)
     return message
 
 
