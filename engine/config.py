@@ -101,6 +101,12 @@ class EngineConfig:
         object.__setattr__(self, "loras", pairs)
         if self.lora_dir is not None:
             object.__setattr__(self, "lora_dir", str(self.lora_dir))
+        if (
+            isinstance(self.max_adapters, bool)
+            or not isinstance(self.max_adapters, int)
+            or self.max_adapters < 0
+        ):
+            raise InvalidInputError("max_adapters", f"must be an integer >= 0, got {self.max_adapters!r}")
         if self.providers is not None:
             object.__setattr__(self, "providers", tuple(self.providers))
         if self.image_formats is not None:

@@ -157,3 +157,36 @@ def test_bad_adapters_are_refused_naming_them(adapter_engine, engine, adapters, 
 def test_an_engine_without_lora_dir_refuses_adapters(engine):
     with pytest.raises(InvalidInputError, match="offers no adapters"):
         edit(engine, ["peft"])
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "tensorrt"])
+def test_exported_backends_refuse_lora_dir_at_start(backend, lora_dir, tmp_path):
+    """Exported graphs have their weights baked in: refused before anything loads, in one line naming it."""
+    from fpedit.engine.backends import create_backend
+
+    with pytest.raises(InvalidInputError) as info:
+        create_backend(tmp_path / "no-such-export", backend, lora_dir=lora_dir)
+    assert (
+        info.value.field == "lora_dir" and "torch backend" in str(info.value) and "\n" not in str(info.value)
+    )
+
+
+def test_a_missing_lora_dir_is_refused_before_the_model_loads(tmp_path):
+    from fpedit.engine.backends import create_backend
+
+    with pytest.raises(InvalidInputError, match="no such folder"):
+        create_backend(tmp_path / "no-such-model", "torch", lora_dir=tmp_path / "nope")
+
+
+def test_cuda_graph_bookkeeping_leaves_adapter_calls_eager(model_dir, lora_dir, adapter_engine):
+    """With graph replay on (its CPU bookkeeping), plain calls go to graphs and adapter calls run eagerly:
+    no graph is captured for them, and their edits equal the graph-less engine's."""
+    graphs = EditEngine.from_pretrained(model_dir, lora_dir=lora_dir, backend_options={"cuda_graphs": True})
+    recorder = graphs.backend.graphs
+    assert recorder is not None
+    edit(graphs)
+    captured = recorder.captures
+    assert captured > 0
+    chosen = (("kohya", 0.9), ("peft", 0.4))
+    assert rel_l2(edit(graphs, chosen), edit(adapter_engine, chosen)) < TOL
+    assert recorder.captures == captured

@@ -61,6 +61,10 @@ def create_backend(
     """
     options = dict(backend_options or {})
     torch_device = resolve_device(device)
+    if lora_dir is not None and backend == "torch":
+        from ..adapters import adapter_files
+
+        adapter_files(lora_dir)  # a missing folder fails before the model loads
     if backend == "torch":
         from ..loading import load_components
         from .torch_backend import TorchBackend
