@@ -179,3 +179,17 @@ def test_cli_lora_dir_and_adapter_flags(model_dir, lora_dir, tmp_path, capsys):
         "a cat", "a dog", seed=11, height=64, width=64, options=EditOptions(steps=2, adapters=["ink:0.7"])
     )
     assert np.array_equal(pixels(Image.open(out)), pixels(want.edited_image))
+
+
+def test_client_generate_sends_its_adapters(served, tmp_path):
+    engine, server, _, _ = served
+    out = tmp_path / "dog.png"
+    argv = ["client", "generate", "--target", f"127.0.0.1:{server.port}", "-s", "a cat", "-t", "a dog",
+            "--seed", "11", "--height", "64", "--width", "64", "--steps", str(STEPS), "-o", str(out),
+            "--adapter", "oil:0.6", "--adapter", "ink"]  # fmt: skip
+    assert main(argv) == 0
+    want = engine.edit_generated(
+        "a cat", "a dog", seed=11, height=64, width=64,
+        options=EditOptions(steps=STEPS, adapters=[("ink", 1.0), ("oil", 0.6)]),
+    )  # fmt: skip
+    assert np.array_equal(pixels(Image.open(out)), pixels(want.edited_image))
