@@ -190,3 +190,22 @@ def test_cuda_graph_bookkeeping_leaves_adapter_calls_eager(model_dir, lora_dir, 
     chosen = (("kohya", 0.9), ("peft", 0.4))
     assert rel_l2(edit(graphs, chosen), edit(adapter_engine, chosen)) < TOL
     assert recorder.captures == captured
+
+
+def test_saved_inversions_and_ray_records_keep_their_set(adapter_engine, tmp_path):
+    """An inversion leaving the process (a saved file, a Ray store record) comes back with its set, and so is
+    still refused under another one."""
+    from fpedit.server.ray.store import inversion_from_record, record_from_inversion
+
+    chosen = (("peft", 0.5),)
+    inversion = adapter_engine.invert(
+        make_image(64, 64, seed=6), options=EditOptions(steps=2, adapters=chosen)
+    )
+    loaded = adapter_engine.load_inversion(
+        adapter_engine.save_inversion(inversion, tmp_path / "inv.safetensors")
+    )
+    restored = inversion_from_record(adapter_engine, record_from_inversion(inversion, "fp"))
+    for back in (loaded, restored):
+        assert back.adapters == chosen
+        with pytest.raises(InvalidInputError, match="adapters peft:0.5"):
+            adapter_engine.edit_real(back, "a dog", options=EditOptions(steps=2))
