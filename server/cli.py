@@ -483,6 +483,14 @@ def add_commands(sub: Any) -> None:
     group.add_argument(
         "--guidance", type=float, help="classifier-free guidance scale (default: the server's, 7.5)"
     )
+    group.add_argument(
+        "--adapter",
+        action="append",
+        dest="adapters",
+        metavar="NAME[:SCALE]",
+        help="invert under the server's adapter NAME at SCALE (default 1); edits of the id must use the "
+        "same set; repeatable (default: none)",
+    )
     add_inversion_arguments(inv, epsilon=False)
     inv.set_defaults(func=cmd_client_invert, flags=edit_flags)
 

@@ -193,3 +193,19 @@ def test_client_generate_sends_its_adapters(served, tmp_path):
         options=EditOptions(steps=STEPS, adapters=[("ink", 1.0), ("oil", 0.6)]),
     )  # fmt: skip
     assert np.array_equal(pixels(Image.open(out)), pixels(want.edited_image))
+
+
+def test_client_invert_records_its_adapters(served, tmp_path, capsys):
+    _, server, stub, _ = served
+    image = tmp_path / "in.png"
+    image.write_bytes(png(5))
+    argv = ["client", "invert", str(image), "--target", f"127.0.0.1:{server.port}", "--steps", str(STEPS),
+            "--adapter", "ink:0.5", "-q"]  # fmt: skip
+    assert main(argv) == 0
+    inversion_id = capsys.readouterr().out.strip()
+    same = pb.EditOptions(steps=STEPS, adapters=adapters_pb(("ink", 0.5)))
+    assert stub.Edit(pb.EditRequest(inversion_id=inversion_id, target_prompt="x", options=same)).width == 64
+    with pytest.raises(grpc.RpcError, match=r"ink:0\.5"):
+        stub.Edit(
+            pb.EditRequest(inversion_id=inversion_id, target_prompt="x", options=pb.EditOptions(steps=STEPS))
+        )
