@@ -209,3 +209,19 @@ def test_client_invert_records_its_adapters(served, tmp_path, capsys):
         stub.Edit(
             pb.EditRequest(inversion_id=inversion_id, target_prompt="x", options=pb.EditOptions(steps=STEPS))
         )
+
+
+def test_multipart_edit_carries_adapters_in_its_request_part(served):
+    _, _, stub, http = served
+    chosen = adapters_pb(("oil", 1.5))
+    over_grpc = stub.Edit(
+        pb.EditRequest(image=png(7), target_prompt="x", options=pb.EditOptions(steps=STEPS, adapters=chosen))
+    )
+    plain = stub.Edit(pb.EditRequest(image=png(7), target_prompt="x", options=pb.EditOptions(steps=STEPS)))
+    request = {"targetPrompt": "x", "options": {"steps": STEPS, "adapters": [{"name": "oil", "scale": 1.5}]}}
+    response = http.post(
+        "/v1/edit", files={"image": ("in.png", png(7), "image/png")}, data={"request": json.dumps(request)}
+    )
+    assert response.status_code == 200, response.text
+    assert np.array_equal(pixels(response.json()["editedImage"]), pixels(over_grpc.edited_image))
+    assert not np.array_equal(pixels(over_grpc.edited_image), pixels(plain.edited_image))
