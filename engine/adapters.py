@@ -59,10 +59,12 @@ def parse_adapter(value: Any) -> tuple[str, float]:
     if not isinstance(name, str) or not name:
         raise InvalidInputError("adapters", f"an adapter needs a name, got {name!r}")
     try:
+        if isinstance(scale, bool):
+            raise TypeError("a bool is not a scale")
         scale = float(scale)
     except (TypeError, ValueError) as exc:
         raise InvalidInputError("adapters", f"adapter {name!r}: scale {scale!r} is not a number") from exc
-    if isinstance(scale, bool) or not math.isfinite(scale) or abs(scale) > MAX_ADAPTER_SCALE:
+    if not math.isfinite(scale) or abs(scale) > MAX_ADAPTER_SCALE:
         raise InvalidInputError(
             "adapters",
             f"adapter {name!r}: scale {scale} is outside [-{MAX_ADAPTER_SCALE:g}, {MAX_ADAPTER_SCALE:g}]",
