@@ -225,3 +225,40 @@ def test_multipart_edit_carries_adapters_in_its_request_part(served):
     assert response.status_code == 200, response.text
     assert np.array_equal(pixels(response.json()["editedImage"]), pixels(over_grpc.edited_image))
     assert not np.array_equal(pixels(over_grpc.edited_image), pixels(plain.edited_image))
+
+
+def test_the_page_lists_adapters_and_sends_the_picked_ones(served, tmp_path):
+    """The editor page offers the server's adapters as a list; an edit with two picked at one scale shows
+    what the API gives for that request."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (test extra)")
+    from test_http_page import CHROMIUM
+
+    if CHROMIUM is None:
+        pytest.skip("no chromium binary")
+    _, server, _, http = served
+    path = tmp_path / "photo.png"
+    path.write_bytes(png(8))
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(server.http.url)
+            page.wait_for_function("document.querySelectorAll('#adapters option').length === 2")
+            listed = page.eval_on_selector_all("#adapters option", "els => els.map((e) => e.textContent)")
+            assert [text.split(" (rank 4, ")[0] for text in listed] == ["ink", "oil"], listed
+            page.set_input_files("#file", str(path))
+            page.fill("#prompt", "a red car")
+            page.click("summary")
+            page.fill("#steps", str(STEPS))
+            page.select_option("#adapters", ["ink", "oil"])
+            page.fill("#adapter-scale", "0.5")
+            page.click("#run")
+            page.wait_for_selector("#f-edited img", timeout=120_000)
+            shown = page.get_attribute("#f-edited img", "src").split(",", 1)[1]
+        finally:
+            browser.close()
+    body = {"image": base64.b64encode(png(8)).decode(), "targetPrompt": "a red car",
+            "options": {"steps": STEPS, "adapters": [{"name": "ink", "scale": 0.5}, {"name": "oil", "scale": 0.5}]}}  # fmt: skip
+    assert np.array_equal(pixels(shown), pixels(http.post("/v1/edit", json=body).json()["editedImage"]))
+    body["options"].pop("adapters")
+    assert not np.array_equal(pixels(shown), pixels(http.post("/v1/edit", json=body).json()["editedImage"]))
