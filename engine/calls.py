@@ -66,6 +66,9 @@ class UNetCall:
     #: Self-attention layer numbers whose transformer block's *cross*-attention probabilities (softmax over
     #: the text tokens, averaged over heads, float32) come back for every row: a word-mask blend's input.
     cross_probs: tuple[int, ...] = ()
+    #: The request's LoRA adapters ((name, scale) pairs, sorted): applied to every row of the call, so only
+    #: calls with the same set share a backend call.
+    adapters: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         rows = self.sample.shape[0]
@@ -192,7 +195,7 @@ class UNetCall:
 
     def compatible(self, other: UNetCall) -> bool:
         """Whether the two calls' rows can run as one batch: same latent and context shapes and dtype, and
-        one map format among the calls that use maps."""
+        one map format among the calls that use maps, and one adapter set."""
         return (
             self.sample.shape[1:] == other.sample.shape[1:]
             and self.sample.dtype == other.sample.dtype
@@ -200,6 +203,7 @@ class UNetCall:
             and self.context.shape[1:] == other.context.shape[1:]
             and self.context.dtype == other.context.dtype
             and (not (self.uses_maps and other.uses_maps) or self.map_format == other.map_format)
+            and self.adapters == other.adapters
         )
 
     @classmethod
@@ -212,7 +216,7 @@ class UNetCall:
         for other in calls[1:]:
             if not first.compatible(other):
                 raise ValueError(
-                    "calls of different latent sizes, dtypes or map formats cannot share a batch"
+                    "calls of different latent sizes, dtypes, map formats or adapter sets cannot share a batch"
                 )
         with_maps = [c for c in calls if c.uses_maps]
         map_format = with_maps[0].map_format if with_maps else first.map_format
@@ -228,6 +232,7 @@ class UNetCall:
             donors=_merge_donors(calls),
             need_noise_pred=any(c.need_noise_pred for c in calls) or not capture,
             cross_probs=cross_probs,
+            adapters=first.adapters,
         )
 
     def padded(self, rows: int) -> UNetCall:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .adapters import DEFAULT_MAX_ADAPTERS
 from .errors import InvalidInputError
 from .lora import parse_lora
 
@@ -73,6 +74,10 @@ class EngineConfig:
     prediction_type: str | None = None
     #: LoRA files fused into the weights at load, as (path, scale) pairs (``FILE[:SCALE]`` strings accepted).
     loras: tuple[tuple[str, float], ...] = ()
+    #: A folder of LoRA files (``*.safetensors``, name = stem) requests may pick per request (torch).
+    lora_dir: str | None = None
+    #: Most adapters one request may combine.
+    max_adapters: int = DEFAULT_MAX_ADAPTERS
     allow_pickle: bool = False
     providers: tuple[str, ...] | None = None
     backend_options: Mapping[str, Any] = field(default_factory=dict)
@@ -94,6 +99,14 @@ class EngineConfig:
             object.__setattr__(self, "model_config", str(self.model_config))
         pairs = tuple((str(spec.path), spec.scale) for spec in map(parse_lora, self.loras or ()))
         object.__setattr__(self, "loras", pairs)
+        if self.lora_dir is not None:
+            object.__setattr__(self, "lora_dir", str(self.lora_dir))
+        if (
+            isinstance(self.max_adapters, bool)
+            or not isinstance(self.max_adapters, int)
+            or self.max_adapters < 0
+        ):
+            raise InvalidInputError("max_adapters", f"must be an integer >= 0, got {self.max_adapters!r}")
         if self.providers is not None:
             object.__setattr__(self, "providers", tuple(self.providers))
         if self.image_formats is not None:
@@ -120,6 +133,7 @@ class EngineConfig:
             "model_config": self.model_config,
             "prediction_type": self.prediction_type,
             "loras": list(self.loras),
+            "lora_dir": self.lora_dir,
         }
 
     def engine_kwargs(self) -> dict[str, Any]:
@@ -129,6 +143,7 @@ class EngineConfig:
             "max_wait_ms": self.max_wait_ms,
             "map_cache_bytes": self.map_cache_bytes,
             "show_progress": self.show_progress,
+            "max_adapters": self.max_adapters,
         }
         optional = {
             "max_side": self.max_side,

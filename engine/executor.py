@@ -56,8 +56,11 @@ class RequestRun:
         progress: ProgressCallback | None = None,
         cancel_check: CancelCheck | None = None,
         show_progress: bool = False,
+        adapters: tuple[tuple[str, float], ...] = (),
     ) -> None:
         self.backend = backend
+        #: The request's LoRA adapters: stamped on each of its UNet calls and used for its text encodes.
+        self.adapters = tuple(adapters)
         self.progress = progress
         self.cancel_check = cancel_check
         self.show_progress = show_progress
@@ -236,6 +239,8 @@ class Executor:
                 run.add_time(stage, (time.perf_counter() - started) * 1e3)
 
     def _call(self, call: UNetCall, run: RequestRun) -> UNetResult:
+        if run.adapters and call.adapters != run.adapters:
+            call = replace(call, adapters=run.adapters)
         pieces = call.split(self.backend.max_batch)
         results = self._submit(pieces) if self.batching else [self._execute(piece) for piece in pieces]
         run.count_unet(call.rows, len(pieces))

@@ -165,6 +165,27 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="allow pickled (.bin/.ckpt) weights; only for trusted files (default: safetensors only)",
     )
     add_checkpoint_arguments(group)
+    add_adapter_arguments(parser)
+
+
+def add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
+    """Per-request LoRA adapters: the folder an engine offers them from, and the per-request cap."""
+    from .adapters import DEFAULT_MAX_ADAPTERS
+
+    group = parser.add_argument_group("adapters (LoRAs picked per request; torch backend)")
+    group.add_argument(
+        "--lora-dir",
+        type=Path,
+        metavar="DIR",
+        help="offer every *.safetensors LoRA in DIR (diffusers/PEFT or kohya keys) by its file stem; requests "
+        "pick them with --adapter / options.adapters (default: none)",
+    )
+    group.add_argument(
+        "--max-adapters",
+        type=int,
+        default=DEFAULT_MAX_ADAPTERS,
+        help=f"most adapters one request may combine (default {DEFAULT_MAX_ADAPTERS})",
+    )
 
 
 def add_checkpoint_arguments(group: Any) -> None:
@@ -218,6 +239,8 @@ def engine_config_from_args(args: argparse.Namespace, **engine: Any) -> EngineCo
         **checkpoint_options(args),
         providers=tuple(args.providers) if args.providers else None,
         backend_options=backend_options,
+        lora_dir=str(args.lora_dir) if getattr(args, "lora_dir", None) else None,
+        max_adapters=getattr(args, "max_adapters", EngineConfig.max_adapters),
         **engine,
     )
 

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
 
+from .adapters import AdapterSet, normalize_adapters
 from .blend import Blend
 from .contract import LAYER_PRESETS, MAP_FORMATS, PAPER_LAYERS, ModelSpec, resolve_layers
 from .errors import InvalidInputError
@@ -71,8 +72,12 @@ class EditOptions:
     layers: tuple[int, ...] | str = PAPER_LAYERS
     map_format: str = "qk"
     blend: Blend | None = None
+    #: LoRA adapters of the server's ``--lora-dir`` for this request: (name, scale) pairs (or
+    #: ``NAME[:SCALE]`` strings, ``{name, scale}`` mappings), kept sorted by name; names are checked by the engine.
+    adapters: AdapterSet = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "adapters", normalize_adapters(self.adapters))
         steps, (low, high) = self.steps, OPTION_RANGES["steps"]
         if isinstance(steps, bool) or not isinstance(steps, Integral) or not low <= steps <= high:
             raise InvalidInputError("steps", f"must be an integer in {low:g}..{high:g}, got {steps!r}")

@@ -29,6 +29,7 @@ from PIL import Image
 
 from . import local_blend as blending
 from . import null_text, programs, real
+from .adapters import DEFAULT_MAX_ADAPTERS, AdapterSet
 from .backends.base import Backend
 from .config import DEFAULT_MAP_CACHE_BYTES, EngineConfig
 from .contract import ModelSpec
@@ -82,6 +83,7 @@ class EditEngine:
         batching: bool = False,
         max_wait_ms: float = 0.0,
         max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS,
+        max_adapters: int = DEFAULT_MAX_ADAPTERS,
     ) -> None:
         self.backend = backend
         self.spec: ModelSpec = backend.spec
@@ -94,6 +96,8 @@ class EditEngine:
         #: Encoded formats accepted for bytes and paths (PIL names); ``None`` accepts whatever PIL decodes.
         self.image_formats = tuple(image_formats) if image_formats else None
         self.max_prompt_chars = int(max_prompt_chars)
+        #: Most adapters (``EditOptions.adapters``) one request may combine.
+        self.max_adapters = int(max_adapters)
         self.engine_id = uuid.uuid4().hex
         self.executor = Executor(backend, batching=batching, max_wait_ms=max_wait_ms)
         #: DDIM schedules by step count (``schedules(steps)``), the recent ones cached.
@@ -166,6 +170,8 @@ class EditEngine:
             **self.backend.describe(),
             "prediction_type": self.spec.prediction_type,
             "loras": list(self.backend.loras),
+            "adapters": self.backend.adapters.describe() if self.backend.adapters is not None else [],
+            "max_adapters": self.max_adapters,
             "default_image_size": self.spec.default_image_size,
             "max_side": self.max_side,
             "map_cache_bytes": self.map_cache_bytes,
@@ -214,9 +220,30 @@ class EditEngine:
 
     # --- the surface the engine's sibling modules (.real, .attention_maps) build on ----------------------------
 
-    def request_run(self, progress: ProgressCallback | None, cancel_check: CancelCheck | None) -> RequestRun:
-        """A new request's bookkeeping (stage times, UNet counts, progress, cancellation) on this engine."""
-        return RequestRun(self.backend, progress, cancel_check, self.show_progress)
+    def request_run(
+        self,
+        progress: ProgressCallback | None,
+        cancel_check: CancelCheck | None,
+        adapters: AdapterSet = (),
+    ) -> RequestRun:
+        """A new request's bookkeeping (stage times, UNet counts, progress, cancellation) on this engine;
+        ``adapters`` (checked by :meth:`check_adapters`) ride on each of its UNet calls and text encodes."""
+        return RequestRun(self.backend, progress, cancel_check, self.show_progress, adapters)
+
+    def check_adapters(self, adapters: AdapterSet) -> AdapterSet:
+        """``adapters`` if this engine offers each of them and they are at most :attr:`max_adapters`, else
+        InvalidInputError naming the problem (before any work starts)."""
+        if not adapters:
+            return adapters
+        if self.backend.adapters is None:
+            from .errors import InvalidInputError
+
+            where = "started without --lora-dir" if self.backend.name == "torch" else "torch backend only"
+            raise InvalidInputError(
+                "adapters", f"this engine offers no adapters ({self.backend.name} backend, {where})"
+            )
+        self.backend.adapters.check(adapters, self.max_adapters)
+        return adapters
 
     def check_prompt(self, prompt: Any, field: str, *, allow_empty: bool) -> str:
         """``prompt`` if it is a usable prompt within this engine's length limit, else InvalidInputError."""
@@ -259,7 +286,7 @@ class EditEngine:
         target_prompt = self.check_prompt(target_prompt, "target_prompt", allow_empty=False)
         z, seed = initial_latents(self.spec, self.max_side, seed, latents, height, width)
         plan = self._plan(options, (z.shape[-2], z.shape[-1]))
-        run = self.request_run(progress, cancel_check)
+        run = self.request_run(progress, cancel_check, self.check_adapters(options.adapters))
 
         uncond = self.text.embed("", run)
         # The source prompt "" needs one row: its cond and uncond rows would be identical.
@@ -336,6 +363,14 @@ class EditEngine:
         how = inversion if inversion is not None else InversionOptions(**given)
         source_prompt = self.check_prompt(how.source_prompt, "source_prompt", allow_empty=True)
         method = null_text.check_method(how.method, source_prompt, self.backend)
+        self.check_adapters(options.adapters)
+        if options.adapters and method == "null-text":
+            from .errors import InvalidInputError
+
+            raise InvalidInputError(
+                "adapters",
+                "null-text inversion's gradient steps run without adapters; use ddim or negative-prompt",
+            )
         ddim = method == "ddim"
         plan = InversionPlan(
             self.schedules(options.steps),
@@ -345,7 +380,7 @@ class EditEngine:
             how.null_text_steps,
             how.null_text_epsilon,
         )
-        run = self.request_run(progress, cancel_check)
+        run = self.request_run(progress, cancel_check, options.adapters)
         run.check()
         given = load_image(image, max_input_pixels=self.max_input_pixels, formats=self.image_formats)
         pil = prepare_image(given, self.max_side)
@@ -367,6 +402,7 @@ class EditEngine:
             null_embeddings=nulls,
             guidance_scale=None if ddim else plan.guidance,
             original_size=given.size,
+            adapters=options.adapters,
         )
 
     def edit_real(
@@ -397,6 +433,7 @@ class EditEngine:
         """
         options = options or EditOptions()
         target_prompt = self.check_prompt(target_prompt, "target_prompt", allow_empty=False)
+        self.check_adapters(options.adapters)
         output_size = check_output_size(output_size, self.max_input_pixels)
         invert_options = {
             name: value

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import null_text, programs
+from .adapters import describe_set
 from .backends.capture import CAPTURE_GATE
 from .errors import InvalidInputError
 from .executor import CancelCheck, ProgressCallback, ProgressEvent, RequestRun
@@ -62,14 +63,14 @@ def inversion_to_edit(
         refuse_inversion_options(list(invert_options))
         check_inversion(image, options, engine.engine_id)
         check_edit_guidance(image, options)
-        return image, engine.request_run(progress, cancel_check)
+        return image, engine.request_run(progress, cancel_check, options.adapters)
     if options.layers != "resolution":  # that preset needs the image's size; others are checked now,
         check_layers(options, engine.backend, None)  # before the inversion, not after it ran for nothing
     inversion = engine.invert(
         image, options=options, progress=progress, cancel_check=cancel_check, **invert_options
     )
     # Started after the inversion, which absorb() prepends: its time is counted once, not twice.
-    run = engine.request_run(progress, cancel_check)
+    run = engine.request_run(progress, cancel_check, options.adapters)
     run.absorb(inversion.stats)  # one call did both: report the whole real edit
     return inversion, run
 
@@ -82,6 +83,12 @@ def check_inversion(inversion: Inversion, options: EditOptions, engine_id: str) 
         raise InvalidInputError(
             "steps",
             f"the inversion was computed with {inversion.steps} steps, the request asks {options.steps}",
+        )
+    if inversion.adapters != options.adapters:  # its trajectory and source maps depend on the weights
+        raise InvalidInputError(
+            "adapters",
+            f"the inversion was made with adapters {describe_set(inversion.adapters)}; the request asks "
+            f"{describe_set(options.adapters)} (invert the image again under them)",
         )
 
 

@@ -84,6 +84,8 @@ class Inversion:
     #: (width, height) of the image as given (after EXIF orientation): edits come back at this size by
     #: default. ``None`` means the working size.
     original_size: tuple[int, int] | None = None
+    #: The LoRA adapters ((name, scale) pairs) it was made with: only an edit under the same set may use it.
+    adapters: tuple[tuple[str, float], ...] = ()
     _source_latent: torch.Tensor | None = field(default=None, repr=False)
     _maps: dict[int, AttentionMaps] = field(default_factory=dict, repr=False)
     _maps_format: str | None = field(default=None, repr=False)

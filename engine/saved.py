@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .adapters import normalize_adapters
 from .errors import InvalidInputError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -102,6 +103,8 @@ def save_inversion(engine: EditEngine, inversion: Inversion, path: str | os.Path
         "engine": json.dumps(fingerprint, sort_keys=True),
         "fingerprint": fingerprint_digest(fingerprint),
         "stats": json.dumps(inversion.stats, default=str),
+        # The adapter set it was made with (by name and scale; the files' contents are not fingerprinted).
+        "adapters": json.dumps([list(pair) for pair in inversion.adapters]),
     }
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
@@ -255,4 +258,5 @@ def _inversion(
         null_embeddings=None if nulls is None else nulls.to(device),
         guidance_scale=None if guidance is None else float(guidance),
         original_size=(original[0], original[1]),
+        adapters=normalize_adapters(_json(metadata, "adapters", source) if "adapters" in metadata else ()),
     )

@@ -39,14 +39,14 @@ class TextEncoderCache:
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
         self.max_entries = max(1, int(TEXT_CACHE_SIZE if max_entries is None else max_entries))
-        self._entries: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
+        self._entries: OrderedDict[tuple[Any, ...], torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def cached_keys(self) -> list[tuple[int, ...]]:
-        """The cached token-id keys, least recently used first."""
+    def cached_keys(self) -> list[tuple[Any, ...]]:
+        """The cached keys (token ids, then any adapter (name, scale) pairs), least recently used first."""
         with self._lock:
             return list(self._entries)
 
@@ -68,13 +68,15 @@ class TextEncoderCache:
         """(1, L, D) embedding of ``prompt``; its time is counted in ``run``'s ``"text"`` stage."""
         with run.stage("text"):
             ids = self.token_ids(prompt)
-            key = tuple(int(i) for i in ids[0])
+            # A request's adapters change the text encoder's output: their set extends the key.
+            key: tuple[Any, ...] = tuple(int(i) for i in ids[0]) + run.adapters
             with self._lock:
                 cached = self._entries.get(key)
                 if cached is not None:
                     self._entries.move_to_end(key)
                     return cached
-            embedding = self.backend.encode_text(ids)
+            with self.backend.adapter_scope(run.adapters):
+                embedding = self.backend.encode_text(ids)
         with self._lock:
             self._entries[key] = embedding
             while len(self._entries) > self.max_entries:

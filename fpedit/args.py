@@ -47,6 +47,9 @@ COMMON_FLAGS = {
     "model_config": "--model-config",
     "prediction_type": "--prediction-type",
     "loras": "--lora",
+    "lora_dir": "--lora-dir",
+    "max_adapters": "--max-adapters",
+    "adapters": "--adapter",
     "seed": "--seed",
     "height": "--height",
     "width": "--width",
@@ -246,6 +249,13 @@ def add_edit_arguments(parser: argparse.ArgumentParser, *, defaults: bool = True
         "tokens, the authors' code), or a list such as '3,5,7-9'",
     )
     group.add_argument(
+        "--adapter",
+        action="append",
+        dest="adapters",
+        metavar="NAME[:SCALE]",
+        help="apply the engine's --lora-dir adapter NAME at SCALE (default 1, in [-4, 4]); repeatable",
+    )
+    group.add_argument(
         "--map-format",
         default=default["map_format"],
         choices=MAP_FORMATS,
@@ -328,6 +338,7 @@ def edit_options_from_args(args: argparse.Namespace) -> EditOptions:
         replace_window=tuple(args.window),
         layers=args.layers,
         map_format=args.map_format,
+        adapters=tuple(getattr(args, "adapters", None) or ()),
     )
 
 

@@ -139,9 +139,10 @@ def _options(args: argparse.Namespace) -> Any:
         "replace_window": getattr(args, "window", None),
         "layers": getattr(args, "layers", None),
         "map_format": getattr(args, "map_format", None),
+        "adapters": getattr(args, "adapters", None),
     }
     try:
-        EditOptions(**{name: value for name, value in given.items() if value is not None})
+        judged = EditOptions(**{name: value for name, value in given.items() if value is not None})
     except InvalidInputError as exc:
         raise UsageError(describe_error(exc, args)) from None
     return edit_options(
@@ -150,6 +151,7 @@ def _options(args: argparse.Namespace) -> Any:
         replace_window=getattr(args, "window", None),
         layers=getattr(args, "layers", None),
         map_format=getattr(args, "map_format", None),
+        adapters=judged.adapters,
         **_blend_fields(args),
     )
 
@@ -468,6 +470,8 @@ def info_as_engine_json(info: Any) -> dict[str, Any]:
         },
         "prediction_type": info.prediction_type,
         "loras": [{"file": lora.file, "scale": round(lora.scale, 6)} for lora in info.loras],
+        "adapters": [{"name": a.name, "rank": a.rank, "layers": list(a.layers)} for a in info.adapters],
+        "max_adapters": info.max_adapters,
         "limits": MessageToDict(info.limits, preserving_proto_field_name=True),
     }
 
@@ -533,6 +537,14 @@ def add_commands(sub: Any) -> None:
     group.add_argument("--steps", type=int, help="DDIM steps (default: the server's, 50)")
     group.add_argument(
         "--guidance", type=float, help="classifier-free guidance scale (default: the server's, 7.5)"
+    )
+    group.add_argument(
+        "--adapter",
+        action="append",
+        dest="adapters",
+        metavar="NAME[:SCALE]",
+        help="invert under the server's adapter NAME at SCALE (default 1); edits of the id must use the "
+        "same set; repeatable (default: none)",
     )
     add_inversion_arguments(inv, epsilon=False)
     inv.set_defaults(func=cmd_client_invert, flags=edit_flags)

@@ -62,9 +62,11 @@ def edit_options(
     blend_words: Sequence[str] = (),
     blend_start: float | None = None,
     blend_threshold: float | None = None,
+    adapters: Sequence[tuple[str, float]] = (),
 ) -> pb.EditOptions:
     """Build an ``EditOptions`` message; ``None`` leaves a field unset (the server's default). ``mask``
-    (encoded image bytes, white = may change) and ``blend_words`` enable local blending (docs/design.md)."""
+    (encoded image bytes, white = may change) and ``blend_words`` enable local blending (docs/design.md);
+    ``adapters`` are (name, scale) pairs of the server's ``--lora-dir``."""
     message = pb.EditOptions()
     if steps is not None:
         message.steps = steps
@@ -89,6 +91,7 @@ def edit_options(
         message.blend_start = blend_start
     if blend_threshold is not None:
         message.blend_threshold = blend_threshold
+    message.adapters.extend(pb.Adapter(name=name, scale=scale) for name, scale in adapters)
     return message
 
 

@@ -65,6 +65,11 @@ def _options_from_proto(message: pb.EditOptions, base: EditOptions | None) -> Ed
     blend = blend_from_proto(message)
     if blend is not None:
         changes["blend"] = blend
+    if message.adapters:
+        # float32 on the wire: keep the decimal the client meant (0.7, not 0.699999988).
+        changes["adapters"] = [
+            (a.name, shortest_decimal(a.scale) if a.HasField("scale") else 1.0) for a in message.adapters
+        ]
     return base.replace(**changes) if changes else base
 
 
@@ -249,6 +254,7 @@ def options_to_proto(options: EditOptions) -> pb.EditOptions:
         message.layer_preset = layers
     else:
         message.layers.extend(layers)
+    message.adapters.extend(pb.Adapter(name=name, scale=scale) for name, scale in options.adapters)
     return message
 
 
@@ -350,6 +356,8 @@ def info_response(info: InfoOutcome) -> pb.GetInfoResponse:
         ),
         loras=[pb.LoraInfo(file=file, scale=scale) for file, scale in info.loras],
         prediction_type=info.prediction_type,
+        adapters=[pb.AdapterInfo(name=a.name, rank=a.rank, layers=list(a.layers)) for a in info.adapters],
+        max_adapters=info.max_adapters,
     )
 
 

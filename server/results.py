@@ -67,6 +67,15 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class AdapterOutcome:
+    """One adapter a server offers: name (file stem), rank and the layers it touches."""
+
+    name: str
+    rank: int
+    layers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class InfoOutcome:
     version: str
     model: str
@@ -81,3 +90,6 @@ class InfoOutcome:
     #: LoRAs fused at load as (file, scale), in order; and what the UNet predicts.
     loras: tuple[tuple[str, float], ...] = ()
     prediction_type: str = "epsilon"
+    #: Adapters requests may pick (``--lora-dir``), and how many one request may combine.
+    adapters: tuple[AdapterOutcome, ...] = ()
+    max_adapters: int = 0

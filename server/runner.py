@@ -42,7 +42,7 @@ from .config import ServerConfig
 from .convert import blend_outputs, encode_image
 from .errors import OverloadedError, unknown_inversion
 from .pool import WorkerPool, cpu_threads, device_memory, never_cancelled
-from .results import EditOutcome, GenerateOutcome, InfoOutcome, InvertOutcome, Limits
+from .results import AdapterOutcome, EditOutcome, GenerateOutcome, InfoOutcome, InvertOutcome, Limits
 from .streaming import stream_of
 
 T = TypeVar("T")
@@ -382,6 +382,10 @@ class LocalRunner:
             ),
             loras=tuple((str(lora["file"]), float(lora["scale"])) for lora in info["loras"]),
             prediction_type=str(info["prediction_type"]),
+            adapters=tuple(
+                AdapterOutcome(str(a["name"]), int(a["rank"]), tuple(a["layers"])) for a in info["adapters"]
+            ),
+            max_adapters=int(info["max_adapters"]),
         )
 
     def stats(self) -> RunnerStats:

@@ -50,6 +50,7 @@ def create_backend(
     model_config: str | Path | None = None,
     prediction_type: str | None = None,
     loras: Sequence[Any] = (),
+    lora_dir: str | Path | None = None,
 ) -> tuple[Backend, Any, str]:
     """Build ``backend`` for ``model``; returns (backend, tokenizer, model source description).
 
@@ -60,6 +61,10 @@ def create_backend(
     """
     options = dict(backend_options or {})
     torch_device = resolve_device(device)
+    if lora_dir is not None and backend == "torch":
+        from ..adapters import adapter_files
+
+        adapter_files(lora_dir)  # a missing folder fails before the model loads
     if backend == "torch":
         from ..loading import load_components
         from .torch_backend import TorchBackend
@@ -75,6 +80,11 @@ def create_backend(
             prediction_type=prediction_type,
             loras=loras,
         )
+        bank = None
+        if lora_dir is not None:  # after the fused LoRAs: adapters apply on top of them
+            from ..adapters import AdapterBank, load_adapters
+
+            bank = AdapterBank(load_adapters(lora_dir, parts.unet, parts.text_encoder, parts.tokenizer))
         created = TorchBackend(
             unet=parts.unet,
             vae=parts.vae,
@@ -82,10 +92,17 @@ def create_backend(
             spec=parts.spec,
             device=device,
             dtype=torch_dtype,
+            adapters=bank,
             **options,
         )
         created.loras = list(parts.loras)  # what `fpedit info` / GetInfo report
         return created, parts.tokenizer, parts.source
+    if lora_dir is not None:
+        raise InvalidInputError(
+            "lora_dir",
+            f"per-request adapters need the torch backend; the {backend} backend runs exported graphs with "
+            "fixed weights (fuse a LoRA into an export with `fpedit export --lora`)",
+        )
     if model_config is not None or prediction_type is not None or loras:
         field = (
             "model_config" if model_config is not None else "prediction_type" if prediction_type else "loras"

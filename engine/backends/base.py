@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from typing import Any
 
 import torch
 
+from ..adapters import AdapterBank, AdapterSet
 from ..calls import UNetCall, UNetResult
 from ..contract import ModelSpec
 from ..maps import AttentionMaps, Injection
@@ -42,6 +44,8 @@ class Backend(ABC):
     max_batch: int = 8
     #: Whether :meth:`unet` takes ``call.donors``: rows that attend with another row's map of the same call.
     supports_donors: bool = False
+    #: LoRA adapters requests may pick (``--lora-dir``); ``None`` where the backend serves none.
+    adapters: AdapterBank | None = None
     #: Whether :meth:`unet` returns ``call.cross_probs`` (cross-attention probabilities: word-mask blends).
     supports_cross_probs: bool = False
 
@@ -96,6 +100,16 @@ class Backend(ABC):
             context=call.context.to(self.device, self.dtype),
             inject=inject,
         )
+
+    def adapter_scope(self, adapters: AdapterSet) -> AbstractContextManager[None]:
+        """A block in which this thread's forwards (text encoder, eager UNet) apply ``adapters``."""
+        if not adapters:
+            return nullcontext()
+        if self.adapters is None:
+            from ..errors import InvalidInputError
+
+            raise InvalidInputError("adapters", f"the {self.name} backend has no adapters loaded")
+        return self.adapters.active(adapters)
 
     def can_share_call(self, a: UNetCall, b: UNetCall) -> bool:
         """Whether rows of ``a`` and ``b`` may run as one call on this backend (same latent size, dtype and

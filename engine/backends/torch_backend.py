@@ -9,6 +9,7 @@ import threading
 
 import torch
 
+from ..adapters import AdapterBank
 from ..calls import UNetCall, UNetResult
 from ..contract import ModelSpec
 from ..maps import AttentionMaps
@@ -55,6 +56,7 @@ class TorchBackend(Backend):
         channels_last: bool | None = None,
         compile_unet: bool = False,
         max_graphs: int | None = None,
+        adapters: AdapterBank | None = None,
     ) -> None:
         self.spec = spec
         self.device = torch.device(device)
@@ -73,6 +75,10 @@ class TorchBackend(Backend):
             self._vae.decoder.to(self.vae_dtype)
             self._vae.post_quant_conv.to(self.vae_dtype)
         install_processors(self._unet, spec)
+        # Per-request LoRA adapters: hooks on the touched modules, inert unless a call's set is active.
+        self.adapters = adapters if adapters else None
+        if self.adapters is not None:
+            self.adapters.install({"unet": self._unet, "text_encoder": self._text}, self.device, dtype)
         self.channels_last = on_cuda if channels_last is None else channels_last
         if self.channels_last:
             self._unet.to(memory_format=torch.channels_last)
@@ -121,10 +127,13 @@ class TorchBackend(Backend):
     @torch.inference_mode()
     def unet(self, call: UNetCall) -> UNetResult:
         call = self.on_device(call)
-        if self.graphs is not None and not call.cross_probs:  # cross-attention probabilities: eager
+        # Cross-attention probabilities and adapter calls run eagerly: a graph replays the kernels it
+        # captured, and an adapter set's hooks launch others (graphs stay those of the plain model).
+        if self.graphs is not None and not call.cross_probs and not call.adapters:
             return self.graphs.run(call)
         state = CallState.for_call(call, self.device)
-        noise = self.forward(call.sample, call.timesteps, call.context, state)
+        with self.adapter_scope(call.adapters):
+            noise = self.forward(call.sample, call.timesteps, call.context, state)
         maps = AttentionMaps(call.map_format, dict(state.captured)) if call.capture else None
         cross = dict(state.cross_captured) if call.cross_probs else None
         return UNetResult(noise if call.need_noise_pred else None, maps, cross)
@@ -174,5 +183,6 @@ class TorchBackend(Backend):
             vae_dtype=str(self.vae_dtype).replace("torch.", ""),
             cuda_graphs=self.graphs is not None,
             channels_last=self.channels_last,
+            adapters=self.adapters.describe() if self.adapters is not None else [],
         )
         return info

@@ -54,7 +54,7 @@ JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
 class EditOptions(_message.Message):
-    __slots__ = ("steps", "guidance_scale", "replace_start", "replace_end", "layers", "layer_preset", "map_format", "mask", "mask_grow", "blend_words", "blend_start", "blend_threshold")
+    __slots__ = ("steps", "guidance_scale", "replace_start", "replace_end", "layers", "layer_preset", "map_format", "mask", "mask_grow", "blend_words", "blend_start", "blend_threshold", "adapters")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     REPLACE_START_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,7 @@ class EditOptions(_message.Message):
     BLEND_WORDS_FIELD_NUMBER: _ClassVar[int]
     BLEND_START_FIELD_NUMBER: _ClassVar[int]
     BLEND_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     steps: int
     guidance_scale: float
     replace_start: float
@@ -79,7 +80,16 @@ class EditOptions(_message.Message):
     blend_words: _containers.RepeatedScalarFieldContainer[str]
     blend_start: float
     blend_threshold: float
-    def __init__(self, steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., replace_start: _Optional[float] = ..., replace_end: _Optional[float] = ..., layers: _Optional[_Iterable[int]] = ..., layer_preset: _Optional[str] = ..., map_format: _Optional[_Union[MapFormat, str]] = ..., mask: _Optional[bytes] = ..., mask_grow: _Optional[int] = ..., blend_words: _Optional[_Iterable[str]] = ..., blend_start: _Optional[float] = ..., blend_threshold: _Optional[float] = ...) -> None: ...
+    adapters: _containers.RepeatedCompositeFieldContainer[Adapter]
+    def __init__(self, steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., replace_start: _Optional[float] = ..., replace_end: _Optional[float] = ..., layers: _Optional[_Iterable[int]] = ..., layer_preset: _Optional[str] = ..., map_format: _Optional[_Union[MapFormat, str]] = ..., mask: _Optional[bytes] = ..., mask_grow: _Optional[int] = ..., blend_words: _Optional[_Iterable[str]] = ..., blend_start: _Optional[float] = ..., blend_threshold: _Optional[float] = ..., adapters: _Optional[_Iterable[_Union[Adapter, _Mapping]]] = ...) -> None: ...
+
+class Adapter(_message.Message):
+    __slots__ = ("name", "scale")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    scale: float
+    def __init__(self, name: _Optional[str] = ..., scale: _Optional[float] = ...) -> None: ...
 
 class Stats(_message.Message):
     __slots__ = ("stages_ms", "engine_ms", "queue_ms", "unet_rows", "unet_calls", "steps", "replaced_steps", "layers", "replica")
@@ -269,7 +279,7 @@ class Limits(_message.Message):
     def __init__(self, max_steps: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_side: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., workers: _Optional[int] = ..., max_queue: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., cache_ttl_s: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ...) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("version", "model", "backend", "device", "precision", "layers_available", "map_formats", "defaults", "limits", "default_image_size", "loras", "prediction_type")
+    __slots__ = ("version", "model", "backend", "device", "precision", "layers_available", "map_formats", "defaults", "limits", "default_image_size", "loras", "prediction_type", "adapters", "max_adapters")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -282,6 +292,8 @@ class GetInfoResponse(_message.Message):
     DEFAULT_IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     LORAS_FIELD_NUMBER: _ClassVar[int]
     PREDICTION_TYPE_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     version: str
     model: str
     backend: str
@@ -294,7 +306,19 @@ class GetInfoResponse(_message.Message):
     default_image_size: int
     loras: _containers.RepeatedCompositeFieldContainer[LoraInfo]
     prediction_type: str
-    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., layers_available: _Optional[_Iterable[int]] = ..., map_formats: _Optional[_Iterable[_Union[MapFormat, str]]] = ..., defaults: _Optional[_Union[EditOptions, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., default_image_size: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[LoraInfo, _Mapping]]] = ..., prediction_type: _Optional[str] = ...) -> None: ...
+    adapters: _containers.RepeatedCompositeFieldContainer[AdapterInfo]
+    max_adapters: int
+    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., layers_available: _Optional[_Iterable[int]] = ..., map_formats: _Optional[_Iterable[_Union[MapFormat, str]]] = ..., defaults: _Optional[_Union[EditOptions, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., default_image_size: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[LoraInfo, _Mapping]]] = ..., prediction_type: _Optional[str] = ..., adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., max_adapters: _Optional[int] = ...) -> None: ...
+
+class AdapterInfo(_message.Message):
+    __slots__ = ("name", "rank", "layers")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    rank: int
+    layers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., rank: _Optional[int] = ..., layers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LoraInfo(_message.Message):
     __slots__ = ("file", "scale")

@@ -62,6 +62,8 @@ class InversionRecord:
     guidance_scale: float | None = None
     #: (width, height) of the image as given: edits of a restored inversion come back at this size.
     original_size: tuple[int, int] | None = None
+    #: The adapter set ((name, scale) pairs) it was made with: edits elsewhere must use the same.
+    adapters: tuple[tuple[str, float], ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -78,6 +80,10 @@ def engine_fingerprint(info: dict[str, Any]) -> str:
     keys = ("model", "backend", "dtype", "precision", "vae_dtype")
     described = {k: str(info[k]) for k in keys if k in info}
     described["device"] = str(info.get("device", "")).split(":")[0]
+    if info.get("adapters"):  # replicas load the same --lora-dir: the adapters they offer are part of it
+        described["adapters"] = json.dumps(
+            [(a["name"], a["rank"], a["layers"]) for a in info["adapters"]], sort_keys=True
+        )
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -97,6 +103,7 @@ def record_from_inversion(inversion: Any, fingerprint: str) -> InversionRecord:
         null_embeddings=nulls.detach().float().cpu().numpy() if nulls is not None else None,
         guidance_scale=inversion.guidance_scale,
         original_size=tuple(inversion.input_size),
+        adapters=tuple(inversion.adapters),
     )
 
 
@@ -123,6 +130,7 @@ def inversion_from_record(engine: Any, record: InversionRecord) -> Any:
         null_embeddings=nulls,
         guidance_scale=record.guidance_scale,
         original_size=record.original_size,
+        adapters=tuple(record.adapters),
     )
 
 

@@ -1,0 +1,211 @@
+"""Per-request LoRA adapters (issue 29): an engine with ``lora_dir`` applies a request's adapters exactly as
+weights this test merges by hand (W + scale * alpha / r * B @ A, from the files' own tensors), keeps requests
+with different sets apart while batching them, and refuses what it cannot serve, naming it."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from conftest import make_image
+from helpers import BATCH_SHAPE_TOL, run_concurrently
+from lora_files import (
+    file_deltas,
+    folder_with_deltas,
+    random_factors,
+    text_targets,
+    unet_targets,
+    write_kohya_lora,
+    write_peft_lora,
+)
+from reference import rel_l2
+
+from fpedit import EditEngine, EditOptions
+from fpedit.engine.errors import InvalidInputError
+
+pytest.importorskip("peft")
+
+SRC, TGT = "a photo of a cat", "a photo of a dog"
+TOL = 1e-5  # the LoRA tests' tolerance against hand-merged weights
+
+
+def z_T(seed: int = 9) -> torch.Tensor:
+    return torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(seed))
+
+
+def edit(engine: EditEngine, adapters=(), seed: int = 9) -> torch.Tensor:
+    options = EditOptions(steps=2, adapters=adapters)
+    return torch.as_tensor(engine.edit_generated(SRC, TGT, latents=z_T(seed), options=options).edited_latents)
+
+
+@pytest.fixture(scope="module")
+def lora_dir(raw_modules, tmp_path_factory):
+    """``peft`` (UNet only, alpha 2) and ``kohya`` (UNet + text encoder, alpha 1) on the same modules."""
+    unet, text = raw_modules["unet"], raw_modules["text_encoder"]
+    folder = tmp_path_factory.mktemp("adapters")
+    write_peft_lora(folder / "peft.safetensors", random_factors(unet_targets(unet), 11), 2.0)
+    write_kohya_lora(
+        folder / "kohya.safetensors",
+        random_factors(unet_targets(unet), 12),
+        random_factors(text_targets(text), 13),
+        1.0,
+    )
+    (folder / "notes.txt").write_text("not an adapter")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def modules(raw_modules) -> dict[str, list[str]]:
+    return {
+        "unet": sorted(unet_targets(raw_modules["unet"])),
+        "text_encoder": sorted(text_targets(raw_modules["text_encoder"])),
+    }
+
+
+@pytest.fixture(scope="module")
+def adapter_engine(model_dir, lora_dir):
+    engine = EditEngine.from_pretrained(model_dir, lora_dir=lora_dir, batching=True, max_wait_ms=30)
+    yield engine
+    engine.close()
+
+
+def hand_merged(model_dir, lora_dir, modules, adapters, out) -> EditEngine:
+    """An engine on a copy of the model with each adapter's scaled delta added to its weights."""
+    total: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "text_encoder": {}}
+    for name, scale in adapters:
+        for component, deltas in file_deltas(lora_dir / f"{name}.safetensors", scale, modules).items():
+            for module, delta in deltas.items():
+                total[component][module] = total[component].get(module, 0) + delta
+    return EditEngine.from_pretrained(folder_with_deltas(model_dir, out, total))
+
+
+@pytest.mark.parametrize(
+    "adapters",
+    [(("peft", 0.7),), (("kohya", 1.5),), (("kohya", -1.2), ("peft", 0.7))],
+    ids=["peft", "kohya", "both"],
+)
+def test_adapters_equal_hand_merged_weights(
+    model_dir, engine, adapter_engine, lora_dir, modules, adapters, tmp_path
+):
+    expected = hand_merged(model_dir, lora_dir, modules, adapters, tmp_path / "merged")
+    got = edit(adapter_engine, adapters)
+    assert rel_l2(got, edit(expected)) < TOL
+    assert rel_l2(got, edit(engine)) > 100 * TOL  # the adapters moved the edit: the comparison can fail
+    # The same engine without adapters is the plain model: the hooks only act inside a call of a set.
+    assert rel_l2(edit(adapter_engine), edit(engine)) < TOL
+
+
+def test_info_lists_the_offered_adapters(adapter_engine, modules):
+    info = adapter_engine.info()
+    by_name = {a["name"]: a for a in info["adapters"]}
+    assert sorted(by_name) == ["kohya", "peft"] and info["max_adapters"] == 4
+    assert by_name["peft"]["rank"] == by_name["kohya"]["rank"] == 4
+    assert by_name["peft"]["layers"] == [f"unet.{m}" for m in modules["unet"]]
+    assert by_name["kohya"]["layers"] == sorted(
+        [f"unet.{m}" for m in modules["unet"]] + [f"text_encoder.{m}" for m in modules["text_encoder"]]
+    )
+
+
+def test_eight_concurrent_requests_over_three_sets_equal_their_solo_runs(adapter_engine):
+    """Batching on: calls of one set share backend calls, and no request sees another set's weights."""
+    sets = [(("peft", 1.0),), (("kohya", 0.8),), (("kohya", 0.5), ("peft", -0.5))]
+    jobs = [(sets[i % 3], 20 + i) for i in range(8)]
+    solo = [edit(adapter_engine, adapters, seed) for adapters, seed in jobs]
+    before = adapter_engine.counters()
+    together = run_concurrently([lambda a=a, s=s: edit(adapter_engine, a, s) for a, s in jobs])
+    after = adapter_engine.counters()
+    for i, (alone, got) in enumerate(zip(solo, together, strict=True)):
+        assert not isinstance(got, Exception), (i, got)
+        assert rel_l2(got, alone) < BATCH_SHAPE_TOL, (i, jobs[i][0])
+    # Every set moves the edit away from the others (were weights shared, the solo runs could not match).
+    assert min(rel_l2(solo[0], solo[1]), rel_l2(solo[1], solo[2]), rel_l2(solo[0], solo[2])) > 1e-2
+    calls = after["unet_calls"] - before["unet_calls"]
+    rows = after["unet_rows"] - before["unet_rows"]
+    assert rows / calls > 4  # calls carried rows of several requests (a lone generated edit's calls: 4 rows)
+
+
+def test_an_inversion_is_edited_only_under_its_own_set(adapter_engine):
+    image = make_image(64, 64, seed=5)
+    with_peft = EditOptions(steps=2, adapters=[("peft", 1.0)])
+    inversion = adapter_engine.invert(image, options=with_peft)
+    assert inversion.adapters == (("peft", 1.0),)
+    adapter_engine.edit_real(inversion, "a dog", options=with_peft)  # its own set: fine
+    with pytest.raises(InvalidInputError, match=r"adapters peft:1.*asks kohya:1") as info:
+        adapter_engine.edit_real(inversion, "a dog", options=EditOptions(steps=2, adapters=["kohya"]))
+    assert info.value.field == "adapters"
+    with pytest.raises(InvalidInputError, match=r"adapters peft:1.*asks none"):
+        adapter_engine.edit_real(inversion, "a dog", options=EditOptions(steps=2))
+
+
+@pytest.mark.parametrize(
+    ("adapters", "message"),
+    [
+        (["nope"], "unknown adapter 'nope'"),
+        ([("peft", 4.5)], "adapter 'peft': scale 4.5 is outside [-4, 4]"),
+        ([("peft", -5)], "adapter 'peft': scale -5.0 is outside [-4, 4]"),
+        (["a", "b", "c", "d", "e"], "5 adapters requested; this server allows at most 4"),
+        (["peft", "peft:0.5"], "adapter 'peft' is given more than once"),
+    ],
+)
+def test_bad_adapters_are_refused_naming_them(adapter_engine, engine, adapters, message):
+    with pytest.raises(InvalidInputError, match=re.escape(message)) as info:
+        edit(adapter_engine, adapters)
+    assert info.value.field == "adapters"
+
+
+def test_an_engine_without_lora_dir_refuses_adapters(engine):
+    with pytest.raises(InvalidInputError, match="offers no adapters"):
+        edit(engine, ["peft"])
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "tensorrt"])
+def test_exported_backends_refuse_lora_dir_at_start(backend, lora_dir, tmp_path):
+    """Exported graphs have their weights baked in: refused before anything loads, in one line naming it."""
+    from fpedit.engine.backends import create_backend
+
+    with pytest.raises(InvalidInputError) as info:
+        create_backend(tmp_path / "no-such-export", backend, lora_dir=lora_dir)
+    assert (
+        info.value.field == "lora_dir" and "torch backend" in str(info.value) and "\n" not in str(info.value)
+    )
+
+
+def test_a_missing_lora_dir_is_refused_before_the_model_loads(tmp_path):
+    from fpedit.engine.backends import create_backend
+
+    with pytest.raises(InvalidInputError, match="no such folder"):
+        create_backend(tmp_path / "no-such-model", "torch", lora_dir=tmp_path / "nope")
+
+
+def test_cuda_graph_bookkeeping_leaves_adapter_calls_eager(model_dir, lora_dir, adapter_engine):
+    """With graph replay on (its CPU bookkeeping), plain calls go to graphs and adapter calls run eagerly:
+    no graph is captured for them, and their edits equal the graph-less engine's."""
+    graphs = EditEngine.from_pretrained(model_dir, lora_dir=lora_dir, backend_options={"cuda_graphs": True})
+    recorder = graphs.backend.graphs
+    assert recorder is not None
+    edit(graphs)
+    captured = recorder.captures
+    assert captured > 0
+    chosen = (("kohya", 0.9), ("peft", 0.4))
+    assert rel_l2(edit(graphs, chosen), edit(adapter_engine, chosen)) < TOL
+    assert recorder.captures == captured
+
+
+def test_saved_inversions_and_ray_records_keep_their_set(adapter_engine, tmp_path):
+    """An inversion leaving the process (a saved file, a Ray store record) comes back with its set, and so is
+    still refused under another one."""
+    from fpedit.server.ray.store import inversion_from_record, record_from_inversion
+
+    chosen = (("peft", 0.5),)
+    inversion = adapter_engine.invert(
+        make_image(64, 64, seed=6), options=EditOptions(steps=2, adapters=chosen)
+    )
+    loaded = adapter_engine.load_inversion(
+        adapter_engine.save_inversion(inversion, tmp_path / "inv.safetensors")
+    )
+    restored = inversion_from_record(adapter_engine, record_from_inversion(inversion, "fp"))
+    for back in (loaded, restored):
+        assert back.adapters == chosen
+        with pytest.raises(InvalidInputError, match=re.escape("adapters peft:0.5")):
+            adapter_engine.edit_real(back, "a dog", options=EditOptions(steps=2))
