@@ -139,18 +139,9 @@ def load_adapters(directory: str | Path, unet: Any, text_encoder: Any, tokenizer
         from peft.tuners.lora import LoraLayer as PeftLoraLayer
     except ModuleNotFoundError as exc:
         raise ModelLoadError("--lora-dir needs peft: pip install 'fpedit[engine]'") from exc
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from .lora import lora_pipeline
 
-    pipe = StableDiffusionPipeline(
-        vae=None,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = lora_pipeline(unet, text_encoder, tokenizer)
     adapters: dict[str, Adapter] = {}
     for path in files:
         adapter = Adapter(path.stem, path)

@@ -64,6 +64,23 @@ def check_loras(loras: Sequence[Any]) -> list[LoraSpec]:
     return specs
 
 
+def lora_pipeline(unet: Any, text_encoder: Any, tokenizer: Any) -> Any:
+    """A VAE-less diffusers pipeline over the modules: its LoRA loader reads PEFT/diffusers and kohya keys
+    alike and puts the layers into the modules themselves, which is all fpedit takes from it."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=None,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 def apply_loras(unet: Any, text_encoder: Any, tokenizer: Any, loras: Sequence[Any]) -> list[LoraSpec]:
     """Fuse ``loras`` into ``unet`` and ``text_encoder`` in place; returns them as parsed. A file whose keys
     match no module is an error naming it."""
@@ -74,18 +91,7 @@ def apply_loras(unet: Any, text_encoder: Any, tokenizer: Any, loras: Sequence[An
         import peft  # noqa: F401  (diffusers' LoRA loading needs it)
     except ModuleNotFoundError as exc:
         raise ModelLoadError("LoRA loading needs peft: pip install 'fpedit[engine]'") from exc
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        vae=None,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = lora_pipeline(unet, text_encoder, tokenizer)
     for index, spec in enumerate(specs):
         name = f"fpedit_lora_{index}"
         try:

@@ -444,23 +444,28 @@ class EditServicer:
 
     def rpc_handler(self) -> grpc.GenericRpcHandler:
         """Handlers that take raw request bytes (parsed by the servicer, so bad bodies get a clear status)."""
-
-        def unary(fn: Callable, response: type[Message]) -> grpc.RpcMethodHandler:
-            return grpc.unary_unary_rpc_method_handler(
-                fn, request_deserializer=None, response_serializer=response.SerializeToString
-            )
-
         return grpc.method_handlers_generic_handler(
             SERVICE_NAME,
             {
-                "Edit": unary(self.Edit, pb.EditResponse),
-                "EditStream": grpc.unary_stream_rpc_method_handler(
-                    self.EditStream,
-                    request_deserializer=None,
-                    response_serializer=pb.EditEvent.SerializeToString,
-                ),
-                "GenerateEdit": unary(self.GenerateEdit, pb.GenerateEditResponse),
-                "Invert": unary(self.Invert, pb.InvertResponse),
-                "GetInfo": unary(self.GetInfo, pb.GetInfoResponse),
+                "Edit": raw_unary(self.Edit, pb.EditResponse),
+                "EditStream": raw_stream(self.EditStream, pb.EditEvent),
+                "GenerateEdit": raw_unary(self.GenerateEdit, pb.GenerateEditResponse),
+                "Invert": raw_unary(self.Invert, pb.InvertResponse),
+                "GetInfo": raw_unary(self.GetInfo, pb.GetInfoResponse),
             },
         )
+
+
+def raw_unary(fn: Callable, response: type[Message]) -> grpc.RpcMethodHandler:
+    """A unary handler given the request's raw bytes: the servicer parses them, so a bad body is its own
+    INVALID_ARGUMENT with the field named rather than gRPC's deserialisation error."""
+    return grpc.unary_unary_rpc_method_handler(
+        fn, request_deserializer=None, response_serializer=response.SerializeToString
+    )
+
+
+def raw_stream(fn: Callable, response: type[Message]) -> grpc.RpcMethodHandler:
+    """The server-streaming counterpart of :func:`raw_unary`."""
+    return grpc.unary_stream_rpc_method_handler(
+        fn, request_deserializer=None, response_serializer=response.SerializeToString
+    )

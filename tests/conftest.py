@@ -137,3 +137,25 @@ def pytest_collection_modifyitems(config, items) -> None:
             source = ""
         if STARTS_A_PROCESS.search(source):
             item.add_marker("subprocess")
+
+
+# --- clients of a module's `running` server (tests/server: each module starts its own) --------------------------
+@pytest.fixture(scope="module")
+def http(running):
+    """An HTTP client of the module's ``running`` server's HTTP front."""
+    import httpx
+
+    with httpx.Client(base_url=running.http.url, timeout=300) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def stub(running):
+    """A gRPC stub of the module's ``running`` server."""
+    import grpc
+
+    from fpedit.v1 import edit_pb2_grpc
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    yield edit_pb2_grpc.EditServiceStub(channel)
+    channel.close()

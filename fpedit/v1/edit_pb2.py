@@ -4,90 +4,93 @@
 # source: fpedit/v1/edit.proto
 # Protobuf Python Version: 7.35.1
 """Generated protocol buffer code."""
-
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import descriptor_pool as _descriptor_pool
 from google.protobuf import runtime_version as _runtime_version
 from google.protobuf import symbol_database as _symbol_database
 from google.protobuf.internal import builder as _builder
-
 _runtime_version.ValidateProtobufRuntimeVersion(
-    _runtime_version.Domain.PUBLIC, 7, 35, 1, "", "fpedit/v1/edit.proto"
+    _runtime_version.Domain.PUBLIC,
+    7,
+    35,
+    1,
+    '',
+    'fpedit/v1/edit.proto'
 )
 # @@protoc_insertion_point(imports)
 
 _sym_db = _symbol_database.Default()
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(
-    b'\n\x14\x66pedit/v1/edit.proto\x12\tfpedit.v1"\xe4\x03\n\x0b\x45\x64itOptions\x12\x12\n\x05steps\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x1a\n\rreplace_start\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x18\n\x0breplace_end\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x0e\n\x06layers\x18\x05 \x03(\r\x12\x19\n\x0clayer_preset\x18\x06 \x01(\tH\x04\x88\x01\x01\x12(\n\nmap_format\x18\x07 \x01(\x0e\x32\x14.fpedit.v1.MapFormat\x12\x0c\n\x04mask\x18\x08 \x01(\x0c\x12\x16\n\tmask_grow\x18\t \x01(\rH\x05\x88\x01\x01\x12\x13\n\x0b\x62lend_words\x18\n \x03(\t\x12\x18\n\x0b\x62lend_start\x18\x0b \x01(\x02H\x06\x88\x01\x01\x12\x1c\n\x0f\x62lend_threshold\x18\x0c \x01(\x02H\x07\x88\x01\x01\x12$\n\x08\x61\x64\x61pters\x18\r \x03(\x0b\x32\x12.fpedit.v1.AdapterB\x08\n\x06_stepsB\x11\n\x0f_guidance_scaleB\x10\n\x0e_replace_startB\x0e\n\x0c_replace_endB\x0f\n\r_layer_presetB\x0c\n\n_mask_growB\x0e\n\x0c_blend_startB\x12\n\x10_blend_threshold"5\n\x07\x41\x64\x61pter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\x05scale\x18\x02 \x01(\x02H\x00\x88\x01\x01\x42\x08\n\x06_scale"\xff\x01\n\x05Stats\x12\x31\n\tstages_ms\x18\x01 \x03(\x0b\x32\x1e.fpedit.v1.Stats.StagesMsEntry\x12\x11\n\tengine_ms\x18\x02 \x01(\x02\x12\x10\n\x08queue_ms\x18\x03 \x01(\x02\x12\x11\n\tunet_rows\x18\x04 \x01(\r\x12\x12\n\nunet_calls\x18\x05 \x01(\r\x12\r\n\x05steps\x18\x06 \x01(\r\x12\x16\n\x0ereplaced_steps\x18\x07 \x03(\r\x12\x0e\n\x06layers\x18\x08 \x03(\r\x12\x0f\n\x07replica\x18\t \x01(\t\x1a/\n\rStagesMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01"\xf3\x02\n\x0b\x45\x64itRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x14\n\x0cinversion_id\x18\x02 \x01(\t\x12\x15\n\rtarget_prompt\x18\x03 \x01(\t\x12\'\n\x07options\x18\x04 \x01(\x0b\x32\x16.fpedit.v1.EditOptions\x12-\n\routput_format\x18\x05 \x01(\x0e\x32\x16.fpedit.v1.ImageFormat\x12\x1b\n\x13skip_reconstruction\x18\x06 \x01(\x08\x12\x15\n\rsource_prompt\x18\x07 \x01(\t\x12\x34\n\x10inversion_method\x18\x08 \x01(\x0e\x32\x1a.fpedit.v1.InversionMethod\x12\x1c\n\x0fnull_text_steps\x18\t \x01(\rH\x00\x88\x01\x01\x12\x1e\n\x11null_text_epsilon\x18\n \x01(\x02H\x01\x88\x01\x01\x42\x12\n\x10_null_text_stepsB\x14\n\x12_null_text_epsilon"\xbb\x01\n\x0c\x45\x64itResponse\x12\x14\n\x0c\x65\x64ited_image\x18\x01 \x01(\x0c\x12\x1c\n\x14reconstruction_image\x18\x02 \x01(\x0c\x12\x14\n\x0cinversion_id\x18\x03 \x01(\t\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0e\n\x06height\x18\x05 \x01(\r\x12\x1f\n\x05stats\x18\x06 \x01(\x0b\x32\x10.fpedit.v1.Stats\x12\x12\n\nblend_mask\x18\x07 \x01(\x0c\x12\r\n\x05notes\x18\x08 \x03(\t"6\n\x08Progress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\r\x12\r\n\x05total\x18\x03 \x01(\r"h\n\tEditEvent\x12\'\n\x08progress\x18\x01 \x01(\x0b\x32\x13.fpedit.v1.ProgressH\x00\x12)\n\x06result\x18\x02 \x01(\x0b\x32\x17.fpedit.v1.EditResponseH\x00\x42\x07\n\x05\x65vent"\xf5\x01\n\x13GenerateEditRequest\x12\x15\n\rsource_prompt\x18\x01 \x01(\t\x12\x15\n\rtarget_prompt\x18\x02 \x01(\t\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\'\n\x07options\x18\x04 \x01(\x0b\x32\x16.fpedit.v1.EditOptions\x12\x13\n\x06height\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x12\n\x05width\x18\x06 \x01(\rH\x02\x88\x01\x01\x12-\n\routput_format\x18\x07 \x01(\x0e\x32\x16.fpedit.v1.ImageFormatB\x07\n\x05_seedB\t\n\x07_heightB\x08\n\x06_width"\xb3\x01\n\x14GenerateEditResponse\x12\x14\n\x0csource_image\x18\x01 \x01(\x0c\x12\x14\n\x0c\x65\x64ited_image\x18\x02 \x01(\x0c\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0e\n\x06height\x18\x05 \x01(\r\x12\x1f\n\x05stats\x18\x06 \x01(\x0b\x32\x10.fpedit.v1.Stats\x12\x12\n\nblend_mask\x18\x07 \x01(\x0c\x12\r\n\x05notes\x18\x08 \x03(\t"\xfc\x01\n\rInvertRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\'\n\x07options\x18\x02 \x01(\x0b\x32\x16.fpedit.v1.EditOptions\x12\x15\n\rsource_prompt\x18\x03 \x01(\t\x12\x34\n\x10inversion_method\x18\x04 \x01(\x0e\x32\x1a.fpedit.v1.InversionMethod\x12\x1c\n\x0fnull_text_steps\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x1e\n\x11null_text_epsilon\x18\x06 \x01(\x02H\x01\x88\x01\x01\x42\x12\n\x10_null_text_stepsB\x14\n\x12_null_text_epsilon"\x8b\x01\n\x0eInvertResponse\x12\x14\n\x0cinversion_id\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\r\n\x05steps\x18\x04 \x01(\r\x12\x14\n\x0c\x65xpires_in_s\x18\x05 \x01(\r\x12\x1f\n\x05stats\x18\x06 \x01(\x0b\x32\x10.fpedit.v1.Stats"\x10\n\x0eGetInfoRequest"\xca\x01\n\x06Limits\x12\x11\n\tmax_steps\x18\x01 \x01(\r\x12\x18\n\x10max_image_pixels\x18\x02 \x01(\x04\x12\x10\n\x08max_side\x18\x03 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x04\x12\x0f\n\x07workers\x18\x05 \x01(\r\x12\x11\n\tmax_queue\x18\x06 \x01(\r\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x07 \x01(\x04\x12\x13\n\x0b\x63\x61\x63he_ttl_s\x18\x08 \x01(\r\x12\x18\n\x10max_prompt_chars\x18\t \x01(\r"\x90\x03\n\x0fGetInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x11\n\tprecision\x18\x05 \x01(\t\x12\x18\n\x10layers_available\x18\x06 \x03(\r\x12)\n\x0bmap_formats\x18\x07 \x03(\x0e\x32\x14.fpedit.v1.MapFormat\x12(\n\x08\x64\x65\x66\x61ults\x18\x08 \x01(\x0b\x32\x16.fpedit.v1.EditOptions\x12!\n\x06limits\x18\t \x01(\x0b\x32\x11.fpedit.v1.Limits\x12\x1a\n\x12\x64\x65\x66\x61ult_image_size\x18\n \x01(\r\x12"\n\x05loras\x18\x0b \x03(\x0b\x32\x13.fpedit.v1.LoraInfo\x12\x17\n\x0fprediction_type\x18\x0c \x01(\t\x12(\n\x08\x61\x64\x61pters\x18\r \x03(\x0b\x32\x16.fpedit.v1.AdapterInfo\x12\x14\n\x0cmax_adapters\x18\x0e \x01(\r"9\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x0e\n\x06layers\x18\x03 \x03(\t"\'\n\x08LoraInfo\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\r\n\x05scale\x18\x02 \x01(\x02"\xba\x01\n\x10SubmitJobRequest\x12&\n\x04\x65\x64it\x18\x01 \x01(\x0b\x32\x16.fpedit.v1.EditRequestH\x00\x12\x32\n\x08generate\x18\x02 \x01(\x0b\x32\x1e.fpedit.v1.GenerateEditRequestH\x00\x12*\n\x06invert\x18\x03 \x01(\x0b\x32\x18.fpedit.v1.InvertRequestH\x00\x12\x13\n\x0bwebhook_url\x18\x04 \x01(\tB\t\n\x07request"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t"X\n\x0fListJobsRequest\x12"\n\x05state\x18\x01 \x01(\x0e\x32\x13.fpedit.v1.JobState\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t"I\n\x10ListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.fpedit.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t"\x1e\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t"9\n\x08JobError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t"=\n\x0eWebhookAttempt\x12\x0c\n\x04time\x18\x01 \x01(\x01\x12\x0e\n\x06status\x18\x02 \x01(\r\x12\r\n\x05\x65rror\x18\x03 \x01(\t"\xe5\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12"\n\x05state\x18\x03 \x01(\x0e\x32\x13.fpedit.v1.JobState\x12%\n\x08progress\x18\x04 \x01(\x0b\x32\x13.fpedit.v1.Progress\x12\x0f\n\x07\x63reated\x18\x05 \x01(\x01\x12\x0f\n\x07started\x18\x06 \x01(\x01\x12\x10\n\x08\x66inished\x18\x07 \x01(\x01\x12\'\n\x04\x65\x64it\x18\x08 \x01(\x0b\x32\x17.fpedit.v1.EditResponseH\x00\x12\x33\n\x08generate\x18\t \x01(\x0b\x32\x1f.fpedit.v1.GenerateEditResponseH\x00\x12+\n\x06invert\x18\n \x01(\x0b\x32\x19.fpedit.v1.InvertResponseH\x00\x12"\n\x05\x65rror\x18\x0b \x01(\x0b\x32\x13.fpedit.v1.JobError\x12\x16\n\x0eresult_evicted\x18\x0c \x01(\x08\x12\x13\n\x0bwebhook_url\x18\r \x01(\t\x12\x33\n\x10webhook_attempts\x18\x0e \x03(\x0b\x32\x19.fpedit.v1.WebhookAttempt\x12\x18\n\x10webhook_delivery\x18\x0f \x01(\t\x12\x10\n\x08\x61ttempts\x18\x10 \x01(\rB\x08\n\x06result*P\n\tMapFormat\x12\x1a\n\x16MAP_FORMAT_UNSPECIFIED\x10\x00\x12\x11\n\rMAP_FORMAT_QK\x10\x01\x12\x14\n\x10MAP_FORMAT_PROBS\x10\x02*\x94\x01\n\x0fInversionMethod\x12 \n\x1cINVERSION_METHOD_UNSPECIFIED\x10\x00\x12\x19\n\x15INVERSION_METHOD_DDIM\x10\x01\x12\x1e\n\x1aINVERSION_METHOD_NULL_TEXT\x10\x02\x12$\n INVERSION_METHOD_NEGATIVE_PROMPT\x10\x03*o\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x01\x12\x15\n\x11IMAGE_FORMAT_JPEG\x10\x02\x12\x15\n\x11IMAGE_FORMAT_WEBP\x10\x03*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xfb\x04\n\x0b\x45\x64itService\x12\x37\n\x04\x45\x64it\x12\x16.fpedit.v1.EditRequest\x1a\x17.fpedit.v1.EditResponse\x12<\n\nEditStream\x12\x16.fpedit.v1.EditRequest\x1a\x14.fpedit.v1.EditEvent0\x01\x12O\n\x0cGenerateEdit\x12\x1e.fpedit.v1.GenerateEditRequest\x1a\x1f.fpedit.v1.GenerateEditResponse\x12=\n\x06Invert\x12\x18.fpedit.v1.InvertRequest\x1a\x19.fpedit.v1.InvertResponse\x12@\n\x07GetInfo\x12\x19.fpedit.v1.GetInfoRequest\x1a\x1a.fpedit.v1.GetInfoResponse\x12\x38\n\tSubmitJob\x12\x1b.fpedit.v1.SubmitJobRequest\x1a\x0e.fpedit.v1.Job\x12\x32\n\x06GetJob\x12\x18.fpedit.v1.GetJobRequest\x1a\x0e.fpedit.v1.Job\x12\x43\n\x08ListJobs\x12\x1a.fpedit.v1.ListJobsRequest\x1a\x1b.fpedit.v1.ListJobsResponse\x12\x38\n\tCancelJob\x12\x1b.fpedit.v1.CancelJobRequest\x1a\x0e.fpedit.v1.Job\x12\x36\n\x08WatchJob\x12\x18.fpedit.v1.GetJobRequest\x1a\x0e.fpedit.v1.Job0\x01\x62\x06proto3'
-)
+
+
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x66pedit/v1/edit.proto\x12\tfpedit.v1\"\xe4\x03\n\x0b\x45\x64itOptions\x12\x12\n\x05steps\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x1a\n\rreplace_start\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x18\n\x0breplace_end\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x0e\n\x06layers\x18\x05 \x03(\r\x12\x19\n\x0clayer_preset\x18\x06 \x01(\tH\x04\x88\x01\x01\x12(\n\nmap_format\x18\x07 \x01(\x0e\x32\x14.fpedit.v1.MapFormat\x12\x0c\n\x04mask\x18\x08 \x01(\x0c\x12\x16\n\tmask_grow\x18\t \x01(\rH\x05\x88\x01\x01\x12\x13\n\x0b\x62lend_words\x18\n \x03(\t\x12\x18\n\x0b\x62lend_start\x18\x0b \x01(\x02H\x06\x88\x01\x01\x12\x1c\n\x0f\x62lend_threshold\x18\x0c \x01(\x02H\x07\x88\x01\x01\x12$\n\x08\x61\x64\x61pters\x18\r \x03(\x0b\x32\x12.fpedit.v1.AdapterB\x08\n\x06_stepsB\x11\n\x0f_guidance_scaleB\x10\n\x0e_replace_startB\x0e\n\x0c_replace_endB\x0f\n\r_layer_presetB\x0c\n\n_mask_growB\x0e\n\x0c_blend_startB\x12\n\x10_blend_threshold\"5\n\x07\x41\x64\x61pter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\x05scale\x18\x02 \x01(\x02H\x00\x88\x01\x01\x42\x08\n\x06_scale\"\xff\x01\n\x05Stats\x12\x31\n\tstages_ms\x18\x01 \x03(\x0b\x32\x1e.fpedit.v1.Stats.StagesMsEntry\x12\x11\n\tengine_ms\x18\x02 \x01(\x02\x12\x10\n\x08queue_ms\x18\x03 \x01(\x02\x12\x11\n\tunet_rows\x18\x04 \x01(\r\x12\x12\n\nunet_calls\x18\x05 \x01(\r\x12\r\n\x05steps\x18\x06 \x01(\r\x12\x16\n\x0ereplaced_steps\x18\x07 \x03(\r\x12\x0e\n\x06layers\x18\x08 \x03(\r\x12\x0f\n\x07replica\x18\t \x01(\t\x1a/\n\rStagesMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xf3\x02\n\x0b\x45\x64itRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x14\n\x0cinversion_id\x18\x02 \x01(\t\x12\x15\n\rtarget_prompt\x18\x03 \x01(\t\x12\'\n\x07options\x18\x04 \x01(\x0b\x32\x16.fpedit.v1.EditOptions\x12-\n\routput_format\x18\x05 \x01(\x0e\x32\x16.fpedit.v1.ImageFormat\x12\x1b\n\x13skip_reconstruction\x18\x06 \x01(\x08\x12\x15\n\rsource_prompt\x18\x07 \x01(\t\x12\x34\n\x10inversion_method\x18\x08 \x01(\x0e\x32\x1a.fpedit.v1.InversionMethod\x12\x1c\n\x0fnull_text_steps\x18\t \x01(\rH\x00\x88\x01\x01\x12\x1e\n\x11null_text_epsilon\x18\n \x01(\x02H\x01\x88\x01\x01\x42\x12\n\x10_null_text_stepsB\x14\n\x12_null_text_epsilon\"\xbb\x01\n\x0c\x45\x64itResponse\x12\x14\n\x0c\x65\x64ited_image\x18\x01 \x01(\x0c\x12\x1c\n\x14reconstruction_image\x18\x02 \x01(\x0c\x12\x14\n\x0cinversion_id\x18\x03 \x01(\t\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0e\n\x06height\x18\x05 \x01(\r\x12\x1f\n\x05stats\x18\x06 \x01(\x0b\x32\x10.fpedit.v1.Stats\x12\x12\n\nblend_mask\x18\x07 \x01(\x0c\x12\r\n\x05notes\x18\x08 \x03(\t\"6\n\x08Progress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\r\x12\r\n\x05total\x18\x03 \x01(\r\"h\n\tEditEvent\x12\'\n\x08progress\x18\x01 \x01(\x0b\x32\x13.fpedit.v1.ProgressH\x00\x12)\n\x06result\x18\x02 \x01(\x0b\x32\x17.fpedit.v1.EditResponseH\x00\x42\x07\n\x05\x65vent\"\xf5\x01\n\x13GenerateEditRequest\x12\x15\n\rsource_prompt\x18\x01 \x01(\t\x12\x15\n\rtarget_prompt\x18\x02 \x01(\t\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\'\n\x07options\x18\x04 \x01(\x0b\x32\x16.fpedit.v1.EditOptions\x12\x13\n\x06height\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x12\n\x05width\x18\x06 \x01(\rH\x02\x88\x01\x01\x12-\n\routput_format\x18\x07 \x01(\x0e\x32\x16.fpedit.v1.ImageFormatB\x07\n\x05_seedB\t\n\x07_heightB\x08\n\x06_width\"\xb3\x01\n\x14GenerateEditResponse\x12\x14\n\x0csource_image\x18\x01 \x01(\x0c\x12\x14\n\x0c\x65\x64ited_image\x18\x02 \x01(\x0c\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0e\n\x06height\x18\x05 \x01(\r\x12\x1f\n\x05stats\x18\x06 \x01(\x0b\x32\x10.fpedit.v1.Stats\x12\x12\n\nblend_mask\x18\x07 \x01(\x0c\x12\r\n\x05notes\x18\x08 \x03(\t\"\xfc\x01\n\rInvertRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\'\n\x07options\x18\x02 \x01(\x0b\x32\x16.fpedit.v1.EditOptions\x12\x15\n\rsource_prompt\x18\x03 \x01(\t\x12\x34\n\x10inversion_method\x18\x04 \x01(\x0e\x32\x1a.fpedit.v1.InversionMethod\x12\x1c\n\x0fnull_text_steps\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x1e\n\x11null_text_epsilon\x18\x06 \x01(\x02H\x01\x88\x01\x01\x42\x12\n\x10_null_text_stepsB\x14\n\x12_null_text_epsilon\"\x8b\x01\n\x0eInvertResponse\x12\x14\n\x0cinversion_id\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\r\n\x05steps\x18\x04 \x01(\r\x12\x14\n\x0c\x65xpires_in_s\x18\x05 \x01(\r\x12\x1f\n\x05stats\x18\x06 \x01(\x0b\x32\x10.fpedit.v1.Stats\"\x10\n\x0eGetInfoRequest\"\xca\x01\n\x06Limits\x12\x11\n\tmax_steps\x18\x01 \x01(\r\x12\x18\n\x10max_image_pixels\x18\x02 \x01(\x04\x12\x10\n\x08max_side\x18\x03 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x04\x12\x0f\n\x07workers\x18\x05 \x01(\r\x12\x11\n\tmax_queue\x18\x06 \x01(\r\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x07 \x01(\x04\x12\x13\n\x0b\x63\x61\x63he_ttl_s\x18\x08 \x01(\r\x12\x18\n\x10max_prompt_chars\x18\t \x01(\r\"\x90\x03\n\x0fGetInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x11\n\tprecision\x18\x05 \x01(\t\x12\x18\n\x10layers_available\x18\x06 \x03(\r\x12)\n\x0bmap_formats\x18\x07 \x03(\x0e\x32\x14.fpedit.v1.MapFormat\x12(\n\x08\x64\x65\x66\x61ults\x18\x08 \x01(\x0b\x32\x16.fpedit.v1.EditOptions\x12!\n\x06limits\x18\t \x01(\x0b\x32\x11.fpedit.v1.Limits\x12\x1a\n\x12\x64\x65\x66\x61ult_image_size\x18\n \x01(\r\x12\"\n\x05loras\x18\x0b \x03(\x0b\x32\x13.fpedit.v1.LoraInfo\x12\x17\n\x0fprediction_type\x18\x0c \x01(\t\x12(\n\x08\x61\x64\x61pters\x18\r \x03(\x0b\x32\x16.fpedit.v1.AdapterInfo\x12\x14\n\x0cmax_adapters\x18\x0e \x01(\r\"9\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x0e\n\x06layers\x18\x03 \x03(\t\"\'\n\x08LoraInfo\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\r\n\x05scale\x18\x02 \x01(\x02\"\xba\x01\n\x10SubmitJobRequest\x12&\n\x04\x65\x64it\x18\x01 \x01(\x0b\x32\x16.fpedit.v1.EditRequestH\x00\x12\x32\n\x08generate\x18\x02 \x01(\x0b\x32\x1e.fpedit.v1.GenerateEditRequestH\x00\x12*\n\x06invert\x18\x03 \x01(\x0b\x32\x18.fpedit.v1.InvertRequestH\x00\x12\x13\n\x0bwebhook_url\x18\x04 \x01(\tB\t\n\x07request\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"X\n\x0fListJobsRequest\x12\"\n\x05state\x18\x01 \x01(\x0e\x32\x13.fpedit.v1.JobState\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"I\n\x10ListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.fpedit.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1e\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"9\n\x08JobError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"=\n\x0eWebhookAttempt\x12\x0c\n\x04time\x18\x01 \x01(\x01\x12\x0e\n\x06status\x18\x02 \x01(\r\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\xe5\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.fpedit.v1.JobState\x12%\n\x08progress\x18\x04 \x01(\x0b\x32\x13.fpedit.v1.Progress\x12\x0f\n\x07\x63reated\x18\x05 \x01(\x01\x12\x0f\n\x07started\x18\x06 \x01(\x01\x12\x10\n\x08\x66inished\x18\x07 \x01(\x01\x12\'\n\x04\x65\x64it\x18\x08 \x01(\x0b\x32\x17.fpedit.v1.EditResponseH\x00\x12\x33\n\x08generate\x18\t \x01(\x0b\x32\x1f.fpedit.v1.GenerateEditResponseH\x00\x12+\n\x06invert\x18\n \x01(\x0b\x32\x19.fpedit.v1.InvertResponseH\x00\x12\"\n\x05\x65rror\x18\x0b \x01(\x0b\x32\x13.fpedit.v1.JobError\x12\x16\n\x0eresult_evicted\x18\x0c \x01(\x08\x12\x13\n\x0bwebhook_url\x18\r \x01(\t\x12\x33\n\x10webhook_attempts\x18\x0e \x03(\x0b\x32\x19.fpedit.v1.WebhookAttempt\x12\x18\n\x10webhook_delivery\x18\x0f \x01(\t\x12\x10\n\x08\x61ttempts\x18\x10 \x01(\rB\x08\n\x06result*P\n\tMapFormat\x12\x1a\n\x16MAP_FORMAT_UNSPECIFIED\x10\x00\x12\x11\n\rMAP_FORMAT_QK\x10\x01\x12\x14\n\x10MAP_FORMAT_PROBS\x10\x02*\x94\x01\n\x0fInversionMethod\x12 \n\x1cINVERSION_METHOD_UNSPECIFIED\x10\x00\x12\x19\n\x15INVERSION_METHOD_DDIM\x10\x01\x12\x1e\n\x1aINVERSION_METHOD_NULL_TEXT\x10\x02\x12$\n INVERSION_METHOD_NEGATIVE_PROMPT\x10\x03*o\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x01\x12\x15\n\x11IMAGE_FORMAT_JPEG\x10\x02\x12\x15\n\x11IMAGE_FORMAT_WEBP\x10\x03*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xfb\x04\n\x0b\x45\x64itService\x12\x37\n\x04\x45\x64it\x12\x16.fpedit.v1.EditRequest\x1a\x17.fpedit.v1.EditResponse\x12<\n\nEditStream\x12\x16.fpedit.v1.EditRequest\x1a\x14.fpedit.v1.EditEvent0\x01\x12O\n\x0cGenerateEdit\x12\x1e.fpedit.v1.GenerateEditRequest\x1a\x1f.fpedit.v1.GenerateEditResponse\x12=\n\x06Invert\x12\x18.fpedit.v1.InvertRequest\x1a\x19.fpedit.v1.InvertResponse\x12@\n\x07GetInfo\x12\x19.fpedit.v1.GetInfoRequest\x1a\x1a.fpedit.v1.GetInfoResponse\x12\x38\n\tSubmitJob\x12\x1b.fpedit.v1.SubmitJobRequest\x1a\x0e.fpedit.v1.Job\x12\x32\n\x06GetJob\x12\x18.fpedit.v1.GetJobRequest\x1a\x0e.fpedit.v1.Job\x12\x43\n\x08ListJobs\x12\x1a.fpedit.v1.ListJobsRequest\x1a\x1b.fpedit.v1.ListJobsResponse\x12\x38\n\tCancelJob\x12\x1b.fpedit.v1.CancelJobRequest\x1a\x0e.fpedit.v1.Job\x12\x36\n\x08WatchJob\x12\x18.fpedit.v1.GetJobRequest\x1a\x0e.fpedit.v1.Job0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, "fpedit.v1.edit_pb2", _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fpedit.v1.edit_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-    DESCRIPTOR._loaded_options = None
-    _globals["_STATS_STAGESMSENTRY"]._loaded_options = None
-    _globals["_STATS_STAGESMSENTRY"]._serialized_options = b"8\001"
-    _globals["_MAPFORMAT"]._serialized_start = 4139
-    _globals["_MAPFORMAT"]._serialized_end = 4219
-    _globals["_INVERSIONMETHOD"]._serialized_start = 4222
-    _globals["_INVERSIONMETHOD"]._serialized_end = 4370
-    _globals["_IMAGEFORMAT"]._serialized_start = 4372
-    _globals["_IMAGEFORMAT"]._serialized_end = 4483
-    _globals["_JOBSTATE"]._serialized_start = 4486
-    _globals["_JOBSTATE"]._serialized_end = 4640
-    _globals["_EDITOPTIONS"]._serialized_start = 36
-    _globals["_EDITOPTIONS"]._serialized_end = 520
-    _globals["_ADAPTER"]._serialized_start = 522
-    _globals["_ADAPTER"]._serialized_end = 575
-    _globals["_STATS"]._serialized_start = 578
-    _globals["_STATS"]._serialized_end = 833
-    _globals["_STATS_STAGESMSENTRY"]._serialized_start = 786
-    _globals["_STATS_STAGESMSENTRY"]._serialized_end = 833
-    _globals["_EDITREQUEST"]._serialized_start = 836
-    _globals["_EDITREQUEST"]._serialized_end = 1207
-    _globals["_EDITRESPONSE"]._serialized_start = 1210
-    _globals["_EDITRESPONSE"]._serialized_end = 1397
-    _globals["_PROGRESS"]._serialized_start = 1399
-    _globals["_PROGRESS"]._serialized_end = 1453
-    _globals["_EDITEVENT"]._serialized_start = 1455
-    _globals["_EDITEVENT"]._serialized_end = 1559
-    _globals["_GENERATEEDITREQUEST"]._serialized_start = 1562
-    _globals["_GENERATEEDITREQUEST"]._serialized_end = 1807
-    _globals["_GENERATEEDITRESPONSE"]._serialized_start = 1810
-    _globals["_GENERATEEDITRESPONSE"]._serialized_end = 1989
-    _globals["_INVERTREQUEST"]._serialized_start = 1992
-    _globals["_INVERTREQUEST"]._serialized_end = 2244
-    _globals["_INVERTRESPONSE"]._serialized_start = 2247
-    _globals["_INVERTRESPONSE"]._serialized_end = 2386
-    _globals["_GETINFOREQUEST"]._serialized_start = 2388
-    _globals["_GETINFOREQUEST"]._serialized_end = 2404
-    _globals["_LIMITS"]._serialized_start = 2407
-    _globals["_LIMITS"]._serialized_end = 2609
-    _globals["_GETINFORESPONSE"]._serialized_start = 2612
-    _globals["_GETINFORESPONSE"]._serialized_end = 3012
-    _globals["_ADAPTERINFO"]._serialized_start = 3014
-    _globals["_ADAPTERINFO"]._serialized_end = 3071
-    _globals["_LORAINFO"]._serialized_start = 3073
-    _globals["_LORAINFO"]._serialized_end = 3112
-    _globals["_SUBMITJOBREQUEST"]._serialized_start = 3115
-    _globals["_SUBMITJOBREQUEST"]._serialized_end = 3301
-    _globals["_GETJOBREQUEST"]._serialized_start = 3303
-    _globals["_GETJOBREQUEST"]._serialized_end = 3330
-    _globals["_LISTJOBSREQUEST"]._serialized_start = 3332
-    _globals["_LISTJOBSREQUEST"]._serialized_end = 3420
-    _globals["_LISTJOBSRESPONSE"]._serialized_start = 3422
-    _globals["_LISTJOBSRESPONSE"]._serialized_end = 3495
-    _globals["_CANCELJOBREQUEST"]._serialized_start = 3497
-    _globals["_CANCELJOBREQUEST"]._serialized_end = 3527
-    _globals["_JOBERROR"]._serialized_start = 3529
-    _globals["_JOBERROR"]._serialized_end = 3586
-    _globals["_WEBHOOKATTEMPT"]._serialized_start = 3588
-    _globals["_WEBHOOKATTEMPT"]._serialized_end = 3649
-    _globals["_JOB"]._serialized_start = 3652
-    _globals["_JOB"]._serialized_end = 4137
-    _globals["_EDITSERVICE"]._serialized_start = 4643
-    _globals["_EDITSERVICE"]._serialized_end = 5278
+  DESCRIPTOR._loaded_options = None
+  _globals['_STATS_STAGESMSENTRY']._loaded_options = None
+  _globals['_STATS_STAGESMSENTRY']._serialized_options = b'8\001'
+  _globals['_MAPFORMAT']._serialized_start=4139
+  _globals['_MAPFORMAT']._serialized_end=4219
+  _globals['_INVERSIONMETHOD']._serialized_start=4222
+  _globals['_INVERSIONMETHOD']._serialized_end=4370
+  _globals['_IMAGEFORMAT']._serialized_start=4372
+  _globals['_IMAGEFORMAT']._serialized_end=4483
+  _globals['_JOBSTATE']._serialized_start=4486
+  _globals['_JOBSTATE']._serialized_end=4640
+  _globals['_EDITOPTIONS']._serialized_start=36
+  _globals['_EDITOPTIONS']._serialized_end=520
+  _globals['_ADAPTER']._serialized_start=522
+  _globals['_ADAPTER']._serialized_end=575
+  _globals['_STATS']._serialized_start=578
+  _globals['_STATS']._serialized_end=833
+  _globals['_STATS_STAGESMSENTRY']._serialized_start=786
+  _globals['_STATS_STAGESMSENTRY']._serialized_end=833
+  _globals['_EDITREQUEST']._serialized_start=836
+  _globals['_EDITREQUEST']._serialized_end=1207
+  _globals['_EDITRESPONSE']._serialized_start=1210
+  _globals['_EDITRESPONSE']._serialized_end=1397
+  _globals['_PROGRESS']._serialized_start=1399
+  _globals['_PROGRESS']._serialized_end=1453
+  _globals['_EDITEVENT']._serialized_start=1455
+  _globals['_EDITEVENT']._serialized_end=1559
+  _globals['_GENERATEEDITREQUEST']._serialized_start=1562
+  _globals['_GENERATEEDITREQUEST']._serialized_end=1807
+  _globals['_GENERATEEDITRESPONSE']._serialized_start=1810
+  _globals['_GENERATEEDITRESPONSE']._serialized_end=1989
+  _globals['_INVERTREQUEST']._serialized_start=1992
+  _globals['_INVERTREQUEST']._serialized_end=2244
+  _globals['_INVERTRESPONSE']._serialized_start=2247
+  _globals['_INVERTRESPONSE']._serialized_end=2386
+  _globals['_GETINFOREQUEST']._serialized_start=2388
+  _globals['_GETINFOREQUEST']._serialized_end=2404
+  _globals['_LIMITS']._serialized_start=2407
+  _globals['_LIMITS']._serialized_end=2609
+  _globals['_GETINFORESPONSE']._serialized_start=2612
+  _globals['_GETINFORESPONSE']._serialized_end=3012
+  _globals['_ADAPTERINFO']._serialized_start=3014
+  _globals['_ADAPTERINFO']._serialized_end=3071
+  _globals['_LORAINFO']._serialized_start=3073
+  _globals['_LORAINFO']._serialized_end=3112
+  _globals['_SUBMITJOBREQUEST']._serialized_start=3115
+  _globals['_SUBMITJOBREQUEST']._serialized_end=3301
+  _globals['_GETJOBREQUEST']._serialized_start=3303
+  _globals['_GETJOBREQUEST']._serialized_end=3330
+  _globals['_LISTJOBSREQUEST']._serialized_start=3332
+  _globals['_LISTJOBSREQUEST']._serialized_end=3420
+  _globals['_LISTJOBSRESPONSE']._serialized_start=3422
+  _globals['_LISTJOBSRESPONSE']._serialized_end=3495
+  _globals['_CANCELJOBREQUEST']._serialized_start=3497
+  _globals['_CANCELJOBREQUEST']._serialized_end=3527
+  _globals['_JOBERROR']._serialized_start=3529
+  _globals['_JOBERROR']._serialized_end=3586
+  _globals['_WEBHOOKATTEMPT']._serialized_start=3588
+  _globals['_WEBHOOKATTEMPT']._serialized_end=3649
+  _globals['_JOB']._serialized_start=3652
+  _globals['_JOB']._serialized_end=4137
+  _globals['_EDITSERVICE']._serialized_start=4643
+  _globals['_EDITSERVICE']._serialized_end=5278
 # @@protoc_insertion_point(module_scope)

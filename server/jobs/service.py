@@ -5,15 +5,14 @@ generic handler beside the servicer's own, through its status mapping, log line 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
-from google.protobuf.message import Message
 
 from fpedit.v1 import edit_pb2 as pb
 
-from ..service import SERVICE_NAME, EditServicer
+from ..service import SERVICE_NAME, EditServicer, raw_stream, raw_unary
 from .manager import JobManager
 
 
@@ -79,20 +78,13 @@ class JobServicer:
             context.abort(code, detail)
 
     def rpc_handler(self) -> grpc.GenericRpcHandler:
-        def unary(fn: Callable, response: type[Message]) -> grpc.RpcMethodHandler:
-            return grpc.unary_unary_rpc_method_handler(
-                fn, request_deserializer=None, response_serializer=response.SerializeToString
-            )
-
         return grpc.method_handlers_generic_handler(
             SERVICE_NAME,
             {
-                "SubmitJob": unary(self.SubmitJob, pb.Job),
-                "GetJob": unary(self.GetJob, pb.Job),
-                "ListJobs": unary(self.ListJobs, pb.ListJobsResponse),
-                "CancelJob": unary(self.CancelJob, pb.Job),
-                "WatchJob": grpc.unary_stream_rpc_method_handler(
-                    self.WatchJob, request_deserializer=None, response_serializer=pb.Job.SerializeToString
-                ),
+                "SubmitJob": raw_unary(self.SubmitJob, pb.Job),
+                "GetJob": raw_unary(self.GetJob, pb.Job),
+                "ListJobs": raw_unary(self.ListJobs, pb.ListJobsResponse),
+                "CancelJob": raw_unary(self.CancelJob, pb.Job),
+                "WatchJob": raw_stream(self.WatchJob, pb.Job),
             },
         )

@@ -8,7 +8,6 @@ import io
 import json
 
 import grpc
-import httpx
 import numpy as np
 import pytest
 from conftest import make_image
@@ -18,7 +17,6 @@ from fpedit import EditEngine
 from fpedit.server.app import build_server
 from fpedit.server.config import ServerConfig
 from fpedit.v1 import edit_pb2 as pb
-from fpedit.v1 import edit_pb2_grpc
 
 STEPS = 2
 
@@ -50,19 +48,6 @@ def running(model_dir):
     server = build_server(engine, config)
     yield server
     server.drain(5)
-
-
-@pytest.fixture(scope="module")
-def http(running):
-    with httpx.Client(base_url=running.http.url, timeout=300) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def stub(running):
-    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
-    yield edit_pb2_grpc.EditServiceStub(channel)
-    channel.close()
 
 
 def test_grpc_json_and_multipart_masks_agree_and_return_the_mask(http, stub):

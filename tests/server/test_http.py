@@ -55,19 +55,6 @@ def running(http_engine):
 
 
 @pytest.fixture(scope="module")
-def http(running):
-    with httpx.Client(base_url=running.http.url, timeout=300) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def stub(running):
-    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
-    yield edit_pb2_grpc.EditServiceStub(channel)
-    channel.close()
-
-
-@pytest.fixture(scope="module")
 def grpc_edit(stub):
     """The gRPC result of the edit the HTTP tests repeat."""
     request = pb.EditRequest(image=png(), target_prompt="a red car", options=pb.EditOptions(steps=STEPS))

@@ -34,7 +34,6 @@ from fpedit.server.app import build_server
 from fpedit.server.config import ServerConfig
 from fpedit.server.jobs.config import JobsConfig
 from fpedit.v1 import edit_pb2 as pb
-from fpedit.v1 import edit_pb2_grpc
 
 STEPS = 2
 TOKEN = "alpha-token"
@@ -132,19 +131,6 @@ def running(jobs_engine, tmp_path_factory):
     server = build_server(jobs_engine, config, jobs)
     yield server
     server.drain(5)
-
-
-@pytest.fixture(scope="module")
-def http(running):
-    with httpx.Client(base_url=running.http.url, timeout=120) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def stub(running):
-    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
-    yield edit_pb2_grpc.EditServiceStub(channel)
-    channel.close()
 
 
 EDIT = {"image": b64(png()), "targetPrompt": "a red car", "options": {"steps": STEPS}}
