@@ -59,10 +59,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .jobs.state import open_state
 
     jobs = jobs_config_from_args(args)
-    if args.ray and jobs.state_dir is not None:
-        raise InvalidInputError(
-            "state-dir", "is not supported with --ray yet (jobs there live in the front's memory)"
-        )
     state = open_state(jobs.state_dir)  # locked for this process's life: a second server is refused now
     missing = graphs_missing_from(engine_config.model)
     if missing:  # a partial export (`fpedit export --graphs`) would load, then refuse every edit
@@ -85,7 +81,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .ray import replica_settings, serve_on_ray
 
         settings = replica_settings(config, engine_config)
-        serve_on_ray(settings, config, replicas=args.replicas, address=args.ray_address, ready=ready)
+        # The front owns the job table (and --state-dir); the replicas run each job's call as a synchronous one.
+        serve_on_ray(
+            settings,
+            config,
+            replicas=args.replicas,
+            address=args.ray_address,
+            ready=ready,
+            jobs=jobs,
+            state=state,
+        )
     else:
         engine = engine_flags.engine_from_config(serving_engine_config(engine_config, config))
         serve(engine, config, ready=ready, jobs=jobs, state=state)

@@ -201,11 +201,15 @@ def serve_on_ray(
     replicas: int | None = None,
     address: str | None = None,
     ready: Callable[[Any], None] | None = None,
+    jobs: Any = None,
+    state: Any = None,
 ) -> None:
     """``fpedit serve --ray``: deploy ``replicas`` engine replicas (``settings``, see
     :func:`~.settings.replica_settings`) on Ray Serve, joining the cluster at ``address`` or starting a local
     one, and serve the gRPC front of ``config`` until SIGTERM or SIGINT; then drain the front and delete the
-    application. Configs only: the command line's flags are mapped before this is called."""
+    application. Configs only: the command line's flags are mapped before this is called. ``jobs`` and
+    ``state`` (the job settings and the open ``--state-dir``) are the front's: it owns the job table and
+    runs each job's call through the replicas, as a synchronous call."""
     require_ray(local=starts_local_ray(address))
     replicas = 1 if replicas is None else replicas
     if replicas < 1:
@@ -221,7 +225,7 @@ def serve_on_ray(
         max_queued_requests=max(1, config.max_queue),  # --max-queue is the front's queue, as standalone
     )
     try:
-        serve(service.runner, config, ready=ready)
+        serve(service.runner, config, ready=ready, jobs=jobs, state=state)
     finally:
         # Bounded: if the Ray instance itself was stopped (a SIGTERM to the whole process group reaches its
         # GCS too), Ray would wait a minute for it before giving up.

@@ -826,3 +826,126 @@ def test_a_stream_refused_by_serves_queue_is_resource_exhausted_with_one_log_lin
     stream_lines = [e for e in entries if e.get("method") == "EditStream"]
     assert sorted(e["status"] for e in stream_lines) == sorted(c.name for c in codes)
     assert [e for e in entries if "exception" in e or e["level"] == "ERROR"] == []
+
+
+# --- issue 28 item 4: jobs on Ray (the front owns the table and the state directory) -----------------------
+
+
+def test_a_job_through_the_ray_front_equals_the_synchronous_edit_and_outlives_a_front_restart(
+    ray_service, tmp_path
+):
+    """A job submitted over HTTP to a Ray front with ``--state-dir`` runs on a replica (as a synchronous call
+    does) and its result equals the synchronous edit's; a new front on the same DIR serves the finished job."""
+    import base64
+
+    import httpx
+
+    from fpedit.server.app import build_server
+    from fpedit.server.client import EditClient, edit_options
+    from fpedit.server.config import ServerConfig
+    from fpedit.server.jobs.config import JobsConfig
+
+    image = png_bytes(make_image(64, 64, seed=61))
+    jobs = JobsConfig(state_dir=tmp_path / "state")
+    body = {"kind": "edit", "image": base64.b64encode(image).decode(), "targetPrompt": "a red car",
+            "options": {"steps": 2}}  # fmt: skip
+
+    def wait_job(http: httpx.Client, job_id: str) -> dict:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            job = http.get(f"/v1/jobs/{job_id}").json()
+            if job["state"] in ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED"):
+                return job
+            time.sleep(0.05)
+        raise AssertionError(f"job {job_id} did not finish: {job}")
+
+    front = build_server(ray_service.runner, ServerConfig(port=0, http_port=0), jobs)
+    try:
+        with EditClient(f"127.0.0.1:{front.port}", timeout=120) as grpc_client:
+            sync = grpc_client.edit("a red car", image=image, options=edit_options(steps=2))
+        with httpx.Client(base_url=front.http.url, timeout=120) as http:
+            submitted = http.post("/v1/jobs", json=body)
+            assert submitted.status_code == 202, submitted.text
+            job_id = submitted.json()["id"]
+            job = wait_job(http, job_id)
+    finally:
+        front.drain(5)
+    assert job["state"] == "JOB_STATE_SUCCEEDED", job
+    assert np.array_equal(pixels(base64.b64decode(job["edit"]["editedImage"])), pixels(sync.edited_image))
+    assert np.array_equal(
+        pixels(base64.b64decode(job["edit"]["reconstructionImage"])), pixels(sync.reconstruction_image)
+    )
+
+    restarted = build_server(ray_service.runner, ServerConfig(port=0, http_port=0), jobs)
+    try:
+        with httpx.Client(base_url=restarted.http.url, timeout=30) as http:
+            again = http.get(f"/v1/jobs/{job_id}").json()
+    finally:
+        restarted.drain(2)
+    assert again["state"] == "JOB_STATE_SUCCEEDED"
+    assert again["edit"]["editedImage"] == job["edit"]["editedImage"]
+
+
+# --- issue 29 item 5: adapters on Ray (every replica loads the same --lora-dir) -----------------------------
+
+
+def test_adapters_travel_with_the_request_to_replicas_of_one_lora_dir(
+    ray_service, model_dir, raw_modules, tmp_path
+):
+    """A deployment whose replicas load ``lora_dir``: GetInfo lists its adapter, an edit with ``adapters``
+    through the Ray front equals the same edit on a local engine of that folder, and an unknown adapter is
+    INVALID_ARGUMENT."""
+    import dataclasses
+
+    from lora_files import random_factors, unet_targets, write_peft_lora
+    from ray import serve
+
+    from fpedit.server.app import build_server
+    from fpedit.server.config import ServerConfig
+    from fpedit.server.ray import RayRunner, replica_deployment
+    from fpedit.v1 import edit_pb2 as pb
+    from fpedit.v1 import edit_pb2_grpc
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    write_peft_lora(folder / "ink.safetensors", random_factors(unet_targets(raw_modules["unet"]), 21), 2.0)
+    engine = dataclasses.replace(ray_service.settings.engine, lora_dir=str(folder))
+    settings = dataclasses.replace(ray_service.settings, engine=engine)
+    handle = serve.run(
+        replica_deployment(settings, replicas=1, max_ongoing_requests=4),
+        name="fpedit-adapters",
+        route_prefix=None,
+    )
+    runner = RayRunner(handle)
+    front = build_server(runner, ServerConfig(port=0))
+    chosen = (("ink", 0.7),)
+    request = pb.GenerateEditRequest(
+        source_prompt="a cat", target_prompt="a dog", seed=11, width=64, height=64,
+        options=pb.EditOptions(steps=STEPS, adapters=[pb.Adapter(name="ink", scale=0.7)]),
+    )  # fmt: skip
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{front.port}") as channel:
+            stub = edit_pb2_grpc.EditServiceStub(channel)
+            info = stub.GetInfo(pb.GetInfoRequest(), timeout=60)
+            over_ray = stub.GenerateEdit(request, timeout=120)
+            del request.options.adapters[:]
+            request.options.adapters.append(pb.Adapter(name="watercolor"))
+            with pytest.raises(grpc.RpcError) as unknown:
+                stub.GenerateEdit(request, timeout=120)
+        (threads,) = {s["torch_threads"] for s in runner.replica_stats()}
+    finally:
+        front.drain(2)
+        serve.delete("fpedit-adapters")
+    local_engine = EditEngine.from_pretrained(model_dir, lora_dir=folder)
+    with torch_threads(threads):
+        local = local_engine.edit_generated(
+            "a cat", "a dog", seed=11, height=64, width=64, options=EditOptions(steps=STEPS, adapters=chosen)
+        )
+        plain = local_engine.edit_generated(
+            "a cat", "a dog", seed=11, height=64, width=64, options=EditOptions(steps=STEPS)
+        )
+    assert [(a.name, a.rank) for a in info.adapters] == [("ink", 4)]
+    assert np.array_equal(pixels(over_ray.edited_image), pixels(local.edited_image))
+    assert not np.array_equal(pixels(over_ray.edited_image), pixels(plain.edited_image))
+    assert unknown.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown adapter 'watercolor'" in unknown.value.details(), unknown.value.details()
