@@ -128,13 +128,21 @@ class RayRunner:
         progress: Callable[[ProgressEvent], None] | None = None,
         cancel_check: Callable[[], None] | None = None,
     ) -> EditOutcome:
-        if progress is not None:  # progress comes back only on a stream
-            for item in self.edit_stream(call, cancel_check=cancel_check):
-                if isinstance(item, ProgressEvent):
-                    progress(item)
-                else:
-                    return item
-            raise UnavailableError("the replica's stream ended without a result; retry")
+        if progress is not None:  # progress comes back only on a stream (a job's edit)
+            # A replica that dies mid-stream: the call is sent once more, as a unary call is (progress then
+            # starts again from the first step; a caller of edit_stream sees the error instead).
+            for attempt in (1, 2):
+                try:
+                    for item in self.edit_stream(call, cancel_check=cancel_check):
+                        if isinstance(item, ProgressEvent):
+                            progress(item)
+                        else:
+                            return item
+                    raise UnavailableError("the replica's stream ended without a result; retry")
+                except UnavailableError:
+                    if attempt == 2:
+                        raise
+                    log.warning("a replica died during a call; sending it again")
         new_id = "" if call.inversion_id else uuid.uuid4().hex
         routed = self._routed(call.inversion_id or new_id)
         return self._wait(lambda: routed.edit.remote(call, new_id), cancel_check)
