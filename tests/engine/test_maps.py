@@ -11,6 +11,7 @@ from PIL import Image
 
 from fpedit.cli import main
 from fpedit.engine import EditOptions
+from fpedit.engine.errors import CancelledError, InvalidInputError
 
 
 def test_generated_maps_shapes_tokens_and_image(engine):
@@ -42,8 +43,6 @@ def test_real_image_maps_and_bad_resolution(engine):
     result = engine.attention_maps("a disc", image=make_image(64, 64), steps=2, resolution=4, components=2)
     assert result.cross_attention.shape == (len(result.tokens), 4, 4)
     assert result.self_attention_components.shape[1:] == (2, 4, 4)
-    from fpedit.engine.errors import InvalidInputError
-
     with pytest.raises(InvalidInputError, match="resolution"):
         engine.attention_maps("a disc", steps=2, resolution=5)
 
@@ -196,3 +195,43 @@ def test_real_image_maps_equal_the_frozen_loop(engine):
     inversion = engine.invert(make_image(64, 64), options=EditOptions(steps=4))
     result = engine.attention_maps("a disc", image=inversion, steps=4, resolution=4, components=3)
     assert_same_arrays(result, frozen_attention_maps(engine, "a disc", inversion=inversion, steps=4))
+
+
+@pytest.mark.parametrize(
+    ("cancel_at", "unet_calls"),
+    # checks: text "", text prompt, then one before each of the 4 UNet steps
+    [(1, 0), (3, 0), (4, 1), (6, 3)],
+)
+def test_cancel_stops_maps_within_one_step(engine, cancel_at, unet_calls):
+    """The maps run on the executor: a cancelled request stops before its next UNet call, and the calls it
+    made count in the engine's figures."""
+
+    class CancelAt:
+        def __init__(self, n: int) -> None:
+            self.n, self.calls = n, 0
+
+        def __call__(self) -> None:
+            self.calls += 1
+            if self.calls >= self.n:
+                raise CancelledError("deadline passed")
+
+    before = engine.counters()["unet_calls"]
+    with pytest.raises(CancelledError):
+        engine.attention_maps("a red cat", seed=3, steps=4, resolution=4, cancel_check=CancelAt(cancel_at))
+    assert engine.counters()["unet_calls"] - before == unet_calls
+
+
+def test_maps_run_on_the_executor_with_progress(engine):
+    before = engine.counters()["unet_calls"]
+    events = []
+    engine.attention_maps("a red cat", seed=3, steps=4, resolution=4, components=2, progress=events.append)
+    assert engine.counters()["unet_calls"] - before == 4
+    assert [(e.stage, e.step) for e in events] == [("denoise", k) for k in range(1, 5)]
+
+
+def test_backend_without_cross_attention_outputs_is_refused(engine, monkeypatch):
+    monkeypatch.setattr(engine.backend, "supports_cross_probs", False)
+    before = engine.counters()["unet_calls"]
+    with pytest.raises(InvalidInputError, match="attention maps need the torch backend"):
+        engine.attention_maps("a red cat", steps=2, resolution=4)
+    assert engine.counters()["unet_calls"] == before
