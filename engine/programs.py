@@ -15,6 +15,9 @@ calls are built:
 * a generated edit's replaced step is one call with in-call donors where the backend offers them, or a
   capture call and an inject call: chosen once, before the loop (:func:`generated_edit`);
 * Algorithm 3's source branch (:func:`generate_source`) runs once per inversion, not per edit.
+
+The attention maps of Figure 3 are programs too (:func:`generated_attention_maps`,
+:func:`pinned_attention_maps`): ``qk`` captures and cross-attention probabilities, summed over steps.
 """
 
 from __future__ import annotations
