@@ -1,31 +1,26 @@
 """Attention maps as arrays (the paper's Figure 3): per-token cross-attention and the top SVD components of
-self-attention, for a generated image or a real one (inverted first). Torch backend only.
+self-attention, for a generated image or a real one (inverted first).
 
-The capture is a separate hook: for the duration of one call, every attention processor of the UNet is
-wrapped by a :class:`_Recorder` that computes the layer's softmax probabilities beside the unchanged
-processor, and only for forwards that carry this call's own state object, so requests served concurrently by
-the same engine neither record nor change. The serving processors are restored afterwards.
+The UNet work is a step program (:func:`~.programs.generated_attention_maps`,
+:func:`~.programs.pinned_attention_maps`) run by the engine's executor like the edits: its calls ask for
+``qk`` captures and ``cross_probs`` of the layers at the chosen resolution, so they batch with other
+requests, stop on cancellation and count in the request's statistics. Backends without cross-attention
+outputs (:attr:`~.backends.base.Backend.supports_cross_probs`) refuse.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .backends.attention import CallState
-from .backends.capture import CAPTURE_GATE
-from .backends.torch_backend import TorchBackend
+from . import programs
 from .errors import InvalidInputError
 from .images import initial_latents
 from .options import EditOptions
-from .programs import guide
 from .real import check_inversion
 
 if TYPE_CHECKING:
@@ -35,7 +30,6 @@ if TYPE_CHECKING:
 
 #: Figure 3 shows the top 6 components.
 DEFAULT_COMPONENTS = 6
-_CAPTURE_LOCK = threading.Lock()
 
 
 @dataclass
@@ -64,67 +58,6 @@ class AttentionMapResult:
             layers=np.array(self.layers, dtype=np.int64),
             steps=np.array(self.steps, dtype=np.int64),
         )
-
-
-@dataclass
-class _Sums:
-    state: CallState
-    row: int
-    tokens: int  # grid cells at the chosen resolution
-    cross: dict[int, torch.Tensor] = field(default_factory=dict)
-    self_maps: dict[int, torch.Tensor] = field(default_factory=dict)
-    counts: dict[tuple[str, int], int] = field(default_factory=dict)
-
-    def add(self, kind: str, layer: int, probs: torch.Tensor) -> None:
-        store = self.cross if kind == "cross" else self.self_maps
-        store[layer] = store[layer] + probs if layer in store else probs
-        self.counts[(kind, layer)] = self.counts.get((kind, layer), 0) + 1
-
-
-class _Recorder:
-    """Wraps one attention processor; adds the head-averaged probabilities of the recorded row."""
-
-    def __init__(self, inner: Any, kind: str, layer: int, sums: _Sums) -> None:
-        self.inner, self.kind, self.layer, self.sums = inner, kind, layer, sums
-
-    def __call__(
-        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, fpe=None
-    ):
-        sums = self.sums
-        if fpe is sums.state and hidden_states.ndim == 3 and hidden_states.shape[1] == sums.tokens:
-            x = hidden_states[sums.row : sums.row + 1]
-            context = x
-            if self.kind == "cross":
-                context = encoder_hidden_states[sums.row : sums.row + 1]
-                if attn.norm_cross:
-                    context = attn.norm_encoder_hidden_states(context)
-            q, k = attn.to_q(x), attn.to_k(context)
-            heads = attn.heads
-            q = q.view(1, q.shape[1], heads, -1).transpose(1, 2).float()
-            k = k.view(1, k.shape[1], heads, -1).transpose(1, 2).float()
-            probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(dim=-1).mean(dim=1)[0]
-            sums.add(self.kind, self.layer, probs)
-        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, fpe=fpe)
-
-
-@contextmanager
-def _recording(backend: Any, sums: _Sums, layers: Sequence[int]) -> Iterator[None]:
-    unet = backend.unet_module
-    spec = backend.spec
-    original = dict(unet.attn_processors)
-    wrapped = dict(original)
-    for layer in layers:
-        path = spec.layer(layer).module_path
-        wrapped[f"{path}.processor"] = _Recorder(original[f"{path}.processor"], "self", layer, sums)
-        cross = path.removesuffix("attn1") + "attn2"
-        if f"{cross}.processor" in original:
-            wrapped[f"{cross}.processor"] = _Recorder(original[f"{cross}.processor"], "cross", layer, sums)
-    with _CAPTURE_LOCK:
-        unet.set_attn_processor(wrapped)
-        try:
-            yield
-        finally:
-            unet.set_attn_processor(dict(original))
 
 
 def prompt_tokens(tokenizer: Any, prompt: str, max_length: int) -> list[str]:
@@ -162,8 +95,12 @@ def compute_attention_maps(
     from .results import Inversion
 
     backend = engine.backend
-    if not isinstance(backend, TorchBackend):
-        raise InvalidInputError("backend", "attention maps need the torch backend")
+    if not backend.supports_cross_probs:
+        raise InvalidInputError(
+            "backend",
+            "attention maps need the torch backend (cross-attention probabilities, which this "
+            f"{backend.name} model's graphs do not output)",
+        )
     prompt = engine.check_prompt(prompt, "prompt", allow_empty=False)
     options = EditOptions(steps=steps, guidance_scale=guidance_scale, replace_window=window)
     chosen = list(options.replaced_steps())
@@ -196,7 +133,8 @@ def compute_attention_maps(
                 )
             downsample = by_side[resolution]
         grid = (latent_h // downsample, latent_w // downsample)
-        layers = [layer.index for layer in engine.spec.layers if layer.downsample == downsample]
+        heads = {layer.index: layer.heads for layer in engine.spec.layers if layer.downsample == downsample}
+        layers = list(heads)
         tokens = prompt_tokens(engine.tokenizer, prompt, engine.spec.text_max_length)
         if not tokens:
             raise InvalidInputError("prompt", "has no tokens")
@@ -204,44 +142,26 @@ def compute_attention_maps(
         uncond = engine.text.embed("", run)
         cond = engine.text.embed(prompt, run)
         schedule = engine.schedules(steps)
-        device, dtype = backend.device, backend.dtype
-        state = CallState()
-        sums = _Sums(state=state, row=0, tokens=grid[0] * grid[1])
-        with _recording(backend, sums, layers):
-            if inversion is None:  # Algorithm 1's source branch: record the conditional row
-                sums.row = 1
-                context = torch.cat([uncond, cond]).to(device, dtype)
-                z = z.to(device)
-                for i, t in enumerate(schedule.timesteps):
-                    run.check()
-                    recording = i in chosen
-                    sample = z.expand(2, *z.shape[1:]).to(dtype)
-                    # UNet forwards outside the backend's entry points: never beside a graph capture.
-                    with CAPTURE_GATE.shared():
-                        noise = backend.forward(
-                            sample,
-                            torch.full((2,), t, device=device),
-                            context,
-                            state if recording else CallState(),
-                        )
-                    z = schedule.step(guide(noise.float(), guidance_scale), i, z)
-                (picture,) = engine.decode(z, run)
-            else:  # the real image's trajectory with the prompt as condition
-                context = cond.to(device, dtype)
-                for i in chosen:
-                    run.check()
-                    latent = inversion.latent(steps - i).to(device, dtype)
-                    t = schedule.timesteps[i]
-                    with CAPTURE_GATE.shared():
-                        backend.forward(latent, torch.full((1,), t, device=device), context, state)
-                picture = inversion.image
+        if inversion is None:  # Algorithm 1's source branch: the conditional row's maps
+            program = programs.generated_attention_maps(
+                z.to(backend.device), schedule, torch.cat([uncond, cond]), guidance_scale, chosen, heads
+            )
+            z, sums = engine.executor.run(program, run)
+            (picture,) = engine.decode(z, run)
+        else:  # the real image's trajectory with the prompt as condition
+            trajectory = inversion
+            program = programs.pinned_attention_maps(
+                lambda i: trajectory.latent(steps - i), schedule, cond, chosen, heads
+            )
+            sums = engine.executor.run(program, run)
+            picture = inversion.image
 
     n = len(tokens)
-    cross = torch.stack([sums.cross[layer] / sums.counts[("cross", layer)] for layer in layers]).mean(dim=0)
+    cross = torch.stack([sums.cross[layer] / sums.steps for layer in layers]).mean(dim=0)
     cross = cross[:, 1 : 1 + n].T.reshape(n, *grid).cpu().numpy()
     comps, values = [], []
     for layer in layers:
-        mean_map = (sums.self_maps[layer] / sums.counts[("self", layer)]).cpu()
+        mean_map = (sums.self_maps[layer] / sums.steps).cpu()
         vh, s = top_components(mean_map, min(components, mean_map.shape[0]))
         comps.append(vh.reshape(-1, *grid))
         values.append(s)

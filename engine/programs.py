@@ -15,6 +15,9 @@ calls are built:
 * a generated edit's replaced step is one call with in-call donors where the backend offers them, or a
   capture call and an inject call: chosen once, before the loop (:func:`generated_edit`);
 * Algorithm 3's source branch (:func:`generate_source`) runs once per inversion, not per edit.
+
+The attention maps of Figure 3 are programs too (:func:`generated_attention_maps`,
+:func:`pinned_attention_maps`): ``qk`` captures and cross-attention probabilities, summed over steps.
 """
 
 from __future__ import annotations
@@ -275,3 +278,92 @@ def generate_source(
             )
         z = schedule.step(guide(result.noise, plan.guidance), i, z)
     return z, maps
+
+
+# --- attention maps (the paper's Figure 3) ----------------------------------------------------------------
+#
+# The maps of one row, averaged over steps: the cross-attention probabilities come from the calls'
+# ``cross_probs``, the self-attention probabilities are computed here from the captured ``qk`` maps (capture
+# leaves the forward unchanged, so the generated trajectory is a plain generation's).
+
+
+@dataclass
+class MapSums:
+    """Per layer, step sums of one row's head-averaged attention probabilities (float32): ``cross``
+    (query tokens, text tokens), ``self_maps`` (query tokens, query tokens); ``steps`` calls added."""
+
+    cross: dict[int, torch.Tensor]
+    self_maps: dict[int, torch.Tensor]
+    steps: int = 0
+
+    @classmethod
+    def empty(cls) -> MapSums:
+        return cls({}, {})
+
+    def add(self, result: UNetResult, row: int, heads: dict[int, int]) -> None:
+        """Add ``row`` of a call that captured ``qk`` maps and asked for ``cross_probs`` in every layer of
+        ``heads`` (layer -> attention heads)."""
+        assert result.maps is not None and result.cross is not None
+        for layer, n_heads in heads.items():
+            cross = result.cross[layer][row]
+            self_map = self_attention_probs(result.maps.tensors[layer][row], n_heads)
+            for store, probs in ((self.cross, cross), (self.self_maps, self_map)):
+                store[layer] = store[layer] + probs if layer in store else probs
+        self.steps += 1
+
+
+def self_attention_probs(qk: torch.Tensor, heads: int) -> torch.Tensor:
+    """One row's self-attention probabilities averaged over heads, float32 (N, N), from its ``qk`` map
+    (2, N, C): softmax(q k^T / sqrt(head dim)), as the layer's attention computes them."""
+    q, k = qk[0], qk[1]
+    tokens, channels = q.shape
+    head_dim = channels // heads
+    q = q.reshape(tokens, heads, head_dim).transpose(0, 1).float()
+    k = k.reshape(tokens, heads, head_dim).transpose(0, 1).float()
+    return (q @ k.transpose(-1, -2) * head_dim**-0.5).softmax(dim=-1).mean(dim=0)
+
+
+def generated_attention_maps(
+    z_T: torch.Tensor,
+    schedule: DDIMSchedule,
+    context: torch.Tensor,
+    guidance: float,
+    recorded: Sequence[int],
+    heads: dict[int, int],
+) -> Program[tuple[torch.Tensor, MapSums]]:
+    """Algorithm 1's source branch from ``z_T`` with rows (uncond, cond) of ``context``; in the steps of
+    ``recorded`` the conditional row's maps of the layers of ``heads`` are added up. Returns (z_0, sums)."""
+    ts = schedule.timestep_tensor(z_T.device)
+    n = schedule.steps
+    layers = tuple(sorted(heads))
+    chosen = set(recorded)
+    sums = MapSums.empty()
+    z = z_T
+    for i in range(n):
+        wanted = layers if i in chosen else ()
+        call = UNetCall(rows_of(z, 2), ts[i : i + 1].expand(2), context, "qk", wanted, cross_probs=wanted)
+        result = yield Step("denoise", i + 1, n, call)
+        if wanted:
+            sums.add(result, 1, heads)
+        z = schedule.step(guide(result.noise, guidance), i, z)
+    return z, sums
+
+
+def pinned_attention_maps(
+    latent_at: Callable[[int], torch.Tensor],
+    schedule: DDIMSchedule,
+    cond: torch.Tensor,
+    recorded: Sequence[int],
+    heads: dict[int, int],
+) -> Program[MapSums]:
+    """A real image's maps: in each step i of ``recorded``, its inverted trajectory's latent
+    ``latent_at(i)`` at t_i with the prompt ``cond`` (one row); the maps of the layers of ``heads`` are added
+    up. The full forward runs: a capture-only call would stop before the last layer's cross-attention."""
+    ts = schedule.timestep_tensor(cond.device)
+    layers = tuple(sorted(heads))
+    sums = MapSums.empty()
+    for k, i in enumerate(recorded):
+        call = UNetCall(latent_at(i), ts[i : i + 1], cond, "qk", layers, cross_probs=layers)
+        result = yield Step("attention_maps", k + 1, len(recorded), call)
+        sums.add(result, 0, heads)
+    return sums

@@ -225,8 +225,8 @@ def test_captures_run_alone_under_eight_concurrent_batched_edits(model_dir, monk
 
 
 def test_attention_map_forwards_hold_the_gate(engine, monkeypatch):
-    """``attention_maps`` runs UNet forwards outside the backend's entry points (with recording processors):
-    each one holds the capture gate shared, like every other CUDA path, so none runs beside a capture."""
+    """``attention_maps`` runs its UNet calls on the executor (eager, for the cross-attention outputs): each
+    forward holds the capture gate shared, like every other CUDA path, so none runs beside a capture."""
     held: list[bool] = []
     real_forward = engine.backend.forward
 
