@@ -5,6 +5,7 @@ Fixtures live in conftest.py; plain functions live here so that a test module im
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import logging
@@ -42,10 +43,32 @@ def png_bytes(image: Image.Image | None = None, **save_args) -> bytes:
     return buf.getvalue()
 
 
-def decoded_pixels(data: bytes | Image.Image) -> np.ndarray:
-    """RGB pixels of encoded image bytes (or an image) as int16, so differences do not wrap around."""
+def decoded_pixels(data: bytes | str | Image.Image) -> np.ndarray:
+    """RGB pixels of encoded image bytes, their base64 text (JSON) or an image, as int16 so that differences
+    do not wrap around."""
+    if isinstance(data, str):
+        data = base64.b64decode(data)
     image = data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data))
     return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def b64(data: bytes) -> str:
+    """Bytes as the base64 text a JSON body carries."""
+    return base64.b64encode(data).decode()
+
+
+class CancelAt:
+    """A cancel_check that raises on its ``n``-th call (1-based), and counts the calls."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.calls = n, 0
+
+    def __call__(self) -> None:
+        from fpedit.engine.errors import CancelledError
+
+        self.calls += 1
+        if self.calls >= self.n:
+            raise CancelledError("deadline passed")
 
 
 def model_input(image: Image.Image) -> torch.Tensor:

@@ -183,15 +183,21 @@ def init_ray(ray: Any, address: str | None, init: dict[str, Any]) -> None:
 
     On a loaded machine Ray's head processes occasionally miss their start-up wait without leaving a log (seen
     once in a test run on 2 busy cores); a second start in a new session comes up. Joining a cluster is never
-    retried: a cluster that cannot be reached is the operator's to fix."""
+    retried: a cluster that cannot be reached is the operator's to fix.
+
+    Without an address (and no ``RAY_ADDRESS``) the instance is always a new one (``address="local"``):
+    left to ``None``, ``ray.init`` joins whatever cluster ``ray start`` last started on this machine, which is
+    not the private, loopback-only instance the docs promise."""
+    local = starts_local_ray(address)
+    target = "local" if local else address
     try:
-        ray.init(address=address, **init)
+        ray.init(address=target, **init)
     except RuntimeError as exc:
-        if not starts_local_ray(address) or RAY_START_TIMEOUT not in str(exc):
+        if not local or RAY_START_TIMEOUT not in str(exc):
             raise
         log.warning("the local Ray instance did not start (%s); starting it again", str(exc).splitlines()[0])
         ray.shutdown()
-        ray.init(address=address, **init)
+        ray.init(address=target, **init)
 
 
 def serve_on_ray(

@@ -5,22 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import CancelAt
 
 from fpedit import EditEngine, EditOptions
 from fpedit.engine.errors import CancelledError, InvalidInputError
 from fpedit.engine.schedule import ScheduleCache
-
-
-class CancelAt:
-    """A cancel_check that raises on its ``n``-th call (1-based), and counts the calls."""
-
-    def __init__(self, n: int) -> None:
-        self.n, self.calls = n, 0
-
-    def __call__(self) -> None:
-        self.calls += 1
-        if self.calls >= self.n:
-            raise CancelledError("deadline passed")
 
 
 def count_calls(monkeypatch, obj, name: str) -> list[int]:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_image
+from helpers import CancelAt
 from PIL import Image
 
 from fpedit.cli import main
@@ -205,15 +206,6 @@ def test_real_image_maps_equal_the_frozen_loop(engine):
 def test_cancel_stops_maps_within_one_step(engine, cancel_at, unet_calls):
     """The maps run on the executor: a cancelled request stops before its next UNet call, and the calls it
     made count in the engine's figures."""
-
-    class CancelAt:
-        def __init__(self, n: int) -> None:
-            self.n, self.calls = n, 0
-
-        def __call__(self) -> None:
-            self.calls += 1
-            if self.calls >= self.n:
-                raise CancelledError("deadline passed")
 
     before = engine.counters()["unet_calls"]
     with pytest.raises(CancelledError):

@@ -160,7 +160,7 @@ def test_a_local_ray_start_that_times_out_is_tried_once_more(monkeypatch, caplog
     timeout = "Timed out waiting for file /tmp/ray/session_x/gcs_server_port_ab"
     local = _FlakyRay(timeout)
     init_ray(local, None, {"num_cpus": 1})
-    assert local.calls == ["init None", "shutdown", "init None"]
+    assert local.calls == ["init local", "shutdown", "init local"]
     assert any(
         "did not start" in r.getMessage() and "gcs_server_port" in r.getMessage() for r in caplog.records
     )
@@ -171,7 +171,7 @@ def test_a_local_ray_start_that_times_out_is_tried_once_more(monkeypatch, caplog
     other = _FlakyRay("some other failure")  # nor is any other start-up error
     with pytest.raises(RuntimeError, match="other failure"):
         init_ray(other, None, {})
-    assert other.calls == ["init None"]
+    assert other.calls == ["init local"]
 
 
 def test_replica_errors_come_back_as_the_runners_errors():

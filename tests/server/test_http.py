@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import threading
@@ -13,8 +12,8 @@ import httpx
 import numpy as np
 import pytest
 from conftest import make_image
-from helpers import json_server_log, scrape, self_signed_cert, serving_engine
-from PIL import Image
+from helpers import b64, json_server_log, scrape, self_signed_cert, serving_engine
+from helpers import decoded_pixels as pixels
 
 from fpedit.engine.errors import InvalidInputError
 from fpedit.server.app import build_server
@@ -30,15 +29,6 @@ def png(width: int = 64, height: int = 64, seed: int = 0) -> bytes:
     buf = io.BytesIO()
     make_image(width, height, seed=seed).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def pixels(data: bytes | str) -> np.ndarray:
-    raw = base64.b64decode(data) if isinstance(data, str) else data
-    return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,8 @@ import httpx
 import numpy as np
 import pytest
 from conftest import make_image
-from helpers import assert_one_line, run_cli, scrape
-from PIL import Image
+from helpers import assert_one_line, b64, run_cli, scrape
+from helpers import decoded_pixels as pixels
 
 from fpedit import EditEngine
 from fpedit.engine.errors import InvalidInputError
@@ -46,15 +46,6 @@ def png(seed: int = 0) -> bytes:
     buf = io.BytesIO()
     make_image(64, 64, seed=seed).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def pixels(data: bytes | str) -> np.ndarray:
-    raw = base64.b64decode(data) if isinstance(data, str) else data
-    return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
 
 
 def wait_job(http: httpx.Client, job_id: str, until: tuple[str, ...] = ("SUCCEEDED", "FAILED", "CANCELLED"),
