@@ -356,3 +356,14 @@ def test_page_submits_a_job_and_lists_recent_jobs(page, server, tmp_path):
     assert np.array_equal(pixels(shown), pixels(newest["edit"]["editedImage"]))
     assert "job" in page.inner_text("#runs tbody tr:first-child")
     assert page.locator("#error").is_hidden() and page.blocked == []
+
+
+def test_page_offers_the_source_prompt_only_to_inversions_that_use_one(page):
+    """DDIM inversion takes no source prompt (every entry point refuses one): the field is disabled while DDIM
+    is chosen and comes back for null-text and negative-prompt inversion."""
+    assert page.is_disabled("#source-prompt")
+    page.select_option("#method", "INVERSION_METHOD_NEGATIVE_PROMPT")
+    assert page.is_enabled("#source-prompt")
+    page.fill("#source-prompt", "a photo of a cat")
+    page.select_option("#method", "INVERSION_METHOD_DDIM")
+    assert page.is_disabled("#source-prompt")
