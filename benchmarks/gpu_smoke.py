@@ -265,7 +265,7 @@ def torch_batching_concurrent(model: str, device: str, steps: int, tol: float) -
 
 
 def onnx_fp16_export(model: str, work: Path, small: bool) -> tuple[str, str, dict]:
-    """Every graph on a GPU run; the dry run exports only the text encoder (tests/test_onnx.py exports
+    """Every graph on a GPU run; the dry run exports only the text encoder (tests/export/test_onnx.py exports
     every graph in fp16 already)."""
     from fpedit.engine.contract import GRAPHS
     from fpedit.export.onnx_export import export_onnx

@@ -2,7 +2,7 @@
 
     python -m fpedit.clidoc > docs/cli-reference.md
 
-tests/test_docs.py regenerates it and fails when the committed file differs, so the reference can never
+tests/project/test_docs.py regenerates it and fails when the committed file differs, so the reference can never
 describe flags the CLI no longer has. It lists arguments, defaults and help as tables rather than pasting
 ``--help`` output, whose wrapping changes with the terminal width and the Python version.
 """
@@ -15,7 +15,7 @@ from collections.abc import Iterator
 HEADER = """# Command-line reference
 
 Every `fpedit` command with its arguments, defaults and help, generated from the parsers
-(`python -m fpedit.clidoc > docs/cli-reference.md`; `tests/test_docs.py` fails when this file is out of
+(`python -m fpedit.clidoc > docs/cli-reference.md`; `tests/project/test_docs.py` fails when this file is out of
 date). `fpedit COMMAND --help` prints the same. The guides in [the docs index](index.md) explain when to
 use what.
 """

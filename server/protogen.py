@@ -2,7 +2,7 @@
 
     python -m fpedit.server.protogen
 
-Needs grpcio-tools (the ``test`` extra). tests/test_server.py checks the committed stubs are current, up to the
+Needs grpcio-tools (the ``test`` extra). tests/server/test_server.py checks the committed stubs are current, up to the
 generator's own version numbers (:func:`without_generator_versions`).
 """
 

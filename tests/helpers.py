@@ -80,7 +80,7 @@ def model_input(image: Image.Image) -> torch.Tensor:
 #: Relative L2 allowed between two computations of the same edit whose UNet calls batch rows differently (a
 #: re-edit reusing maps captured in a call of another batch size, cross-request batching, batched capture).
 #: CPU kernels pick blockings by batch shape, and CPUs differ, so such runs agree only up to float rounding:
-#: 3.3e-6 measured (re-edit of tests/test_real.py) on two machines. Each test using it also shows that a
+#: 3.3e-6 measured (re-edit of tests/engine/test_real.py) on two machines. Each test using it also shows that a
 #: deliberately wrong computation (maps of another step, no injection) misses by >= 10x this.
 BATCH_SHAPE_TOL = 1e-4
 

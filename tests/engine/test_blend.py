@@ -16,7 +16,7 @@ from fpedit.engine.errors import InvalidInputError
 from fpedit.engine.local_blend import word_positions
 
 STEPS, G, WINDOW, LAYERS = 8, 7.5, (0.0, 0.5), tuple(range(4, 15))
-TOL_REAL, TOL_GEN = 3e-3, 1e-4  # as tests/test_real.py and tests/test_generated.py
+TOL_REAL, TOL_GEN = 3e-3, 1e-4  # as tests/engine/test_real.py and tests/engine/test_generated.py
 TARGET = "a red car"
 
 

@@ -116,7 +116,7 @@ def test_not_sd1_is_refused(tmp_path, model_dir):
     other = tmp_path / "sd2like"
     shutil.copytree(model_dir, other)
     cfg = json.loads((other / "scheduler" / "scheduler_config.json").read_text())
-    cfg["prediction_type"] = "sample"  # v_prediction is supported (tests/test_v_prediction.py)
+    cfg["prediction_type"] = "sample"  # v_prediction is supported (tests/engine/test_v_prediction.py)
     (other / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedModelError, match="epsilon or v_prediction"):
         EditEngine.from_pretrained(other)
