@@ -47,6 +47,8 @@ class Flag:
     choices: Sequence[str] | None = None
     #: The flag defaults to None and the caller settles the field (e.g. ``--workers`` by ``--batching``).
     unset: bool = False
+    #: An argparse action instead of a value (``"store_true"`` for a boolean field that defaults to False).
+    action: str | None = None
 
 
 def flag(help: str, **options: Any) -> dict[str, Flag]:
@@ -87,6 +89,8 @@ def add_config_arguments(parser: Any, config_class: type) -> None:
             "default": None if spec.unset else default,
             "help": spec.help.format(default=default),
         }
+        if spec.action is not None:
+            options["action"] = spec.action
         if spec.type is not None:
             options["type"] = spec.type
         if spec.choices is not None:

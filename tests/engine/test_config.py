@@ -151,6 +151,27 @@ def test_server_config_fields_are_the_serve_flags():
         ServerConfig(max_message_bytes=1).validate()
 
 
+def test_jobs_config_fields_are_the_serve_flags(monkeypatch):
+    """JobsConfig's fields are `fpedit serve` flags too, each value in its flag's unit; the webhook secret
+    falls back to the environment."""
+    import dataclasses
+
+    from fpedit.engine.flags import flag_name
+    from fpedit.server.jobs.config import SECRET_ENV, JobsConfig, add_jobs_arguments, jobs_config_from_args
+
+    parser = FpeditParser(prog="fpedit serve")
+    add_jobs_arguments(parser)
+    options = {option for action in parser._actions for option in action.option_strings}
+    assert {f"--{flag_name(JobsConfig, f.name)}" for f in dataclasses.fields(JobsConfig)} <= options
+    monkeypatch.setenv(SECRET_ENV, "s" * 16)
+    args = parser.parse_args(["--state-gib", "0.5", "--job-ttl", "60", "--webhook-allow-private"])
+    config = jobs_config_from_args(args)
+    assert (config.state_bytes, config.job_ttl_s, config.webhook_allow_private) == (1024**3 // 2, 60.0, True)
+    assert config.webhook_secret == "s" * 16 and config.max_queued == JobsConfig().max_queued
+    with pytest.raises(InvalidInputError, match="max-queued-jobs"):
+        jobs_config_from_args(parser.parse_args(["--max-queued-jobs", "0"]))
+
+
 def test_ray_settings_carry_an_engine_config_not_flags():
     from fpedit.server.ray import ReplicaSettings, settings_from_flags
     from fpedit.server.runner import ACCEPTED_IMAGE_FORMATS
