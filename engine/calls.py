@@ -129,7 +129,13 @@ class UNetCall:
             self.map_format if self.uses_maps else None,
             map_layers if self.uses_maps else (),
             self.need_noise_pred or not self.capture,
+            self.adapter_names,  # the set's scales are graph inputs: one graph serves every scale
         )
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """The names of the call's adapters, in the set's order (their scales aside)."""
+        return tuple(name for name, _ in self.adapters)
 
     # --- cutting and joining ------------------------------------------------------------------------------
 

@@ -5,9 +5,13 @@ padded rows repeat the last row with every map operation gated off, and their ou
 map operations are made *dense*: every layer of a fixed layer set carries a map, a gate column and a donor
 index as graph inputs (:meth:`CallState.dense`), so which layers or rows a request gates on is data, not a
 new graph. A graph's key is therefore the call's variant (plain, capture, inject, donors, or a mix), padded
-batch, latent and context shape, dtype, map format, layer set and whether it stops after the captured
-layers (:meth:`UNetCall.graph_key`). The layer set is the paper's 4-14 when the call stays inside it, else
+batch, latent and context shape, dtype, map format, layer set, whether it stops after the captured
+layers, and the names of its LoRA adapters (:meth:`UNetCall.graph_key`). The layer set is the paper's 4-14 when the call stays inside it, else
 all 16 (two choices, so that ``probs`` maps of the 64x64 layers are only held when asked for).
+
+A call with adapters (``--lora-dir``) is captured with its set's hooks on, each hook multiplying by a 0-d
+float32 tensor of the graph's own instead of a number: the scales are copied in like any other input, so
+one graph serves a set of names at every scale, and a set costs graphs like any other variant.
 
 The cache is an LRU of at most ``max_graphs`` graphs (default :data:`DEFAULT_MAX_GRAPHS`). All graphs share
 one memory pool, so their intermediates cost the largest graph's, not the sum; that is safe because one lock
@@ -25,7 +29,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +48,9 @@ DEFAULT_MAX_GRAPHS = 24
 ALL_LAYERS = tuple(range(1, NUM_SELF_ATTENTION_LAYERS + 1))
 
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, CallState], "torch.Tensor | None"]
+#: Enters a block in which this thread's forwards apply the given (name, scale) pairs; a scale may be a 0-d
+#: tensor, which the hooks read when they run (in a graph: when it replays).
+AdapterScope = Callable[[Sequence[tuple[str, Any]]], AbstractContextManager[None]]
 
 
 def batch_sizes(max_batch: int) -> tuple[int, ...]:
@@ -74,16 +82,36 @@ class _Graph:
     context: torch.Tensor
     state: CallState  # static maps, gates and donor indices the graph reads; captured maps it writes
     graph: torch.cuda.CUDAGraph | None
+    #: The adapter set's names and their scales (float32, one per name): inputs like the sample.
+    adapter_names: tuple[str, ...] = ()
+    scales: torch.Tensor | None = None
     noise: torch.Tensor | None = None
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
 
-    def replay(self, forward: Forward) -> None:
+    def adapters(self) -> tuple[tuple[str, torch.Tensor], ...]:
+        """The set as the hooks take it, each scale a view of :attr:`scales`."""
+        if self.scales is None:
+            return ()
+        return tuple(zip(self.adapter_names, self.scales.unbind(), strict=True))
+
+    def replay(self, forward: Forward, scope: AdapterScope | None) -> None:
         if self.graph is not None:
             self.graph.replay()
             return
         self.state.captured.clear()
-        self.noise = forward(self.sample, self.timestep, self.context, self.state)
+        with _adapters_on(scope, self.adapters()):
+            self.noise = forward(self.sample, self.timestep, self.context, self.state)
         self.captured = dict(self.state.captured)
+
+
+def _adapters_on(
+    scope: AdapterScope | None, adapters: Sequence[tuple[str, Any]]
+) -> AbstractContextManager[None]:
+    if not adapters:
+        return nullcontext()
+    if scope is None:
+        raise ValueError("a call with adapters needs a backend with adapters")
+    return scope(adapters)
 
 
 class UNetGraphs:
@@ -96,6 +124,7 @@ class UNetGraphs:
         *,
         max_batch: int = 8,
         max_graphs: int = DEFAULT_MAX_GRAPHS,
+        adapter_scope: AdapterScope | None = None,
     ) -> None:
         self.forward = forward
         self.spec = spec
@@ -103,6 +132,7 @@ class UNetGraphs:
         self.channels_last = channels_last
         self.max_batch = max_batch
         self.max_graphs = max(1, int(max_graphs))
+        self.adapter_scope = adapter_scope
         self._graphs: OrderedDict[tuple[Any, ...], _Graph] = OrderedDict()
         self._lock = threading.Lock()  # every capture, copy-in, replay and copy-out (shared pool)
         self._pool: Any = None
@@ -144,7 +174,9 @@ class UNetGraphs:
         entry.timestep.copy_(padded.timesteps)
         entry.context.copy_(padded.context)
         entry.state.load(inputs)
-        entry.replay(self.forward)
+        if entry.scales is not None:
+            entry.scales.copy_(_scales(call, "cpu"))
+        entry.replay(self.forward, self.adapter_scope)
         noise = None
         if call.need_noise_pred and entry.noise is not None:
             noise = entry.noise[:rows].clone()
@@ -164,6 +196,8 @@ class UNetGraphs:
             context=call.context.clone(),
             state=state,
             graph=None,
+            adapter_names=call.adapter_names,
+            scales=_scales(call, self.device) if call.adapters else None,
         )
         self.captures += 1
         if self.device.type != "cuda":
@@ -173,7 +207,7 @@ class UNetGraphs:
         with torch.cuda.device(self.device):
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
+            with torch.cuda.stream(side), _adapters_on(self.adapter_scope, entry.adapters()):
                 for _ in range(WARMUP_RUNS):  # let cuBLAS/cuDNN pick algorithms and allocate workspaces
                     state.captured.clear()
                     self.forward(entry.sample, entry.timestep, entry.context, state)
@@ -186,10 +220,18 @@ class UNetGraphs:
             # The gate keeps every engine thread's CUDA work out; thread_local keeps a stray launch elsewhere in
             # the process (allowed onto other streams) from failing this capture. One capture stream per cache
             # (on its device), as torch asks of captures that share a pool.
-            with torch.cuda.graph(
-                graph, pool=self._pool, stream=self._capture_stream, capture_error_mode="thread_local"
+            with (
+                torch.cuda.graph(
+                    graph, pool=self._pool, stream=self._capture_stream, capture_error_mode="thread_local"
+                ),
+                _adapters_on(self.adapter_scope, entry.adapters()),
             ):
                 entry.noise = self.forward(entry.sample, entry.timestep, entry.context, state)
         entry.graph = graph
         entry.captured = dict(state.captured)
         return entry
+
+
+def _scales(call: UNetCall, device: torch.device | str) -> torch.Tensor:
+    """The call's adapter scales, float32 in the set's order (a 0-d slice of it keeps fp16 rows fp16)."""
+    return torch.tensor([scale for _, scale in call.adapters], dtype=torch.float32, device=device)

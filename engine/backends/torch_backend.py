@@ -98,6 +98,7 @@ class TorchBackend(Backend):
                 self.channels_last,
                 max_batch=max_batch,
                 max_graphs=max_graphs or DEFAULT_MAX_GRAPHS,
+                adapter_scope=self.adapter_scope,
             )
 
     @torch.inference_mode()
@@ -127,9 +128,9 @@ class TorchBackend(Backend):
     @torch.inference_mode()
     def unet(self, call: UNetCall) -> UNetResult:
         call = self.on_device(call)
-        # Cross-attention probabilities and adapter calls run eagerly: a graph replays the kernels it
-        # captured, and an adapter set's hooks launch others (graphs stay those of the plain model).
-        if self.graphs is not None and not call.cross_probs and not call.adapters:
+        # Cross-attention probabilities run eagerly (their capture is not part of a graph's outputs). Adapter
+        # calls replay graphs of their set's names, captured with the hooks on and the scales as inputs.
+        if self.graphs is not None and not call.cross_probs:
             return self.graphs.run(call)
         state = CallState.for_call(call, self.device)
         with self.adapter_scope(call.adapters):

@@ -178,18 +178,34 @@ def test_a_missing_lora_dir_is_refused_before_the_model_loads(tmp_path):
         create_backend(tmp_path / "no-such-model", "torch", lora_dir=tmp_path / "nope")
 
 
-def test_cuda_graph_bookkeeping_leaves_adapter_calls_eager(model_dir, lora_dir, adapter_engine):
-    """With graph replay on (its CPU bookkeeping), plain calls go to graphs and adapter calls run eagerly:
-    no graph is captured for them, and their edits equal the graph-less engine's."""
+def test_cuda_graphs_serve_adapter_calls_with_scales_as_inputs(model_dir, lora_dir, modules, tmp_path):
+    """With graph replay on (its CPU bookkeeping: the same keys, static inputs and capture path around eager
+    forwards), an adapter set gets graphs of its own, captured with its hooks on; a later call of the same
+    names at other scales replays them (no new capture) and still equals weights merged by hand at *its*
+    scales, so the scales are graph inputs, not numbers baked in at capture."""
     graphs = EditEngine.from_pretrained(model_dir, lora_dir=lora_dir, backend_options={"cuda_graphs": True})
     recorder = graphs.backend.graphs
     assert recorder is not None
     edit(graphs)
-    captured = recorder.captures
-    assert captured > 0
-    chosen = (("kohya", 0.9), ("peft", 0.4))
-    assert rel_l2(edit(graphs, chosen), edit(adapter_engine, chosen)) < TOL
-    assert recorder.captures == captured
+    plain = recorder.captures
+    assert plain > 0
+    first = (("kohya", 0.9), ("peft", 0.4))
+    second = (("kohya", -1.2), ("peft", 0.7))
+    got_first = edit(graphs, first)
+    with_set = recorder.captures
+    assert with_set > plain  # the set's calls were captured as graphs of their own, not run around them
+    got_second = edit(graphs, second)
+    assert recorder.captures == with_set  # same names, other scales: the same graphs replayed
+    for chosen, got in ((first, got_first), (second, got_second)):
+        expected = edit(hand_merged(model_dir, lora_dir, modules, chosen, tmp_path / describe(chosen)))
+        assert rel_l2(got, expected) < TOL, chosen
+    edit(graphs, (("peft", 1.0),))
+    assert recorder.captures > with_set  # other names: other graphs
+    assert rel_l2(edit(graphs), edit(graphs, first)) > 100 * TOL  # and plain calls stayed plain
+
+
+def describe(adapters) -> str:
+    return "-".join(f"{name}{scale:g}" for name, scale in adapters)
 
 
 def test_saved_inversions_and_ray_records_keep_their_set(adapter_engine, tmp_path):
