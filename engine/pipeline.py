@@ -45,9 +45,10 @@ from .images import (
     output_image,
     prepare_image,
     tensor_to_images,
+    working_size,
 )
 from .options import DEFAULT_MAX_PROMPT_CHARS, EditOptions, InversionOptions, check_prompt
-from .plan import EditPlan, InversionPlan
+from .plan import EditPlan, InversionPlan, check_layers
 from .results import EditResult, Inversion
 from .schedule import ScheduleCache
 from .text import TextEncoderCache
@@ -260,6 +261,99 @@ class EditEngine:
             decoded = self.backend.decode_latents(latents / self.spec.vae_scaling_factor)
             return tensor_to_images(decoded)
 
+    # --- refusals without running: what a server judges a job by when it is submitted ------------------------
+
+    def check_generated(
+        self,
+        source_prompt: str,
+        target_prompt: str,
+        *,
+        options: EditOptions | None = None,
+        seed: int | None = None,
+        latents: torch.Tensor | np.ndarray | None = None,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> None:
+        """Raise what :meth:`edit_generated` would refuse these inputs with, without running any model (a job
+        is refused at submit, never accepted to fail later)."""
+        options = options or EditOptions()
+        source_prompt = self.check_prompt(source_prompt, "source_prompt", allow_empty=True)
+        target_prompt = self.check_prompt(target_prompt, "target_prompt", allow_empty=False)
+        z, _ = initial_latents(self.spec, self.max_side, seed, latents, height, width)
+        latent_hw = (int(z.shape[-2]), int(z.shape[-1]))
+        plan = self._plan(options, latent_hw)
+        self.check_adapters(options.adapters)
+        self._check_blend(options, plan.steps, latent_hw, target_prompt, source_prompt)
+
+    def check_invert(
+        self,
+        image: ImageInput,
+        *,
+        options: EditOptions | None = None,
+        inversion: InversionOptions | None = None,
+        source_prompt: str = _NOT_GIVEN,
+        method: str = _NOT_GIVEN,
+        null_text_steps: int = _NOT_GIVEN,
+        null_text_epsilon: float = _NOT_GIVEN,
+    ) -> tuple[int, int]:
+        """Raise what :meth:`invert` would refuse these inputs with (the image decoded, not encoded); returns
+        the (width, height) the image would be inverted at."""
+        self._inversion_plan(
+            options or EditOptions(), inversion, source_prompt, method, null_text_steps, null_text_epsilon
+        )
+        given = load_image(image, max_input_pixels=self.max_input_pixels, formats=self.image_formats)
+        return working_size(*given.size, max_side=self.max_side)
+
+    def check_real(
+        self,
+        image: ImageInput | Inversion,
+        target_prompt: str,
+        *,
+        options: EditOptions | None = None,
+        inversion: InversionOptions | None = None,
+        source_prompt: str | None = None,
+        method: str | None = None,
+        null_text_steps: int | None = None,
+        null_text_epsilon: float | None = None,
+        output_size: str | tuple[int, int] = "input",
+    ) -> None:
+        """Raise what :meth:`edit_real` would refuse these inputs with, without inverting or editing."""
+        options = options or EditOptions()
+        target_prompt = self.check_prompt(target_prompt, "target_prompt", allow_empty=False)
+        self.check_adapters(options.adapters)
+        check_output_size(output_size, self.max_input_pixels)
+        invert_options = {
+            name: value
+            for name, value in (
+                ("inversion", inversion),
+                ("source_prompt", source_prompt),
+                ("method", method),
+                ("null_text_steps", null_text_steps),
+                ("null_text_epsilon", null_text_epsilon),
+            )
+            if value is not None
+        }
+        if isinstance(image, Inversion):
+            real.check_reuse(self, image, options, invert_options)
+            latent_hw, source = image.latent_hw, image.source_prompt
+        else:
+            if options.layers != "resolution":
+                check_layers(options, self.backend, None)
+            width, height = self.check_invert(image, options=options, **invert_options)
+            factor = self.spec.vae_scale_factor
+            latent_hw = (height // factor, width // factor)
+            source = blending.source_prompt_of(image, invert_options)
+        plan = self._plan(options, latent_hw)
+        self._check_blend(options, plan.steps, latent_hw, target_prompt, source)
+
+    def _check_blend(
+        self, options: EditOptions, steps: int, latent_hw: tuple[int, int], target_prompt: str, source: str
+    ) -> None:
+        """A blend's words against the prompts and its mask image decoded, as the edit would."""
+        if options.blend is not None:
+            words = blending.check_words(self, options.blend, target_prompt, source)
+            blending.start_blend(self, options.blend, steps, latent_hw, words)
+
     # --- Algorithm 1: generated images ----------------------------------------------------------------------
 
     def edit_generated(
@@ -323,6 +417,52 @@ class EditEngine:
 
     # --- Algorithm 2: real images ---------------------------------------------------------------------------
 
+    def _inversion_plan(
+        self,
+        options: EditOptions,
+        inversion: InversionOptions | None,
+        source_prompt: Any = _NOT_GIVEN,
+        method: Any = _NOT_GIVEN,
+        null_text_steps: Any = _NOT_GIVEN,
+        null_text_epsilon: Any = _NOT_GIVEN,
+    ) -> InversionPlan:
+        """How :meth:`invert` inverts under ``options`` and the inversion options (given as
+        ``InversionOptions`` or as keywords, not both): every refusal of those options, before any work."""
+        given = {
+            name: value
+            for name, value in (
+                ("source_prompt", source_prompt),
+                ("method", method),
+                ("null_text_steps", null_text_steps),
+                ("null_text_epsilon", null_text_epsilon),
+            )
+            if value is not _NOT_GIVEN
+        }
+        if inversion is not None and given:
+            raise TypeError(f"give inversion=InversionOptions(...) or {next(iter(given))}=, not both")
+        if "source_prompt" in given:  # judged by this engine's prompt limit before the options' rules
+            self.check_prompt(source_prompt, "source_prompt", allow_empty=True)
+        how = inversion if inversion is not None else InversionOptions(**given)
+        source = self.check_prompt(how.source_prompt, "source_prompt", allow_empty=True)
+        chosen = null_text.check_method(how.method, source, self.backend)
+        self.check_adapters(options.adapters)
+        if options.adapters and chosen == "null-text":
+            from .errors import InvalidInputError
+
+            raise InvalidInputError(
+                "adapters",
+                "null-text inversion's gradient steps run without adapters; use ddim or negative-prompt",
+            )
+        ddim = chosen == "ddim"
+        return InversionPlan(
+            self.schedules(options.steps),
+            chosen,
+            "" if ddim else source,
+            options.guidance_scale,
+            how.null_text_steps,
+            how.null_text_epsilon,
+        )
+
     def invert(
         self,
         image: ImageInput,
@@ -346,39 +486,8 @@ class EditEngine:
         the same inversion with the source prompt's embedding as every step's null embedding (no optimisation).
         """
         options = options or EditOptions()
-        given = {
-            name: value
-            for name, value in (
-                ("source_prompt", source_prompt),
-                ("method", method),
-                ("null_text_steps", null_text_steps),
-                ("null_text_epsilon", null_text_epsilon),
-            )
-            if value is not _NOT_GIVEN
-        }
-        if inversion is not None and given:
-            raise TypeError(f"give inversion=InversionOptions(...) or {next(iter(given))}=, not both")
-        if "source_prompt" in given:  # judged by this engine's prompt limit before the options' rules
-            self.check_prompt(source_prompt, "source_prompt", allow_empty=True)
-        how = inversion if inversion is not None else InversionOptions(**given)
-        source_prompt = self.check_prompt(how.source_prompt, "source_prompt", allow_empty=True)
-        method = null_text.check_method(how.method, source_prompt, self.backend)
-        self.check_adapters(options.adapters)
-        if options.adapters and method == "null-text":
-            from .errors import InvalidInputError
-
-            raise InvalidInputError(
-                "adapters",
-                "null-text inversion's gradient steps run without adapters; use ddim or negative-prompt",
-            )
-        ddim = method == "ddim"
-        plan = InversionPlan(
-            self.schedules(options.steps),
-            method,
-            "" if ddim else source_prompt,
-            options.guidance_scale,
-            how.null_text_steps,
-            how.null_text_epsilon,
+        plan = self._inversion_plan(
+            options, inversion, source_prompt, method, null_text_steps, null_text_epsilon
         )
         run = self.request_run(progress, cancel_check, options.adapters)
         run.check()
@@ -388,6 +497,8 @@ class EditEngine:
             mean = self.backend.encode_image(image_to_tensor(pil))
             z0 = (mean.float() * self.spec.vae_scaling_factor).to(self.backend.device)
         trajectory, nulls, extra = real.invert_latents(self, z0, plan, run)
+        method = plan.method
+        ddim = method == "ddim"
         return Inversion(
             trajectory=trajectory,
             steps=plan.steps,

@@ -60,9 +60,7 @@ def inversion_to_edit(
     """The inversion a real edit starts from (``image`` inverted now, or checked against the request) and
     the edit's run, which counts a fresh inversion's work too."""
     if isinstance(image, Inversion):
-        refuse_inversion_options(list(invert_options))
-        check_inversion(image, options, engine.engine_id)
-        check_edit_guidance(image, options)
+        check_reuse(engine, image, options, invert_options)
         return image, engine.request_run(progress, cancel_check, options.adapters)
     if options.layers != "resolution":  # that preset needs the image's size; others are checked now,
         check_layers(options, engine.backend, None)  # before the inversion, not after it ran for nothing
@@ -73,6 +71,16 @@ def inversion_to_edit(
     run = engine.request_run(progress, cancel_check, options.adapters)
     run.absorb(inversion.stats)  # one call did both: report the whole real edit
     return inversion, run
+
+
+def check_reuse(
+    engine: EditEngine, inversion: Inversion, options: EditOptions, invert_options: dict[str, Any]
+) -> None:
+    """Refuse an edit of an existing ``inversion`` that this request cannot make: inversion options given
+    again, another engine's, another step count, adapter set or (null-text) guidance."""
+    refuse_inversion_options(list(invert_options))
+    check_inversion(inversion, options, engine.engine_id)
+    check_edit_guidance(inversion, options)
 
 
 def check_inversion(inversion: Inversion, options: EditOptions, engine_id: str) -> None:

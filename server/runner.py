@@ -33,7 +33,7 @@ from concurrent.futures import CancelledError as FutureCancelled
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from fpedit.engine import EditEngine, EditOptions, EngineConfig, ProgressEvent
+from fpedit.engine import EditEngine, EditOptions, EngineConfig, Inversion, ProgressEvent
 from fpedit.engine.errors import CancelledError
 from fpedit.engine.options import MAX_STEPS
 
@@ -127,6 +127,8 @@ class RunnerStats:
 
 
 class Runner(Protocol):
+    def check(self, call: EditCall | GenerateCall | InvertCall) -> None: ...
+
     def edit(
         self, call: EditCall, *, progress: ProgressFn | None = None, cancel_check: CancelCheck | None = None
     ) -> EditOutcome: ...
@@ -218,20 +220,48 @@ class LocalRunner:
         queue_ms = ((started[0] if started else time.perf_counter()) - submitted) * 1e3
         return result, queue_ms
 
+    def _by_id(self, call: EditCall) -> tuple[Inversion, EditOptions]:
+        """The cached inversion an edit by id names, and the call's options completed from it (its step count
+        and a null-text inversion's guidance, where the call gave none)."""
+        inversion = self.cache.get(call.inversion_id)
+        if inversion is None:
+            raise unknown_inversion(call.inversion_id)
+        options = call.options
+        if not call.steps_given:
+            options = options.replace(steps=inversion.steps)
+        if not call.guidance_given and inversion.guidance_scale is not None:
+            options = options.replace(guidance_scale=inversion.guidance_scale)
+        return inversion, options
+
     # --- calls ----------------------------------------------------------------------------------------------
+
+    def check(self, call: EditCall | GenerateCall | InvertCall) -> None:
+        """Raise what running ``call`` would refuse it with, without running it (the engine's checks, the
+        image decoded, an inversion id looked up): a job is judged by this when it is submitted."""
+        engine = self.engine
+        if isinstance(call, GenerateCall):
+            engine.check_generated(
+                call.source_prompt,
+                call.target_prompt,
+                options=call.options,
+                seed=call.seed,
+                height=call.height,
+                width=call.width,
+            )
+        elif isinstance(call, InvertCall):
+            engine.check_invert(call.image, options=call.options, **call.inversion)
+        elif call.inversion_id:
+            inversion, options = self._by_id(call)
+            engine.check_real(inversion, call.target_prompt, options=options)
+        else:
+            engine.check_real(call.image, call.target_prompt, options=call.options, **call.inversion)
 
     def edit(
         self, call: EditCall, *, progress: ProgressFn | None = None, cancel_check: CancelCheck | None = None
     ) -> EditOutcome:
         options = call.options
         if call.inversion_id:
-            inversion = self.cache.get(call.inversion_id)
-            if inversion is None:
-                raise unknown_inversion(call.inversion_id)
-            if not call.steps_given:
-                options = options.replace(steps=inversion.steps)
-            if not call.guidance_given and inversion.guidance_scale is not None:
-                options = options.replace(guidance_scale=inversion.guidance_scale)
+            inversion, options = self._by_id(call)
             result, queue_ms = self._run(
                 lambda kw: self.engine.edit_real(inversion, call.target_prompt, options=options, **kw),
                 progress,

@@ -28,11 +28,10 @@ from google.protobuf.message import Message
 
 from fpedit.engine import InvalidInputError
 from fpedit.engine.errors import CancelledError, NotFoundError
-from fpedit.engine.images import load_image
 from fpedit.v1 import edit_pb2 as pb
 
 from ..convert import edit_response, generate_response, invert_response
-from ..errors import OverloadedError, UnavailableError, unknown_inversion
+from ..errors import OverloadedError, UnavailableError
 from ..http_support import HTTP_STATUS
 from ..logs import log_request
 from ..service import EditServicer, parse_edit, parse_generate, parse_invert, status_of
@@ -146,23 +145,20 @@ class JobManager:
         return self.get(job_id, token)
 
     def _validate(self, kind: str, request: pb.SubmitJobRequest) -> Any:
+        """The request parsed and judged as its synchronous call would judge it, without running it: the
+        servicer's parse, then the runner's check (the engine's refusals, the image decoded, an inversion id
+        looked up)."""
+        call = self._parse(kind, request)
+        self.servicer.runner.check(call)
+        return call
+
+    def _parse(self, kind: str, request: pb.SubmitJobRequest) -> Any:
         chars = self.servicer.config.max_prompt_chars
         if kind == "edit":
-            call = parse_edit(request.edit, chars)
-            if call.inversion_id:
-                cache = getattr(self.servicer.runner, "cache", None)
-                if cache is not None and cache.get(call.inversion_id) is None:
-                    raise unknown_inversion(call.inversion_id)
-            image = call.image
-        elif kind == "generate":
-            call, image = parse_generate(request.generate, chars), b""
-        else:
-            call = parse_invert(request.invert, chars)
-            image = call.image
-        engine = getattr(self.servicer.runner, "engine", None)
-        if image and engine is not None:  # decoded now: a bad image is refused, not a job failed later
-            load_image(image, max_input_pixels=engine.max_input_pixels, formats=engine.image_formats)
-        return call
+            return parse_edit(request.edit, chars)
+        if kind == "generate":
+            return parse_generate(request.generate, chars)
+        return parse_invert(request.invert, chars)
 
     def _row(self, job_id: str, token: str | None) -> JobRow:
         row = self.table.get(job_id) if isinstance(job_id, str) and len(job_id) <= 64 else None
@@ -328,7 +324,7 @@ class JobManager:
 
         response: Message | None = None
         try:
-            call = self._validate(kind, request)
+            call = self._parse(kind, request)  # judged at submit; the runner judges it again as it runs
             runner = self.servicer.runner
             run = {"edit": runner.edit, "generate": runner.generate, "invert": runner.invert}[kind]
             encode = {"edit": edit_response, "generate": generate_response, "invert": invert_response}[kind]

@@ -24,6 +24,9 @@ log = logging.getLogger("fpedit.server")
 
 #: How often a waiting front checks its request's cancellation and deadline.
 CANCEL_POLL_S = 0.1
+#: How long a job's submit waits for a replica to judge it; past it (every replica busy) it is queued
+#: unjudged, and a bad request then fails as its job runs.
+CHECK_TIMEOUT_S = 5.0
 
 
 def _cancel_quietly(stream: Any) -> None:
@@ -120,6 +123,28 @@ class RayRunner:
                     raise
 
     # --- calls ----------------------------------------------------------------------------------------------
+
+    def check(self, call: EditCall | GenerateCall | InvertCall) -> None:
+        """A replica's refusals of ``call`` without running it (the front has no engine): an edit by id goes
+        to the replica holding it. When no replica can answer within :data:`CHECK_TIMEOUT_S` (all busy, the
+        queue full, a replica lost) the call is let through: it is judged again when it runs."""
+        by_id = isinstance(call, EditCall) and call.inversion_id
+        routed = self._routed(call.inversion_id) if by_id else self.handle
+        response = routed.check.remote(call)
+        try:
+            result = response.result(timeout_s=CHECK_TIMEOUT_S)
+        except TimeoutError:
+            _cancel_quietly(response)
+            log.info("no replica free to check a job within %.0f s; it is checked when it runs", CHECK_TIMEOUT_S)
+            return
+        except Exception as exc:
+            error = translate(exc)
+            if isinstance(error, OverloadedError | UnavailableError):
+                log.info("a job could not be checked now (%s); it is checked when it runs", error)
+                return
+            raise error from None
+        if isinstance(result, ReplicaError):
+            raise result.unwrap()
 
     def edit(
         self,

@@ -164,7 +164,29 @@ class EditReplica:
             held.local_key = self._restore(call.inversion_id)
             return self.runner.edit(dataclasses.replace(call, inversion_id=held.local_key), **kw)
 
+    def _check_held(self, call: EditCall, held: _Held) -> None:
+        """:meth:`_edit_held`'s lookup, then the runner's checks instead of the edit."""
+        if not held.local_key:
+            held.local_key = self._restore(call.inversion_id)
+        try:
+            self.runner.check(dataclasses.replace(call, inversion_id=held.local_key))
+        except NotFoundError:
+            held.local_key = self._restore(call.inversion_id)
+            self.runner.check(dataclasses.replace(call, inversion_id=held.local_key))
+
     # --- calls ----------------------------------------------------------------------------------------------
+
+    async def check(self, call: EditCall | GenerateCall | InvertCall) -> None:
+        """The runner's refusals of ``call`` without running it (a job at submit); an edit by id is routed
+        here by its id and looked up as its edit would be."""
+
+        async def work(cancel_check: Callable[[], None]) -> None:
+            if isinstance(call, EditCall) and call.inversion_id:
+                held = await self._hold(call.inversion_id)
+                return await self._in_thread(self._check_held, call, held)
+            return await self._in_thread(self.runner.check, call)
+
+        return await self._call("check", work)
 
     async def _call(self, method: str, work: Callable[..., Any]) -> Any:
         """Run ``work(cancel_check=...)`` and publish the outcome; cancellation by the front stops the engine."""

@@ -886,6 +886,39 @@ def test_a_job_through_the_ray_front_equals_the_synchronous_edit_and_outlives_a_
     assert again["edit"]["editedImage"] == job["edit"]["editedImage"]
 
 
+def test_the_ray_front_refuses_bad_jobs_at_submit(ray_service):
+    """The front has no engine: a replica judges each job as it is submitted (an edit by id on the replica
+    holding it), so a bad image, an unknown inversion id and a size the engine refuses are answered at once
+    with the synchronous call's status, and nothing is queued."""
+    import base64
+
+    import httpx
+
+    from fpedit.server.app import build_server
+    from fpedit.server.config import ServerConfig
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
+    refusals = [
+        ({"kind": "edit", "image": b64(b"not an image"), "targetPrompt": "a car"}, 400, "image"),
+        ({"kind": "edit", "inversionId": "f" * 32, "targetPrompt": "a car"}, 404, "unknown"),
+        ({"kind": "generate", "sourcePrompt": "a cat", "targetPrompt": "a dog", "height": 8192}, 400, "height"),
+        ({"kind": "invert", "image": b64(png_bytes(make_image(64, 64))), "options": {"steps": 2,
+          "mask": b64(b"junk"), "adapters": [{"name": "ink"}]}}, 400, "adapters"),
+    ]  # fmt: skip
+    front = build_server(ray_service.runner, ServerConfig(port=0, http_port=0))
+    try:
+        with httpx.Client(base_url=front.http.url, timeout=60) as http:
+            for body, status, fragment in refusals:
+                response = http.post("/v1/jobs", json=body)
+                assert response.status_code == status, (body["kind"], response.text)
+                assert fragment in response.json()["error"]["message"], response.text
+            assert http.get("/v1/jobs").json().get("jobs", []) == []  # nothing was accepted
+    finally:
+        front.drain(2)
+
+
 # --- issue 29 item 5: adapters on Ray (every replica loads the same --lora-dir) -----------------------------
 
 

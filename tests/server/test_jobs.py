@@ -125,6 +125,7 @@ def running(jobs_engine, tmp_path_factory):
 
 
 EDIT = {"image": b64(png()), "targetPrompt": "a red car", "options": {"steps": STEPS}}
+GENERATE = {"sourcePrompt": "a cat", "targetPrompt": "a dog", "options": {"steps": STEPS}}
 
 
 def test_http_edit_job_equals_the_synchronous_edit_and_its_webhook_is_signed_and_retried(http, stub):
@@ -241,6 +242,29 @@ def test_cancel_a_running_and_a_queued_job_and_a_full_queue(http, stub):
         ({"kind": "paint", **EDIT}, 400, "INVALID_ARGUMENT", "kind"),
         ({"kind": "edit", **EDIT, "options": {"steps": 0}}, 400, "INVALID_ARGUMENT", "steps"),
         ({"kind": "edit", **EDIT, "webhookUrl": "ftp://127.0.0.1/x"}, 400, "INVALID_ARGUMENT", "webhook_url"),
+        # Refusals only the engine makes (its size limits, prompts' words, mask images, adapters): judged at
+        # submit by the runner's check, without running anything.
+        ({"kind": "generate", **GENERATE, "height": 8192}, 400, "INVALID_ARGUMENT", "height"),
+        ({"kind": "edit", **EDIT, "options": {"blendWords": ["zebra"]}}, 400, "INVALID_ARGUMENT", "zebra"),
+        ({"kind": "edit", **EDIT, "options": {"mask": b64(b"not a mask")}}, 400, "INVALID_ARGUMENT", "mask"),
+        (
+            {"kind": "invert", "image": b64(png()), "options": {"adapters": [{"name": "ink"}]}},
+            400,
+            "INVALID_ARGUMENT",
+            "offers no adapters",
+        ),
+    ],
+    ids=[
+        "prompt",
+        "image",
+        "inversion-id",
+        "kind",
+        "steps",
+        "webhook",
+        "size",
+        "blend-word",
+        "mask",
+        "adapters",
     ],
 )
 def test_bad_submissions_are_refused_at_submit(http, stub, body, status, code, fragment):
