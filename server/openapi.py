@@ -11,6 +11,7 @@ from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescript
 
 from fpedit.v1 import edit_pb2 as pb
 
+from .jobs.views import STATES
 from .maps import MAPS_REQUEST_SCHEMA, MAPS_RESPONSE_SCHEMA
 
 if TYPE_CHECKING:
@@ -76,6 +77,13 @@ def openapi_document(routes: Sequence[RpcRoute]) -> dict[str, Any]:
         name: _message_schema(m) for name, m in pb.DESCRIPTOR.message_types_by_name.items()
     }
     schemas.update({name: _enum_schema(e) for name, e in pb.DESCRIPTOR.enum_types_by_name.items()})
+    # A job's JSON names its state short (jobs.views); gRPC carries the enum (JOB_STATE_SUCCEEDED, ...).
+    schemas["JobState"] = {
+        "type": "string",
+        "enum": list(STATES),
+        "description": "gRPC carries the JobState enum (JOB_STATE_QUEUED, ...); GET /v1/jobs?state= takes "
+        "either form",
+    }
     schemas["MapsRequest"] = MAPS_REQUEST_SCHEMA
     schemas["MapsResponse"] = MAPS_RESPONSE_SCHEMA
     schemas["Error"] = {

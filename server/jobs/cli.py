@@ -14,15 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from .state import image_extension
+from .views import STATE_ENUM, STATES, job_dict
 
 KINDS = ("edit", "generate", "invert")
-STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
 def job_json(job: Any, output_dir: Path | None) -> dict[str, Any]:
-    """The job as a dict with snake_case names; image bytes become the files written (or their sizes)."""
-    from google.protobuf.json_format import MessageToDict
-
+    """The job as the server's JSON of it (:func:`.views.job_dict`) with snake_case names; image bytes become
+    the files written (or their sizes)."""
     kind = job.WhichOneof("result")
     images: dict[str, bytes] = {}
     if kind is not None:
@@ -31,8 +30,7 @@ def job_json(job: Any, output_dir: Path | None) -> dict[str, Any]:
             if field.type == field.TYPE_BYTES and getattr(result, field.name):
                 images[field.name] = getattr(result, field.name)
                 result.ClearField(field.name)
-    fields = MessageToDict(job, preserving_proto_field_name=True)
-    fields["state"] = fields.get("state", "").removeprefix("JOB_STATE_").lower()
+    fields = job_dict(job, proto_names=True)
     for name, data in images.items():
         if output_dir is None:
             fields[kind][name] = f"<{len(data)} bytes; --output-dir writes it>"
@@ -88,7 +86,7 @@ def add_job_commands(
 
     @errors
     def listing(args: argparse.Namespace) -> int:
-        state = pb.JobState.Value(f"JOB_STATE_{args.state.upper()}") if args.state else 0
+        state = STATE_ENUM[args.state] if args.state else 0
         request = pb.ListJobsRequest(state=state, limit=args.limit, page_token=args.page_token or "")
         response = call(args, "ListJobs", request)
         jobs = [job_json(job, None) for job in response.jobs]

@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from fpedit.engine import InvalidInputError
@@ -35,15 +34,14 @@ from ..errors import OverloadedError, UnavailableError
 from ..http_support import HTTP_STATUS
 from ..logs import log_request
 from ..service import EditServicer, parse_edit, parse_generate, parse_invert, status_of
+from . import views
 from .config import JobsConfig
 from .state import JobRow, JobTable, ResultFiles, StateDir, now
+from .views import STATE_ENUM, STATE_NAMES, STATES, TERMINAL
 from .webhooks import Attempt, WebhookSender
 
 log = logging.getLogger("fpedit.server")
 
-STATES = ("queued", "running", "succeeded", "failed", "cancelled")
-TERMINAL = ("succeeded", "failed", "cancelled")
-STATE_ENUM = {name: pb.JobState.Value(f"JOB_STATE_{name.upper()}") for name in STATES}
 #: The synchronous RPC each kind of job runs, for the log line and the metrics.
 METHODS = {"edit": "Edit", "generate": "GenerateEdit", "invert": "Invert"}
 #: Image fields of each kind's response: kept as files, not in the table.
@@ -175,10 +173,9 @@ class JobManager:
             raise InvalidInputError("limit", f"must be in 1..{MAX_LIST}")
         state = None
         if request.state:
-            names = {number: name for name, number in STATE_ENUM.items()}
-            if request.state not in names:
+            if request.state not in STATE_NAMES:
                 raise InvalidInputError("state", f"unknown value {request.state}")
-            state = names[request.state]
+            state = STATE_NAMES[request.state]
         before = None
         if request.page_token:
             if not request.page_token.isdigit() or len(request.page_token) > 18:
@@ -258,10 +255,11 @@ class JobManager:
         return job
 
     def job_json(self, job_id: str) -> bytes:
+        """The webhook's body: the job's JSON exactly as ``GET /v1/jobs/{id}`` answers it."""
         row = self.table.get(job_id)
         if row is None:
             raise unknown_job(job_id)
-        return json_format.MessageToJson(self.message(row), indent=None).encode()
+        return views.job_json(self.message(row)).encode()
 
     # --- running --------------------------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """HTTP routes of the jobs: ``POST /v1/jobs``, ``GET /v1/jobs``, ``GET /v1/jobs/{id}``,
 ``DELETE /v1/jobs/{id}``. Each builds the job RPC's request in the proto3 JSON mapping and calls the same
-:class:`~.service.JobServicer` method gRPC calls, so validation, statuses, logs and metrics are shared."""
+:class:`~.service.JobServicer` method gRPC calls, so validation, statuses, logs and metrics are shared; the
+answer is the job's JSON of :mod:`.views` (``state`` as its short name)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..http_support import Aborted, HttpContext, JsonBody, body_too_large, error_response, peer_of, to_json
+from ..http_support import Aborted, HttpContext, JsonBody, body_too_large, error_response, peer_of
 from ..logs import log_request
+from .views import STATES, job_json, jobs_json, parse_state
 
 if TYPE_CHECKING:
     from ..http import HttpApi
@@ -54,6 +56,11 @@ def submit_body(text: bytes) -> JsonBody:
     return JsonBody(json.dumps(wrapped).encode())
 
 
+def state_refusal(given: str) -> str:
+    """Why ``?state=`` is refused: both forms are taken (the enum's names came first), the short ones shown."""
+    return f"state: must be one of {', '.join(STATES)} (or JOB_STATE_<NAME>), got {given!r}"
+
+
 def job_routes(api: HttpApi) -> list[Route]:
     """The job routes over ``api``'s servicer (none when the server runs no jobs)."""
     jobs = getattr(api.servicer, "jobs", None)
@@ -73,11 +80,13 @@ def job_routes(api: HttpApi) -> list[Route]:
                 return error_response(code, "missing or wrong bearer token (Authorization header)", 401)
         loop = asyncio.get_running_loop()
         try:
-            job = await loop.run_in_executor(api.executor, getattr(jobs, rpc), body, context)
+            answer = await loop.run_in_executor(api.executor, getattr(jobs, rpc), body, context)
         except Aborted as exc:
             return error_response(exc.code, exc.detail)
-        headers = {"Location": f"/v1/jobs/{job.id}"} if rpc == "SubmitJob" else None
-        return Response(to_json(job), status_code=status, media_type="application/json", headers=headers)
+        if rpc == "ListJobs":
+            return Response(jobs_json(answer), status_code=status, media_type="application/json")
+        headers = {"Location": f"/v1/jobs/{answer.id}"} if rpc == "SubmitJob" else None
+        return Response(job_json(answer), status_code=status, media_type="application/json", headers=headers)
 
     async def submit(request: Request) -> Response:
         declared = request.headers.get("content-length")
@@ -104,9 +113,10 @@ def job_routes(api: HttpApi) -> list[Route]:
         fields: dict[str, Any] = {}
         state = query.get("state")
         if state:
-            fields["state"] = (
-                state if state.upper().startswith("JOB_STATE_") else f"JOB_STATE_{state.upper()}"
-            )
+            name = parse_state(state)
+            if name is None:  # refused by the servicer (400, logged and counted), naming what was given
+                return await call("ListJobs", request, JsonBody(b"", error=state_refusal(state)))
+            fields["state"] = f"JOB_STATE_{name.upper()}"
         limit = query.get("limit")
         if limit:
             fields["limit"] = int(limit) if limit.isdigit() else limit

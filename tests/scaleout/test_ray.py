@@ -854,7 +854,7 @@ def test_a_job_through_the_ray_front_equals_the_synchronous_edit_and_outlives_a_
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             job = http.get(f"/v1/jobs/{job_id}").json()
-            if job["state"] in ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED"):
+            if job["state"] in ("succeeded", "failed", "cancelled"):
                 return job
             time.sleep(0.05)
         raise AssertionError(f"job {job_id} did not finish: {job}")
@@ -870,7 +870,7 @@ def test_a_job_through_the_ray_front_equals_the_synchronous_edit_and_outlives_a_
             job = wait_job(http, job_id)
     finally:
         front.drain(5)
-    assert job["state"] == "JOB_STATE_SUCCEEDED", job
+    assert job["state"] == "succeeded", job
     assert np.array_equal(pixels(base64.b64decode(job["edit"]["editedImage"])), pixels(sync.edited_image))
     assert np.array_equal(
         pixels(base64.b64decode(job["edit"]["reconstructionImage"])), pixels(sync.reconstruction_image)
@@ -882,7 +882,7 @@ def test_a_job_through_the_ray_front_equals_the_synchronous_edit_and_outlives_a_
             again = http.get(f"/v1/jobs/{job_id}").json()
     finally:
         restarted.drain(2)
-    assert again["state"] == "JOB_STATE_SUCCEEDED"
+    assert again["state"] == "succeeded"
     assert again["edit"]["editedImage"] == job["edit"]["editedImage"]
 
 

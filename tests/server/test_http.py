@@ -144,6 +144,9 @@ def test_info_health_and_openapi(http, running):
     assert document["components"]["schemas"]["GenerateEditRequest"]["properties"]["seed"]["type"] == "string"
     assert "multipart/form-data" in document["paths"]["/v1/edit"]["post"]["requestBody"]["content"]
     assert document["components"]["schemas"]["MapsRequest"]["required"] == ["prompt"]
+    job_state = document["components"]["schemas"]["JobState"]  # as a job's JSON names it, not the enum
+    assert job_state["enum"] == ["queued", "running", "succeeded", "failed", "cancelled"]
+    assert document["components"]["schemas"]["Job"]["properties"]["state"]["$ref"].endswith("/JobState")
     assert "501" in document["paths"]["/v1/maps"]["post"]["responses"]
     docs = http.get("/docs")
     assert docs.status_code == 200 and "<script" not in docs.text and "http://" not in docs.text.lower()

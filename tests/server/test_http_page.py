@@ -339,7 +339,7 @@ def test_page_submits_a_job_and_lists_recent_jobs(page, server, tmp_path):
     page.wait_for_selector("#f-edited img", timeout=60_000)
     listing = httpx.get(server.http.url + "v1/jobs", params={"limit": 10}, timeout=30).json()["jobs"]
     newest = listing[0]
-    assert newest["kind"] == "edit" and newest["state"] == "JOB_STATE_SUCCEEDED"
+    assert newest["kind"] == "edit" and newest["state"] == "succeeded"
     page.wait_for_function(
         "id => document.querySelector('#jobs tbody tr').dataset.id === id && "
         "document.querySelector('#jobs tbody tr').cells[2].textContent === 'succeeded'",

@@ -48,12 +48,12 @@ def png(seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
-def wait_job(http: httpx.Client, job_id: str, until: tuple[str, ...] = ("SUCCEEDED", "FAILED", "CANCELLED"),
+def wait_job(http: httpx.Client, job_id: str, until: tuple[str, ...] = ("succeeded", "failed", "cancelled"),
              timeout: float = 120.0, headers: dict | None = None) -> dict:  # fmt: skip
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = http.get(f"/v1/jobs/{job_id}", headers=headers if headers is not None else AUTH).json()
-        if job["state"].removeprefix("JOB_STATE_") in until:
+        if job["state"] in until:
             return job
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} not {until} in {timeout} s: {job}")
@@ -143,8 +143,9 @@ def test_http_edit_job_equals_the_synchronous_edit_and_its_webhook_is_signed_and
         job_id = submitted.json()["id"]
         assert submitted.headers["location"] == f"/v1/jobs/{job_id}"
         assert len(base64.urlsafe_b64decode(job_id + "==")) >= 16  # >= 122 random bits
+        assert submitted.json()["state"] in ("queued", "running", "succeeded")  # the short names (issue 28)
         job = wait_job(http, job_id)
-        assert job["state"] == "JOB_STATE_SUCCEEDED", job
+        assert job["state"] == "succeeded", job
         assert np.array_equal(pixels(job["edit"]["editedImage"]), pixels(sync.edited_image))
         assert np.array_equal(pixels(job["edit"]["reconstructionImage"]), pixels(sync.reconstruction_image))
         assert job["finished"] >= job["started"] >= job["created"] > 0
@@ -157,7 +158,7 @@ def test_http_edit_job_equals_the_synchronous_edit_and_its_webhook_is_signed_and
         first, second = receiver.calls[:2]
         assert first["valid"] and second["valid"] and second["fresh"]
         assert first["delivery"] == second["delivery"] == job["webhookDelivery"]
-        assert second["job"]["id"] == job_id and second["job"]["state"] == "JOB_STATE_SUCCEEDED"
+        assert second["job"]["id"] == job_id and second["job"]["state"] == "succeeded"  # as GET says it
         deadline = time.monotonic() + 10
         while len(http.get(f"/v1/jobs/{job_id}", headers=AUTH).json().get("webhookAttempts", [])) < 2:
             assert time.monotonic() < deadline
@@ -205,18 +206,25 @@ def test_grpc_generate_job_watch_and_list_pages_newest_first(http, stub):
     assert [j.id for j in newest.jobs] == [job.id] and newest.next_page_token
     older = stub.ListJobs(pb.ListJobsRequest(limit=1, page_token=newest.next_page_token), metadata=META)
     assert len(older.jobs) == 1 and older.jobs[0].created <= job.created
-    by_state = http.get("/v1/jobs", params={"state": "succeeded", "limit": 100}, headers=AUTH).json()["jobs"]
-    assert job.id in [j["id"] for j in by_state] and all(
-        j["state"] == "JOB_STATE_SUCCEEDED" for j in by_state
-    )
+    by_state = http.get("/v1/jobs", params={"state": "succeeded", "limit": 100}, headers=AUTH)
+    assert "JOB_STATE_" not in by_state.text
+    succeeded = by_state.json()["jobs"]
+    assert job.id in [j["id"] for j in succeeded] and all(j["state"] == "succeeded" for j in succeeded)
+    for given in ("JOB_STATE_SUCCEEDED", "Succeeded", "job_state_succeeded"):  # the enum's names, as before
+        same = http.get("/v1/jobs", params={"state": given, "limit": 100}, headers=AUTH).json()["jobs"]
+        assert [j["id"] for j in same] == [j["id"] for j in succeeded], given
+    everything = http.get("/v1/jobs", params={"limit": 100}, headers=AUTH).json()["jobs"]
+    assert {j["state"] for j in everything} <= {"queued", "running", "succeeded", "failed", "cancelled"}
     assert http.get("/v1/jobs", params={"state": "queued"}, headers=AUTH).json().get("jobs", []) == []
 
 
 def test_cancel_a_running_and_a_queued_job_and_a_full_queue(http, stub):
     long = {"kind": "edit", **EDIT, "options": {"steps": 400}}
     running = http.post("/v1/jobs", json=long, headers=AUTH).json()["id"]
-    wait_job(http, running, until=("RUNNING",))
-    queued = http.post("/v1/jobs", json=long, headers=AUTH).json()["id"]
+    wait_job(http, running, until=("running",))
+    queued_job = http.post("/v1/jobs", json=long, headers=AUTH)
+    assert queued_job.status_code == 202 and queued_job.json()["state"] == "queued"  # the one worker is busy
+    queued = queued_job.json()["id"]
     full = http.post("/v1/jobs", json=long, headers=AUTH)  # max_queued=1
     assert full.status_code == 429 and full.json()["error"]["status"] == "RESOURCE_EXHAUSTED"
     with pytest.raises(grpc.RpcError) as caught:
@@ -226,10 +234,10 @@ def test_cancel_a_running_and_a_queued_job_and_a_full_queue(http, stub):
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
     cancelled = http.delete(f"/v1/jobs/{queued}", headers=AUTH)
-    assert cancelled.status_code == 200 and cancelled.json()["state"] == "JOB_STATE_CANCELLED"
+    assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
     assert stub.CancelJob(pb.CancelJobRequest(id=running), metadata=META).id == running
     job = wait_job(http, running)
-    assert job["state"] == "JOB_STATE_CANCELLED" and job["error"]["status"] == "CANCELLED"
+    assert job["state"] == "cancelled" and job["error"]["status"] == "CANCELLED"
     assert job["finished"] - job["started"] < 30  # stopped at a step, not after 400 of them
 
 
@@ -280,7 +288,10 @@ def test_job_route_and_rpc_refusals(http, stub):
     assert http.get("/v1/jobs/nope", headers=AUTH).status_code == 404
     assert http.delete("/v1/jobs/nope", headers=AUTH).status_code == 404
     assert http.get("/v1/jobs", params={"limit": 1000}, headers=AUTH).status_code == 400
-    assert http.get("/v1/jobs", params={"state": "sleeping"}, headers=AUTH).status_code == 400
+    for state in ("sleeping", "bogus", "JOB_STATE_BOGUS", "JOB_STATE_UNSPECIFIED"):
+        refused = http.get("/v1/jobs", params={"state": state}, headers=AUTH)
+        assert refused.status_code == 400 and refused.json()["error"]["status"] == "INVALID_ARGUMENT"
+        assert f"got {state!r}" in refused.json()["error"]["message"], refused.text
     assert http.get("/v1/jobs", params={"pageToken": "abc"}, headers=AUTH).status_code == 400
     assert http.get("/v1/jobs").status_code == 401
     assert http.post("/v1/jobs", json={"kind": "edit", **EDIT}).status_code == 401
@@ -337,7 +348,7 @@ def test_tokens_restart_and_a_foreign_engine_on_one_state_dir(jobs_engine, tmp_p
         "/v1/jobs", json={"kind": "invert", "image": b64(png(1)), "options": {"steps": STEPS}}
     ).json()["id"]
     before = wait_job(http, job_id, headers={})
-    assert before["state"] == "JOB_STATE_SUCCEEDED"
+    assert before["state"] == "succeeded"
     inversion = before["invert"]["inversionId"]
     # No secret here: webhooks are refused; a second server on the directory is refused while this one holds it.
     refused = http.post("/v1/jobs", json={"kind": "edit", **EDIT, "webhookUrl": "https://example.com/"})
@@ -445,7 +456,7 @@ def test_kill_9_mid_job_and_restart_on_the_same_state_dir(
             again = http.post("/v1/edit", json={"inversionId": inversion, "targetPrompt": "a boat"}).json()
             assert np.array_equal(pixels(again["editedImage"]), pixels(by_id["editedImage"]))
             done = wait_job(http, interrupted, headers={})
-            assert done["state"] == "JOB_STATE_SUCCEEDED" and done["attempts"] == 2
+            assert done["state"] == "succeeded" and done["attempts"] == 2
             uninterrupted = http.post("/v1/edit", json=long_edit).json()
             assert np.array_equal(pixels(done["edit"]["editedImage"]), pixels(uninterrupted["editedImage"]))
             queued = wait_job(http, waiting, headers={})
@@ -487,6 +498,13 @@ def test_client_job_commands(running, stub, tmp_path, capsys):
     )
     code, listed, _ = run("list", "--limit", "1")
     assert code == 0 and [j["id"] for j in listed["jobs"]] == [job["id"]]
+    assert listed["jobs"][0]["state"] == "succeeded"
+    code, listed, _ = run("list", "--state", "succeeded", "--limit", "100")
+    assert code == 0 and job["id"] in [j["id"] for j in listed["jobs"]]
+    assert {j["state"] for j in listed["jobs"]} == {"succeeded"}
+    code, got, _ = run("get", job["id"])
+    assert code == 0 and got["state"] == "succeeded"
+    assert got["generate"]["edited_image"].endswith("bytes; --output-dir writes it>")
     code, _, err = run("get", "nope")
     assert code == 1 and "NOT_FOUND" in err
     code, _, err = run("list", "--limit", "101")
@@ -508,11 +526,7 @@ def test_state_bounds_evict_results_and_inversions_and_forget_old_jobs(jobs_engi
         with httpx.Client(base_url=server.http.url, timeout=120) as http:
             job_id = http.post("/v1/jobs", json={"kind": "edit", **EDIT}).json()["id"]
             job = wait_job(http, job_id, headers={})
-            assert (
-                job["state"] == "JOB_STATE_SUCCEEDED"
-                and job.get("resultEvicted") is True
-                and "edit" not in job
-            )
+            assert job["state"] == "succeeded" and job.get("resultEvicted") is True and "edit" not in job
             assert list((state / "inversions").glob("*.safetensors")) == []  # over the 1-byte bound: evicted
             time.sleep(1.1)
             server.jobs.sweep()
