@@ -9,6 +9,7 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fpedit.engine.errors import InvalidInputError
@@ -112,11 +113,14 @@ class RayService:
         ray_init: dict[str, Any] | None = None,
         host: str = LOOPBACK,
         health_check_period_s: float = DEFAULT_HEALTH_CHECK_PERIOD_S,
+        inversions_dir: Path | None = None,
     ) -> RayService:
         """Join (``address``) or start a local Ray instance, deploy the replicas, wait until they serve.
 
         A local instance gets its node address from ``host`` (the front's, see :func:`local_node_address`)
-        and no dashboard, so that only what Ray hard-codes listens beyond it."""
+        and no dashboard, so that only what Ray hard-codes listens beyond it. ``inversions_dir`` (the
+        ``--state-dir``'s inversions folder): the store keeps its records there too, so that inversion ids
+        outlive a restart of the front."""
         import ray
         from ray import serve
 
@@ -134,8 +138,15 @@ class RayService:
                 init.setdefault("_node_ip_address", local_node_address(host))
             init_ray(ray, address, init)
         serve.start(proxy_location="Disabled")  # clients reach the gRPC front, never Serve's proxies
-        # On this (the front's) node: the store shares the front's failure domain, not a worker's.
-        open_store(settings.store_name, settings.store_namespace, settings.store_bytes, settings.store_ttl_s)
+        # On this (the front's) node: the store shares the front's failure domain, not a worker's, and can
+        # write the front's state directory.
+        open_store(
+            settings.store_name,
+            settings.store_namespace,
+            settings.store_bytes,
+            settings.store_ttl_s,
+            folder=inversions_dir,
+        )
         app = replica_deployment(
             settings,
             replicas=replicas,
@@ -215,12 +226,17 @@ def serve_on_ray(
     one, and serve the gRPC front of ``config`` until SIGTERM or SIGINT; then drain the front and delete the
     application. Configs only: the command line's flags are mapped before this is called. ``jobs`` and
     ``state`` (the job settings and the open ``--state-dir``) are the front's: it owns the job table and
-    runs each job's call through the replicas, as a synchronous call."""
+    runs each job's call through the replicas, as a synchronous call; the shared store keeps its inversions
+    in the state directory too."""
     require_ray(local=starts_local_ray(address))
     replicas = 1 if replicas is None else replicas
     if replicas < 1:
         raise InvalidInputError("replicas", "must be at least 1")
     from ..app import serve
+    from ..jobs.state import open_state
+
+    if state is None and jobs is not None:
+        state = open_state(jobs.state_dir)  # claimed before Ray starts, as the command line does
 
     log.info("starting Ray Serve (%s), %d replicas", address or "local Ray instance", replicas)
     service = RayService.start(
@@ -229,6 +245,7 @@ def serve_on_ray(
         address=address,
         host=config.host,
         max_queued_requests=max(1, config.max_queue),  # --max-queue is the front's queue, as standalone
+        inversions_dir=state.inversions if state is not None else None,
     )
     try:
         serve(service.runner, config, ready=ready, jobs=jobs, state=state)

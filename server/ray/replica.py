@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fpedit.engine import ProgressEvent
-from fpedit.engine.errors import CancelledError, NotFoundError
+from fpedit.engine.errors import CancelledError, InvalidInputError, NotFoundError
 
 from ..errors import unknown_inversion
 from ..results import EditOutcome, GenerateOutcome, InfoOutcome, InvertOutcome
@@ -22,7 +22,9 @@ from .settings import ReplicaSettings, build_engine
 from .store import (
     StoreClient,
     StoreUnreachable,
-    engine_fingerprint,
+    engine_fields,
+    fingerprint_of,
+    foreign_engine,
     inversion_from_record,
     record_from_inversion,
 )
@@ -57,7 +59,8 @@ class EditReplica:
         self.name = ray.get_runtime_context().get_actor_name() or "local"
         self.engine = build_engine(settings)
         self.runner = LocalRunner(self.engine, settings.server, replica=self.name)
-        self.fingerprint = engine_fingerprint(self.engine.info())
+        self.engine_fields = engine_fields(self.engine.info())
+        self.fingerprint = fingerprint_of(self.engine_fields)
         # Found by name, never created here: the front creates it on its own node (its failure domain).
         self.store = StoreClient(settings.store_name, settings.store_namespace)
         self._fresh: set[str] = set()  # ids this replica just made, waiting to be registered
@@ -96,9 +99,9 @@ class EditReplica:
     async def _load_inversion(self, inversion_id: str) -> _Held:
         """Multiplexed loader: an id this replica just made, else a rebuild from the shared store.
 
-        An id the store does not know is held as empty rather than raised: Serve logs a loader's exception
-        as a model that failed to load (at ERROR, naming the id), while an unknown id is the client's
-        mistake; :meth:`_edit_held` answers it with NOT_FOUND."""
+        An id the store does not know (or refuses) is held as empty rather than raised: Serve logs a loader's
+        exception as a model that failed to load (at ERROR, naming the id), while an unknown id is the
+        client's mistake; :meth:`_edit_held` answers it (NOT_FOUND, or INVALID_ARGUMENT for another engine's)."""
         if inversion_id in self._fresh:
             self._fresh.discard(inversion_id)
             local_key = inversion_id
@@ -107,7 +110,7 @@ class EditReplica:
                 local_key = await asyncio.get_running_loop().run_in_executor(
                     self._threads, self._restore, inversion_id
                 )
-            except NotFoundError:
+            except (NotFoundError, InvalidInputError):
                 local_key = ""
         return _Held(local_key)
 
@@ -121,9 +124,11 @@ class EditReplica:
             ) from None
         if record is None:
             raise unknown_inversion(inversion_id)
-        if record.fingerprint != self.fingerprint:
-            raise NotFoundError(
-                f"inversion_id {inversion_id!r} was made by a different model or precision; send the image again"
+        refusal = foreign_engine(record, self.fingerprint, self.engine_fields)
+        if refusal is not None:  # as a standalone server refuses another engine's saved inversion
+            raise InvalidInputError(
+                "inversion_id",
+                f"{inversion_id}: {refusal}; invert the image again with this model and settings",
             )
         self.restores += 1
         self._restored.inc()
@@ -144,7 +149,7 @@ class EditReplica:
     def _share(self, inversion_id: str, inversion: Any) -> None:
         """Put a new inversion in the shared store. Without the store the request still succeeds: the id is
         held here only, and is NOT_FOUND if this replica goes away."""
-        record = record_from_inversion(inversion, self.fingerprint)
+        record = record_from_inversion(inversion, self.fingerprint, self.engine_fields)
         try:
             kept = self.store.put(inversion_id, record)
         except StoreUnreachable as exc:

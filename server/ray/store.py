@@ -14,9 +14,18 @@ used first) and by age; it is plain Python so its policy is testable without Ray
 
 Failure domains (docs/design.md): the store is pinned to the front's node (the node that opens it), so it
 lives and dies with the front and the loss of any other node leaves it and its objects (``ray.put`` by the
-store: owned by it, first copy on its node) intact. Ray restarts it if its process dies (its records are
-lost then: those ids answer NOT_FOUND). Every call to it goes through :class:`StoreClient`, with a timeout,
-and a failed call degrades (an inversion not shared, an id not found) instead of failing the request.
+store: owned by it, first copy on its node) intact. Ray restarts it if its process dies. Every call to it goes
+through :class:`StoreClient`, with a timeout, and a failed call degrades (an inversion not shared, an id not
+found) instead of failing the request.
+
+With ``--state-dir DIR`` the front opens it with DIR's inversions folder (on the front's node, where the store
+runs): every record it keeps is also a file there (:class:`RecordFiles`), read back on a miss while younger
+than the store's age limit, so an id outlives the store's memory -- a front restart (even kill -9) or a
+restart of the store's process. Without DIR those lose the records (their ids answer NOT_FOUND). The state
+directory's byte bound (``--state-gib``) evicts the files with the rest of DIR. A record carries the engine
+fields its fingerprint is made of, so that a replica of another model, backend or precision refuses it
+naming the field that differs (:func:`foreign_engine`), as a standalone server refuses another engine's
+saved inversion.
 """
 
 from __future__ import annotations
@@ -25,13 +34,21 @@ import contextlib
 import hashlib
 import json
 import logging
+import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fpedit.engine.errors import InvalidInputError
+from fpedit.engine.saved import SUFFIX
+
 from ..cache import BoundedLRU
+from ..jobs.inversions import SAFE_ID
+from ..jobs.state import write_atomically
 
 log = logging.getLogger("fpedit.server")
 
@@ -45,6 +62,12 @@ DEFAULT_STORE_TTL_S = 3600.0
 STORE_CALL_TIMEOUT_S = 5.0
 #: Calls to the store that Ray sends again by itself when the store restarts under them.
 STORE_TASK_RETRIES = 2
+#: The engine fields a fingerprint is made of, in the order a refusal names them (the likeliest first).
+ENGINE_FIELDS = ("model", "backend", "dtype", "precision", "vae_dtype", "device", "adapters")
+#: What the store's files say they are: not the saved-inversion format (:mod:`fpedit.engine.saved`), whose
+#: fingerprint is another one, but the same container and suffix (the state directory's sweep finds both).
+RECORD_FORMAT = "fpedit-store-record"
+RECORD_FORMAT_VERSION = "1"
 
 
 @dataclass(frozen=True)
@@ -64,6 +87,8 @@ class InversionRecord:
     original_size: tuple[int, int] | None = None
     #: The adapter set ((name, scale) pairs) it was made with: edits elsewhere must use the same.
     adapters: tuple[tuple[str, float], ...] = ()
+    #: engine_fields() of the engine that inverted it: what a refusal names when the fingerprints differ.
+    engine: dict[str, str] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
@@ -71,12 +96,9 @@ class InversionRecord:
         return int(self.trajectory.nbytes + self.image.nbytes + nulls)
 
 
-def engine_fingerprint(info: dict[str, Any]) -> str:
-    """Identify what an inversion depends on (model, backend, precision, device type), not which replica.
-
-    Replicas of one deployment share it; an inversion made by a different model or precision is refused
-    instead of silently giving a different edit.
-    """
+def engine_fields(info: dict[str, Any]) -> dict[str, str]:
+    """What an inversion depends on (model, backend, precision, device type, the adapters offered), not
+    which replica, from an engine's ``info()``."""
     keys = ("model", "backend", "dtype", "precision", "vae_dtype")
     described = {k: str(info[k]) for k in keys if k in info}
     described["device"] = str(info.get("device", "")).split(":")[0]
@@ -84,12 +106,41 @@ def engine_fingerprint(info: dict[str, Any]) -> str:
         described["adapters"] = json.dumps(
             [(a["name"], a["rank"], a["layers"]) for a in info["adapters"]], sort_keys=True
         )
-    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
+    return described
 
 
-def record_from_inversion(inversion: Any, fingerprint: str) -> InversionRecord:
+def fingerprint_of(fields: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def engine_fingerprint(info: dict[str, Any]) -> str:
+    """The hash of :func:`engine_fields`: replicas of one deployment share it; an inversion made by a
+    different model or precision is refused instead of silently giving a different edit."""
+    return fingerprint_of(engine_fields(info))
+
+
+def foreign_engine(record: InversionRecord, fingerprint: str, fields: dict[str, str]) -> str | None:
+    """Why ``record`` does not fit the engine of ``fingerprint`` and ``fields`` (None when it does): the first
+    engine field that differs, worded as a standalone server words another engine's saved inversion."""
+    if record.fingerprint == fingerprint:
+        return None
+    for name in ENGINE_FIELDS if record.engine else ():
+        theirs, ours = record.engine.get(name, ""), fields.get(name, "")
+        if theirs != ours:
+            return f"made by an engine with another {name} ({_short(theirs)}; this engine: {_short(ours)})"
+    return "made by a different model or precision"
+
+
+def _short(value: str) -> str:
+    return value if len(value) <= 40 else value[:31] + "…" + value[-8:]
+
+
+def record_from_inversion(
+    inversion: Any, fingerprint: str, engine: dict[str, str] | None = None
+) -> InversionRecord:
     """Copy an engine :class:`~fpedit.engine.Inversion` to host memory as a record: trajectory, image and, for
-    Algorithm 3 inversions, the method, source prompt, null embeddings and their guidance."""
+    Algorithm 3 inversions, the method, source prompt, null embeddings and their guidance; ``engine``: the
+    fields ``fingerprint`` is made of."""
     trajectory = inversion.trajectory.detach().float().cpu().numpy()
     image = np.asarray(inversion.image.convert("RGB"), dtype=np.uint8)
     nulls = inversion.null_embeddings
@@ -104,6 +155,7 @@ def record_from_inversion(inversion: Any, fingerprint: str) -> InversionRecord:
         guidance_scale=inversion.guidance_scale,
         original_size=tuple(inversion.input_size),
         adapters=tuple(inversion.adapters),
+        engine=dict(engine or {}),
     )
 
 
@@ -158,11 +210,123 @@ class BoundedRecords(BoundedLRU[Any]):
         }
 
 
-class InversionStore:
-    """Ray actor body: inversion records by id, owned by this actor, bounded by bytes and age."""
+class RecordFileError(Exception):
+    """A file in the store's folder that is not a record this fpedit reads (damaged, or another format)."""
 
-    def __init__(self, max_bytes: int = DEFAULT_STORE_BYTES, ttl_s: float = DEFAULT_STORE_TTL_S) -> None:
+
+def record_to_bytes(record: InversionRecord) -> bytes:
+    """``record`` as a safetensors file: the arrays as tensors (exact bits), everything else as JSON."""
+    from safetensors.numpy import save
+
+    tensors = {
+        "trajectory": np.ascontiguousarray(record.trajectory),
+        "image": np.ascontiguousarray(record.image),
+    }
+    if record.null_embeddings is not None:
+        tensors["null_embeddings"] = np.ascontiguousarray(record.null_embeddings)
+    metadata = {
+        "format": RECORD_FORMAT,
+        "format_version": RECORD_FORMAT_VERSION,
+        "fields": json.dumps(
+            {
+                "steps": record.steps,
+                "fingerprint": record.fingerprint,
+                "engine": record.engine,
+                "method": record.method,
+                "source_prompt": record.source_prompt,
+                "guidance_scale": record.guidance_scale,
+                "original_size": record.original_size,
+                "adapters": record.adapters,
+            }
+        ),
+    }
+    return save(tensors, metadata=metadata)
+
+
+def record_from_file(path: Path) -> InversionRecord:
+    """Read back what :func:`record_to_bytes` wrote; :class:`RecordFileError` for anything else."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != RECORD_FORMAT:
+                raise RecordFileError("its file is not a record of the Ray store (another server's?)")
+            if metadata.get("format_version") != RECORD_FORMAT_VERSION:
+                raise RecordFileError(
+                    f"its file has record format version {metadata.get('format_version')!r}"
+                )
+            arrays = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+        fields = json.loads(metadata["fields"])
+        size = fields["original_size"]
+        return InversionRecord(
+            trajectory=arrays["trajectory"],
+            steps=int(fields["steps"]),
+            image=arrays["image"],
+            fingerprint=str(fields["fingerprint"]),
+            method=str(fields["method"]),
+            source_prompt=str(fields["source_prompt"]),
+            null_embeddings=arrays.get("null_embeddings"),
+            guidance_scale=fields["guidance_scale"],
+            original_size=None if size is None else (int(size[0]), int(size[1])),
+            adapters=tuple((str(name), float(scale)) for name, scale in fields["adapters"]),
+            engine={str(k): str(v) for k, v in fields["engine"].items()},
+        )
+    except RecordFileError:
+        raise
+    except Exception as exc:  # safetensors raises several types for truncated or altered files
+        raise RecordFileError(f"its file is damaged ({type(exc).__name__})") from None
+
+
+class RecordFiles:
+    """The store's records as ``<id>.safetensors`` files in a state directory's inversions folder, read back
+    while younger than ``ttl_s`` (by modification time, as the standalone server's saved inversions). Ids
+    that are not :data:`SAFE_ID` never become file names: they are neither written nor read."""
+
+    def __init__(self, folder: Path, ttl_s: float, clock: Callable[[], float] = time.time) -> None:
+        self.folder, self.ttl_s, self.clock = Path(folder), float(ttl_s), clock
+
+    def path_of(self, key: str) -> Path | None:
+        return self.folder / f"{key}{SUFFIX}" if SAFE_ID.match(key) else None
+
+    def save(self, key: str, record: InversionRecord) -> None:
+        path = self.path_of(key)
+        if path is not None:
+            write_atomically(path, record_to_bytes(record))
+
+    def load(self, key: str) -> InversionRecord | None:
+        """The record of ``key``, or None (no file, or older than the age limit: then deleted);
+        :class:`RecordFileError` for a file that is not a readable record."""
+        path = self.path_of(key)
+        if path is None:
+            return None
+        try:
+            age = self.clock() - path.stat().st_mtime
+        except OSError:
+            return None
+        if age > self.ttl_s:
+            path.unlink(missing_ok=True)
+            return None
+        return record_from_file(path)
+
+    def delete(self, key: str) -> None:
+        path = self.path_of(key)
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+
+class InversionStore:
+    """Ray actor body: inversion records by id, owned by this actor, bounded by bytes and age; with a
+    ``folder`` (a state directory's inversions), each kept record is also a file there, read back on a miss."""
+
+    def __init__(
+        self,
+        max_bytes: int = DEFAULT_STORE_BYTES,
+        ttl_s: float = DEFAULT_STORE_TTL_S,
+        folder: str | None = None,
+    ) -> None:
         self._records = BoundedRecords(int(max_bytes), float(ttl_s))
+        self._files = RecordFiles(Path(folder), ttl_s) if folder else None
         #: A new value per start: the front counts restarts by seeing it change.
         self.incarnation = uuid.uuid4().hex
 
@@ -176,15 +340,40 @@ class InversionStore:
         import ray
 
         # ray.put here, not in the caller: the object's owner is this actor, so it survives the replica.
-        return self._records.put(key, ray.put(record), record.nbytes)
+        kept = self._records.put(key, ray.put(record), record.nbytes)
+        if kept and self._files is not None:
+            try:
+                self._files.save(key, record)
+            except (OSError, TypeError, ValueError) as exc:  # a full disk, a field JSON cannot hold: the
+                # record is still shared, it just won't outlive the store
+                log.warning("inversion %s is not saved in the state directory: %s", key, exc)
+        return kept
 
-    def get(self, key: str) -> list[Any] | None:
-        """The record's object reference, wrapped in a list so that Ray hands back the reference itself."""
+    def get(self, key: str) -> list[Any] | str | None:
+        """The record's object reference, wrapped in a list so that Ray hands back the reference itself; on a
+        miss, the record read back from its file (kept in memory again); a string says why its file was
+        refused (damaged, another format)."""
+        import ray
+
         ref = self._records.get(key)
-        return None if ref is None else [ref]
+        if ref is not None:
+            return [ref]
+        if self._files is None:
+            return None
+        try:
+            record = self._files.load(key)
+        except RecordFileError as exc:
+            return str(exc)
+        if record is None:
+            return None
+        ref = ray.put(record)
+        self._records.put(key, ref, record.nbytes)
+        return [ref]
 
     def delete(self, key: str) -> None:
         self._records.delete(key)
+        if self._files is not None:
+            self._files.delete(key)
 
     def expires_in(self, key: str) -> float:
         return self._records.expires_in(key)
@@ -199,8 +388,10 @@ def open_store(
     max_bytes: int = DEFAULT_STORE_BYTES,
     ttl_s: float = DEFAULT_STORE_TTL_S,
     node_id: str | None = None,
+    folder: Path | None = None,
 ) -> Any:
-    """Get the store actor, creating it on first use pinned to ``node_id`` (default: this process's node).
+    """Get the store actor, creating it on first use pinned to ``node_id`` (default: this process's node),
+    keeping its records also in ``folder`` (a state directory's inversions, on that node) when given.
 
     Only the front opens it (``RayService.start``, ``GrpcFront``); replicas find it by name
     (:class:`StoreClient`). Pinned with a hard node affinity, so it shares the front's failure domain and
@@ -225,7 +416,7 @@ def open_store(
             node_id=node_id or ray.get_runtime_context().get_node_id(), soft=False
         ),
     )
-    return actor.remote(max_bytes, ttl_s)
+    return actor.remote(max_bytes, ttl_s, None if folder is None else str(folder))
 
 
 def close_store(name: str = STORE_NAME, namespace: str = STORE_NAMESPACE) -> None:
@@ -271,12 +462,15 @@ class StoreClient:
 
     def get(self, key: str) -> InversionRecord | None:
         """The record, or None when the store does not know ``key``. A record whose object was lost (its
-        node or owner died) is :class:`StoreUnreachable` too: the data is gone either way."""
+        node or owner died) is :class:`StoreUnreachable` too: the data is gone either way. A file the store
+        refused is ``InvalidInputError`` on ``inversion_id``, as on a standalone server."""
         import ray
 
         refs = self._call("get", key)
         if refs is None:
             return None
+        if isinstance(refs, str):
+            raise InvalidInputError("inversion_id", f"{key}: {refs}")
         try:
             return ray.get(refs[0], timeout=self.timeout_s)
         except ray.exceptions.RayError as exc:

@@ -90,7 +90,10 @@ class ServiceWatch:
             node_id = pong["node_id"]
             if self._incarnation is not None and pong["incarnation"] != self._incarnation:
                 self._restarts += 1
-                log.warning("the shared inversion store restarted: the inversions it held are lost")
+                log.warning(
+                    "the shared inversion store restarted: the inversions it held in memory are lost "
+                    "(with --state-dir they are read back from it)"
+                )
             self._incarnation = pong["incarnation"]
         return ServiceView(alive, reachable, self._restarts, node_id, "; ".join(problems), time.monotonic())
 
@@ -125,7 +128,8 @@ class ServiceWatch:
             ),
             CounterMetricFamily(
                 "fpedit_ray_store_restarts",
-                "Restarts of the shared inversion store seen by this front (each loses the records it held).",
+                "Restarts of the shared inversion store seen by this front (each loses the records it held in "
+                "memory; with --state-dir they are read back from it).",
                 value=view.store_restarts,
             ),
             GaugeMetricFamily(

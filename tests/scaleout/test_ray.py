@@ -7,6 +7,7 @@ A standalone server over an in-process engine is the reference for pixels and fo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import pickle
 import socket
@@ -29,7 +30,12 @@ from fpedit import EditEngine, EditOptions
 from fpedit.server.ray.install import local_ray_on_loopback
 from fpedit.server.ray.store import (
     BoundedRecords,
+    InversionRecord,
+    RecordFileError,
+    RecordFiles,
     engine_fingerprint,
+    fingerprint_of,
+    foreign_engine,
     inversion_from_record,
     record_from_inversion,
 )
@@ -117,6 +123,80 @@ def test_record_keeps_an_algorithm_3_inversion(engine, reference_engine):
     assert np.array_equal(pixels(other_edit.reconstruction_image), pixels(holder_edit.reconstruction_image))
 
 
+ENGINE = {"model": "/models/sd15", "backend": "torch", "dtype": "float32", "device": "cpu"}
+
+
+def a_record(seed: int, algorithm_3: bool) -> InversionRecord:
+    """A record as a replica makes one (float32 trajectory, uint8 image), with every optional field set."""
+    rng = np.random.default_rng(seed)
+    return InversionRecord(
+        trajectory=rng.standard_normal((4, 4, 8, 8), dtype=np.float32),
+        steps=3,
+        image=rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
+        fingerprint=fingerprint_of(ENGINE),
+        method="null-text" if algorithm_3 else "ddim",
+        source_prompt="a red disc" if algorithm_3 else "",
+        null_embeddings=rng.standard_normal((3, 7, 16), dtype=np.float32) if algorithm_3 else None,
+        guidance_scale=7.5 if algorithm_3 else None,
+        original_size=(70, 65),
+        adapters=(("ink", 0.7),) if algorithm_3 else (),
+        engine=dict(ENGINE),
+    )
+
+
+def assert_same_record(found: InversionRecord, kept: InversionRecord) -> None:
+    for name in ("trajectory", "image", "null_embeddings"):
+        ours, theirs = getattr(found, name), getattr(kept, name)
+        assert (ours is None) == (theirs is None), name
+        if ours is not None:
+            assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs), name
+    scalars = ("steps", "fingerprint", "method", "source_prompt", "guidance_scale", "original_size",
+               "adapters", "engine")  # fmt: skip
+    assert {n: getattr(found, n) for n in scalars} == {n: getattr(kept, n) for n in scalars}
+
+
+def test_store_files_give_back_the_record_exactly_while_younger_than_the_ttl(tmp_path):
+    """What the store keeps in a state directory: every field back bit for bit (both methods); an old file
+    is a miss and is deleted; an id that is not a safe file name never touches the disk; a file that is not
+    a record is refused, without the server's path in the reason."""
+    from safetensors.numpy import save as safetensors_save
+
+    now = [time.time()]
+    files = RecordFiles(tmp_path, ttl_s=60.0, clock=lambda: now[0])
+    for seed, algorithm_3 in ((1, False), (2, True)):
+        kept = a_record(seed, algorithm_3)
+        files.save(f"id{seed}", kept)
+        assert_same_record(files.load(f"id{seed}"), kept)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["id1.safetensors", "id2.safetensors"]
+    assert files.load("id3") is None
+    files.save("../escape", a_record(3, False))
+    assert files.load("../escape") is None and not (tmp_path.parent / "escape.safetensors").exists()
+    now[0] += 61
+    assert files.load("id1") is None and not (tmp_path / "id1.safetensors").exists()
+    (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(RecordFileError, match="damaged") as damaged:
+        RecordFiles(tmp_path, ttl_s=60.0).load("bad")
+    assert str(tmp_path) not in str(damaged.value)
+    # A standalone server's saved inversion (same container and suffix) is not taken for a record.
+    saved = safetensors_save(
+        {"trajectory": np.zeros((2, 4, 8, 8), np.float32)}, {"format": "fpedit-inversion"}
+    )
+    (tmp_path / "standalone.safetensors").write_bytes(saved)
+    with pytest.raises(RecordFileError, match="not a record of the Ray store"):
+        RecordFiles(tmp_path, ttl_s=60.0).load("standalone")
+
+
+def test_a_record_of_another_engine_is_refused_naming_the_field():
+    kept = a_record(1, False)
+    assert foreign_engine(kept, fingerprint_of(ENGINE), ENGINE) is None
+    here = {**ENGINE, "dtype": "float16"}
+    assert foreign_engine(kept, fingerprint_of(here), here) == (
+        "made by an engine with another dtype (float32; this engine: float16)"
+    )
+    unnamed = dataclasses.replace(kept, engine={})  # no fields to compare: the hash alone says it
+    assert foreign_engine(unnamed, fingerprint_of(here), here) == "made by a different model or precision"
+
+
 def test_serve_ray_without_the_extra_says_how_to_install(monkeypatch, capsys):
     from fpedit.cli import main
 
@@ -172,6 +252,27 @@ def test_a_local_ray_start_that_times_out_is_tried_once_more(monkeypatch, caplog
     with pytest.raises(RuntimeError, match="other failure"):
         init_ray(other, None, {})
     assert other.calls == ["init local"]
+
+
+def test_serve_on_ray_gives_the_store_the_state_dirs_inversions(monkeypatch, tmp_path):
+    """The front claims ``--state-dir`` before Ray starts and opens the store on its inversions folder."""
+    from fpedit.engine.config import EngineConfig
+    from fpedit.server.config import ServerConfig
+    from fpedit.server.jobs.config import JobsConfig
+    from fpedit.server.ray import ReplicaSettings, deployment
+
+    started = {}
+
+    def start(settings, **kw):
+        started.update(kw)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(deployment, "require_ray", lambda local: None)
+    monkeypatch.setattr(deployment.RayService, "start", start)
+    settings = ReplicaSettings(engine=EngineConfig(model="unused"))
+    with pytest.raises(RuntimeError, match="stop here"):
+        deployment.serve_on_ray(settings, ServerConfig(), jobs=JobsConfig(state_dir=tmp_path / "state"))
+    assert started["inversions_dir"] == (tmp_path / "state" / "inversions").resolve()
 
 
 def test_replica_errors_come_back_as_the_runners_errors():
@@ -917,6 +1018,81 @@ def test_the_ray_front_refuses_bad_jobs_at_submit(ray_service):
             assert http.get("/v1/jobs").json().get("jobs", []) == []  # nothing was accepted
     finally:
         front.drain(2)
+
+
+def test_inversion_ids_outlive_a_restart_of_a_ray_front_with_a_state_dir(ray_service, tmp_path):
+    """``--ray --state-dir DIR``: the store keeps each inversion as a file in DIR, so an id issued before a
+    restart edits after it and gives the same image. The restart: the front stops (DIR released), the store
+    is killed (its memory gone) and a new one opened on DIR, the replica holding the inversion is killed, and
+    a new front claims DIR; only the other replica, which never saw the id, is left to serve it (a second
+    application start would cost ~10 s; the module's Ray instance is shared). A record of another engine is
+    refused naming the field, as a standalone server refuses one; DIR's byte bound sweeps the store's files
+    as it sweeps saved inversions."""
+    import ray
+
+    from fpedit.server.app import build_server
+    from fpedit.server.client import EditClient, edit_options
+    from fpedit.server.config import ServerConfig
+    from fpedit.server.jobs.config import JobsConfig
+    from fpedit.server.jobs.state import open_state
+    from fpedit.server.ray import RayService
+    from fpedit.server.ray.store import close_store, open_store
+
+    state_dir = tmp_path / "state"
+    settings = dataclasses.replace(ray_service.settings, store_name="fpedit-restart-store")
+    state = open_state(state_dir)
+    service = RayService.start(
+        settings,
+        replicas=2,
+        max_ongoing_requests=4,
+        app_name="fpedit-restart",
+        inversions_dir=state.inversions,
+    )
+    try:
+        front = build_server(service.runner, ServerConfig(port=0), JobsConfig(state_dir=state_dir), state)
+        try:
+            with EditClient(f"127.0.0.1:{front.port}", timeout=120) as client:
+                inverted = client.invert(
+                    png_bytes(make_image(64, 64, seed=71)), options=edit_options(steps=STEPS)
+                )
+                wait_for_routing()
+                before = client.edit("a blue car", inversion_id=inverted.inversion_id)
+        finally:
+            front.drain(2)  # releases DIR
+        holder = inverted.stats.replica
+        assert before.stats.replica == holder  # the other replica never held the id
+        close_store(settings.store_name, settings.store_namespace)
+        ray.kill(ray.get_actor(holder, namespace="serve"), no_restart=True)
+        state = open_state(state_dir)
+        open_store(
+            settings.store_name, settings.store_namespace, ttl_s=settings.store_ttl_s, folder=state.inversions
+        )
+        files = RecordFiles(state.inversions, settings.store_ttl_s)
+        record = files.load(inverted.inversion_id)
+        assert record is not None and record.engine
+        foreign = {**record.engine, "dtype": "float16"}
+        files.save("f" * 32, dataclasses.replace(record, engine=foreign, fingerprint=fingerprint_of(foreign)))
+        front = build_server(service.runner, ServerConfig(port=0), JobsConfig(state_dir=state_dir), state)
+        try:
+            with EditClient(f"127.0.0.1:{front.port}", timeout=120) as client:
+                after = client.edit("a blue car", inversion_id=inverted.inversion_id)
+                with pytest.raises(grpc.RpcError) as refused:
+                    client.edit("a blue car", inversion_id="f" * 32)
+            front.jobs.config = dataclasses.replace(front.jobs.config, state_bytes=1)
+            front.jobs.sweep()
+            left = list(state.inversions.iterdir())
+        finally:
+            front.drain(2)
+    finally:
+        service.close()  # deletes the application and the store
+    assert after.stats.replica != holder
+    assert np.array_equal(pixels(after.edited_image), pixels(before.edited_image))
+    assert np.array_equal(pixels(after.reconstruction_image), pixels(before.reconstruction_image))
+    assert after.stats.unet_rows == before.stats.unet_rows  # rebuilt from DIR: the maps recomputed
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = refused.value.details()
+    assert f"another dtype (float16; this engine: {record.engine['dtype']})" in details, details
+    assert left == []
 
 
 # --- issue 29 item 5: adapters on Ray (every replica loads the same --lora-dir) -----------------------------
