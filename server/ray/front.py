@@ -135,7 +135,9 @@ class RayRunner:
             result = response.result(timeout_s=CHECK_TIMEOUT_S)
         except TimeoutError:
             _cancel_quietly(response)
-            log.info("no replica free to check a job within %.0f s; it is checked when it runs", CHECK_TIMEOUT_S)
+            log.info(
+                "no replica free to check a job within %.0f s; it is checked when it runs", CHECK_TIMEOUT_S
+            )
             return
         except Exception as exc:
             error = translate(exc)
