@@ -319,3 +319,45 @@ def test_saved_inversions_and_ray_records_keep_their_set(adapter_engine, tmp_pat
         assert back.adapters == chosen
         with pytest.raises(InvalidInputError, match=re.escape("adapters peft:0.5")):
             adapter_engine.edit_real(back, "a dog", options=EditOptions(steps=2))
+
+
+def test_every_linear_and_conv_of_sd15_takes_batch_first_rows():
+    """Per-row scales broadcast over a module's output by its first dim: on SD 1.5's UNet (with this engine's
+    attention processors: capture, donors and word-mask probabilities) and CLIP text encoder, built on the
+    meta device from the shipped configs, every Linear and Conv2d sees (and returns) the call's rows first."""
+    import json
+    from pathlib import Path
+
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    import fpedit.engine
+    from fpedit.engine.backends.attention import CallState, install_processors, unet_forward
+    from fpedit.engine.calls import Donors
+    from fpedit.engine.contract import ModelSpec
+
+    root = Path(fpedit.engine.__file__).parent / "configs" / "sd1"
+    configs = {c: json.loads((root / c / "config.json").read_text()) for c in ("unet", "vae", "text_encoder")}
+    scheduler = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+    spec = ModelSpec.from_configs(configs["unet"], configs["vae"], configs["text_encoder"], scheduler)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(configs["unet"])
+        text = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
+    install_processors(unet, spec)
+    rows, seen = 5, []
+    for model in (unet, text):
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
+                module.register_forward_hook(
+                    lambda m, args, out: seen.append((args[0].shape[0], out.shape[0]))
+                )
+    donors = Donors.for_rows([0, 0, 2, 3, 4], (4, 5, 6))
+    with torch.no_grad(), torch.device("meta"):
+        sample, t = torch.randn(rows, 4, 8, 8), torch.arange(rows).float()
+        context = torch.randn(rows, 77, configs["unet"]["cross_attention_dim"])
+        call = UNetCall(sample, t, context, capture=(4, 5, 6), cross_probs=(4, 8), donors=donors)
+        unet_forward(unet, sample, t, context, CallState.for_call(call, torch.device("meta")))
+        in_unet = len(seen)
+        text(torch.zeros(rows, 77, dtype=torch.long))
+    assert in_unet > 250 and len(seen) - in_unet > 70  # every projection, conv and time-embedding linear
+    assert set(seen) == {(rows, rows)}
