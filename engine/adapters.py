@@ -7,10 +7,13 @@ so the model's modules stay plain and shared by every request.
 
 Each touched module then carries one forward hook that adds ``scale * alpha / r * up(down(x))`` for the
 adapters of *the call being run*, read from a thread-local: the executor's device loop (or a request's own
-thread without batching) sets it around one UNet call from that call's :attr:`UNetCall.adapters`, and the
-text encoder's thread sets it around one encode. Nothing request-global is switched, so two requests with
-different sets cannot see each other's weights; the executor only merges calls with equal sets. The sum
-``W x + s * B (A x)`` equals the fused ``(W + s * B A) x`` up to float rounding.
+thread without batching) sets it around one UNet call from that call's adapters, and the text encoder's
+thread sets it around one encode. Nothing request-global is switched, so two requests with different sets
+cannot see each other's weights. A scale is a number (every row of the call has the set) or a vector with one
+scale per row (0 where a row's set lacks the adapter): a call may then carry rows of several sets
+(``adapter_batching="mix"``). Every hooked module takes batch-first inputs (attention projections [B, N, C],
+convolutions [B, C, H, W], time-embedding linears [B, C]), so a row's scale broadcasts over its output. The
+sum ``W x + s * B (A x)`` equals the fused ``(W + s * B A) x`` up to float rounding.
 """
 
 from __future__ import annotations
@@ -41,6 +44,14 @@ MAX_ADAPTER_SCALE = 4.0
 DEFAULT_MAX_ADAPTERS = 4
 #: The components a file may touch, as diffusers names them.
 COMPONENTS = ("unet", "text_encoder")
+#: How the batching executor treats calls of different sets: ``group`` runs only calls of one set together,
+#: ``mix`` lets them share a backend call with a scale per row (same-set calls are still preferred).
+ADAPTER_BATCHING = ("mix", "group")
+#: Mixing by measurement (benchmarks/README.md): on the CPU benchmark no slower where grouping fills calls,
+#: half the backend calls and faster where sets outnumber the requests a call holds.
+DEFAULT_ADAPTER_BATCHING = "mix"
+#: What the hooks take: (name, scale) pairs, a scale being a number or a (rows,) float32 tensor.
+ActiveAdapters = Sequence[tuple[str, Any]]
 
 
 def parse_adapter(value: Any) -> tuple[str, float]:
@@ -219,27 +230,39 @@ class AdapterBank:
         def add_lora(
             module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor
         ) -> torch.Tensor | None:
-            active: AdapterSet = getattr(self._local, "adapters", ())
+            active: ActiveAdapters = getattr(self._local, "adapters", ())
             if not active:
                 return None
             x = args[0]
             for name, scale in active:
                 layer = table.get(name)
                 if layer is not None:
-                    output = output + layer.up(layer.down(x)) * (scale * layer.scaling)
+                    delta = layer.up(layer.down(x))
+                    output = output + delta * _factor(scale, layer.scaling, delta)
             return output
 
         return add_lora
 
     @contextmanager
-    def active(self, adapters: AdapterSet) -> Iterator[None]:
-        """Apply ``adapters`` to forwards run by this thread inside the block (nested blocks restore)."""
+    def active(self, adapters: ActiveAdapters) -> Iterator[None]:
+        """Apply ``adapters`` to forwards run by this thread inside the block (nested blocks restore); a
+        scale may be a (rows,) tensor, read when the hooks run (in a CUDA graph: when it replays)."""
         previous = getattr(self._local, "adapters", ())
         self._local.adapters = tuple(adapters)
         try:
             yield
         finally:
             self._local.adapters = previous
+
+
+def _factor(scale: Any, scaling: float, delta: torch.Tensor) -> Any:
+    """``scale * alpha / r`` as ``delta`` takes it: a number, or per row a (rows, 1, ...) tensor in its dtype
+    (float32 scales would turn fp16 rows float32)."""
+    if isinstance(scale, int | float):
+        return scale * scaling
+    if scale.shape[0] != delta.shape[0]:
+        raise ValueError(f"{scale.shape[0]} per-row adapter scales for a batch of {delta.shape[0]} rows")
+    return (scale * scaling).to(delta.dtype).view(-1, *(1,) * (delta.dim() - 1))
 
 
 def check_request_adapters(

@@ -5,7 +5,8 @@ layers to capture, maps to inject with a per-row, per-layer gate, and in-call do
 operation is per row, calls from different requests can share one backend call: :meth:`UNetCall.merge`
 stacks compatible calls (a plain row is an inject row with gate 0), the backend runs the merged call once,
 and :meth:`UNetResult.split` hands each call its own rows and layers back. :meth:`UNetCall.split` cuts a call
-into pieces a backend's ``max_batch`` accepts, keeping a row with the row it borrows a map from.
+into pieces a backend's ``max_batch`` accepts, keeping a row with the row it borrows a map from. Adapter sets
+are per row too once calls of different sets merge (:attr:`UNetCall.row_adapters`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .adapters import AdapterSet
 from .maps import AttentionMaps, Injection
 
 
@@ -66,9 +68,11 @@ class UNetCall:
     #: Self-attention layer numbers whose transformer block's *cross*-attention probabilities (softmax over
     #: the text tokens, averaged over heads, float32) come back for every row: a word-mask blend's input.
     cross_probs: tuple[int, ...] = ()
-    #: The request's LoRA adapters ((name, scale) pairs, sorted): applied to every row of the call, so only
-    #: calls with the same set share a backend call.
-    adapters: tuple[tuple[str, float], ...] = ()
+    #: The request's LoRA adapters ((name, scale) pairs, sorted), applied to every row of the call.
+    adapters: AdapterSet = ()
+    #: Each row's own set where the rows' sets differ (calls of several sets merged; then ``adapters`` is
+    #: empty); ``None`` where every row has :attr:`adapters`, so such a call pays no per-row work.
+    row_adapters: tuple[AdapterSet, ...] | None = None
 
     def __post_init__(self) -> None:
         rows = self.sample.shape[0]
@@ -81,6 +85,8 @@ class UNetCall:
             raise ValueError("the injection gate needs one row per sample")
         if self.donors is not None and len(self.donors.source) != rows:
             raise ValueError("donors need one entry per sample")
+        if self.row_adapters is not None and len(self.row_adapters) != rows:
+            raise ValueError("row_adapters need one set per sample")
 
     # --- what the call is ---------------------------------------------------------------------------------
 
@@ -129,13 +135,41 @@ class UNetCall:
             self.map_format if self.uses_maps else None,
             map_layers if self.uses_maps else (),
             self.need_noise_pred or not self.capture,
-            self.adapter_names,  # the set's scales are graph inputs: one graph serves every scale
+            self.adapter_names,  # the scales are graph inputs: one graph serves every scale and row mix
         )
 
     @property
+    def row_sets(self) -> tuple[AdapterSet, ...]:
+        """Each row's adapter set."""
+        return self.row_adapters if self.row_adapters is not None else (self.adapters,) * self.rows
+
+    @property
     def adapter_names(self) -> tuple[str, ...]:
-        """The names of the call's adapters, in the set's order (their scales aside)."""
-        return tuple(name for name, _ in self.adapters)
+        """The names of every adapter some row of the call uses, sorted (their scales aside)."""
+        if self.row_adapters is None:
+            return tuple(name for name, _ in self.adapters)
+        return tuple(sorted({name for row in self.row_adapters for name, _ in row}))
+
+    def same_adapters(self, other: UNetCall) -> bool:
+        """Whether both calls' rows all have one and the same set."""
+        return self.row_adapters is None and other.row_adapters is None and self.adapters == other.adapters
+
+    def adapter_scales(self) -> torch.Tensor:
+        """(len(adapter_names), rows) float32 on the CPU: per adapter, each row's scale (0 where the row's set
+        lacks it)."""
+        names = self.adapter_names
+        scales = torch.zeros((len(names), self.rows), dtype=torch.float32)
+        for r, row in enumerate(self.row_sets):
+            for name, scale in row:
+                scales[names.index(name), r] = scale
+        return scales
+
+    def active_adapters(self, device: torch.device) -> tuple[tuple[str, Any], ...]:
+        """What the adapter hooks take for this call: the set itself where every row has it, else per
+        adapter a (rows,) vector of the rows' scales on ``device``."""
+        if self.row_adapters is None:
+            return self.adapters
+        return tuple(zip(self.adapter_names, self.adapter_scales().to(device).unbind(), strict=True))
 
     # --- cutting and joining ------------------------------------------------------------------------------
 
@@ -154,6 +188,7 @@ class UNetCall:
             donors = Donors(
                 tuple(s - lo if lo <= s < hi else r for r, s in enumerate(source)), self.donors.layers, gate
             )
+        adapters = {} if self.row_adapters is None else _adapter_fields(self.row_adapters[lo:hi])
         return replace(
             self,
             sample=self.sample[lo:hi],
@@ -161,6 +196,7 @@ class UNetCall:
             context=self.context[lo:hi],
             inject=inject,
             donors=donors,
+            **adapters,
         )
 
     def split(self, max_rows: int) -> list[UNetCall]:
@@ -199,9 +235,9 @@ class UNetCall:
         groups.append((start, end + 1))
         return groups
 
-    def compatible(self, other: UNetCall) -> bool:
+    def compatible(self, other: UNetCall, mix_adapters: bool = False) -> bool:
         """Whether the two calls' rows can run as one batch: same latent and context shapes and dtype, and
-        one map format among the calls that use maps, and one adapter set."""
+        one map format among the calls that use maps, and one adapter set unless ``mix_adapters``."""
         return (
             self.sample.shape[1:] == other.sample.shape[1:]
             and self.sample.dtype == other.sample.dtype
@@ -209,20 +245,21 @@ class UNetCall:
             and self.context.shape[1:] == other.context.shape[1:]
             and self.context.dtype == other.context.dtype
             and (not (self.uses_maps and other.uses_maps) or self.map_format == other.map_format)
-            and self.adapters == other.adapters
+            and (mix_adapters or self.same_adapters(other))
         )
 
     @classmethod
     def merge(cls, calls: Sequence[UNetCall]) -> UNetCall:
         """One call whose rows are every call's rows in order: captures are united (each call gets its own
-        layers back from :meth:`UNetResult.split`), rows without an injection or donor are gated off."""
+        layers back from :meth:`UNetResult.split`), rows without an injection or donor are gated off, and
+        rows keep their own adapter sets (whether sets may mix is the executor's choice)."""
         if len(calls) == 1:
             return calls[0]
         first = calls[0]
         for other in calls[1:]:
-            if not first.compatible(other):
+            if not first.compatible(other, mix_adapters=True):
                 raise ValueError(
-                    "calls of different latent sizes, dtypes, map formats or adapter sets cannot share a batch"
+                    "calls of different latent sizes, dtypes or map formats cannot share a batch"
                 )
         with_maps = [c for c in calls if c.uses_maps]
         map_format = with_maps[0].map_format if with_maps else first.map_format
@@ -238,7 +275,7 @@ class UNetCall:
             donors=_merge_donors(calls),
             need_noise_pred=any(c.need_noise_pred for c in calls) or not capture,
             cross_probs=cross_probs,
-            adapters=first.adapters,
+            **_adapter_fields([row for c in calls for row in c.row_sets]),
         )
 
     def padded(self, rows: int) -> UNetCall:
@@ -271,6 +308,9 @@ class UNetCall:
                     [self.donors.gate, torch.zeros((extra, len(self.donors.layers)), dtype=torch.bool)]
                 ),
             )
+        padded_sets = self.row_adapters
+        if padded_sets is not None:  # padding rows repeat the last row's set, as they repeat its sample
+            padded_sets = (*padded_sets, *padded_sets[-1:] * extra)
         return replace(
             self,
             sample=grow(self.sample),
@@ -278,7 +318,16 @@ class UNetCall:
             context=grow(self.context),
             inject=inject,
             donors=donors,
+            row_adapters=padded_sets,
         )
+
+
+def _adapter_fields(sets: Sequence[AdapterSet]) -> dict[str, Any]:
+    """``adapters``/``row_adapters`` for rows of these sets: one set for all when they agree (no per-row
+    work), else a set per row."""
+    if all(row == sets[0] for row in sets):
+        return {"adapters": tuple(sets[0]), "row_adapters": None}
+    return {"adapters": (), "row_adapters": tuple(sets)}
 
 
 def _merge_injections(calls: Sequence[UNetCall], map_format: str) -> Injection | None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .adapters import DEFAULT_MAX_ADAPTERS
+from .adapters import ADAPTER_BATCHING, DEFAULT_ADAPTER_BATCHING, DEFAULT_MAX_ADAPTERS
 from .errors import InvalidInputError
 from .lora import parse_lora
 
@@ -83,6 +83,9 @@ class EngineConfig:
     backend_options: Mapping[str, Any] = field(default_factory=dict)
     batching: bool = False
     max_wait_ms: float = 0.0
+    #: With batching: ``mix`` lets calls of different adapter sets share a backend call (a scale per row),
+    #: ``group`` runs only calls of one set together.
+    adapter_batching: str = DEFAULT_ADAPTER_BATCHING
     map_cache_bytes: int = DEFAULT_MAP_CACHE_BYTES
     max_side: int | None = None
     max_input_pixels: int | None = None
@@ -107,6 +110,11 @@ class EngineConfig:
             or self.max_adapters < 0
         ):
             raise InvalidInputError("max_adapters", f"must be an integer >= 0, got {self.max_adapters!r}")
+        if self.adapter_batching not in ADAPTER_BATCHING:
+            raise InvalidInputError(
+                "adapter_batching",
+                f"must be one of {', '.join(ADAPTER_BATCHING)}, got {self.adapter_batching!r}",
+            )
         if self.providers is not None:
             object.__setattr__(self, "providers", tuple(self.providers))
         if self.image_formats is not None:
@@ -141,6 +149,7 @@ class EngineConfig:
         kwargs: dict[str, Any] = {
             "batching": self.batching,
             "max_wait_ms": self.max_wait_ms,
+            "adapter_batching": self.adapter_batching,
             "map_cache_bytes": self.map_cache_bytes,
             "show_progress": self.show_progress,
             "max_adapters": self.max_adapters,

@@ -7,6 +7,10 @@ thread that takes the pending calls of every running program, merges the compati
 continuous batching, as vLLM does for tokens. Calls that arrive while the device is busy form the next
 batch; ``max_wait_ms`` may hold a partial batch open a little for more. A failing merged call is retried
 call by call, so an error fails only the request whose call caused it, and the loop itself never dies.
+
+Calls of different LoRA adapter sets share a backend call with ``adapter_batching="mix"`` (each row keeps its
+set's scales, see :mod:`.adapters`), but only to fill rows that calls of the oldest call's own set leave
+free: every row of a mixed call pays the LoRA work of every adapter in it. ``"group"`` never mixes sets.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from .adapters import ADAPTER_BATCHING, DEFAULT_ADAPTER_BATCHING
 from .backends.base import Backend
 from .backends.capture import CAPTURE_GATE
 from .calls import UNetCall, UNetResult
@@ -159,18 +164,30 @@ class Counters:
 
 
 def take_batch(
-    pending: list[Item], call_of: Callable[[Item], UNetCall], backend: Backend, max_rows: int
+    pending: list[Item],
+    call_of: Callable[[Item], UNetCall],
+    backend: Backend,
+    max_rows: int,
+    mix_adapters: bool = False,
 ) -> list[Item]:
     """Remove and return the oldest pending item and every later one that can share its backend call
-    (pairwise :meth:`Backend.can_share_call`), in arrival order, up to ``max_rows`` rows."""
+    (pairwise :meth:`Backend.can_share_call`), in arrival order, up to ``max_rows`` rows. With
+    ``mix_adapters``, calls of other adapter sets may join, after every call of the oldest one's set."""
+    first = call_of(pending[0])
+    later = pending[1:]
+    if mix_adapters:  # stable: the oldest one's set first, then the rest in arrival order
+        later = sorted(later, key=lambda item: not first.same_adapters(call_of(item)))
     batch = [pending[0]]
-    rows = call_of(pending[0]).rows
-    for item in pending[1:]:
+    rows = first.rows
+    for item in later:
         call = call_of(item)
-        if rows + call.rows <= max_rows and all(backend.can_share_call(call_of(b), call) for b in batch):
+        if rows + call.rows <= max_rows and all(
+            backend.can_share_call(call_of(b), call, mix_adapters) for b in batch
+        ):
             batch.append(item)
             rows += call.rows
     taken = {id(item) for item in batch}
+    batch = [item for item in pending if id(item) in taken]
     pending[:] = [item for item in pending if id(item) not in taken]
     return batch
 
@@ -187,14 +204,25 @@ class _Pending:
 
 
 class Executor:
-    """Runs programs on ``backend``, alone or (``batching=True``) merged across concurrent requests."""
+    """Runs programs on ``backend``, alone or (``batching=True``) merged across concurrent requests
+    (``adapter_batching``: whether calls of different adapter sets may share a backend call)."""
 
-    def __init__(self, backend: Backend, *, batching: bool = False, max_wait_ms: float = 0.0) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        batching: bool = False,
+        max_wait_ms: float = 0.0,
+        adapter_batching: str = DEFAULT_ADAPTER_BATCHING,
+    ) -> None:
         if max_wait_ms < 0:
             raise ValueError("max_wait_ms must be >= 0")
+        if adapter_batching not in ADAPTER_BATCHING:
+            raise ValueError(f"adapter_batching must be one of {ADAPTER_BATCHING}, got {adapter_batching!r}")
         self.backend = backend
         self.batching = batching
         self.max_wait_s = max_wait_ms / 1e3
+        self.adapter_batching = adapter_batching
         self.counters = Counters()
         self._pending: list[_Pending] = []
         self._wake = threading.Condition()
@@ -346,7 +374,8 @@ class Executor:
                 if until <= now:
                     break
                 self._wake.wait(until - now)
-            return take_batch(self._pending, lambda p: p.call, self.backend, max_rows)
+            mix = self.adapter_batching == "mix"
+            return take_batch(self._pending, lambda p: p.call, self.backend, max_rows, mix)
 
     def close(self) -> None:
         """Stop the device loop once the calls already queued have run."""

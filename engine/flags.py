@@ -245,6 +245,7 @@ def engine_config_from_args(args: argparse.Namespace, **engine: Any) -> EngineCo
         backend_options=backend_options,
         lora_dir=str(args.lora_dir) if getattr(args, "lora_dir", None) else None,
         max_adapters=getattr(args, "max_adapters", EngineConfig.max_adapters),
+        adapter_batching=getattr(args, "adapter_batching", EngineConfig.adapter_batching),
         **engine,
     )
 

@@ -29,7 +29,7 @@ from PIL import Image
 
 from . import local_blend as blending
 from . import null_text, programs, real
-from .adapters import DEFAULT_MAX_ADAPTERS, AdapterSet
+from .adapters import DEFAULT_ADAPTER_BATCHING, DEFAULT_MAX_ADAPTERS, AdapterSet
 from .backends.base import Backend
 from .config import DEFAULT_MAP_CACHE_BYTES, EngineConfig
 from .contract import ModelSpec
@@ -85,6 +85,7 @@ class EditEngine:
         max_wait_ms: float = 0.0,
         max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS,
         max_adapters: int = DEFAULT_MAX_ADAPTERS,
+        adapter_batching: str = DEFAULT_ADAPTER_BATCHING,
     ) -> None:
         self.backend = backend
         self.spec: ModelSpec = backend.spec
@@ -100,7 +101,9 @@ class EditEngine:
         #: Most adapters (``EditOptions.adapters``) one request may combine.
         self.max_adapters = int(max_adapters)
         self.engine_id = uuid.uuid4().hex
-        self.executor = Executor(backend, batching=batching, max_wait_ms=max_wait_ms)
+        self.executor = Executor(
+            backend, batching=batching, max_wait_ms=max_wait_ms, adapter_batching=adapter_batching
+        )
         #: DDIM schedules by step count (``schedules(steps)``), the recent ones cached.
         self.schedules = ScheduleCache(self.spec.scheduler)
         #: Prompt embeddings of this engine's text encoder, the recent ones cached.
@@ -173,6 +176,7 @@ class EditEngine:
             "loras": list(self.backend.loras),
             "adapters": self.backend.adapters.describe() if self.backend.adapters is not None else [],
             "max_adapters": self.max_adapters,
+            "adapter_batching": self.executor.adapter_batching,
             "default_image_size": self.spec.default_image_size,
             "max_side": self.max_side,
             "map_cache_bytes": self.map_cache_bytes,

@@ -49,6 +49,7 @@ COMMON_FLAGS = {
     "loras": "--lora",
     "lora_dir": "--lora-dir",
     "max_adapters": "--max-adapters",
+    "adapter_batching": "--adapter-batching",
     "adapters": "--adapter",
     "seed": "--seed",
     "height": "--height",

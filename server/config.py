@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from fpedit.engine.adapters import ADAPTER_BATCHING, DEFAULT_ADAPTER_BATCHING
 from fpedit.engine.errors import InvalidInputError
 from fpedit.engine.flags import (
     add_config_arguments,
@@ -177,6 +178,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="merge the UNet calls of concurrent requests into shared backend calls (default: on)",
+    )
+    parser.add_argument(
+        "--adapter-batching",
+        choices=ADAPTER_BATCHING,
+        default=DEFAULT_ADAPTER_BATCHING,
+        help="with --batching and --lora-dir: 'mix' lets requests of different adapter sets share a UNet call "
+        "(a scale per row; calls of one set are still preferred), 'group' runs only requests of one set "
+        f"together (default {DEFAULT_ADAPTER_BATCHING})",
     )
     ray = parser.add_argument_group("scale out on Ray Serve (pip install 'fpedit[ray]')")
     ray.add_argument(

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..adapters import AdapterBank, AdapterSet
+from ..adapters import ActiveAdapters, AdapterBank
 from ..calls import UNetCall, UNetResult
 from ..contract import ModelSpec
 from ..maps import AttentionMaps, Injection
@@ -101,8 +101,9 @@ class Backend(ABC):
             inject=inject,
         )
 
-    def adapter_scope(self, adapters: AdapterSet) -> AbstractContextManager[None]:
-        """A block in which this thread's forwards (text encoder, eager UNet) apply ``adapters``."""
+    def adapter_scope(self, adapters: ActiveAdapters) -> AbstractContextManager[None]:
+        """A block in which this thread's forwards (text encoder, eager UNet) apply ``adapters`` (a scale
+        may be a per-row vector: :meth:`UNetCall.active_adapters`)."""
         if not adapters:
             return nullcontext()
         if self.adapters is None:
@@ -111,10 +112,13 @@ class Backend(ABC):
             raise InvalidInputError("adapters", f"the {self.name} backend has no adapters loaded")
         return self.adapters.active(adapters)
 
-    def can_share_call(self, a: UNetCall, b: UNetCall) -> bool:
+    def can_share_call(self, a: UNetCall, b: UNetCall, mix_adapters: bool = False) -> bool:
         """Whether rows of ``a`` and ``b`` may run as one call on this backend (same latent size, dtype and
-        map format; backends whose graphs cannot mix map operations narrow this)."""
-        return a.compatible(b) and (self.supports_donors or (a.donors is None and b.donors is None))
+        map format, and adapter set unless ``mix_adapters``; backends whose graphs cannot mix map operations
+        narrow this)."""
+        return a.compatible(b, mix_adapters) and (
+            self.supports_donors or (a.donors is None and b.donors is None)
+        )
 
     def capture_layers(self, requested: Sequence[int]) -> tuple[int, ...]:
         """Layers to capture for a request: fixed-graph backends capture their whole set, so a cached

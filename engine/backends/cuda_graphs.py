@@ -9,9 +9,11 @@ batch, latent and context shape, dtype, map format, layer set, whether it stops 
 layers, and the names of its LoRA adapters (:meth:`UNetCall.graph_key`). The layer set is the paper's 4-14 when the call stays inside it, else
 all 16 (two choices, so that ``probs`` maps of the 64x64 layers are only held when asked for).
 
-A call with adapters (``--lora-dir``) is captured with its set's hooks on, each hook multiplying by a 0-d
-float32 tensor of the graph's own instead of a number: the scales are copied in like any other input, so
-one graph serves a set of names at every scale, and a set costs graphs like any other variant.
+A call with adapters (``--lora-dir``) is captured with its adapters' hooks on, each hook multiplying by a row
+of a (names, rows) float32 matrix of the graph's own instead of a number: the per-row scales
+(:meth:`UNetCall.adapter_scales`, 0 where a row's set lacks the adapter) are copied in like any other input,
+so one graph serves a set of names at every scale, and every mix of rows whose sets together use those
+names; a set of names costs graphs like any other variant.
 
 The cache is an LRU of at most ``max_graphs`` graphs (default :data:`DEFAULT_MAX_GRAPHS`). All graphs share
 one memory pool, so their intermediates cost the largest graph's, not the sum; that is safe because one lock
@@ -82,14 +84,14 @@ class _Graph:
     context: torch.Tensor
     state: CallState  # static maps, gates and donor indices the graph reads; captured maps it writes
     graph: torch.cuda.CUDAGraph | None
-    #: The adapter set's names and their scales (float32, one per name): inputs like the sample.
+    #: The adapters' names and their per-row scales ((names, rows) float32): inputs like the sample.
     adapter_names: tuple[str, ...] = ()
     scales: torch.Tensor | None = None
     noise: torch.Tensor | None = None
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def adapters(self) -> tuple[tuple[str, torch.Tensor], ...]:
-        """The set as the hooks take it, each scale a view of :attr:`scales`."""
+        """The adapters as the hooks take them, each name's per-row scales a view of :attr:`scales`."""
         if self.scales is None:
             return ()
         return tuple(zip(self.adapter_names, self.scales.unbind(), strict=True))
@@ -175,7 +177,7 @@ class UNetGraphs:
         entry.context.copy_(padded.context)
         entry.state.load(inputs)
         if entry.scales is not None:
-            entry.scales.copy_(_scales(call, "cpu"))
+            entry.scales.copy_(padded.adapter_scales())
         entry.replay(self.forward, self.adapter_scope)
         noise = None
         if call.need_noise_pred and entry.noise is not None:
@@ -197,7 +199,7 @@ class UNetGraphs:
             state=state,
             graph=None,
             adapter_names=call.adapter_names,
-            scales=_scales(call, self.device) if call.adapters else None,
+            scales=call.adapter_scales().to(self.device) if call.adapter_names else None,
         )
         self.captures += 1
         if self.device.type != "cuda":
@@ -230,8 +232,3 @@ class UNetGraphs:
         entry.graph = graph
         entry.captured = dict(state.captured)
         return entry
-
-
-def _scales(call: UNetCall, device: torch.device | str) -> torch.Tensor:
-    """The call's adapter scales, float32 in the set's order (a 0-d slice of it keeps fp16 rows fp16)."""
-    return torch.tensor([scale for _, scale in call.adapters], dtype=torch.float32, device=device)

@@ -173,11 +173,11 @@ class GraphBackend(Backend):
             )
         return UNetResult(out[NOISE_PRED].float() if call.need_noise_pred else None, maps)
 
-    def can_share_call(self, a: UNetCall, b: UNetCall) -> bool:
+    def can_share_call(self, a: UNetCall, b: UNetCall, mix_adapters: bool = False) -> bool:
         """The exported variants are plain, capture and inject: a plain row joins either, but capture and
         inject rows cannot share a call."""
         mixed = (a.capture or b.capture) and (a.inject is not None or b.inject is not None)
-        return super().can_share_call(a, b) and not mixed
+        return super().can_share_call(a, b, mix_adapters) and not mixed
 
     def _inject_feeds(
         self, inject: Injection, batch: int, latent_hw: tuple[int, int]

@@ -129,11 +129,12 @@ class TorchBackend(Backend):
     def unet(self, call: UNetCall) -> UNetResult:
         call = self.on_device(call)
         # Cross-attention probabilities run eagerly (their capture is not part of a graph's outputs). Adapter
-        # calls replay graphs of their set's names, captured with the hooks on and the scales as inputs.
+        # calls replay graphs of their adapters' names, captured with the hooks on and the per-row scales as
+        # inputs.
         if self.graphs is not None and not call.cross_probs:
             return self.graphs.run(call)
         state = CallState.for_call(call, self.device)
-        with self.adapter_scope(call.adapters):
+        with self.adapter_scope(call.active_adapters(self.device)):
             noise = self.forward(call.sample, call.timesteps, call.context, state)
         maps = AttentionMaps(call.map_format, dict(state.captured)) if call.capture else None
         cross = dict(state.cross_captured) if call.cross_probs else None

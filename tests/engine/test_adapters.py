@@ -1,6 +1,7 @@
 """Per-request LoRA adapters (issue 29): an engine with ``lora_dir`` applies a request's adapters exactly as
 weights this test merges by hand (W + scale * alpha / r * B @ A, from the files' own tensors), keeps requests
-with different sets apart while batching them, and refuses what it cannot serve, naming it."""
+with different sets apart while batching them (grouped by set, or mixed in one call with a scale per row),
+and refuses what it cannot serve, naming it."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from lora_files import (
 from reference import rel_l2
 
 from fpedit import EditEngine, EditOptions
+from fpedit.engine.calls import UNetCall
 from fpedit.engine.errors import InvalidInputError
 
 pytest.importorskip("peft")
@@ -65,9 +67,33 @@ def modules(raw_modules) -> dict[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def adapter_engine(model_dir, lora_dir):
-    engine = EditEngine.from_pretrained(model_dir, lora_dir=lora_dir, batching=True, max_wait_ms=30)
+    engine = EditEngine.from_pretrained(
+        model_dir, lora_dir=lora_dir, batching=True, max_wait_ms=30, adapter_batching="mix"
+    )
     yield engine
     engine.close()
+
+
+@pytest.fixture(scope="module")
+def group_engine(model_dir, lora_dir):
+    engine = EditEngine.from_pretrained(
+        model_dir, lora_dir=lora_dir, batching=True, max_wait_ms=30, adapter_batching="group"
+    )
+    yield engine
+    engine.close()
+
+
+def record_calls(engine: EditEngine, monkeypatch) -> list[UNetCall]:
+    """The backend calls ``engine`` runs from now on, as the device loop merged them."""
+    calls: list[UNetCall] = []
+    unet = engine.backend.unet
+
+    def recording(call: UNetCall):
+        calls.append(call)
+        return unet(call)
+
+    monkeypatch.setattr(engine.backend, "unet", recording)
+    return calls
 
 
 def hand_merged(model_dir, lora_dir, modules, adapters, out) -> EditEngine:
@@ -107,22 +133,90 @@ def test_info_lists_the_offered_adapters(adapter_engine, modules):
     )
 
 
-def test_eight_concurrent_requests_over_three_sets_equal_their_solo_runs(adapter_engine):
-    """Batching on: calls of one set share backend calls, and no request sees another set's weights."""
-    sets = [(("peft", 1.0),), (("kohya", 0.8),), (("kohya", 0.5), ("peft", -0.5))]
-    jobs = [(sets[i % 3], 20 + i) for i in range(8)]
-    solo = [edit(adapter_engine, adapters, seed) for adapters, seed in jobs]
-    before = adapter_engine.counters()
-    together = run_concurrently([lambda a=a, s=s: edit(adapter_engine, a, s) for a, s in jobs])
-    after = adapter_engine.counters()
+THREE_SETS = [(("peft", 1.0),), (("kohya", 0.8),), (("kohya", 0.5), ("peft", -0.5))]
+#: Eight different sets (scales count: ``peft:1`` and ``peft:-0.6`` are two sets), none included: more sets
+#: than the 2 generated edits (4 rows each) a call of ``max_batch`` 8 holds.
+EIGHT_SETS = [
+    (),
+    (("peft", 1.0),),
+    (("peft", -0.6),),
+    (("kohya", 0.8),),
+    (("kohya", -1.0),),
+    (("kohya", 0.5), ("peft", -0.5)),
+    (("kohya", 1.2), ("peft", 0.3)),
+    (("peft", 2.0),),
+]
+
+
+@pytest.mark.parametrize("sets", [THREE_SETS, EIGHT_SETS], ids=["3-sets", "8-sets"])
+@pytest.mark.parametrize("adapter_batching", ["mix", "group"])
+def test_eight_concurrent_requests_over_several_sets_equal_their_solo_runs(
+    request, adapter_batching, sets, monkeypatch
+):
+    """Batching on: each request equals its solo run, so no request sees another set's weights, whether
+    calls of different sets share backend calls (mix: some calls carry rows of several sets, and with eight
+    sets calls still carry more than one request) or not (group: every call is of one set)."""
+    engine = request.getfixturevalue("adapter_engine" if adapter_batching == "mix" else "group_engine")
+    jobs = [(sets[i % len(sets)], 20 + i) for i in range(8)]
+    solo = [edit(engine, adapters, seed) for adapters, seed in jobs]
+    calls = record_calls(engine, monkeypatch)
+    together = run_concurrently([lambda a=a, s=s: edit(engine, a, s) for a, s in jobs])
     for i, (alone, got) in enumerate(zip(solo, together, strict=True)):
         assert not isinstance(got, Exception), (i, got)
         assert rel_l2(got, alone) < BATCH_SHAPE_TOL, (i, jobs[i][0])
     # Every set moves the edit away from the others (were weights shared, the solo runs could not match).
-    assert min(rel_l2(solo[0], solo[1]), rel_l2(solo[1], solo[2]), rel_l2(solo[0], solo[2])) > 1e-2
-    calls = after["unet_calls"] - before["unet_calls"]
-    rows = after["unet_rows"] - before["unet_rows"]
-    assert rows / calls > 4  # calls carried rows of several requests (a lone generated edit's calls: 4 rows)
+    assert min(rel_l2(solo[i], solo[j]) for i in range(len(sets)) for j in range(i)) > 1e-2
+    mixed = [call for call in calls if call.row_adapters is not None]
+    rows_per_call = sum(call.rows for call in calls) / len(calls)
+    if adapter_batching == "group":
+        assert not mixed and all(len(set(call.row_sets)) == 1 for call in calls)
+    else:
+        assert mixed and all(len(set(call.row_sets)) > 1 for call in mixed)
+    if sets is THREE_SETS or adapter_batching == "mix":
+        assert rows_per_call > 4  # calls carried rows of several requests (a lone edit's calls: 4 rows)
+    else:
+        assert rows_per_call == 4  # eight sets, grouped: every call is one request's
+
+
+def unet_rows(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randn((n, 4, 8, 8), generator=g)
+    return sample, torch.randint(0, 1000, (n,), generator=g).float(), torch.randn((n, 77, 32), generator=g)
+
+
+def test_a_mixed_call_gives_each_row_its_own_sets_weights(
+    model_dir, engine, adapter_engine, lora_dir, modules, tmp_path
+):
+    """One backend call carrying rows of three sets (one of them none) gives each row what weights merged by
+    hand at the row's own set give it alone, eagerly and through the CUDA-graph CPU mode; there a second mix
+    of the same names at other scales and rows, and a one-set call of those names, capture nothing new."""
+    graphs = EditEngine.from_pretrained(model_dir, lora_dir=lora_dir, backend_options={"cuda_graphs": True})
+    mixes = [
+        [(("peft", 0.7),), (("kohya", -1.2), ("peft", 0.7)), ()],
+        [(("kohya", 0.4),), (("peft", -0.3),), (("kohya", 1.0), ("peft", 1.5))],
+    ]
+    captures = []
+    for k, sets in enumerate(mixes):
+        calls = [
+            UNetCall(*unet_rows(n, 10 * k + n), adapters=s) for n, s in zip((2, 1, 2), sets, strict=True)
+        ]
+        merged = UNetCall.merge(calls)
+        assert merged.row_adapters is not None and merged.adapter_names == ("kohya", "peft")
+        expected = [
+            (hand_merged(model_dir, lora_dir, modules, s, tmp_path / describe(s)) if s else engine)
+            .backend.unet(UNetCall(c.sample, c.timesteps, c.context))
+            .noise
+            for c, s in zip(calls, sets, strict=True)
+        ]
+        for backend in (adapter_engine.backend, graphs.backend):
+            parts = backend.unet(merged).split(calls)
+            for part, want, s in zip(parts, expected, sets, strict=True):
+                assert rel_l2(part.noise, want) < TOL, (backend.graphs is not None, s)
+        captures.append(graphs.backend.graphs.captures)
+    assert captures[0] > 0 and captures[1] == captures[0]  # the scales (per row) are the graph's inputs
+    one_set = UNetCall(*unet_rows(5, 3), adapters=(("kohya", 0.2), ("peft", 0.9)))
+    graphs.backend.unet(one_set)
+    assert graphs.backend.graphs.captures == captures[0]  # a one-set call of the names: the same graph
 
 
 def test_an_inversion_is_edited_only_under_its_own_set(adapter_engine):
@@ -225,3 +319,45 @@ def test_saved_inversions_and_ray_records_keep_their_set(adapter_engine, tmp_pat
         assert back.adapters == chosen
         with pytest.raises(InvalidInputError, match=re.escape("adapters peft:0.5")):
             adapter_engine.edit_real(back, "a dog", options=EditOptions(steps=2))
+
+
+def test_every_linear_and_conv_of_sd15_takes_batch_first_rows():
+    """Per-row scales broadcast over a module's output by its first dim: on SD 1.5's UNet (with this engine's
+    attention processors: capture, donors and word-mask probabilities) and CLIP text encoder, built on the
+    meta device from the shipped configs, every Linear and Conv2d sees (and returns) the call's rows first."""
+    import json
+    from pathlib import Path
+
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    import fpedit.engine
+    from fpedit.engine.backends.attention import CallState, install_processors, unet_forward
+    from fpedit.engine.calls import Donors
+    from fpedit.engine.contract import ModelSpec
+
+    root = Path(fpedit.engine.__file__).parent / "configs" / "sd1"
+    configs = {c: json.loads((root / c / "config.json").read_text()) for c in ("unet", "vae", "text_encoder")}
+    scheduler = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+    spec = ModelSpec.from_configs(configs["unet"], configs["vae"], configs["text_encoder"], scheduler)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(configs["unet"])
+        text = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
+    install_processors(unet, spec)
+    rows, seen = 5, []
+    for model in (unet, text):
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
+                module.register_forward_hook(
+                    lambda m, args, out: seen.append((args[0].shape[0], out.shape[0]))
+                )
+    donors = Donors.for_rows([0, 0, 2, 3, 4], (4, 5, 6))
+    with torch.no_grad(), torch.device("meta"):
+        sample, t = torch.randn(rows, 4, 8, 8), torch.arange(rows).float()
+        context = torch.randn(rows, 77, configs["unet"]["cross_attention_dim"])
+        call = UNetCall(sample, t, context, capture=(4, 5, 6), cross_probs=(4, 8), donors=donors)
+        unet_forward(unet, sample, t, context, CallState.for_call(call, torch.device("meta")))
+        in_unet = len(seen)
+        text(torch.zeros(rows, 77, dtype=torch.long))
+    assert in_unet > 250 and len(seen) - in_unet > 70  # every projection, conv and time-embedding linear
+    assert set(seen) == {(rows, rows)}

@@ -182,3 +182,52 @@ def test_generated_edit_with_small_max_batch(model_dir, engine):
     # 2-row piped calls vs 4-row fused ones over 4 steps: equal up to the rounding of other batch shapes.
     assert rel_l2(a.edited_latents, b.edited_latents) < BATCH_SHAPE_TOL
     assert max(small.counters()["batch_rows"]) <= 3
+
+
+def test_rows_keep_their_adapter_sets_through_merge_slice_split_and_padding():
+    """Calls of different sets merge into one call carrying a set per row (the scale matrix has 0 where a
+    row's set lacks a name); a piece or a merge whose rows agree is a plain one-set call again."""
+    a = UNetCall(*rows(2, 1), adapters=(("ink", 0.5),))
+    b = UNetCall(*rows(1, 2), adapters=(("ink", -1.0), ("oil", 2.0)))
+    plain = UNetCall(*rows(1, 3))
+    assert not a.compatible(b) and a.compatible(b, mix_adapters=True)
+    assert UNetCall.merge([a, a]).row_adapters is None and UNetCall.merge([a, a]).adapters == a.adapters
+    merged = UNetCall.merge([a, b, plain])
+    assert merged.adapters == () and merged.row_sets == (*a.row_sets, *b.row_sets, ())
+    assert merged.adapter_names == ("ink", "oil")
+    expected = torch.tensor([[0.5, 0.5, -1.0, 0.0], [0.0, 0.0, 2.0, 0.0]])
+    assert torch.equal(merged.adapter_scales(), expected)
+    assert merged.graph_key(())[-1] == ("ink", "oil")
+    head = merged.slice(0, 2)  # a's rows only: one set again, no per-row work
+    assert head.row_adapters is None and head.adapters == a.adapters
+    assert [piece.row_sets for piece in merged.split(3)] == [merged.row_sets[:3], ((),)]
+    padded = merged.padded(8)
+    assert padded.row_sets == (*merged.row_sets, *((),) * 4)
+    assert torch.equal(padded.adapter_scales()[:, :4], expected)
+    assert a.padded(4).row_adapters is None and torch.equal(
+        a.padded(4).adapter_scales(), torch.full((1, 4), 0.5)
+    )
+    with pytest.raises(ValueError, match="one set per sample"):
+        UNetCall(*rows(2, 1), row_adapters=((),))
+
+
+def test_take_batch_mixes_sets_only_to_fill_rows():
+    """With mixing the oldest call's own set goes first; other sets fill what is left; grouping never mixes."""
+    from fpedit.engine.executor import take_batch
+
+    class Shares:
+        def can_share_call(self, a, b, mix_adapters=False):
+            return a.compatible(b, mix_adapters)
+
+    def call(name: str, n: int = 2) -> UNetCall:
+        return UNetCall(*rows(n, 1), adapters=((name, 1.0),))
+
+    order = [call("a"), call("b"), call("c"), call("a"), call("b", 4)]
+    for mix, first in ((True, ["a", "b", "a"]), (False, ["a", "a"])):
+        pending = list(order)
+        batch = take_batch(pending, lambda c: c, Shares(), 6, mix)
+        assert [c.adapter_names[0] for c in batch] == first  # arrival order kept
+        assert len(pending) == len(order) - len(batch)
+    pending = list(order)
+    take_batch(pending, lambda c: c, Shares(), 6, True)
+    assert [c.adapter_names[0] for c in pending] == ["c", "b"]

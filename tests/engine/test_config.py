@@ -192,3 +192,15 @@ def test_ray_settings_carry_an_engine_config_not_flags():
     assert pickle.loads(pickle.dumps(settings)) == settings
     with pytest.raises(InvalidInputError, match="not valid `fpedit serve` flags"):
         settings_from_flags({"no-such-flag": 1})
+
+
+def test_adapter_batching_is_a_serve_flag_and_a_checked_engine_field():
+    from fpedit.server.ray import settings_from_flags
+
+    _, settings = settings_from_flags({"model": "tiny", "adapter-batching": "group", "port": 0})
+    assert settings.engine.adapter_batching == "group" and EngineConfig().adapter_batching == "mix"
+    with pytest.raises(InvalidInputError, match="must be one of mix, group") as info:
+        EngineConfig(adapter_batching="sometimes")
+    assert info.value.field == "adapter_batching"
+    with pytest.raises(InvalidInputError, match="not valid `fpedit serve` flags"):
+        settings_from_flags({"adapter-batching": "sometimes"})

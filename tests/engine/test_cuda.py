@@ -110,3 +110,41 @@ def test_adapter_calls_replay_graphs_equal_to_eager(model_dir, raw_modules, tmp_
         assert graphs.backend.graphs.captures == captures  # the second scale captured nothing new
     plain = eager.edit_generated("a cat", "a dog", latents=z, options=EditOptions(steps=6)).edited_latents
     assert rel_l2(a, plain) > 1e-2  # the adapter moved the edit: the comparison above can fail
+
+
+def test_mixed_adapter_calls_replay_graphs_equal_to_eager(model_dir, raw_modules, tmp_path):
+    """A call carrying rows of different sets (fp16 rows, float32 per-row scales) replays a graph of the
+    union's names equal to the eager call, and another mix of those names captures nothing new."""
+    pytest.importorskip("peft")
+    from lora_files import random_factors, unet_targets, write_peft_lora
+
+    from fpedit.engine.calls import UNetCall
+
+    targets = unet_targets(raw_modules["unet"])
+    write_peft_lora(tmp_path / "ink.safetensors", random_factors(targets, 3), 2.0)
+    write_peft_lora(tmp_path / "oil.safetensors", random_factors(targets, 4), 2.0)
+    graphs = EditEngine.from_pretrained(model_dir, device="cuda", lora_dir=tmp_path).backend
+    eager = EditEngine.from_pretrained(
+        model_dir, device="cuda", lora_dir=tmp_path, backend_options={"cuda_graphs": False}
+    ).backend
+    g = torch.Generator().manual_seed(5)
+    captures = None
+    for sets in (
+        [(("ink", 1.0),), (("oil", -0.7),), ()],
+        [(("ink", 0.3), ("oil", 1.2)), (), (("ink", -1.0),)],
+    ):
+        calls = [
+            UNetCall(
+                torch.randn((2, 4, 16, 16), generator=g),
+                torch.full((2,), 500.0),
+                torch.randn((2, 77, 32), generator=g),
+                adapters=s,
+            )
+            for s in sets
+        ]
+        merged = UNetCall.merge(calls)
+        assert merged.row_adapters is not None
+        a, b = graphs.unet(merged).noise, eager.unet(merged).noise
+        assert rel_l2(a, b) < 1e-3, sets
+        captures = graphs.graphs.captures if captures is None else captures
+        assert graphs.graphs.captures == captures  # other scales and rows of the same names: no capture

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from fpedit.benchmarks.bench import BenchConfig, run_bench, write_outputs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -95,3 +97,20 @@ def test_machine_facts_name_the_commit_given_where_git_cannot(monkeypatch):
     assert machine.machine_facts()["commit"] == "abc1234"
     monkeypatch.delenv("FPEDIT_COMMIT")
     assert machine.git_commit() is None
+
+
+def test_adapter_mix_writes_both_strategies_and_the_switch_cost(tmp_path):
+    """One short round per layout: both batching strategies side by side, and the switch measurement."""
+    pytest.importorskip("peft")
+    from fpedit.benchmarks.adapter_mix import SET_COUNTS, main
+
+    out = tmp_path / "adapter_mix.json"
+    assert main(["--steps", "1", "--repeat", "1", "--switch-edits", "2", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    labels = {"no adapters", *(f"{k} set" + ("s" if k > 1 else "") for k in SET_COUNTS)}
+    for strategy in ("mix", "group"):
+        assert set(data["results"][strategy]) == labels
+        assert data["results"][strategy]["1 set"]["vs_one_set"] == 1.0
+    assert data["results"]["group"]["8 sets"]["mixed_calls_per_round"] == 0
+    assert data["results"]["mix"]["8 sets"]["mixed_calls_per_round"] > 0  # 8 sets, 2 requests a call
+    assert set(data["mix_vs_group"]) == labels and data["switch"]["alternating_vs_same"] > 0
