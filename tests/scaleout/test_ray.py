@@ -987,6 +987,64 @@ def test_a_job_through_the_ray_front_equals_the_synchronous_edit_and_outlives_a_
     assert again["edit"]["editedImage"] == job["edit"]["editedImage"]
 
 
+class _CheckAnswer:
+    """What ``handle.check.remote`` gives back: a timeout, an exception, or a value (Serve's response API)."""
+
+    def __init__(self, outcome) -> None:
+        self.outcome, self.cancelled = outcome, False
+
+    def result(self, timeout_s=None):
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return self.outcome
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _CheckHandle:
+    def __init__(self, outcome) -> None:
+        self.answer = _CheckAnswer(outcome)
+        self.routed_by: list[str] = []
+        self.check = self
+
+    def remote(self, call):
+        return self.answer
+
+    def options(self, multiplexed_model_id: str = ""):
+        self.routed_by.append(multiplexed_model_id)
+        return self
+
+
+def test_the_front_lets_a_job_through_unjudged_only_when_no_replica_answers():
+    """The front's policy around a replica's check (no Ray needed): a refusal is raised as its own type, a
+    timeout (every replica busy), a full queue or a lost replica let the job through to be judged as it runs,
+    and an edit by id is routed by its id."""
+    from ray.serve.exceptions import BackPressureError
+
+    from fpedit.engine.errors import InvalidInputError
+    from fpedit.server.ray.errors import ReplicaError
+    from fpedit.server.ray.front import RayRunner
+    from fpedit.server.runner import EditCall, GenerateCall
+
+    generate = GenerateCall("a cat", "a dog", EditOptions(steps=2))
+    by_id = EditCall("a dog", EditOptions(steps=2), steps_given=False, inversion_id="abc")
+    refused = _CheckHandle(ReplicaError("InvalidInputError", "must be at most 1024, got 8192", "height"))
+    with pytest.raises(InvalidInputError, match="8192") as info:
+        RayRunner(refused).check(generate)
+    assert info.value.field == "height"
+    assert RayRunner(_CheckHandle(None)).check(generate) is None
+    busy = _CheckHandle(TimeoutError())
+    assert RayRunner(busy).check(by_id) is None and busy.answer.cancelled
+    assert busy.routed_by == ["abc"]
+    assert (
+        RayRunner(_CheckHandle(BackPressureError(num_queued_requests=4, max_queued_requests=4))).check(
+            generate
+        )
+        is None
+    )
+
+
 def test_the_ray_front_refuses_bad_jobs_at_submit(ray_service):
     """The front has no engine: a replica judges each job as it is submitted (an edit by id on the replica
     holding it), so a bad image, an unknown inversion id and a size the engine refuses are answered at once
