@@ -326,17 +326,13 @@ class EditEngine:
         target_prompt = self.check_prompt(target_prompt, "target_prompt", allow_empty=False)
         self.check_adapters(options.adapters)
         check_output_size(output_size, self.max_input_pixels)
-        invert_options = {
-            name: value
-            for name, value in (
-                ("inversion", inversion),
-                ("source_prompt", source_prompt),
-                ("method", method),
-                ("null_text_steps", null_text_steps),
-                ("null_text_epsilon", null_text_epsilon),
-            )
-            if value is not None
-        }
+        invert_options = given_options(
+            inversion=inversion,
+            source_prompt=source_prompt,
+            method=method,
+            null_text_steps=null_text_steps,
+            null_text_epsilon=null_text_epsilon,
+        )
         if isinstance(image, Inversion):
             real.check_reuse(self, image, options, invert_options)
             latent_hw, source = image.latent_hw, image.source_prompt
@@ -550,17 +546,13 @@ class EditEngine:
         target_prompt = self.check_prompt(target_prompt, "target_prompt", allow_empty=False)
         self.check_adapters(options.adapters)
         output_size = check_output_size(output_size, self.max_input_pixels)
-        invert_options = {
-            name: value
-            for name, value in (
-                ("inversion", inversion),
-                ("source_prompt", source_prompt),
-                ("method", method),
-                ("null_text_steps", null_text_steps),
-                ("null_text_epsilon", null_text_epsilon),
-            )
-            if value is not None
-        }
+        invert_options = given_options(
+            inversion=inversion,
+            source_prompt=source_prompt,
+            method=method,
+            null_text_steps=null_text_steps,
+            null_text_epsilon=null_text_epsilon,
+        )
         if options.blend is not None:  # refused before the inversion runs
             blending.check_words(
                 self, options.blend, target_prompt, blending.source_prompt_of(image, invert_options)
@@ -632,3 +624,9 @@ class EditEngine:
         from .attention_maps import compute_attention_maps
 
         return compute_attention_maps(self, prompt, image=image, **kwargs)
+
+
+def given_options(**options: Any) -> dict[str, Any]:
+    """The inversion options a real edit was given (``None``: not given), as :meth:`EditEngine.invert` takes
+    them."""
+    return {name: value for name, value in options.items() if value is not None}

@@ -99,6 +99,11 @@ class GenerateCall:
     output_format: str = "PNG"
 
 
+def generate_options(call: GenerateCall) -> dict[str, Any]:
+    """``EditEngine.edit_generated``'s keywords for ``call`` (its check takes the same)."""
+    return {"options": call.options, "seed": call.seed, "height": call.height, "width": call.width}
+
+
 @dataclass(frozen=True)
 class InvertCall:
     image: bytes
@@ -240,14 +245,7 @@ class LocalRunner:
         image decoded, an inversion id looked up): a job is judged by this when it is submitted."""
         engine = self.engine
         if isinstance(call, GenerateCall):
-            engine.check_generated(
-                call.source_prompt,
-                call.target_prompt,
-                options=call.options,
-                seed=call.seed,
-                height=call.height,
-                width=call.width,
-            )
+            engine.check_generated(call.source_prompt, call.target_prompt, **generate_options(call))
         elif isinstance(call, InvertCall):
             engine.check_invert(call.image, options=call.options, **call.inversion)
         elif call.inversion_id:
@@ -307,13 +305,7 @@ class LocalRunner:
     ) -> GenerateOutcome:
         result, queue_ms = self._run(
             lambda kw: self.engine.edit_generated(
-                call.source_prompt,
-                call.target_prompt,
-                options=call.options,
-                seed=call.seed,
-                height=call.height,
-                width=call.width,
-                **kw,
+                call.source_prompt, call.target_prompt, **generate_options(call), **kw
             ),
             progress,
             cancel_check,
