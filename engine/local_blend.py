@@ -52,10 +52,14 @@ def user_mask(
 def word_positions(tokenizer: Any, prompt: str, word: str, max_length: int) -> list[int]:
     """Positions (in the 77 context rows; 0 = start token) of every occurrence of ``word`` in ``prompt``:
     the word's own tokens as a run that starts a pre-token (CLIP ends each pre-token's last BPE token with
-    ``</w>``), so "at" does not match inside "cat"."""
-    ids = tokenizer(prompt, truncation=True, max_length=max_length).input_ids[:-1]  # no end token
-    tokens = tokenizer.convert_ids_to_tokens(ids)
-    mine = tokenizer(word).input_ids[1:-1]
+    ``</w>``), so "at" does not match inside "cat". Under the process's tokenizer lock: a thread encoding
+    text at the same time would otherwise swap this call's settings (and lose the word)."""
+    from .text import TOKENIZER_LOCK  # here: .text imports the executor, which imports this module
+
+    with TOKENIZER_LOCK:
+        ids = tokenizer(prompt, truncation=True, max_length=max_length).input_ids[:-1]  # no end token
+        tokens = tokenizer.convert_ids_to_tokens(ids)
+        mine = tokenizer(word).input_ids[1:-1]
     n = len(mine)
     found: list[int] = []
     if not n:

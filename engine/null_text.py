@@ -159,7 +159,7 @@ def check_method(method: object, source_prompt: str, backend: Backend | None = N
     null-text inversion where there are no gradients, before any work starts. The server calls it without a
     backend before queueing; the engine again with its own."""
     method = check_inversion_method(method, source_prompt)
-    if method == "null-text" and backend is not None and backend.differentiable_unet() is None:
+    if method == "null-text" and backend is not None and not backend.supports_gradients:
         raise InvalidInputError(
             "method",
             f"null-text inversion needs gradients, which the {backend.name} backend does not have: use the "

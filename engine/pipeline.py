@@ -333,6 +333,10 @@ class EditEngine:
             null_text_steps=null_text_steps,
             null_text_epsilon=null_text_epsilon,
         )
+        if options.blend is not None:  # as the edit: its words first, before anything about the inversion
+            blending.check_words(
+                self, options.blend, target_prompt, blending.source_prompt_of(image, invert_options)
+            )
         if isinstance(image, Inversion):
             real.check_reuse(self, image, options, invert_options)
             latent_hw, source = image.latent_hw, image.source_prompt

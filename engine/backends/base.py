@@ -48,6 +48,9 @@ class Backend(ABC):
     adapters: AdapterBank | None = None
     #: Whether :meth:`unet` returns ``call.cross_probs`` (cross-attention probabilities: word-mask blends).
     supports_cross_probs: bool = False
+    #: Whether :meth:`differentiable_unet` gives a module (gradient work such as null-text inversion): what a
+    #: check asks, so that judging a request never makes the float32 copy itself.
+    supports_gradients: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -40,6 +40,7 @@ class TorchBackend(Backend):
     name = "torch"
     supports_donors = True
     supports_cross_probs = True
+    supports_gradients = True
 
     def __init__(
         self,

@@ -59,7 +59,7 @@ class EditReplica:
         self.name = ray.get_runtime_context().get_actor_name() or "local"
         self.engine = build_engine(settings)
         self.runner = LocalRunner(self.engine, settings.server, replica=self.name)
-        self.engine_fields = engine_fields(self.engine.info())
+        self.engine_fields = engine_fields(self.engine)  # hashes the weights once (seconds for SD 1.5)
         self.fingerprint = fingerprint_of(self.engine_fields)
         # Found by name, never created here: the front creates it on its own node (its failure domain).
         self.store = StoreClient(settings.store_name, settings.store_namespace)

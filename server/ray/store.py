@@ -63,7 +63,17 @@ STORE_CALL_TIMEOUT_S = 5.0
 #: Calls to the store that Ray sends again by itself when the store restarts under them.
 STORE_TASK_RETRIES = 2
 #: The engine fields a fingerprint is made of, in the order a refusal names them (the likeliest first).
-ENGINE_FIELDS = ("model", "backend", "dtype", "precision", "vae_dtype", "device", "adapters")
+ENGINE_FIELDS = (
+    "model",
+    "weights",
+    "backend",
+    "dtype",
+    "precision",
+    "vae_dtype",
+    "scheduler",
+    "device",
+    "adapters",
+)
 #: What the store's files say they are: not the saved-inversion format (:mod:`fpedit.engine.saved`), whose
 #: fingerprint is another one, but the same container and suffix (the state directory's sweep finds both).
 RECORD_FORMAT = "fpedit-store-record"
@@ -96,11 +106,16 @@ class InversionRecord:
         return int(self.trajectory.nbytes + self.image.nbytes + nulls)
 
 
-def engine_fields(info: dict[str, Any]) -> dict[str, str]:
-    """What an inversion depends on (model, backend, precision, device type, the adapters offered), not
-    which replica, from an engine's ``info()``."""
+def engine_fields(engine: Any) -> dict[str, str]:
+    """What an inversion depends on, not which replica: the weights (a digest: a checkpoint replaced in the
+    same folder, or fused LoRAs, change it), the scheduler, model, backend, precision, device type and the
+    adapters offered, from an :class:`~fpedit.EditEngine` (its saved-inversion fingerprint and ``info()``)."""
+    info = engine.info()
     keys = ("model", "backend", "dtype", "precision", "vae_dtype")
     described = {k: str(info[k]) for k in keys if k in info}
+    saved = engine.fingerprint  # the standalone server's: weights digest and scheduler among them
+    described["weights"] = str(saved["weights"])
+    described["scheduler"] = str(saved["scheduler"])
     described["device"] = str(info.get("device", "")).split(":")[0]
     if info.get("adapters"):  # replicas load the same --lora-dir: the adapters they offer are part of it
         described["adapters"] = json.dumps(
@@ -113,10 +128,10 @@ def fingerprint_of(fields: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def engine_fingerprint(info: dict[str, Any]) -> str:
-    """The hash of :func:`engine_fields`: replicas of one deployment share it; an inversion made by a
-    different model or precision is refused instead of silently giving a different edit."""
-    return fingerprint_of(engine_fields(info))
+def engine_fingerprint(engine: Any) -> str:
+    """The hash of :func:`engine_fields`: replicas of one deployment share it; an inversion made by other
+    weights, model or precision is refused instead of silently giving a different edit."""
+    return fingerprint_of(engine_fields(engine))
 
 
 def foreign_engine(record: InversionRecord, fingerprint: str, fields: dict[str, str]) -> str | None:

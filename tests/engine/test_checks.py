@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 
 import pytest
-import torch
 from helpers import make_image
 
 from fpedit import EditOptions
@@ -99,6 +98,23 @@ def ddim_inversion(engine):
     return engine.invert(png(), options=EditOptions(steps=2))
 
 
+def test_with_several_faults_the_check_names_the_one_the_run_names(engine, ddim_inversion):
+    """The check refuses in the run's order: a blend word missing from the prompts comes before the image,
+    the method and the inversion's step count."""
+    words = Blend(words=("zebra",))
+    cases = [
+        (b"not an image", {"options": EditOptions(steps=2, blend=words)}),
+        (png(), {"options": EditOptions(steps=2, blend=words), "method": "bogus"}),
+        (ddim_inversion, {"options": EditOptions(steps=3, blend=words)}),
+    ]
+    for image, kwargs in cases:
+        run = refusal(lambda image=image, kwargs=kwargs: engine.edit_real(image, "a red car", **kwargs))
+        assert run[0] == "blend_words", run
+        with no_model_work_on(engine):
+            got = refusal(lambda image=image, kwargs=kwargs: engine.check_real(image, "a red car", **kwargs))
+        assert got == run
+
+
 def test_layers_an_export_lacks_are_refused_by_the_check(ort_engine):
     """The ONNX export carries maps of layers 4-14 only: a request for layer 1 is the export's refusal."""
     options = EditOptions(steps=2, layers=(1, 5))
@@ -110,25 +126,33 @@ def test_layers_an_export_lacks_are_refused_by_the_check(ort_engine):
 
 
 def test_good_requests_pass_their_checks_without_model_work(engine, ddim_inversion):
-    inversion = ddim_inversion
-    wide = engine.invert(png(96, 64), options=EditOptions(steps=2))
+    """Each request the check accepts (inside the block, no model call) the run accepts too (after it)."""
+    two = EditOptions(steps=2)
+    accepted = [
+        (engine.check_generated, engine.edit_generated, ("a cat", "a dog"),
+         {"options": two, "seed": 3, "height": 64, "width": 64}),
+        (engine.check_invert, engine.invert, (png(96, 64),), {"options": two}),
+        (engine.check_real, engine.edit_real, (png(), "a red car"),
+         {"options": EditOptions(steps=2, layers="resolution")}),
+        (engine.check_real, engine.edit_real, (ddim_inversion, "a red car"), {"options": two}),
+        # Null-text is judged by the backend's declared gradients, not by making its float32 UNet.
+        (engine.check_invert, engine.invert, (png(),),
+         {"options": two, "method": "null-text", "source_prompt": "a car", "null_text_steps": 1}),
+        (engine.check_real, engine.edit_real, (png(), "a red car"),
+         {"options": EditOptions(steps=2, blend=Blend(words=("car",), mask=png()))}),
+    ]  # fmt: skip
     with no_model_work_on(engine):
-        engine.check_generated("a cat", "a dog", options=EditOptions(steps=2), seed=3, height=64, width=64)
-        assert engine.check_invert(png(96, 64), options=EditOptions(steps=2)) == wide.image.size
-        engine.check_real(png(), "a red car", options=EditOptions(steps=2, layers="resolution"))
-        engine.check_real(inversion, "a red car", options=EditOptions(steps=2))
-        engine.check_real(
-            png(), "a red car", options=EditOptions(steps=2, blend=Blend(words=("car",), mask=png()))
-        )
-    # The same requests run (the checks judged them as the runs do).
-    z = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(3))
-    engine.edit_generated("a cat", "a dog", options=EditOptions(steps=2), latents=z)
+        judged = [check(*args, **kwargs) for check, _, args, kwargs in accepted]
+    for check_result, (_, run, args, kwargs) in zip(judged, accepted, strict=True):
+        result = run(*args, **kwargs)
+        if run == engine.invert:  # the check says the size the image is inverted at
+            assert check_result == result.image.size
 
 
 class no_model_work_on:
     """Inside the block, any model call of ``engine``'s backend fails the test."""
 
-    NAMES = ("unet", "encode_text", "encode_image", "decode_latents")
+    NAMES = ("unet", "encode_text", "encode_image", "decode_latents", "differentiable_unet")
 
     def __init__(self, engine) -> None:
         self.backend = engine.backend

@@ -321,7 +321,7 @@ def test_null_text_needs_gradients_so_exported_backends_refuse_it(engine):
     from fpedit.engine.null_text import check_method
 
     onnx = object.__new__(OnnxRuntimeBackend)  # the capability is declared on the class: no export needed
-    assert onnx.differentiable_unet() is None
+    assert onnx.differentiable_unet() is None and not onnx.supports_gradients
     with pytest.raises(InvalidInputError, match="negative-prompt") as info:
         check_method("null-text", SOURCE, onnx)
     assert info.value.field == "method"

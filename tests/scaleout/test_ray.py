@@ -94,14 +94,35 @@ def check_round_trip(holder: EditEngine, other: EditEngine, options: EditOptions
     inversion = holder.invert(make_image(64, 64), options=options)
     first = holder.edit_real(inversion, "a red car", options=options)  # caches the maps on the holder
     again = holder.edit_real(inversion, "a blue car", options=options)
-    fingerprint = engine_fingerprint(holder.info())
-    assert fingerprint == engine_fingerprint(other.info())
+    fingerprint = engine_fingerprint(holder)
+    assert fingerprint == engine_fingerprint(other)
     restored = inversion_from_record(other, record_from_inversion(inversion, fingerprint))
     from_store = other.edit_real(restored, "a blue car", options=options)
     assert np.array_equal(pixels(from_store.edited_image), pixels(again.edited_image))
     assert np.array_equal(pixels(from_store.reconstruction_image), pixels(first.reconstruction_image))
     # The rebuilt inversion recomputed the source maps: more UNet rows than the holder's cached re-edit.
     assert from_store.stats["unet_rows"] > again.stats["unet_rows"]
+
+
+def test_a_record_of_other_weights_in_the_same_folder_is_refused_naming_them(engine, tmp_path):
+    """A checkpoint replaced in place (same folder, other weights) must not edit records of the old one: the
+    store's engine fields carry the weights digest, and the refusal names it."""
+    from fpedit.engine.tiny import save_tiny_model
+    from fpedit.server.ray.store import engine_fields
+
+    folder = save_tiny_model(tmp_path / "sd1", seed=1)
+    before = EditEngine.from_pretrained(folder)
+    inversion = before.invert(make_image(64, 64), options=EditOptions(steps=2))
+    old = engine_fields(before)
+    record = record_from_inversion(inversion, fingerprint_of(old), old)
+    save_tiny_model(folder, seed=2)  # the deploy: new weights where the old ones were
+    after = EditEngine.from_pretrained(folder)
+    new = engine_fields(after)
+    assert new["model"] == old["model"] and new["weights"] != old["weights"]
+    assert foreign_engine(record, fingerprint_of(new), new).startswith(
+        "made by an engine with another weights"
+    )
+    assert foreign_engine(record, fingerprint_of(old), old) is None
 
 
 def test_record_keeps_an_algorithm_3_inversion(engine, reference_engine):
