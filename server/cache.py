@@ -46,13 +46,14 @@ class BoundedLRU(Generic[V]):
         self._held = 0  # sum of the values' nbytes
         self.hits = self.misses = self.evictions = self.expirations = 0
 
-    def put(self, key: str, value: V, nbytes: int) -> None:
-        """Keep ``value`` under ``key`` (replacing what was there) as the most recently used."""
+    def put(self, key: str, value: V, nbytes: int, age_s: float = 0.0) -> None:
+        """Keep ``value`` under ``key`` (replacing what was there) as the most recently used; ``age_s``: how
+        old it is already (a value read back from disk keeps its age, not a fresh ``ttl_s``)."""
         with self._lock:
             old = self._items.pop(key, None)
             if old is not None:
                 self._held -= old.nbytes
-            self._items[key] = _Held(value, int(nbytes), self.clock())
+            self._items[key] = _Held(value, int(nbytes), self.clock() - max(0.0, float(age_s)))
             self._held += int(nbytes)
             self._bound(keep=key)
 
@@ -156,15 +157,15 @@ class InversionCache:
     def evictions(self) -> int:
         return self._entries.evictions
 
-    def put(self, inversion: Inversion, key: str = "") -> str:
-        """Keep ``inversion`` under ``key`` (a new id when empty) and return it; ``""`` (nothing kept, nothing
-        evicted) when it exceeds the whole budget even without its maps."""
+    def put(self, inversion: Inversion, key: str = "", age_s: float = 0.0) -> str:
+        """Keep ``inversion`` under ``key`` (a new id when empty; ``age_s`` old already) and return it; ``""``
+        (nothing kept, nothing evicted) when it exceeds the whole budget even without its maps."""
         nbytes = self._size(inversion)
         if nbytes > self.max_bytes:
             self.refused += 1
             return ""
         key = key or uuid.uuid4().hex
-        self._entries.put(key, inversion, nbytes)
+        self._entries.put(key, inversion, nbytes, age_s)
         return key
 
     def get(self, key: str) -> Inversion | None:

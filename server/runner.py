@@ -99,6 +99,17 @@ class GenerateCall:
     output_format: str = "PNG"
 
 
+def _options_for(inversion: Inversion, call: EditCall) -> EditOptions:
+    """An edit by id's options completed from its inversion: its step count and a null-text inversion's
+    guidance, where the call gave none."""
+    options = call.options
+    if not call.steps_given:
+        options = options.replace(steps=inversion.steps)
+    if not call.guidance_given and inversion.guidance_scale is not None:
+        options = options.replace(guidance_scale=inversion.guidance_scale)
+    return options
+
+
 def generate_options(call: GenerateCall) -> dict[str, Any]:
     """``EditEngine.edit_generated``'s keywords for ``call`` (its check takes the same)."""
     return {"options": call.options, "seed": call.seed, "height": call.height, "width": call.width}
@@ -226,19 +237,36 @@ class LocalRunner:
         return result, queue_ms
 
     def _by_id(self, call: EditCall) -> tuple[Inversion, EditOptions]:
-        """The cached inversion an edit by id names, and the call's options completed from it (its step count
-        and a null-text inversion's guidance, where the call gave none)."""
+        """The cached inversion an edit by id names, and the call's options completed from it."""
         inversion = self.cache.get(call.inversion_id)
         if inversion is None:
             raise unknown_inversion(call.inversion_id)
-        options = call.options
-        if not call.steps_given:
-            options = options.replace(steps=inversion.steps)
-        if not call.guidance_given and inversion.guidance_scale is not None:
-            options = options.replace(guidance_scale=inversion.guidance_scale)
-        return inversion, options
+        return inversion, _options_for(inversion, call)
 
     # --- calls ----------------------------------------------------------------------------------------------
+
+    def check_edit_of(self, inversion: Inversion, call: EditCall) -> None:
+        """:meth:`check` of an edit by id whose inversion the caller found (a Ray replica: from the store)."""
+        self.engine.check_real(inversion, call.target_prompt, options=_options_for(inversion, call))
+
+    def _too_big_to_keep(self, what: str) -> OverloadedError:
+        return OverloadedError(
+            f"{what} exceeds the whole inversion cache ({self.cache.max_bytes} bytes, --cache-gib): it "
+            "cannot be kept for edits by id; send Edit with the image instead, or use fewer steps or a "
+            "smaller image"
+        )
+
+    def _check_keepable(self, steps: int, width: int, height: int) -> None:
+        """Refuse, before it runs, an inversion the cache could never keep: its trajectory (float32 latents
+        of every step) and working-size image alone, the least it holds, exceed the whole cache."""
+        spec = self.engine.spec
+        factor = spec.vae_scale_factor
+        latent = spec.latent_channels * (height // factor) * (width // factor) * 4
+        least = (steps + 1) * latent + width * height * 3
+        if least > self.cache.max_bytes:
+            raise self._too_big_to_keep(
+                f"an inversion of {steps} steps at {width}x{height} (at least {least} bytes)"
+            )
 
     def check(self, call: EditCall | GenerateCall | InvertCall) -> None:
         """Raise what running ``call`` would refuse it with, without running it (the engine's checks, the
@@ -247,10 +275,10 @@ class LocalRunner:
         if isinstance(call, GenerateCall):
             engine.check_generated(call.source_prompt, call.target_prompt, **generate_options(call))
         elif isinstance(call, InvertCall):
-            engine.check_invert(call.image, options=call.options, **call.inversion)
+            width, height = engine.check_invert(call.image, options=call.options, **call.inversion)
+            self._check_keepable(call.options.steps, width, height)
         elif call.inversion_id:
-            inversion, options = self._by_id(call)
-            engine.check_real(inversion, call.target_prompt, options=options)
+            self.check_edit_of(self._by_id(call)[0], call)
         else:
             engine.check_real(call.image, call.target_prompt, options=call.options, **call.inversion)
 
@@ -332,11 +360,7 @@ class LocalRunner:
         )
         key = self.cache.put(inversion, call.new_id)
         if not key:
-            raise OverloadedError(
-                f"the inversion ({inversion.nbytes} bytes) exceeds the whole inversion cache "
-                f"({self.cache.max_bytes} bytes, --cache-gib): it cannot be kept for edits by id; "
-                "send Edit with the image instead, or use fewer steps or a smaller image"
-            )
+            raise self._too_big_to_keep(f"the inversion ({inversion.nbytes} bytes)")
         return InvertOutcome(
             inversion_id=key,
             width=inversion.size[0],

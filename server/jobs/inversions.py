@@ -54,7 +54,7 @@ class SavedInversionCache(InversionCache):
 
     def get(self, key: str) -> Inversion | None:
         held = super().get(key)
-        if held is not None or not SAFE_ID.match(key):
+        if held is not None or not SAFE_ID.fullmatch(key):
             return held
         path = self.path_of(key)
         try:
@@ -69,5 +69,5 @@ class SavedInversionCache(InversionCache):
         except InvalidInputError as exc:  # another engine's (fingerprint) or a damaged file
             reason = exc.reason.replace(str(path), "its saved file")  # no server paths to clients
             raise InvalidInputError("inversion_id", f"{key}: {reason}") from None
-        InversionCache.put(self, inversion, key)  # in memory again; the file is there already
+        InversionCache.put(self, inversion, key, age)  # in memory again for what is left of its life
         return inversion

@@ -116,14 +116,12 @@ class JobManager:
         kind = request.WhichOneof("request")
         if kind is None:
             raise InvalidInputError("request", "give one of edit, generate or invert")
+        self._refuse_when_unable()  # before judging it: a refusal for load or shutdown costs nothing
         self._validate(kind, request)
         if request.webhook_url:
             self.webhooks.check(request.webhook_url)
-        if self.servicer.draining or self._stopping.is_set():
-            raise UnavailableError("the server is shutting down; retry on another replica")
         with self._changed:
-            if len(self._queue) >= self.config.max_queued:
-                raise OverloadedError(f"{len(self._queue)} jobs queued (limit {self.config.max_queued})")
+            self._refuse_when_unable()  # again, under the lock: the queue may have filled meanwhile
             job_id = secrets.token_urlsafe(16)  # 128 random bits
             self.table.insert(
                 {
@@ -141,6 +139,12 @@ class JobManager:
             self._queue.append(job_id)
             self._touch(job_id)
         return self.get(job_id, token)
+
+    def _refuse_when_unable(self) -> None:
+        if self.servicer.draining or self._stopping.is_set():
+            raise UnavailableError("the server is shutting down; retry on another replica")
+        if len(self._queue) >= self.config.max_queued:
+            raise OverloadedError(f"{len(self._queue)} jobs queued (limit {self.config.max_queued})")
 
     def _validate(self, kind: str, request: pb.SubmitJobRequest) -> Any:
         """The request parsed and judged as its synchronous call would judge it, without running it: the

@@ -27,6 +27,9 @@ CANCEL_POLL_S = 0.1
 #: How long a job's submit waits for a replica to judge it; past it (every replica busy) it is queued
 #: unjudged, and a bad request then fails as its job runs.
 CHECK_TIMEOUT_S = 5.0
+#: Checks one front has at replicas at once; a submit beyond them is let through unjudged at once, so that a
+#: burst of submits neither holds handler threads nor takes the Serve queue's slots from admitted calls.
+MAX_CHECKS = 4
 
 
 def _cancel_quietly(stream: Any) -> None:
@@ -66,6 +69,7 @@ class RayRunner:
         self.capacity = None if max_running is None else max_running + (max_queue or 0)
         self._lock = threading.Lock()
         self._in_flight = 0
+        self._checks = threading.BoundedSemaphore(MAX_CHECKS)
 
     def _enter(self, admit: bool = True) -> None:
         with self._lock:
@@ -127,7 +131,20 @@ class RayRunner:
     def check(self, call: EditCall | GenerateCall | InvertCall) -> None:
         """A replica's refusals of ``call`` without running it (the front has no engine): an edit by id goes
         to the replica holding it. When no replica can answer within :data:`CHECK_TIMEOUT_S` (all busy, the
-        queue full, a replica lost) the call is let through: it is judged again when it runs."""
+        queue full, a replica lost), when every replica slot is taken by calls this front admitted, or when
+        :data:`MAX_CHECKS` checks are out already, the call is let through: it is judged again when it runs."""
+        if self.max_running is not None and self.in_flight >= self.max_running:
+            log.info("every replica slot is busy; a job is checked when it runs")
+            return
+        if not self._checks.acquire(blocking=False):
+            log.info("%d job checks out already; this job is checked when it runs", MAX_CHECKS)
+            return
+        try:
+            self._check(call)
+        finally:
+            self._checks.release()
+
+    def _check(self, call: EditCall | GenerateCall | InvertCall) -> None:
         by_id = isinstance(call, EditCall) and call.inversion_id
         routed = self._routed(call.inversion_id) if by_id else self.handle
         response = routed.check.remote(call)

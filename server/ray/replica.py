@@ -20,6 +20,7 @@ from ..runner import EditCall, GenerateCall, InvertCall, LocalRunner
 from .errors import ReplicaError
 from .settings import ReplicaSettings, build_engine
 from .store import (
+    InversionRecord,
     StoreClient,
     StoreUnreachable,
     engine_fields,
@@ -115,6 +116,14 @@ class EditReplica:
         return _Held(local_key)
 
     def _restore(self, inversion_id: str) -> str:
+        record = self._record(inversion_id)
+        self.restores += 1
+        self._restored.inc()
+        # Kept under the front's id, as the runner keeps the inversions this replica makes.
+        return self.runner.cache.put(inversion_from_record(self.engine, record), inversion_id)
+
+    def _record(self, inversion_id: str) -> InversionRecord:
+        """The store's record of ``inversion_id``, refused when unknown, lost or another engine's."""
         try:
             record = self.store.get(inversion_id)
         except StoreUnreachable as exc:  # its data died with a node or the store restarted: never retry
@@ -130,10 +139,7 @@ class EditReplica:
                 "inversion_id",
                 f"{inversion_id}: {refusal}; invert the image again with this model and settings",
             )
-        self.restores += 1
-        self._restored.inc()
-        # Kept under the front's id, as the runner keeps the inversions this replica makes.
-        return self.runner.cache.put(inversion_from_record(self.engine, record), inversion_id)
+        return record
 
     async def _adopt(self, inversion_id: str) -> None:
         """Publish a new inversion (kept by the runner under the front's id): into the shared store, then
@@ -169,15 +175,13 @@ class EditReplica:
             held.local_key = self._restore(call.inversion_id)
             return self.runner.edit(dataclasses.replace(call, inversion_id=held.local_key), **kw)
 
-    def _check_held(self, call: EditCall, held: _Held) -> None:
-        """:meth:`_edit_held`'s lookup, then the runner's checks instead of the edit."""
-        if not held.local_key:
-            held.local_key = self._restore(call.inversion_id)
-        try:
-            self.runner.check(dataclasses.replace(call, inversion_id=held.local_key))
-        except NotFoundError:
-            held.local_key = self._restore(call.inversion_id)
-            self.runner.check(dataclasses.replace(call, inversion_id=held.local_key))
+    def _check_by_id(self, call: EditCall) -> None:
+        """An edit by id judged without holding the id here (no multiplexed load, no eviction of held ids):
+        the inversion this replica has, else one rebuilt from the store's record for this check alone."""
+        inversion = self.runner.cache.get(call.inversion_id)
+        if inversion is None:
+            inversion = inversion_from_record(self.engine, self._record(call.inversion_id))
+        self.runner.check_edit_of(inversion, call)
 
     # --- calls ----------------------------------------------------------------------------------------------
 
@@ -187,8 +191,7 @@ class EditReplica:
 
         async def work(cancel_check: Callable[[], None]) -> None:
             if isinstance(call, EditCall) and call.inversion_id:
-                held = await self._hold(call.inversion_id)
-                return await self._in_thread(self._check_held, call, held)
+                return await self._in_thread(self._check_by_id, call)
             return await self._in_thread(self.runner.check, call)
 
         return await self._call("check", work)

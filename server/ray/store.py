@@ -205,12 +205,12 @@ class BoundedRecords(BoundedLRU[Any]):
     """The store's records: the server's bounded LRU, except that a record larger than the whole budget is
     refused (and replaces nothing) rather than kept alone."""
 
-    def put(self, key: str, value: Any, nbytes: int) -> bool:  # type: ignore[override]
+    def put(self, key: str, value: Any, nbytes: int, age_s: float = 0.0) -> bool:  # type: ignore[override]
         """Keep ``value``; returns False (and keeps nothing under ``key``) when it alone exceeds the budget."""
         if nbytes > self.max_bytes:
             self.delete(key)
             return False
-        super().put(key, value, nbytes)
+        super().put(key, value, nbytes, age_s)
         return True
 
     def stats(self) -> dict[str, int]:
@@ -227,6 +227,10 @@ class BoundedRecords(BoundedLRU[Any]):
 
 class RecordFileError(Exception):
     """A file in the store's folder that is not a record this fpedit reads (damaged, or another format)."""
+
+
+class DamagedRecordFile(RecordFileError):
+    """A record file that cannot be read at all (truncated, altered): no one's to refuse; it is dropped."""
 
 
 def record_to_bytes(record: InversionRecord) -> bytes:
@@ -290,7 +294,7 @@ def record_from_file(path: Path) -> InversionRecord:
     except RecordFileError:
         raise
     except Exception as exc:  # safetensors raises several types for truncated or altered files
-        raise RecordFileError(f"its file is damaged ({type(exc).__name__})") from None
+        raise DamagedRecordFile(f"its file is damaged ({type(exc).__name__})") from None
 
 
 class RecordFiles:
@@ -302,7 +306,7 @@ class RecordFiles:
         self.folder, self.ttl_s, self.clock = Path(folder), float(ttl_s), clock
 
     def path_of(self, key: str) -> Path | None:
-        return self.folder / f"{key}{SUFFIX}" if SAFE_ID.match(key) else None
+        return self.folder / f"{key}{SUFFIX}" if SAFE_ID.fullmatch(key) else None
 
     def save(self, key: str, record: InversionRecord) -> None:
         path = self.path_of(key)
@@ -312,6 +316,11 @@ class RecordFiles:
     def load(self, key: str) -> InversionRecord | None:
         """The record of ``key``, or None (no file, or older than the age limit: then deleted);
         :class:`RecordFileError` for a file that is not a readable record."""
+        found = self.load_with_age(key)
+        return None if found is None else found[0]
+
+    def load_with_age(self, key: str) -> tuple[InversionRecord, float] | None:
+        """:meth:`load`, and the file's age in seconds (what is left of the record's life is what it had)."""
         path = self.path_of(key)
         if path is None:
             return None
@@ -322,7 +331,7 @@ class RecordFiles:
         if age > self.ttl_s:
             path.unlink(missing_ok=True)
             return None
-        return record_from_file(path)
+        return record_from_file(path), age
 
     def delete(self, key: str) -> None:
         path = self.path_of(key)
@@ -376,13 +385,18 @@ class InversionStore:
         if self._files is None:
             return None
         try:
-            record = self._files.load(key)
-        except RecordFileError as exc:
-            return str(exc)
-        if record is None:
+            found = self._files.load_with_age(key)
+        except DamagedRecordFile as exc:  # not the client's doing: gone, as a lost record is (NOT_FOUND)
+            log.warning("inversion %s: %s; deleted", key, exc)
+            self._files.delete(key)
             return None
+        except RecordFileError as exc:  # another server's file: said, as a standalone server says it
+            return str(exc)
+        if found is None:
+            return None
+        record, age = found
         ref = ray.put(record)
-        self._records.put(key, ref, record.nbytes)
+        self._records.put(key, ref, record.nbytes, age)  # its remaining life, not a new one
         return [ref]
 
     def delete(self, key: str) -> None:

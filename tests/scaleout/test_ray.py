@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import ipaddress
+import os
 import pickle
 import socket
 import subprocess
@@ -205,6 +206,26 @@ def test_store_files_give_back_the_record_exactly_while_younger_than_the_ttl(tmp
     (tmp_path / "standalone.safetensors").write_bytes(saved)
     with pytest.raises(RecordFileError, match="not a record of the Ray store"):
         RecordFiles(tmp_path, ttl_s=60.0).load("standalone")
+
+
+def test_the_store_drops_a_damaged_file_and_keeps_a_read_back_record_for_what_is_left_of_its_life(tmp_path):
+    """A damaged record file is a miss (NOT_FOUND at the replica: send the image again) and is deleted, not
+    refused as the client's mistake on every later read; another server's file is still named. A record read
+    back from its file lives in memory only for what its file's age leaves of the TTL."""
+    from fpedit.server.ray.store import InversionStore
+
+    (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
+    store = InversionStore(folder=str(tmp_path))
+    assert store.get("bad") is None and not (tmp_path / "bad.safetensors").exists()
+    files = RecordFiles(tmp_path, ttl_s=60.0)
+    files.save("old", a_record(1, False))
+    past = time.time() - 50
+    os.utime(tmp_path / "old.safetensors", (past, past))
+    record, age = files.load_with_age("old")
+    assert 49 < age < 55
+    records = BoundedRecords(10**9, 60.0)
+    records.put("old", record, record.nbytes, age)
+    assert 5 < records.expires_in("old") <= 11
 
 
 def test_a_record_of_another_engine_is_refused_naming_the_field():
@@ -1028,8 +1049,10 @@ class _CheckHandle:
         self.answer = _CheckAnswer(outcome)
         self.routed_by: list[str] = []
         self.check = self
+        self.sent = 0
 
     def remote(self, call):
+        self.sent += 1
         return self.answer
 
     def options(self, multiplexed_model_id: str = ""):
@@ -1044,6 +1067,7 @@ def test_the_front_lets_a_job_through_unjudged_only_when_no_replica_answers():
     from ray.serve.exceptions import BackPressureError
 
     from fpedit.engine.errors import InvalidInputError
+    from fpedit.server.ray import front
     from fpedit.server.ray.errors import ReplicaError
     from fpedit.server.ray.front import RayRunner
     from fpedit.server.runner import EditCall, GenerateCall
@@ -1058,12 +1082,18 @@ def test_the_front_lets_a_job_through_unjudged_only_when_no_replica_answers():
     busy = _CheckHandle(TimeoutError())
     assert RayRunner(busy).check(by_id) is None and busy.answer.cancelled
     assert busy.routed_by == ["abc"]
-    assert (
-        RayRunner(_CheckHandle(BackPressureError(num_queued_requests=4, max_queued_requests=4))).check(
-            generate
-        )
-        is None
-    )
+    back_pressure = BackPressureError(num_queued_requests=4, max_queued_requests=4)
+    assert RayRunner(_CheckHandle(back_pressure)).check(generate) is None
+    # Every replica slot taken by calls this front admitted, or MAX_CHECKS checks out already: let through at
+    # once, nothing sent (a refusal would have been raised had the check gone out).
+    full = RayRunner(refused, max_running=2, max_queue=1)
+    full._in_flight = 2
+    assert full.check(generate) is None
+    crowded = RayRunner(refused)
+    for _ in range(front.MAX_CHECKS):
+        crowded._checks.acquire()
+    assert crowded.check(generate) is None
+    assert refused.sent == 1  # only the first check above went out
 
 
 def test_the_ray_front_refuses_bad_jobs_at_submit(ray_service):

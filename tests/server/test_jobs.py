@@ -27,7 +27,7 @@ from conftest import make_image
 from helpers import assert_one_line, b64, run_cli, scrape
 from helpers import decoded_pixels as pixels
 
-from fpedit import EditEngine
+from fpedit import EditEngine, EditOptions
 from fpedit.engine.errors import InvalidInputError
 from fpedit.engine.tiny import save_tiny_model
 from fpedit.server.app import build_server
@@ -282,6 +282,27 @@ def test_bad_submissions_are_refused_at_submit(http, stub, body, status, code, f
     assert response.json()["error"]["status"] == code and fragment in response.json()["error"]["message"]
     after = http.get("/v1/jobs", params={"limit": 100}, headers=AUTH).json().get("jobs", [])
     assert len(after) == len(before)  # nothing was accepted
+
+
+def test_an_inversion_the_cache_could_never_keep_is_refused_by_the_check(jobs_engine):
+    """An invert job whose trajectory and image alone exceed the whole inversion cache is refused at submit
+    (RESOURCE_EXHAUSTED, as the run refuses it after the work), and one that fits passes."""
+    from fpedit.server.errors import OverloadedError
+    from fpedit.server.runner import InvertCall, LocalRunner
+
+    call = InvertCall(png(), EditOptions(steps=2))
+    tiny_cache = LocalRunner(jobs_engine, ServerConfig(cache_bytes=10_000))
+    try:
+        with pytest.raises(OverloadedError, match="exceeds the whole inversion cache") as checked:
+            tiny_cache.check(call)
+        with pytest.raises(OverloadedError, match="exceeds the whole inversion cache"):
+            tiny_cache.invert(call)
+        assert "at least" in str(checked.value)
+        roomy = LocalRunner(jobs_engine, ServerConfig())
+        roomy.check(call)
+        assert roomy.invert(call).inversion_id
+    finally:
+        tiny_cache.close()
 
 
 def test_job_route_and_rpc_refusals(http, stub):
