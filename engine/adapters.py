@@ -45,11 +45,23 @@ DEFAULT_MAX_ADAPTERS = 4
 #: The components a file may touch, as diffusers names them.
 COMPONENTS = ("unet", "text_encoder")
 #: How the batching executor treats calls of different sets: ``group`` runs only calls of one set together,
-#: ``mix`` lets them share a backend call with a scale per row (same-set calls are still preferred).
-ADAPTER_BATCHING = ("mix", "group")
-#: Mixing by measurement (benchmarks/README.md): on the CPU benchmark no slower where grouping fills calls,
-#: half the backend calls and faster where sets outnumber the requests a call holds.
-DEFAULT_ADAPTER_BATCHING = "mix"
+#: ``mix`` lets them share a backend call with a scale per row (same-set calls are still preferred), ``auto``
+#: picks by backend (:func:`resolve_adapter_batching`).
+ADAPTER_BATCHING = ("auto", "mix", "group")
+DEFAULT_ADAPTER_BATCHING = "auto"
+
+
+def resolve_adapter_batching(choice: str, replays_graphs: bool) -> str:
+    """``auto`` as ``mix`` where calls run eagerly — measured on the CPU benchmark (benchmarks/README.md): no
+    slower where grouping fills calls, half the backend calls and faster where sets outnumber the requests a
+    call holds — and as ``group`` where a backend replays CUDA graphs: a graph is keyed by its call's adapter
+    names, so mixed calls would bring a key (a capture) per combination of names that meet in a call, while
+    grouped calls keep one per set. Mixing under graphs is not measured on a GPU."""
+    if choice != "auto":
+        return choice
+    return "group" if replays_graphs else "mix"
+
+
 #: What the hooks take: (name, scale) pairs, a scale being a number or a (rows,) float32 tensor.
 ActiveAdapters = Sequence[tuple[str, Any]]
 
@@ -238,7 +250,7 @@ class AdapterBank:
                 layer = table.get(name)
                 if layer is not None:
                     delta = layer.up(layer.down(x))
-                    output = output + delta * _factor(scale, layer.scaling, delta)
+                    output = output + _scaled(delta, scale, layer.scaling)
             return output
 
         return add_lora
@@ -255,14 +267,16 @@ class AdapterBank:
             self._local.adapters = previous
 
 
-def _factor(scale: Any, scaling: float, delta: torch.Tensor) -> Any:
-    """``scale * alpha / r`` as ``delta`` takes it: a number, or per row a (rows, 1, ...) tensor in its dtype
-    (float32 scales would turn fp16 rows float32)."""
+def _scaled(delta: torch.Tensor, scale: Any, scaling: float) -> torch.Tensor:
+    """``delta * scale * alpha / r`` in ``delta``'s dtype, rounded once: a number multiplies fp16 rows in
+    float32 (torch's rule for a Python scalar), and so does a per-row float32 vector here (broadcast as
+    (rows, 1, ...)), so that a row gives the same in a call of one set, in a mixed call and in a CUDA graph."""
     if isinstance(scale, int | float):
-        return scale * scaling
+        return delta * (scale * scaling)
     if scale.shape[0] != delta.shape[0]:
         raise ValueError(f"{scale.shape[0]} per-row adapter scales for a batch of {delta.shape[0]} rows")
-    return (scale * scaling).to(delta.dtype).view(-1, *(1,) * (delta.dim() - 1))
+    factor = (scale * scaling).view(-1, *(1,) * (delta.dim() - 1))
+    return (delta * factor).to(delta.dtype)
 
 
 def check_request_adapters(

@@ -84,7 +84,7 @@ class EngineConfig:
     batching: bool = False
     max_wait_ms: float = 0.0
     #: With batching: ``mix`` lets calls of different adapter sets share a backend call (a scale per row),
-    #: ``group`` runs only calls of one set together.
+    #: ``group`` runs only calls of one set together, ``auto`` is group under CUDA graphs and mix elsewhere.
     adapter_batching: str = DEFAULT_ADAPTER_BATCHING
     map_cache_bytes: int = DEFAULT_MAP_CACHE_BYTES
     max_side: int | None = None

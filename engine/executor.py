@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from .adapters import ADAPTER_BATCHING, DEFAULT_ADAPTER_BATCHING
+from .adapters import ADAPTER_BATCHING, DEFAULT_ADAPTER_BATCHING, resolve_adapter_batching
 from .backends.base import Backend
 from .backends.capture import CAPTURE_GATE
 from .calls import UNetCall, UNetResult
@@ -222,7 +222,9 @@ class Executor:
         self.backend = backend
         self.batching = batching
         self.max_wait_s = max_wait_ms / 1e3
-        self.adapter_batching = adapter_batching
+        self.adapter_batching = resolve_adapter_batching(
+            adapter_batching, getattr(backend, "graphs", None) is not None
+        )
         self.counters = Counters()
         self._pending: list[_Pending] = []
         self._wake = threading.Condition()

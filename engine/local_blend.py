@@ -14,6 +14,7 @@ from PIL import Image
 
 from .blend import DEFAULT_BLEND_THRESHOLD, Blend
 from .errors import InvalidInputError
+from .tokenizing import TOKENIZER_LOCK
 
 #: The side of the query grid the word maps are read at, as a fraction of the latent side's.
 WORD_MAP_DOWNSAMPLE = 4
@@ -54,8 +55,6 @@ def word_positions(tokenizer: Any, prompt: str, word: str, max_length: int) -> l
     the word's own tokens as a run that starts a pre-token (CLIP ends each pre-token's last BPE token with
     ``</w>``), so "at" does not match inside "cat". Under the process's tokenizer lock: a thread encoding
     text at the same time would otherwise swap this call's settings (and lose the word)."""
-    from .text import TOKENIZER_LOCK  # here: .text imports the executor, which imports this module
-
     with TOKENIZER_LOCK:
         ids = tokenizer(prompt, truncation=True, max_length=max_length).input_ids[:-1]  # no end token
         tokens = tokenizer.convert_ids_to_tokens(ids)

@@ -12,16 +12,12 @@ import torch
 
 from .backends.base import Backend
 from .executor import RequestRun
+from .tokenizing import TOKENIZER_LOCK
 
 log = logging.getLogger(__name__)
 
 #: Prompt embeddings kept (LRU, keyed by token ids): a few MB at SD 1.5's 77 x 768 floats each.
 TEXT_CACHE_SIZE = 256
-#: A Hugging Face fast tokenizer keeps its padding and truncation settings on the shared Rust object and
-#: sets them on every call, so two threads tokenizing at once can get each other's settings (an unpadded
-#: 9-id prompt where 77 were asked for). Tokenizing takes microseconds: one lock for the whole process
-#: also covers engines that share a tokenizer.
-TOKENIZER_LOCK = threading.Lock()
 
 
 class TextEncoderCache:

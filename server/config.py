@@ -185,7 +185,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_ADAPTER_BATCHING,
         help="with --batching and --lora-dir: 'mix' lets requests of different adapter sets share a UNet call "
         "(a scale per row; calls of one set are still preferred), 'group' runs only requests of one set "
-        f"together (default {DEFAULT_ADAPTER_BATCHING})",
+        "together, 'auto' is group where CUDA graphs replay and mix elsewhere "
+        f"(default {DEFAULT_ADAPTER_BATCHING})",
     )
     ray = parser.add_argument_group("scale out on Ray Serve (pip install 'fpedit[ray]')")
     ray.add_argument(

@@ -50,8 +50,8 @@ DEFAULT_MAX_GRAPHS = 24
 ALL_LAYERS = tuple(range(1, NUM_SELF_ATTENTION_LAYERS + 1))
 
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, CallState], "torch.Tensor | None"]
-#: Enters a block in which this thread's forwards apply the given (name, scale) pairs; a scale may be a 0-d
-#: tensor, which the hooks read when they run (in a graph: when it replays).
+#: Enters a block in which this thread's forwards apply the given (name, scale) pairs; a scale may be a
+#: (rows,) tensor of per-row scales, which the hooks read when they run (in a graph: when it replays).
 AdapterScope = Callable[[Sequence[tuple[str, Any]]], AbstractContextManager[None]]
 
 

@@ -198,8 +198,8 @@ def test_adapter_batching_is_a_serve_flag_and_a_checked_engine_field():
     from fpedit.server.ray import settings_from_flags
 
     _, settings = settings_from_flags({"model": "tiny", "adapter-batching": "group", "port": 0})
-    assert settings.engine.adapter_batching == "group" and EngineConfig().adapter_batching == "mix"
-    with pytest.raises(InvalidInputError, match="must be one of mix, group") as info:
+    assert settings.engine.adapter_batching == "group" and EngineConfig().adapter_batching == "auto"
+    with pytest.raises(InvalidInputError, match="must be one of auto, mix, group") as info:
         EngineConfig(adapter_batching="sometimes")
     assert info.value.field == "adapter_batching"
     with pytest.raises(InvalidInputError, match="not valid `fpedit serve` flags"):
