@@ -4,6 +4,8 @@ no torch."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 from .errors import InvalidInputError
@@ -45,3 +47,18 @@ def check_input_image(path: Path, flag: str = "IMAGE") -> None:
         raise InvalidInputError(flag, f"{path} is a directory, not an image file")
     if not path.is_file():
         raise InvalidInputError(flag, f"no such file: {path}")
+
+
+def write_atomically(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` so that a reader (or a restart after kill -9) sees the whole file or none:
+    a temporary file beside it, flushed to disk, then renamed over it."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

@@ -18,12 +18,12 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .adapters import normalize_adapters
 from .errors import InvalidInputError
+from .paths import write_atomically
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -75,7 +75,7 @@ def save_inversion(engine: EditEngine, inversion: Inversion, path: str | os.Path
     """Write ``inversion`` (computed by ``engine``) to ``path`` atomically: a reader never sees half a file."""
     import numpy as np
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from .results import Inversion
 
@@ -107,14 +107,7 @@ def save_inversion(engine: EditEngine, inversion: Inversion, path: str | os.Path
         "adapters": json.dumps([list(pair) for pair in inversion.adapters]),
     }
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    os.close(handle)
-    try:
-        save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomically(target, save(tensors, metadata=metadata))
     return target
 
 

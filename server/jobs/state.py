@@ -14,7 +14,6 @@ import fcntl
 import json
 import os
 import sqlite3
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fpedit.engine.errors import InvalidInputError
+from fpedit.engine.paths import write_atomically
 
 MARKER = "fpedit-state.json"
 FORMAT = {"format": "fpedit-state", "version": 1}
@@ -336,20 +336,6 @@ def image_extension(data: bytes) -> str:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "webp"
     return "bin"
-
-
-def write_atomically(target: Path, data: bytes) -> None:
-    """A reader (or a restart after kill -9) sees the whole file or none."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def now() -> float:

@@ -44,11 +44,11 @@ from typing import Any
 import numpy as np
 
 from fpedit.engine.errors import InvalidInputError
+from fpedit.engine.paths import write_atomically
 from fpedit.engine.saved import SUFFIX
 
 from ..cache import BoundedLRU
 from ..jobs.inversions import SAFE_ID
-from ..jobs.state import write_atomically
 
 log = logging.getLogger("fpedit.server")
 
