@@ -14,6 +14,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 if TYPE_CHECKING:
@@ -27,6 +28,20 @@ class _Held(Generic[V]):
     value: V
     nbytes: int
     created: float
+
+
+def live_file_age(path: Path, ttl_s: float, now: float) -> float | None:
+    """How old ``path`` is (by modification time, against ``now``) while it is younger than ``ttl_s``; None
+    when it is missing, or older (then it is deleted): the age limit of entries kept as files on disk, and
+    what is left of an entry's life when it is read back into memory."""
+    try:
+        age = now - path.stat().st_mtime
+    except OSError:
+        return None
+    if age > ttl_s:
+        path.unlink(missing_ok=True)
+        return None
+    return age
 
 
 class BoundedLRU(Generic[V]):

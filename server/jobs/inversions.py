@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from fpedit.engine.errors import InvalidInputError
 from fpedit.engine.saved import SUFFIX, load_inversion, save_inversion
 
-from ..cache import InversionCache
+from ..cache import InversionCache, live_file_age
 
 if TYPE_CHECKING:
     from fpedit.engine import EditEngine, Inversion
@@ -57,12 +57,8 @@ class SavedInversionCache(InversionCache):
         if held is not None or not SAFE_ID.fullmatch(key):
             return held
         path = self.path_of(key)
-        try:
-            age = time.time() - path.stat().st_mtime
-        except OSError:
-            return None
-        if age > self.ttl_s:
-            path.unlink(missing_ok=True)
+        age = live_file_age(path, self.ttl_s, time.time())
+        if age is None:
             return None
         try:
             inversion = load_inversion(self.engine, path)

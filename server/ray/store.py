@@ -47,7 +47,7 @@ from fpedit.engine.errors import InvalidInputError
 from fpedit.engine.paths import write_atomically
 from fpedit.engine.saved import SUFFIX
 
-from ..cache import BoundedLRU
+from ..cache import BoundedLRU, live_file_age
 from ..jobs.inversions import SAFE_ID
 
 log = logging.getLogger("fpedit.server")
@@ -313,23 +313,13 @@ class RecordFiles:
         if path is not None:
             write_atomically(path, record_to_bytes(record))
 
-    def load(self, key: str) -> InversionRecord | None:
-        """The record of ``key``, or None (no file, or older than the age limit: then deleted);
-        :class:`RecordFileError` for a file that is not a readable record."""
-        found = self.load_with_age(key)
-        return None if found is None else found[0]
-
-    def load_with_age(self, key: str) -> tuple[InversionRecord, float] | None:
-        """:meth:`load`, and the file's age in seconds (what is left of the record's life is what it had)."""
+    def load(self, key: str) -> tuple[InversionRecord, float] | None:
+        """The record of ``key`` and its file's age in seconds (what is left of its life is what it had), or
+        None (no file, or older than the age limit: then deleted); :class:`RecordFileError` for a file that is
+        not a readable record."""
         path = self.path_of(key)
-        if path is None:
-            return None
-        try:
-            age = self.clock() - path.stat().st_mtime
-        except OSError:
-            return None
-        if age > self.ttl_s:
-            path.unlink(missing_ok=True)
+        age = None if path is None else live_file_age(path, self.ttl_s, self.clock())
+        if age is None:
             return None
         return record_from_file(path), age
 
@@ -385,7 +375,7 @@ class InversionStore:
         if self._files is None:
             return None
         try:
-            found = self._files.load_with_age(key)
+            found = self._files.load(key)
         except DamagedRecordFile as exc:  # not the client's doing: gone, as a lost record is (NOT_FOUND)
             log.warning("inversion %s: %s; deleted", key, exc)
             self._files.delete(key)

@@ -188,7 +188,7 @@ def test_store_files_give_back_the_record_exactly_while_younger_than_the_ttl(tmp
     for seed, algorithm_3 in ((1, False), (2, True)):
         kept = a_record(seed, algorithm_3)
         files.save(f"id{seed}", kept)
-        assert_same_record(files.load(f"id{seed}"), kept)
+        assert_same_record(files.load(f"id{seed}")[0], kept)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["id1.safetensors", "id2.safetensors"]
     assert files.load("id3") is None
     files.save("../escape", a_record(3, False))
@@ -221,7 +221,7 @@ def test_the_store_drops_a_damaged_file_and_keeps_a_read_back_record_for_what_is
     files.save("old", a_record(1, False))
     past = time.time() - 50
     os.utime(tmp_path / "old.safetensors", (past, past))
-    record, age = files.load_with_age("old")
+    record, age = files.load("old")
     assert 49 < age < 55
     records = BoundedRecords(10**9, 60.0)
     records.put("old", record, record.nbytes, age)
@@ -1177,8 +1177,10 @@ def test_inversion_ids_outlive_a_restart_of_a_ray_front_with_a_state_dir(ray_ser
             settings.store_name, settings.store_namespace, ttl_s=settings.store_ttl_s, folder=state.inversions
         )
         files = RecordFiles(state.inversions, settings.store_ttl_s)
-        record = files.load(inverted.inversion_id)
-        assert record is not None and record.engine
+        found = files.load(inverted.inversion_id)
+        assert found is not None
+        record = found[0]
+        assert record.engine
         foreign = {**record.engine, "dtype": "float16"}
         files.save("f" * 32, dataclasses.replace(record, engine=foreign, fingerprint=fingerprint_of(foreign)))
         front = build_server(service.runner, ServerConfig(port=0), JobsConfig(state_dir=state_dir), state)
