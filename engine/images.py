@@ -28,6 +28,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .contract import ModelSpec
 from .errors import InvalidInputError
+from .paths import claimed_format
 
 SIDE_MULTIPLE = 64
 DEFAULT_MAX_SIDE = 1024
@@ -101,7 +102,7 @@ def _decode(
     except InvalidInputError:
         raise
     except UnidentifiedImageError:
-        claimed = _claimed_format(data)
+        claimed = claimed_format(data)
         if claimed is not None and (not formats or claimed in formats):
             # Pillow reports a damaged file (a bad chunk checksum, a cut header) as "unidentified".
             raise InvalidInputError(field, f"is a corrupt or truncated {claimed} file") from None
@@ -117,17 +118,6 @@ def _decode(
     except Exception as exc:  # a damaged file can make any decoder raise anything: it is bad input
         raise InvalidInputError(field, f"cannot be decoded as an image ({_describe(exc)})") from None
     return _apply_orientation(img)
-
-
-def _claimed_format(data: bytes) -> str | None:
-    """The format a file's signature claims (PNG, JPEG, WEBP), whether or not the rest is intact."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    return None
 
 
 def _describe(exc: BaseException) -> str:

@@ -1,6 +1,6 @@
-"""The image files a request reads and writes, checked before any work: the CLI's commands and the gRPC
-client (``EditClient`` given a path) refuse the same mistakes in the same words. Importing this module costs
-no torch."""
+"""The files a request reads and writes, checked before any work: the CLI's commands and the gRPC client
+(``EditClient`` given a path) refuse the same mistakes in the same words; what an image's signature claims;
+and writing a file whole or not at all. Importing this module costs no torch."""
 
 from __future__ import annotations
 
@@ -62,3 +62,14 @@ def write_atomically(target: Path, data: bytes) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def claimed_format(data: bytes) -> str | None:
+    """The format a file's signature claims (PNG, JPEG, WEBP), whether or not the rest is intact."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None

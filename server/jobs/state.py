@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fpedit.engine.errors import InvalidInputError
-from fpedit.engine.paths import write_atomically
+from fpedit.engine.paths import claimed_format, write_atomically
 
 MARKER = "fpedit-state.json"
 FORMAT = {"format": "fpedit-state", "version": 1}
@@ -328,14 +328,12 @@ class ResultFiles:
                 folder.rmdir()
 
 
+#: A result image's file extension, by the format its signature claims.
+EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
+
+
 def image_extension(data: bytes) -> str:
-    if data.startswith(b"\x89PNG"):
-        return "png"
-    if data.startswith(b"\xff\xd8"):
-        return "jpg"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    return "bin"
+    return EXTENSIONS.get(claimed_format(data) or "", "bin")
 
 
 def now() -> float:
