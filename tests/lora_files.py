@@ -134,3 +134,17 @@ def write_kohya_lora(path: Path, unet_factors, text_factors, alpha: float) -> Pa
             tensors[f"{key}.alpha"] = torch.tensor(float(alpha))
     save_file(tensors, str(path))
     return path
+
+
+def write_peft_and_kohya(folder: Path, raw_modules, names: tuple[str, str], seed: int) -> Path:
+    """An adapter folder of two files on the same UNet modules: ``names[0]`` in the PEFT layout (UNet only,
+    alpha 2), ``names[1]`` in kohya's (UNet and text encoder, alpha 1); factors drawn from ``seed`` on."""
+    unet, text = raw_modules["unet"], raw_modules["text_encoder"]
+    write_peft_lora(folder / f"{names[0]}.safetensors", random_factors(unet_targets(unet), seed), 2.0)
+    write_kohya_lora(
+        folder / f"{names[1]}.safetensors",
+        random_factors(unet_targets(unet), seed + 1),
+        random_factors(text_targets(text), seed + 2),
+        1.0,
+    )
+    return folder

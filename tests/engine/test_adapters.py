@@ -14,11 +14,9 @@ from helpers import BATCH_SHAPE_TOL, run_concurrently
 from lora_files import (
     file_deltas,
     folder_with_deltas,
-    random_factors,
     text_targets,
     unet_targets,
-    write_kohya_lora,
-    write_peft_lora,
+    write_peft_and_kohya,
 )
 from reference import rel_l2
 
@@ -44,15 +42,7 @@ def edit(engine: EditEngine, adapters=(), seed: int = 9) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def lora_dir(raw_modules, tmp_path_factory):
     """``peft`` (UNet only, alpha 2) and ``kohya`` (UNet + text encoder, alpha 1) on the same modules."""
-    unet, text = raw_modules["unet"], raw_modules["text_encoder"]
-    folder = tmp_path_factory.mktemp("adapters")
-    write_peft_lora(folder / "peft.safetensors", random_factors(unet_targets(unet), 11), 2.0)
-    write_kohya_lora(
-        folder / "kohya.safetensors",
-        random_factors(unet_targets(unet), 12),
-        random_factors(text_targets(text), 13),
-        1.0,
-    )
+    folder = write_peft_and_kohya(tmp_path_factory.mktemp("adapters"), raw_modules, ("peft", "kohya"), 11)
     (folder / "notes.txt").write_text("not an adapter")
     return folder
 
@@ -65,22 +55,22 @@ def modules(raw_modules) -> dict[str, list[str]]:
     }
 
 
-@pytest.fixture(scope="module")
-def adapter_engine(model_dir, lora_dir):
+def batching_engine(model_dir, lora_dir, adapter_batching: str):
     engine = EditEngine.from_pretrained(
-        model_dir, lora_dir=lora_dir, batching=True, max_wait_ms=30, adapter_batching="mix"
+        model_dir, lora_dir=lora_dir, batching=True, max_wait_ms=30, adapter_batching=adapter_batching
     )
     yield engine
     engine.close()
+
+
+@pytest.fixture(scope="module")
+def adapter_engine(model_dir, lora_dir):
+    yield from batching_engine(model_dir, lora_dir, "mix")
 
 
 @pytest.fixture(scope="module")
 def group_engine(model_dir, lora_dir):
-    engine = EditEngine.from_pretrained(
-        model_dir, lora_dir=lora_dir, batching=True, max_wait_ms=30, adapter_batching="group"
-    )
-    yield engine
-    engine.close()
+    yield from batching_engine(model_dir, lora_dir, "group")
 
 
 def record_calls(engine: EditEngine, monkeypatch) -> list[UNetCall]:

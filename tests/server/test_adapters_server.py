@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 from conftest import make_image
-from lora_files import random_factors, text_targets, unet_targets, write_kohya_lora, write_peft_lora
+from lora_files import write_peft_and_kohya
 from PIL import Image
 
 from fpedit import EditEngine, EditOptions
@@ -43,16 +43,7 @@ def png(seed: int = 0) -> bytes:
 
 @pytest.fixture(scope="module")
 def lora_dir(raw_modules, tmp_path_factory):
-    unet, text = raw_modules["unet"], raw_modules["text_encoder"]
-    folder = tmp_path_factory.mktemp("served-adapters")
-    write_peft_lora(folder / "ink.safetensors", random_factors(unet_targets(unet), 21), 2.0)
-    write_kohya_lora(
-        folder / "oil.safetensors",
-        random_factors(unet_targets(unet), 22),
-        random_factors(text_targets(text), 23),
-        1.0,
-    )
-    return folder
+    return write_peft_and_kohya(tmp_path_factory.mktemp("served-adapters"), raw_modules, ("ink", "oil"), 21)
 
 
 @pytest.fixture(scope="module")
