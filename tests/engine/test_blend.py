@@ -56,6 +56,16 @@ def check_variants_miss(engine, inversion, prompt, blend, reference_latent, tol)
     assert rel_l2(late_result.edited_latents, reference_latent) >= 10 * tol
 
 
+def check_real_blend(engine, inversion, prompt, blend, result, reference_latent) -> None:
+    """A real edit with ``blend`` against the reference: within the tolerance of its latent, the inversion's
+    z_0 bit for bit outside the mask (the guarantee), and the variants without it miss."""
+    assert rel_l2(result.edited_latents, reference_latent) < TOL_REAL
+    outside = ~result.blend_mask
+    z0 = inversion.latent(0).cpu().numpy()
+    np.testing.assert_array_equal(result.edited_latents[..., outside], z0[..., outside])
+    check_variants_miss(engine, inversion, prompt, blend, reference_latent, TOL_REAL)
+
+
 def test_user_mask_real_ddim_matches_reference(engine, reference, inversion, image):
     # Another size than the image's 128x128 (resized like the image), grown by one cell.
     mask = rect_mask((96, 80), (20, 10, 60, 50))
@@ -70,13 +80,10 @@ def test_user_mask_real_ddim_matches_reference(engine, reference, inversion, ima
         window=WINDOW, layers=LAYERS, start=2, user=expected_mask, traj=traj,
     )  # fmt: skip
     np.testing.assert_array_equal(ref_mask, expected_mask)
-    assert rel_l2(result.edited_latents, ref_tgt) < TOL_REAL
-    # The guarantee: outside the mask the edit is the inversion's z_0, bit for bit.
-    outside = ~result.blend_mask
+    check_real_blend(engine, inversion, TARGET, blend, result, ref_tgt)
+    inside = result.blend_mask
     z0 = inversion.latent(0).cpu().numpy()
-    np.testing.assert_array_equal(result.edited_latents[..., outside], z0[..., outside])
-    assert not np.array_equal(result.edited_latents[..., ~outside], z0[..., ~outside])
-    check_variants_miss(engine, inversion, TARGET, blend, ref_tgt, TOL_REAL)
+    assert not np.array_equal(result.edited_latents[..., inside], z0[..., inside])
 
 
 # The tiny test model's cross-attention is nearly flat (its weights are seeded noise): a word's normalised
@@ -95,11 +102,7 @@ def test_word_mask_real_ddim_matches_reference(engine, reference, inversion):
     )  # fmt: skip
     assert 0 < ref_mask.sum() < ref_mask.size
     np.testing.assert_array_equal(result.blend_mask, ref_mask)
-    assert rel_l2(result.edited_latents, ref_tgt) < TOL_REAL
-    outside = ~result.blend_mask
-    z0 = inversion.latent(0).cpu().numpy()
-    np.testing.assert_array_equal(result.edited_latents[..., outside], z0[..., outside])
-    check_variants_miss(engine, inversion, TARGET, blend, ref_tgt, TOL_REAL)
+    check_real_blend(engine, inversion, TARGET, blend, result, ref_tgt)
 
 
 SOURCE, NULL_TARGET = "a photo of a disc", "a photo of a car"
@@ -122,11 +125,7 @@ def test_null_text_user_and_word_masks_match_reference(engine, reference, image)
     )  # fmt: skip
     assert 0 < ref_mask.sum() < ref_mask.size and (ref_mask & ~user).any()  # the words added cells
     np.testing.assert_array_equal(result.blend_mask, ref_mask)
-    assert rel_l2(result.edited_latents, ref_tgt) < TOL_REAL
-    outside = ~result.blend_mask
-    z0 = inv.latent(0).cpu().numpy()
-    np.testing.assert_array_equal(result.edited_latents[..., outside], z0[..., outside])
-    check_variants_miss(engine, inv, NULL_TARGET, blend, ref_tgt, TOL_REAL)
+    check_real_blend(engine, inv, NULL_TARGET, blend, result, ref_tgt)
     # A re-edit with other words reuses the source's cross-attention kept on the inversion.
     again = engine.edit_real(inv, NULL_TARGET, options=options(Blend(words=("disc",), threshold=0.99)))
     assert again.stats["unet_rows"] == 2 * STEPS
