@@ -287,7 +287,9 @@ class EditEngine:
         latent_hw = (int(z.shape[-2]), int(z.shape[-1]))
         plan = self._plan(options, latent_hw)
         self.check_adapters(options.adapters)
-        self._check_blend(options, plan.steps, latent_hw, target_prompt, source_prompt)
+        if options.blend is not None:  # its words, then its mask image decoded, as the edit does
+            words = blending.check_words(self, options.blend, target_prompt, source_prompt)
+            blending.start_blend(self, options.blend, plan.steps, latent_hw, words)
 
     def check_invert(
         self,
@@ -333,30 +335,23 @@ class EditEngine:
             null_text_steps=null_text_steps,
             null_text_epsilon=null_text_epsilon,
         )
+        words: dict[str, list[int]] = {}
         if options.blend is not None:  # as the edit: its words first, before anything about the inversion
-            blending.check_words(
+            words = blending.check_words(
                 self, options.blend, target_prompt, blending.source_prompt_of(image, invert_options)
             )
         if isinstance(image, Inversion):
             real.check_reuse(self, image, options, invert_options)
-            latent_hw, source = image.latent_hw, image.source_prompt
+            latent_hw = image.latent_hw
         else:
             if options.layers != "resolution":
                 check_layers(options, self.backend, None)
             width, height = self.check_invert(image, options=options, **invert_options)
             factor = self.spec.vae_scale_factor
             latent_hw = (height // factor, width // factor)
-            source = blending.source_prompt_of(image, invert_options)
         plan = self._plan(options, latent_hw)
-        self._check_blend(options, plan.steps, latent_hw, target_prompt, source)
-
-    def _check_blend(
-        self, options: EditOptions, steps: int, latent_hw: tuple[int, int], target_prompt: str, source: str
-    ) -> None:
-        """A blend's words against the prompts and its mask image decoded, as the edit would."""
-        if options.blend is not None:
-            words = blending.check_words(self, options.blend, target_prompt, source)
-            blending.start_blend(self, options.blend, steps, latent_hw, words)
+        if options.blend is not None:  # its mask image decoded at the working size, as the edit does
+            blending.start_blend(self, options.blend, plan.steps, latent_hw, words)
 
     # --- Algorithm 1: generated images ----------------------------------------------------------------------
 
