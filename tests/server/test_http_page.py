@@ -6,6 +6,7 @@ import base64
 import io
 import os
 import shutil
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -66,14 +67,25 @@ def page(browser, server):
     context.close()
 
 
-def test_page_edits_an_uploaded_image_like_the_api(page, server, tmp_path):
+def choose_photo(page, tmp_path: Path, seed: int) -> Path:
+    """A 64x64 test photo written under ``tmp_path`` and chosen in the page's file input."""
     path = tmp_path / "photo.png"
-    make_image(64, 64, seed=9).save(path)
-    page.wait_for_function("document.getElementById('server-info').textContent.includes('torch')")
+    make_image(64, 64, seed=seed).save(path)
     page.set_input_files("#file", str(path))
-    page.fill("#prompt", "a red car")
+    return path
+
+
+def fill_edit(page, prompt: str, steps: str = str(STEPS)) -> None:
+    """The target prompt, then the step count in the advanced options (opened)."""
+    page.fill("#prompt", prompt)
     page.click("summary")
-    page.fill("#steps", str(STEPS))
+    page.fill("#steps", steps)
+
+
+def test_page_edits_an_uploaded_image_like_the_api(page, server, tmp_path):
+    page.wait_for_function("document.getElementById('server-info').textContent.includes('torch')")
+    path = choose_photo(page, tmp_path, seed=9)
+    fill_edit(page, "a red car")
     page.click("#run")
     page.wait_for_selector("#f-edited img", timeout=240_000)
     shown_edit = page.get_attribute("#f-edited img", "src")
@@ -110,9 +122,7 @@ def test_page_edits_an_uploaded_image_like_the_api(page, server, tmp_path):
 
 
 def test_page_shows_the_api_error_message(page, server, tmp_path):
-    path = tmp_path / "photo.png"
-    make_image(64, 64, seed=2).save(path)
-    page.set_input_files("#file", str(path))
+    path = choose_photo(page, tmp_path, seed=2)
     page.click("summary")
     page.fill(
         "#start", "0.9"
@@ -131,12 +141,8 @@ def test_page_shows_the_api_error_message(page, server, tmp_path):
 
 
 def test_page_shows_one_heatmap_per_token_of_the_target_prompt(page, server, tmp_path):
-    path = tmp_path / "photo.png"
-    make_image(64, 64, seed=5).save(path)
-    page.set_input_files("#file", str(path))
-    page.fill("#prompt", "a small red car")
-    page.click("summary")
-    page.fill("#steps", str(STEPS))
+    path = choose_photo(page, tmp_path, seed=5)
+    fill_edit(page, "a small red car")
     page.click("#maps-btn")  # before any edit: the chosen image, inverted by the server
     page.wait_for_selector("#maps-grid figure", timeout=240_000)
     body = {"image": base64.b64encode(path.read_bytes()).decode(), "prompt": "a small red car",
@@ -187,12 +193,8 @@ def test_page_states_the_server_limits_and_explains_a_refusal_before_sending(bro
             "start": ("0", "1"),
             "end": ("0", "1"),
         }
-        path = tmp_path / "photo.png"
-        make_image(64, 64, seed=3).save(path)
-        page.set_input_files("#file", str(path))
-        page.fill("#prompt", "a cat")
-        page.click("summary")
-        page.fill("#steps", "-3")
+        choose_photo(page, tmp_path, seed=3)
+        fill_edit(page, "a cat", steps="-3")
         page.click("#run")
         page.wait_for_selector("#steps-note:not(:empty)", timeout=10_000)
         note = page.inner_text("#steps-note")
@@ -227,9 +229,7 @@ def test_page_brush_mask_edits_only_inside_it(page, server, engine, tmp_path):
     from fpedit.engine.blend import Blend
     from fpedit.engine.options import EditOptions
 
-    path = tmp_path / "photo.png"
-    make_image(64, 64, seed=4).save(path)
-    page.set_input_files("#file", str(path))
+    path = choose_photo(page, tmp_path, seed=4)
     page.wait_for_selector("#brush-stage:not([hidden])")
     assert page.evaluate("maskB64()") is None  # nothing painted: no mask is sent
     box = page.locator("#mask-canvas").bounding_box()
@@ -259,9 +259,7 @@ def test_page_brush_mask_edits_only_inside_it(page, server, engine, tmp_path):
 
     sent: list[dict] = []
     page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/v1/edit:stream") else None)
-    page.fill("#prompt", "a red car")
-    page.click("summary")
-    page.fill("#steps", str(STEPS))
+    fill_edit(page, "a red car")
     page.check("#show-mask")
     page.click("#run")
     page.wait_for_selector("#f-edited img#mask-overlay", state="attached", timeout=60_000)
@@ -299,12 +297,8 @@ def test_page_brush_mask_edits_only_inside_it(page, server, engine, tmp_path):
 
 
 def test_page_blend_words_are_sent_and_refused_words_explained(page, server, tmp_path):
-    path = tmp_path / "photo.png"
-    make_image(64, 64, seed=6).save(path)
-    page.set_input_files("#file", str(path))
-    page.fill("#prompt", "a red car")
-    page.click("summary")
-    page.fill("#steps", str(STEPS))
+    path = choose_photo(page, tmp_path, seed=6)
+    fill_edit(page, "a red car")
     page.fill("#blend-words", "boat")
     page.click("#run")
     page.wait_for_selector("#error-message", timeout=60_000)
@@ -329,12 +323,8 @@ def test_page_blend_words_are_sent_and_refused_words_explained(page, server, tmp
 def test_page_submits_a_job_and_lists_recent_jobs(page, server, tmp_path):
     """ "Submit as job" posts to /v1/jobs, the list shows GET /v1/jobs (newest first), and the finished job's
     result is shown: the same image as the synchronous edit."""
-    path = tmp_path / "photo.png"
-    make_image(64, 64, seed=8).save(path)
-    page.set_input_files("#file", str(path))
-    page.fill("#prompt", "a blue boat")
-    page.click("summary")
-    page.fill("#steps", str(STEPS))
+    path = choose_photo(page, tmp_path, seed=8)
+    fill_edit(page, "a blue boat")
     page.click("#job-btn")
     page.wait_for_selector("#f-edited img", timeout=60_000)
     listing = httpx.get(server.http.url + "v1/jobs", params={"limit": 10}, timeout=30).json()["jobs"]
